@@ -1,0 +1,87 @@
+//! The io_uring driver: one tokio-uring runtime per core.
+//!
+//! Reads, writes, accepts and datagram receives are io_uring operations that own their
+//! buffers; this file only adapts tokio-uring's sockets to the shared loops in `mod.rs`.
+
+use super::{Datagrams, Listener, Stream, run_core};
+use crate::hub::Hub;
+use bytes::Bytes;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+
+fn builder() -> tokio_uring::Builder {
+    let mut b = tokio_uring::builder();
+    // Room for a burst of submissions (a login storm, a fan-out) before a flush.
+    b.entries(1024);
+    b
+}
+
+/// Checks that an io_uring runtime can be set up here (kernel support, sysctl
+/// `kernel.io_uring_disabled`, seccomp).
+pub fn probe() -> io::Result<()> {
+    tokio_uring::Runtime::new(&builder()).map(drop)
+}
+
+pub(super) fn run(
+    hub: Arc<Hub>,
+    index: usize,
+    tcp: std::net::TcpListener,
+    udp: std::net::UdpSocket,
+    ready: Sender<Result<(), String>>,
+) {
+    let rt = match tokio_uring::Runtime::new(&builder()) {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = TcpListener::from_std(tcp);
+        let udp = UdpSocket::from_std(udp);
+        let _ = ready.send(Ok(()));
+        run_core(hub, index, listener, udp).await;
+    });
+}
+
+impl Stream for TcpStream {
+    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+        TcpStream::read(self, buf).await
+    }
+
+    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+        TcpStream::write_all(self, buf).await
+    }
+
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+
+impl Listener for TcpListener {
+    type Conn = TcpStream;
+
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        let (s, peer) = TcpListener::accept(self).await?;
+        s.set_nodelay(true)?;
+        Ok((s, peer))
+    }
+}
+
+impl Datagrams for UdpSocket {
+    async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>) {
+        UdpSocket::recv_from(self, buf).await
+    }
+
+    async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()> {
+        UdpSocket::send_to(self, buf, to).await.0.map(drop)
+    }
+}

@@ -1,0 +1,367 @@
+//! The hub: state shared by every core (settings, session table, router, metrics) and the
+//! operations that touch more than one shim: registering, renaming, closing, routing
+//! Command / CommandResponse / Echo / Who, and the timers.
+//!
+//! No I/O happens here. Frames for a shim are appended to its [`Outbox`](crate::shim::Outbox),
+//! and datagrams to send are returned in a [`UdpOut`] for the driver to send.
+
+use crate::config::Config;
+use crate::frame::{Opcode, SP, encode, encode_parts};
+use crate::metrics::{Counters, Metrics};
+use crate::router::{Pattern, Router};
+use crate::shim::{CloseReason, Pushed, Shim, serial_of_command_id};
+use crate::table::Table;
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tracing::{debug, info, warn};
+
+/// The transport a frame arrived on; replies go back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The shim's TCP connection.
+    Tcp,
+    /// The shim's bound UDP channel, from this source address.
+    Udp(SocketAddr),
+}
+
+/// Datagrams for the driver to send from the listening UDP socket.
+#[derive(Default, Debug)]
+pub struct UdpOut {
+    /// (destination, one whole frame).
+    pub items: Vec<(SocketAddr, Bytes)>,
+}
+
+/// What Identify did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identified {
+    /// First Identify: the shim is registered and was sent its Session.
+    Registered,
+    /// Later Identify: renamed from the old label.
+    Renamed(Arc<str>),
+}
+
+/// Why an identity label is refused.
+pub fn check_identity(label: &[u8]) -> Result<&str, &'static str> {
+    if label.is_empty() {
+        return Err("identity is empty");
+    }
+    if label.len() > 64 {
+        return Err("identity longer than 64 bytes");
+    }
+    let s = std::str::from_utf8(label).map_err(|_| "identity is not UTF-8")?;
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("identity holds a space or control character");
+    }
+    Ok(s)
+}
+
+/// The shared state of one server.
+pub struct Hub {
+    /// Settings.
+    pub config: Config,
+    /// Identified shims and UDP bindings.
+    pub table: Table,
+    /// Identities for routing.
+    pub router: Router,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    epoch: Instant,
+    next_serial: AtomicU64,
+}
+
+impl Hub {
+    /// A hub with no shims.
+    pub fn new(config: Config) -> Arc<Hub> {
+        Arc::new(Hub {
+            metrics: Metrics::new(config.cores),
+            config,
+            table: Table::default(),
+            router: Router::default(),
+            epoch: Instant::now(),
+            next_serial: AtomicU64::new(1),
+        })
+    }
+
+    /// `now` as milliseconds on the hub's clock (what [`Shim::last_seen_ms`] is kept in).
+    pub fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.metrics.counters
+    }
+
+    /// A new, unidentified shim for a connection just accepted from `peer`.
+    pub fn accept(&self, peer: SocketAddr, now: Instant) -> Arc<Shim> {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Counters::bump(&self.counters().accepted);
+        info!(conn = serial, %peer, "connect");
+        Arc::new(Shim::new(serial, peer, self.ms(now), unix_ms))
+    }
+
+    /// Applies an Identify: registers the shim (queueing its Session) or renames it.
+    pub fn identify(&self, shim: &Arc<Shim>, label: &str) -> Identified {
+        let label: Arc<str> = Arc::from(label);
+        if shim.is_identified() {
+            let old = shim.set_identity(label.clone());
+            self.router.rename(&old, &label, shim);
+            info!(conn = shim.serial, old = %old, new = %label, "rename");
+            return Identified::Renamed(old);
+        }
+        shim.set_identity(label.clone());
+        self.table.insert(shim);
+        self.router.insert(&label, shim);
+        shim.mark_identified();
+        Counters::bump(&self.counters().identified);
+        shim.outbox.push(self.config.outbound_limit, &{
+            let mut f = Vec::with_capacity(18);
+            encode(Opcode::Session, &shim.token.0, &mut f);
+            f
+        });
+        info!(conn = shim.serial, identity = %label, token = %shim.token, "identify");
+        Identified::Registered
+    }
+
+    /// Removes a shim whose connection ended, logging the close line once.
+    pub fn close(&self, shim: &Shim, reason: CloseReason) {
+        if shim.is_identified() {
+            self.table.remove(shim);
+            self.router.remove(&shim.identity(), shim);
+        }
+        if reason == CloseReason::SlowConsumer {
+            Counters::bump(&self.counters().slow_consumers);
+            warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");
+        }
+        info!(conn = shim.serial, identity = %shim.identity(), %reason, "close");
+    }
+
+    /// Checks `shim`'s identify deadline and idle timeout; when one has passed, queues the
+    /// last frame (Error or Quit) and asks the connection to close. Returns true if it did.
+    pub fn check_timers(&self, shim: &Shim, now: Instant) -> bool {
+        let now_ms = self.ms(now);
+        if !shim.is_identified()
+            && now_ms.saturating_sub(shim.accepted_ms())
+                >= self.config.identify_timeout.as_millis() as u64
+        {
+            let mut f = Vec::new();
+            encode(Opcode::Error, b"identify timeout", &mut f);
+            shim.outbox.close(CloseReason::IdentifyTimeout, &f);
+            return true;
+        }
+        if now_ms.saturating_sub(shim.last_seen_ms()) >= self.config.idle_timeout.as_millis() as u64
+        {
+            shim.outbox.close(
+                CloseReason::Idle,
+                &[Opcode::Quit as u8, crate::frame::NEWLINE],
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Sends one frame to the sender of a request, on the transport it came in on.
+    pub fn reply(&self, to: &Shim, via: Via, frame: &[u8], out: &mut UdpOut) {
+        match via {
+            Via::Tcp => {
+                self.push(to, frame);
+            }
+            Via::Udp(addr) => out.items.push((addr, Bytes::copy_from_slice(frame))),
+        }
+    }
+
+    /// Queues `frame` on `to`'s TCP connection; cuts `to` off if it is a slow consumer.
+    fn push(&self, to: &Shim, frame: &[u8]) -> bool {
+        match to.outbox.push(self.config.outbound_limit, frame) {
+            Pushed::Queued => true,
+            Pushed::Closed => false,
+            Pushed::SlowConsumer => {
+                debug!(conn = to.serial, "outbound limit passed");
+                false
+            }
+        }
+    }
+
+    /// Delivers a routed frame to one target: over its UDP channel when the frame came in
+    /// over UDP and the target has one, else over TCP.
+    fn deliver(&self, to: &Shim, via: Via, frame: &Bytes, out: &mut UdpOut) -> bool {
+        if let Via::Udp(_) = via
+            && let Some(addr) = to.udp_addr()
+        {
+            out.items.push((addr, frame.clone()));
+            return true;
+        }
+        self.push(to, frame)
+    }
+
+    fn error(&self, to: &Shim, via: Via, msg: &str, out: &mut UdpOut) {
+        Counters::bump(&self.counters().rejected);
+        let mut f = Vec::with_capacity(msg.len() + 2);
+        encode(Opcode::Error, msg.as_bytes(), &mut f);
+        self.reply(to, via, &f, out);
+    }
+
+    /// Routes a Command, Echo, CommandResponse or Who from an identified `sender`.
+    pub fn route(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut UdpOut) {
+        match op {
+            Opcode::Command | Opcode::Echo => self.fan_out(sender, op, data, via, out),
+            Opcode::CommandResponse => self.respond(sender, data, via, out),
+            Opcode::Who => self.who(sender, data, via, out),
+            _ => unreachable!("route() takes routed opcodes only"),
+        }
+    }
+
+    fn fan_out(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut UdpOut) {
+        let Some(sp) = data.iter().position(|&b| b == SP) else {
+            return self.error(sender, via, "expected: TARGET SP TEXT", out);
+        };
+        let (target, text) = (&data[..sp], &data[sp + 1..]);
+        let pattern = match Pattern::parse(target) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("bad target {}: {e}", String::from_utf8_lossy(target));
+                return self.error(sender, via, &msg, out);
+            }
+        };
+        let identity = sender.identity();
+        let mut id_buf = itoa_u64(0);
+        let id = if op == Opcode::Command {
+            let id = sender.next_command_id();
+            id_buf = itoa_u64(id);
+            Some(id)
+        } else {
+            None
+        };
+        let mut f = Vec::with_capacity(identity.len() + text.len() + 24);
+        match id {
+            Some(_) => encode_parts(
+                op,
+                &[identity.as_bytes(), b" ", id_buf.as_bytes(), b" ", text],
+                &mut f,
+            ),
+            None => encode_parts(op, &[identity.as_bytes(), b" ", text], &mut f),
+        }
+        let frame = Bytes::from(f);
+        let mut reached = 0u64;
+        self.router.for_each_match(&pattern, |to| {
+            if (pattern.include_self || to.serial != sender.serial)
+                && self.deliver(to, via, &frame, out)
+            {
+                reached += 1;
+            }
+        });
+        if reached == 0 {
+            let msg = format!("no shim matches {}", String::from_utf8_lossy(target));
+            return self.error(sender, via, &msg, out);
+        }
+        self.counters()
+            .deliveries
+            .fetch_add(reached, Ordering::Relaxed);
+        let mut ack = Vec::with_capacity(24);
+        encode_parts(
+            Opcode::Ack,
+            &[id_buf.as_bytes(), b" ", itoa_u64(reached).as_bytes()],
+            &mut ack,
+        );
+        self.reply(sender, via, &ack, out);
+    }
+
+    fn respond(&self, responder: &Arc<Shim>, data: &[u8], via: Via, out: &mut UdpOut) {
+        let (id_txt, text) = match data.iter().position(|&b| b == SP) {
+            Some(sp) => (&data[..sp], &data[sp + 1..]),
+            None => (data, &b""[..]),
+        };
+        let Some(id) = std::str::from_utf8(id_txt)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return self.error(responder, via, "expected: ID SP RESPONSE", out);
+        };
+        let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
+            Counters::bump(&self.counters().responses_dropped);
+            debug!(id, "response for a sender that has gone");
+            return;
+        };
+        let identity = responder.identity();
+        let mut f = Vec::with_capacity(id_txt.len() + identity.len() + text.len() + 4);
+        encode_parts(
+            Opcode::CommandResponse,
+            &[id_txt, b" ", identity.as_bytes(), b" ", text],
+            &mut f,
+        );
+        if self.deliver(&sender, via, &Bytes::from(f), out) {
+            Counters::bump(&self.counters().deliveries);
+        } else {
+            Counters::bump(&self.counters().responses_dropped);
+        }
+    }
+
+    fn who(&self, sender: &Arc<Shim>, data: &[u8], via: Via, out: &mut UdpOut) {
+        if via != Via::Tcp {
+            return self.error(sender, via, "Who is answered over TCP only", out);
+        }
+        let pattern = if data.is_empty() {
+            Pattern::all()
+        } else {
+            match Pattern::parse(data) {
+                Ok(p) => p,
+                Err(e) => {
+                    let msg = format!("bad pattern {}: {e}", String::from_utf8_lossy(data));
+                    return self.error(sender, via, &msg, out);
+                }
+            }
+        };
+        let mut listing = Vec::new();
+        let mut n = 0u64;
+        self.router.for_each_match(&pattern, |s| {
+            n += 1;
+            let udp: &[u8] = if s.udp_addr().is_some() { b"udp" } else { b"-" };
+            encode_parts(
+                Opcode::WhoEntry,
+                &[
+                    s.identity().as_bytes(),
+                    b" ",
+                    itoa_u64(s.connected_unix_ms).as_bytes(),
+                    b" ",
+                    udp,
+                ],
+                &mut listing,
+            );
+        });
+        encode_parts(Opcode::Ack, &[b"0 ", itoa_u64(n).as_bytes()], &mut listing);
+        // One listing may be larger than the outbound limit in a big fleet; it is allowed
+        // once, but a second one queued behind an unread first still cuts the shim off.
+        let limit = self.config.outbound_limit.max(listing.len());
+        if sender.outbox.push(limit, &listing) == Pushed::SlowConsumer {
+            debug!(conn = sender.serial, "outbound limit passed");
+        }
+    }
+}
+
+fn itoa_u64(v: u64) -> String {
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_rules() {
+        assert!(check_identity(b"peq.ecommons.bob").is_ok());
+        assert!(check_identity("héros".as_bytes()).is_ok());
+        assert!(check_identity(b"").is_err());
+        assert!(check_identity(&[b'a'; 65]).is_err());
+        assert!(check_identity(&[b'a'; 64]).is_ok());
+        assert!(check_identity(b"two words").is_err());
+        assert!(check_identity(b"tab\there").is_err());
+        assert!(check_identity(b"nl\x0bhere").is_err());
+        assert!(check_identity(b"\xff\xfe").is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! The UDP side of the protocol: binds, pings and routed frames in datagrams.
+//!
+//! [`on_datagram`] takes one received datagram and returns the datagrams to send; the
+//! driver sends them from the same listening socket (so they leave from the server's own
+//! port). Unverified sources are answered only with `| 0x03 | 0x0A |`, never with more
+//! bytes than they sent, and at most [`QuitLimiter`]'s rate: the server cannot be used
+//! to reflect or amplify traffic. Cheapest checks first.
+
+use crate::codec::decode_datagram;
+use crate::frame::{Opcode, Token, encode};
+use crate::hub::{Hub, UdpOut, Via};
+use crate::metrics::{Counters, Latency};
+use crate::session::QUIT;
+use crate::table::BindOutcome;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tracing::{debug, info};
+
+/// Per-source token bucket for Quit answers. One per core: with SO_REUSEPORT a source
+/// address always hashes to the same socket, so per-core is per-source.
+pub struct QuitLimiter {
+    per_sec: u32,
+    buckets: HashMap<SocketAddr, (u32, u64)>,
+}
+
+const LIMITER_MAX_SOURCES: usize = 65_536;
+
+impl QuitLimiter {
+    /// Allows `per_sec` answers per second per source, in bursts of up to `per_sec`.
+    pub fn new(per_sec: u32) -> QuitLimiter {
+        QuitLimiter {
+            per_sec,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one answer from `src`'s bucket at `now_ms`; false when it is empty.
+    pub fn allow(&mut self, src: SocketAddr, now_ms: u64) -> bool {
+        if self.per_sec == 0 {
+            return false;
+        }
+        if self.buckets.len() >= LIMITER_MAX_SOURCES && !self.buckets.contains_key(&src) {
+            // A spray of spoofed sources: forget buckets that have refilled anyway.
+            let per_sec = u64::from(self.per_sec);
+            self.buckets
+                .retain(|_, (_, t)| now_ms.saturating_sub(*t) * per_sec < 1000 * per_sec);
+            if self.buckets.len() >= LIMITER_MAX_SOURCES {
+                return false;
+            }
+        }
+        let per_sec = self.per_sec;
+        let (tokens, last) = self.buckets.entry(src).or_insert((per_sec, now_ms));
+        let refill = now_ms.saturating_sub(*last) * u64::from(per_sec) / 1000;
+        if refill > 0 {
+            *tokens = (u64::from(*tokens) + refill).min(u64::from(per_sec)) as u32;
+            *last = now_ms;
+        }
+        if *tokens == 0 {
+            return false;
+        }
+        *tokens -= 1;
+        true
+    }
+}
+
+fn answer_quit(
+    hub: &Hub,
+    lim: &mut QuitLimiter,
+    src: SocketAddr,
+    len: usize,
+    now: Instant,
+    out: &mut UdpOut,
+) {
+    // Never answer with more bytes than arrived.
+    if len < QUIT.len() {
+        return;
+    }
+    if lim.allow(src, hub.ms(now)) {
+        Counters::bump(&hub.counters().udp_quit_sent);
+        out.items.push((src, Bytes::from_static(&QUIT)));
+    } else {
+        Counters::bump(&hub.counters().udp_quit_suppressed);
+    }
+}
+
+/// Handles one datagram from `src`, received at `now` on core `core`.
+pub fn on_datagram(
+    hub: &Hub,
+    core: usize,
+    lim: &mut QuitLimiter,
+    src: SocketAddr,
+    dgram: &[u8],
+    now: Instant,
+    out: &mut UdpOut,
+) {
+    let frame = match decode_datagram(dgram, hub.config.max_frame) {
+        Ok(f) => f,
+        Err(_) => {
+            Counters::bump(&hub.counters().rejected);
+            if hub.table.by_udp(&src).is_none() {
+                answer_quit(hub, lim, src, dgram.len(), now, out);
+            }
+            return;
+        }
+    };
+
+    if frame.op == Opcode::Session as u8 {
+        let Some(shim) = Token::from_slice(frame.data).and_then(|t| hub.table.by_token(&t)) else {
+            debug!(%src, "bind with unknown token");
+            return answer_quit(hub, lim, src, dgram.len(), now, out);
+        };
+        match hub.table.bind_udp(&shim, src) {
+            BindOutcome::Dead => return answer_quit(hub, lim, src, dgram.len(), now, out),
+            BindOutcome::Bound => {
+                info!(conn = shim.serial, identity = %shim.identity(), %src, "bind");
+            }
+            BindOutcome::Rebound { from } => {
+                info!(conn = shim.serial, identity = %shim.identity(), %from, to = %src, "rebind");
+            }
+            BindOutcome::Unchanged => {}
+        }
+        shim.touch(hub.ms(now));
+        hub.metrics.record(core, Latency::UdpBind, now.elapsed());
+        return;
+    }
+
+    let Some(shim) = hub.table.by_udp(&src) else {
+        return answer_quit(hub, lim, src, dgram.len(), now, out);
+    };
+    shim.touch(hub.ms(now));
+    let Some(op) = frame.opcode() else {
+        let mut f = Vec::new();
+        encode(
+            Opcode::Error,
+            format!("unknown opcode 0x{:02X}", frame.op).as_bytes(),
+            &mut f,
+        );
+        return hub.reply(&shim, Via::Udp(src), &f, out);
+    };
+    match op {
+        Opcode::None | Opcode::Pong | Opcode::Quit => {}
+        Opcode::Ping => {
+            let mut f = Vec::with_capacity(frame.data.len() + 2);
+            encode(Opcode::Pong, frame.data, &mut f);
+            out.items.push((src, Bytes::from(f)));
+        }
+        Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
+            hub.route(&shim, op, frame.data, Via::Udp(src), out);
+        }
+        Opcode::Identify | Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry => {
+            let msg = format!(
+                "opcode 0x{:02X} ({}) is not accepted over UDP",
+                frame.op,
+                op.name()
+            );
+            let mut f = Vec::new();
+            encode(Opcode::Error, msg.as_bytes(), &mut f);
+            hub.reply(&shim, Via::Udp(src), &f, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::session::Connection;
+
+    fn setup() -> (std::sync::Arc<Hub>, Connection, QuitLimiter) {
+        let h = Hub::new(Config::default());
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, "127.0.0.1:5000".parse().unwrap(), now);
+        c.on_bytes(&h, b"\x01peq.a.bob\n", now);
+        (h, c, QuitLimiter::new(3))
+    }
+
+    fn bind_frame(t: &Token) -> Vec<u8> {
+        let mut f = vec![0x02];
+        f.extend_from_slice(&t.0);
+        f.push(0x0A);
+        f
+    }
+
+    #[test]
+    fn bind_then_ping() {
+        let (h, c, mut lim) = setup();
+        let src: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let mut out = UdpOut::default();
+        on_datagram(
+            &h,
+            0,
+            &mut lim,
+            src,
+            &bind_frame(&c.shim().token),
+            Instant::now(),
+            &mut out,
+        );
+        assert!(out.items.is_empty(), "a valid bind gets no reply");
+        on_datagram(&h, 0, &mut lim, src, b"\x06hey\n", Instant::now(), &mut out);
+        assert_eq!(out.items, vec![(src, Bytes::from_static(b"\x07hey\n"))]);
+    }
+
+    #[test]
+    fn unbound_sources_get_small_rate_limited_quits() {
+        let (h, _c, mut lim) = setup();
+        let src: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let mut out = UdpOut::default();
+        let now = Instant::now();
+        for _ in 0..10 {
+            on_datagram(&h, 0, &mut lim, src, b"\x06x\n", now, &mut out);
+        }
+        assert_eq!(out.items.len(), 3, "burst of 3 then nothing");
+        assert!(out.items.iter().all(|(a, b)| *a == src && b[..] == QUIT));
+        out.items.clear();
+        on_datagram(
+            &h,
+            0,
+            &mut lim,
+            "127.0.0.1:7002".parse().unwrap(),
+            b"\x06",
+            now,
+            &mut out,
+        );
+        assert!(
+            out.items.is_empty(),
+            "a 1-byte datagram is not answered with 2 bytes"
+        );
+        let bogus = bind_frame(&Token([7; 16]));
+        on_datagram(
+            &h,
+            0,
+            &mut lim,
+            "127.0.0.1:7003".parse().unwrap(),
+            &bogus,
+            now,
+            &mut out,
+        );
+        assert_eq!(out.items.len(), 1);
+    }
+
+    #[test]
+    fn limiter_refills() {
+        let mut lim = QuitLimiter::new(2);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(lim.allow(a, 0) && lim.allow(a, 0));
+        assert!(!lim.allow(a, 100));
+        assert!(lim.allow(a, 600));
+    }
+}

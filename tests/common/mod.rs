@@ -1,0 +1,280 @@
+//! Test harness: a real `velium-server` process per test on 127.0.0.1 with an ephemeral
+//! port, and raw TCP / UDP clients that speak the wire format byte by byte.
+//!
+//! Every wait is on an event (a frame, a log line, a closed socket) with a generous
+//! deadline that only a failure ever reaches.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long any expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Instantiates each named `fn name(io: &str)` once per I/O driver.
+#[macro_export]
+macro_rules! drivers {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn uring() {
+                    super::$name("uring")
+                }
+                #[test]
+                fn epoll() {
+                    super::$name("epoll")
+                }
+            }
+        )*
+    };
+}
+
+type Log = Arc<(Mutex<Vec<String>>, Condvar)>;
+
+/// A running server process, killed on drop.
+pub struct Server {
+    child: Child,
+    /// The TCP and UDP address it serves.
+    pub addr: SocketAddr,
+    log: Log,
+}
+
+impl Server {
+    /// Starts `velium-server --listen 127.0.0.1:0 --cores 2 --io IO` plus `extra` flags.
+    pub fn start(io: &str, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--io", io])
+            .args(["--log-level", "debug"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn velium-server");
+        let log: Log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (m, cv) = &*l;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .expect("read the listening line");
+        let addr = first
+            .split_whitespace()
+            .find_map(|w| w.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}; log: {:?}", log.0.lock()));
+        Server { child, addr, log }
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns that line.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        let (m, cv) = &*self.log;
+        let end = Instant::now() + DEADLINE;
+        let mut lines = m.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needles:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// A connected raw TCP client.
+    pub fn tcp(&self) -> Tcp {
+        Tcp::connect(self.addr)
+    }
+
+    /// A raw UDP client aimed at the server.
+    pub fn udp(&self) -> Udp {
+        Udp::new(self.addr)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Encodes one frame.
+pub fn frame(op: u8, data: &[u8]) -> Vec<u8> {
+    let mut v = vec![op];
+    v.extend_from_slice(data);
+    v.push(0x0A);
+    v
+}
+
+/// A raw TCP client.
+pub struct Tcp {
+    pub s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Tcp {
+    /// Connects.
+    pub fn connect(addr: SocketAddr) -> Tcp {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        Tcp { s, buf: Vec::new() }
+    }
+
+    /// Sends one frame.
+    pub fn send(&mut self, op: u8, data: &[u8]) {
+        self.s.write_all(&frame(op, data)).expect("send");
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).expect("send");
+    }
+
+    /// The next frame, or `None` when the server closed the connection.
+    pub fn try_recv(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == 0x0A) {
+                let f: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some((f[0], f[1..f.len() - 1].to_vec()));
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("no frame within {DEADLINE:?}: {e}"),
+            }
+        }
+    }
+
+    /// The next frame; fails if the connection closed.
+    pub fn recv(&mut self) -> (u8, Vec<u8>) {
+        self.try_recv()
+            .expect("connection closed while a frame was expected")
+    }
+
+    /// The next frame's data, which must have opcode `op`.
+    pub fn expect(&mut self, op: u8) -> Vec<u8> {
+        let (got, data) = self.recv();
+        assert_eq!(
+            got,
+            op,
+            "expected opcode 0x{op:02X}, got 0x{got:02X} {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data
+    }
+
+    /// Asserts the next frame is an Error whose text contains `needle`.
+    pub fn expect_error(&mut self, needle: &str) -> String {
+        let text = String::from_utf8(self.expect(0x09)).unwrap();
+        assert!(text.contains(needle), "error {text:?} lacks {needle:?}");
+        text
+    }
+
+    /// Asserts the server closes the connection (after any frames, which are returned).
+    pub fn expect_closed(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        while let Some(f) = self.try_recv() {
+            got.push(f);
+        }
+        got
+    }
+
+    /// Pings with `data` and waits for the matching Pong: proves every frame sent before it
+    /// was handled, since a connection's frames are handled in order.
+    pub fn sync(&mut self, data: &[u8]) {
+        self.send(0x06, data);
+        assert_eq!(self.expect(0x07), data);
+    }
+
+    /// Identifies and returns the 16-byte session token.
+    pub fn identify(&mut self, name: &str) -> [u8; 16] {
+        self.send(0x01, name.as_bytes());
+        let data = self.expect(0x02);
+        assert_eq!(data.len(), 16, "token is 16 bytes");
+        data.try_into().unwrap()
+    }
+}
+
+/// A raw UDP client.
+pub struct Udp {
+    pub s: UdpSocket,
+    pub server: SocketAddr,
+}
+
+impl Udp {
+    /// A socket on 127.0.0.1 with an ephemeral port.
+    pub fn new(server: SocketAddr) -> Udp {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        Udp { s, server }
+    }
+
+    /// Sends one datagram.
+    pub fn send_raw(&self, bytes: &[u8]) {
+        self.s.send_to(bytes, self.server).unwrap();
+    }
+
+    /// Sends one frame as a datagram.
+    pub fn send(&self, op: u8, data: &[u8]) {
+        self.send_raw(&frame(op, data));
+    }
+
+    /// The next datagram and where it came from.
+    pub fn recv_from(&self) -> (Vec<u8>, SocketAddr) {
+        let mut b = [0u8; 65536];
+        let (n, from) = self
+            .s
+            .recv_from(&mut b)
+            .unwrap_or_else(|e| panic!("no datagram within {DEADLINE:?}: {e}"));
+        (b[..n].to_vec(), from)
+    }
+
+    /// The next datagram, which must come from the server's own port.
+    pub fn recv(&self) -> Vec<u8> {
+        let (d, from) = self.recv_from();
+        assert_eq!(
+            from, self.server,
+            "UDP replies leave from the listening port"
+        );
+        d
+    }
+
+    /// Sends the bind datagram for `token`.
+    pub fn bind(&self, token: &[u8; 16]) {
+        self.send(0x02, token);
+    }
+
+    /// Binds, then confirms the bind with a UDP Ping answered by a Pong.
+    pub fn bind_confirmed(&self, token: &[u8; 16]) {
+        self.bind(token);
+        self.send(0x06, b"bind");
+        assert_eq!(self.recv(), frame(0x07, b"bind"));
+    }
+}

@@ -95,14 +95,14 @@ impl Hub {
         &self.metrics.counters
     }
 
-    /// A new, unidentified shim for a connection just accepted from `peer`.
-    pub fn accept(&self, peer: SocketAddr, now: Instant) -> Arc<Shim> {
+    /// A new, unidentified shim for a connection just accepted from `peer` on `core`.
+    pub fn accept(&self, core: usize, peer: SocketAddr, now: Instant) -> Arc<Shim> {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
         let unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Counters::bump(&self.counters().accepted);
-        info!(conn = serial, %peer, "connect");
+        info!(conn = serial, core, %peer, "connect");
         Arc::new(Shim::new(serial, peer, self.ms(now), unix_ms))
     }
 

@@ -36,10 +36,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection just accepted from `peer`.
-    pub fn accept(hub: &Hub, peer: SocketAddr, now: Instant) -> Connection {
+    /// A connection just accepted from `peer` on `core`.
+    pub fn accept(hub: &Hub, core: usize, peer: SocketAddr, now: Instant) -> Connection {
         Connection {
-            shim: hub.accept(peer, now),
+            shim: hub.accept(core, peer, now),
             partial: Vec::new(),
             session_queued: false,
             udp_out: UdpOut::default(),
@@ -198,7 +198,7 @@ mod tests {
     fn identify_gets_a_session_and_rename_gets_nothing() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         assert_eq!(
             c.on_bytes(&h, b"\x01peq.ecommons.bob\n", now),
             Flow::Continue
@@ -218,7 +218,7 @@ mod tests {
     fn frames_split_across_reads_are_joined() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         c.on_bytes(&h, b"\x06ab", now);
         assert!(out(&c).is_empty());
         c.on_bytes(&h, b"c\n\x06", now);
@@ -231,7 +231,7 @@ mod tests {
     fn before_identify_only_identify_ping_quit() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         c.on_bytes(&h, b"\x08x hi\n", now);
         assert_eq!(out(&c), b"\x09identify first\n");
         c.on_bytes(&h, b"\x01bad name\n", now);
@@ -246,7 +246,7 @@ mod tests {
     fn unknown_opcode_keeps_the_connection() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         assert_eq!(c.on_bytes(&h, b"\x42zz\n\x06p\n", now), Flow::Continue);
         assert_eq!(out(&c), b"\x09unknown opcode 0x42\n\x07p\n");
     }
@@ -255,7 +255,7 @@ mod tests {
     fn oversized_frame_closes_with_an_error() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         let big = vec![b'x'; 100];
         assert_eq!(
             c.on_bytes(&h, &big, now),
@@ -270,13 +270,13 @@ mod tests {
     fn timers_fire_without_input() {
         let h = hub();
         let t0 = Instant::now();
-        let c = Connection::accept(&h, peer(), t0);
+        let c = Connection::accept(&h, 0, peer(), t0);
         assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(50)));
         assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(150)));
         assert_eq!(c.shim().outbox.reason(), Some(CloseReason::IdentifyTimeout));
         assert_eq!(out(&c), b"\x09identify timeout\n");
 
-        let mut c = Connection::accept(&h, peer(), t0);
+        let mut c = Connection::accept(&h, 0, peer(), t0);
         c.on_bytes(&h, b"\x01a\n", t0);
         out(&c);
         assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(500)));
@@ -288,7 +288,7 @@ mod tests {
     fn finish_removes_everything() {
         let h = hub();
         let now = Instant::now();
-        let mut c = Connection::accept(&h, peer(), now);
+        let mut c = Connection::accept(&h, 0, peer(), now);
         c.on_bytes(&h, b"\x01a.b\n", now);
         let tok = c.shim().token;
         h.table.bind_udp(c.shim(), "127.0.0.1:9".parse().unwrap());

@@ -171,7 +171,7 @@ mod tests {
     fn setup() -> (std::sync::Arc<Hub>, Connection, QuitLimiter) {
         let h = Hub::new(Config::default());
         let now = Instant::now();
-        let mut c = Connection::accept(&h, "127.0.0.1:5000".parse().unwrap(), now);
+        let mut c = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), now);
         c.on_bytes(&h, b"\x01peq.a.bob\n", now);
         (h, c, QuitLimiter::new(3))
     }

@@ -116,7 +116,7 @@ async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
 async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     let accepted = Instant::now();
     let stream = Rc::new(stream);
-    let mut conn = Connection::accept(&core.hub, peer, accepted);
+    let mut conn = Connection::accept(&core.hub, core.index, peer, accepted);
     let shim = conn.shim().clone();
     shim.outbox.attach_fd(stream.fd());
     let key = core.conns.borrow_mut().insert(shim.clone());

@@ -52,10 +52,20 @@ pub fn check_identity(label: &[u8]) -> Result<&str, &'static str> {
         return Err("identity longer than 64 bytes");
     }
     let s = std::str::from_utf8(label).map_err(|_| "identity is not UTF-8")?;
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("identity holds a space or control character");
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
+    {
+        return Err("identity holds a space, control or invisible character");
     }
     Ok(s)
+}
+
+/// Format characters that print as nothing (zero-width spaces and joiners, direction
+/// marks and overrides, the byte-order mark): two identities that differ only by them
+/// would look the same in every log and listing.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// The shared state of one server.
@@ -166,6 +176,12 @@ impl Hub {
         false
     }
 
+    /// Begins a graceful shutdown: every identified shim is sent Quit and closed.
+    pub fn shutdown(&self) {
+        self.table
+            .for_each(|s| s.outbox.close(CloseReason::Shutdown, &crate::session::QUIT));
+    }
+
     /// Sends one frame to the sender of a request, on the transport it came in on.
     pub fn reply(&self, to: &Shim, via: Via, frame: &[u8], out: &mut UdpOut) {
         match via {
@@ -200,7 +216,8 @@ impl Hub {
         self.push(to, frame)
     }
 
-    fn error(&self, to: &Shim, via: Via, msg: &str, out: &mut UdpOut) {
+    /// Sends an Error frame back to `to` on the transport its request came in on.
+    pub fn error(&self, to: &Shim, via: Via, msg: &str, out: &mut UdpOut) {
         Counters::bump(&self.counters().rejected);
         let mut f = Vec::with_capacity(msg.len() + 2);
         encode(Opcode::Error, msg.as_bytes(), &mut f);
@@ -363,5 +380,6 @@ mod tests {
         assert!(check_identity(b"tab\there").is_err());
         assert!(check_identity(b"nl\x0bhere").is_err());
         assert!(check_identity(b"\xff\xfe").is_err());
+        assert!(check_identity("zero\u{200B}width".as_bytes()).is_err());
     }
 }

@@ -46,6 +46,12 @@ fn main() -> ExitCode {
 
     wait_for_signal();
     let hub = &running.hub;
+    // Tell every shim the session is over, and give the writers a moment to flush it.
+    hub.shutdown();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !hub.table.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     tracing::info!(
         handshake = %hub.metrics.summary(Latency::Handshake),
         udp_bind = %hub.metrics.summary(Latency::UdpBind),

@@ -106,6 +106,11 @@ impl Table {
         outcome
     }
 
+    /// Calls `f` for every identified shim.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Shim>)) {
+        self.serials.iter().for_each(|e| f(e.value()));
+    }
+
     /// Identified shims.
     pub fn len(&self) -> usize {
         self.serials.len()

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use slab::Slab;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -145,7 +146,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
                 // Grow for a busy connection, shrink back when it goes quiet.
                 let cap = buf.capacity();
                 if n == cap && cap < READ_LARGE {
-                    buf = Vec::with_capacity(cap * 4);
+                    buf = Vec::with_capacity((cap * 4).min(READ_LARGE));
                 } else if n < READ_SMALL / 2 && cap > READ_SMALL {
                     buf = Vec::with_capacity(READ_SMALL);
                 } else {
@@ -226,6 +227,10 @@ async fn sweep(core: Rc<Core>) {
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let mut lim = QuitLimiter::new(core.hub.config.udp_quit_per_sec);
     let mut out = UdpOut::default();
+    // Datagrams wait here, in order, while a fan-out is being sent: a later reply to the
+    // same source must never overtake an earlier one.
+    let queue: Rc<RefCell<VecDeque<(SocketAddr, Bytes)>>> = Rc::default();
+    let sending = Rc::new(Cell::new(false));
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let (res, b) = sock.recv_from(buf).await;
@@ -242,23 +247,20 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
                     now,
                     &mut out,
                 );
-                match out.items.len() {
-                    0 => {}
-                    1 => {
-                        let (to, d) = out.items.pop().expect("one item");
-                        if let Err(e) = sock.send_to(d, to).await {
-                            debug!(%to, error = %e, "udp send failed");
-                        }
+                if out.items.len() == 1 && !sending.get() {
+                    // The common case (a Pong, an Ack): send it now, no queue, no task.
+                    let (to, d) = out.items.pop().expect("one item");
+                    if let Err(e) = sock.send_to(d, to).await {
+                        debug!(%to, error = %e, "udp send failed");
                     }
-                    _ => {
-                        // A fan-out: send it from a task so receiving goes on meanwhile.
-                        let items = std::mem::take(&mut out.items);
-                        let sock = sock.clone();
-                        tokio::task::spawn_local(async move {
-                            for (to, d) in items {
-                                let _ = sock.send_to(d, to).await;
-                            }
-                        });
+                } else if !out.items.is_empty() {
+                    queue.borrow_mut().extend(out.items.drain(..));
+                    if !sending.replace(true) {
+                        tokio::task::spawn_local(drain_udp(
+                            sock.clone(),
+                            queue.clone(),
+                            sending.clone(),
+                        ));
                     }
                 }
             }
@@ -266,6 +268,22 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
         }
         buf.clear();
     }
+}
+
+/// Sends queued datagrams in order, so that receiving goes on during a large fan-out.
+async fn drain_udp<U: Datagrams>(
+    sock: Rc<U>,
+    queue: Rc<RefCell<VecDeque<(SocketAddr, Bytes)>>>,
+    sending: Rc<Cell<bool>>,
+) {
+    loop {
+        let next = queue.borrow_mut().pop_front();
+        let Some((to, d)) = next else { break };
+        if let Err(e) = sock.send_to(d, to).await {
+            debug!(%to, error = %e, "udp send failed");
+        }
+    }
+    sending.set(false);
 }
 
 /// Why the server could not start.
@@ -363,6 +381,13 @@ fn bind_all(addr: SocketAddr, cores: usize) -> Result<(SocketAddr, CoreSockets),
 /// Returns once every core is serving.
 pub fn start(config: Config) -> Result<Running, StartError> {
     let io = match config.io {
+        IoMode::Uring => {
+            uring::probe().map_err(|e| StartError::Runtime {
+                io: "io_uring",
+                msg: format!("{e} (use --io epoll or --io auto)"),
+            })?;
+            IoMode::Uring
+        }
         IoMode::Auto => match uring::probe() {
             Ok(()) => IoMode::Uring,
             Err(e) => {

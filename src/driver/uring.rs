@@ -20,9 +20,28 @@ fn builder() -> tokio_uring::Builder {
     b
 }
 
-/// Checks that an io_uring runtime can be set up here (kernel support, sysctl
-/// `kernel.io_uring_disabled`, seccomp).
+/// Checks that io_uring can serve here: that a ring can be set up (kernel support, sysctl
+/// `kernel.io_uring_disabled`, seccomp) and that the kernel has every operation this
+/// driver submits (older kernels create rings but lack the networking operations).
 pub fn probe() -> io::Result<()> {
+    use io_uring::opcode::{Accept, Close, Read, RecvMsg, SendMsg, Write};
+    let ring = io_uring::IoUring::new(8)?;
+    let mut p = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut p)?;
+    let needed = [
+        (Accept::CODE, "accept"),
+        (Read::CODE, "read"),
+        (Write::CODE, "write"),
+        (RecvMsg::CODE, "recvmsg"),
+        (SendMsg::CODE, "sendmsg"),
+        (Close::CODE, "close"),
+    ];
+    if let Some((_, name)) = needed.iter().find(|(code, _)| !p.is_supported(*code)) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("the kernel's io_uring lacks the {name} operation"),
+        ));
+    }
     tokio_uring::Runtime::new(&builder()).map(drop)
 }
 

@@ -46,33 +46,7 @@ pub struct Server {
 impl Server {
     /// Starts `velium-server --listen 127.0.0.1:0 --cores 2 --io IO` plus `extra` flags.
     pub fn start(io: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
-            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--io", io])
-            .args(["--log-level", "debug"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn velium-server");
-        let log: Log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let stderr = child.stderr.take().unwrap();
-        let l = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let (m, cv) = &*l;
-                m.lock().unwrap().push(line);
-                cv.notify_all();
-            }
-        });
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .expect("read the listening line");
-        let addr = first
-            .split_whitespace()
-            .find_map(|w| w.parse::<SocketAddr>().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}; log: {:?}", log.0.lock()));
-        Server { child, addr, log }
+        Server::start_level(io, "debug", extra)
     }
 
     /// Waits until a log line contains every one of `needles`; returns that line.
@@ -276,5 +250,108 @@ impl Udp {
         self.bind(token);
         self.send(0x06, b"bind");
         assert_eq!(self.recv(), frame(0x07, b"bind"));
+    }
+}
+
+impl Server {
+    /// Like [`Server::start`], but with `--log-level LEVEL` instead of `debug`.
+    pub fn start_level(io: &str, level: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--cores", "2", "--io", io];
+        args.extend_from_slice(&["--log-level", level]);
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+
+    /// Spawns `velium-server ARGS` (which must make it listen) and reads its address.
+    pub fn spawn(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn velium-server");
+        let log: Log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().unwrap();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (m, cv) = &*l;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .expect("read the listening line");
+        let addr = first
+            .split_whitespace()
+            .find_map(|w| w.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}; log: {:?}", log.0.lock()));
+        Server { child, addr, log }
+    }
+
+    /// How many log lines so far contain every one of `needles`.
+    pub fn count_log(&self, needles: &[&str]) -> usize {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+}
+
+/// The Quit frame, `| 0x03 | 0x0A |`, as sent over TCP and UDP.
+pub const QUIT: [u8; 2] = [0x03, 0x0A];
+
+impl Tcp {
+    /// Asserts the next frame is exactly `op` with `data`.
+    pub fn expect_frame(&mut self, op: u8, data: &[u8]) {
+        let got = self.expect(op);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(data),
+            "data of frame 0x{op:02X}"
+        );
+        assert_eq!(got, data, "data of frame 0x{op:02X}");
+    }
+
+    /// Asserts the server closes the connection without sending anything more.
+    pub fn expect_closed_quietly(&mut self) {
+        let rest = self.expect_closed();
+        assert!(rest.is_empty(), "frames before the close: {rest:?}");
+    }
+}
+
+impl Tcp {
+    /// A second handle on the same connection (for a reader thread), with its own empty
+    /// frame buffer: call it only when no partial frame has been read.
+    pub fn try_clone(&self) -> Tcp {
+        Tcp {
+            s: self.s.try_clone().expect("clone the socket"),
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl Udp {
+    /// Asserts the next datagram from the server is exactly the frame `op` `data`.
+    pub fn expect_frame(&self, op: u8, data: &[u8]) {
+        let got = self.recv();
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&frame(op, data)),
+            "datagram"
+        );
+    }
+
+    /// Sends a Ping from a bound socket and asserts the next datagram is its Pong: a
+    /// barrier, since one source's datagrams are handled in order on one core, and a
+    /// single reply to each is sent before the next is handled.
+    pub fn sync(&self, data: &[u8]) {
+        self.send(0x06, data);
+        self.expect_frame(0x07, data);
     }
 }

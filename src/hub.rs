@@ -139,8 +139,12 @@ impl Hub {
         Identified::Registered
     }
 
-    /// Removes a shim whose connection ended, logging the close line once.
+    /// Removes a shim whose connection ended, logging the close line. Only the first call
+    /// for a shim does anything, so a timer and the connection's reader may both call it.
     pub fn close(&self, shim: &Shim, reason: CloseReason) {
+        if !shim.mark_closed() {
+            return;
+        }
         if shim.is_identified() {
             self.table.remove(shim);
             self.router.remove(&shim.identity(), shim);
@@ -152,28 +156,37 @@ impl Hub {
         info!(conn = shim.serial, identity = %shim.identity(), %reason, "close");
     }
 
-    /// Checks `shim`'s identify deadline and idle timeout; when one has passed, queues the
-    /// last frame (Error or Quit) and asks the connection to close. Returns true if it did.
-    pub fn check_timers(&self, shim: &Shim, now: Instant) -> bool {
+    /// Which timer, if any, has run out for `shim` at `now`: the identify deadline
+    /// (measured from accept) or the idle timeout (measured from the last frame received
+    /// on TCP or UDP).
+    pub fn expired(&self, shim: &Shim, now: Instant) -> Option<CloseReason> {
         let now_ms = self.ms(now);
-        if !shim.is_identified()
-            && now_ms.saturating_sub(shim.accepted_ms())
-                >= self.config.identify_timeout.as_millis() as u64
-        {
-            let mut f = Vec::new();
-            encode(Opcode::Error, b"identify timeout", &mut f);
-            shim.outbox.close(CloseReason::IdentifyTimeout, &f);
-            return true;
+        let identify = self.config.identify_timeout.as_millis() as u64;
+        if !shim.is_identified() && now_ms.saturating_sub(shim.accepted_ms()) >= identify {
+            return Some(CloseReason::IdentifyTimeout);
         }
-        if now_ms.saturating_sub(shim.last_seen_ms()) >= self.config.idle_timeout.as_millis() as u64
-        {
-            shim.outbox.close(
-                CloseReason::Idle,
-                &[Opcode::Quit as u8, crate::frame::NEWLINE],
-            );
-            return true;
+        let idle = self.config.idle_timeout.as_millis() as u64;
+        (now_ms.saturating_sub(shim.last_seen_ms()) >= idle).then_some(CloseReason::Idle)
+    }
+
+    /// Ends a connection whose timer ran out: queues its last frame (Error "identify
+    /// timeout", or Quit when idle), asks the writer to flush and shut down, and removes the
+    /// shim from routing at once.
+    pub fn expire(&self, shim: &Shim, reason: CloseReason) {
+        let mut f = Vec::new();
+        match reason {
+            CloseReason::IdentifyTimeout => encode(Opcode::Error, b"identify timeout", &mut f),
+            _ => f.extend_from_slice(&crate::session::QUIT),
         }
-        false
+        shim.outbox.close(reason, &f);
+        self.close(shim, reason);
+    }
+
+    /// Checks both timers and expires the connection if one ran out; true if it did.
+    pub fn check_timers(&self, shim: &Shim, now: Instant) -> bool {
+        self.expired(shim, now)
+            .map(|r| self.expire(shim, r))
+            .is_some()
     }
 
     /// Begins a graceful shutdown: every identified shim is sent Quit and closed.

@@ -245,6 +245,7 @@ pub struct Shim {
     accepted_ms: u64,
     last_seen_ms: AtomicU64,
     identified: AtomicBool,
+    closed: AtomicBool,
     next_seq: AtomicU32,
     /// Everything sent to this shim over TCP.
     pub outbox: Outbox,
@@ -262,6 +263,7 @@ impl Shim {
             accepted_ms: now_ms,
             last_seen_ms: AtomicU64::new(now_ms),
             identified: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             next_seq: AtomicU32::new(0),
             outbox: Outbox::default(),
         }
@@ -283,6 +285,11 @@ impl Shim {
 
     pub(crate) fn mark_identified(&self) {
         self.identified.store(true, Ordering::Release);
+    }
+
+    /// Marks the shim closed; true for the first caller only.
+    pub(crate) fn mark_closed(&self) -> bool {
+        !self.closed.swap(true, Ordering::AcqRel)
     }
 
     /// The UDP address bound to this shim, if any.

@@ -67,8 +67,9 @@ pub(crate) trait Datagrams: 'static {
 pub(crate) struct Core {
     pub hub: Arc<Hub>,
     pub index: usize,
-    /// This core's connections, for the sweeper.
-    conns: RefCell<Slab<Arc<Shim>>>,
+    /// This core's connections, for the sweeper, each with a flag set when the sweeper
+    /// last found one of its timers run out.
+    conns: RefCell<Slab<(Arc<Shim>, Cell<bool>)>>,
 }
 
 /// Read buffer size for a quiet connection: small, so that an idle shim costs little.
@@ -120,7 +121,10 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     let mut conn = Connection::accept(&core.hub, core.index, peer, accepted);
     let shim = conn.shim().clone();
     shim.outbox.attach_fd(stream.fd());
-    let key = core.conns.borrow_mut().insert(shim.clone());
+    let key = core
+        .conns
+        .borrow_mut()
+        .insert((shim.clone(), Cell::new(false)));
     let handshake = Rc::new(Cell::new(None));
     let writer = tokio::task::spawn_local(write_loop(
         core.clone(),
@@ -216,9 +220,16 @@ async fn sweep(core: Rc<Core>) {
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
-        for (_, shim) in core.conns.borrow().iter() {
-            if shim.outbox.state() == OutState::Open {
-                core.hub.check_timers(shim, now);
+        for (_, (shim, was_expired)) in core.conns.borrow().iter() {
+            if shim.outbox.state() != OutState::Open {
+                continue;
+            }
+            // A timer must be found run out on two sweeps in a row: after a stall of this
+            // core, frames already received but not yet read get one tick to count.
+            match core.hub.expired(shim, now) {
+                Some(reason) if was_expired.get() => core.hub.expire(shim, reason),
+                Some(_) => was_expired.set(true),
+                None => was_expired.set(false),
             }
         }
     }

@@ -1,0 +1,378 @@
+//! `velium`: the command-line tool for a velium-server hub.
+//!
+//! Operator commands (`send`, `tell`, `who`) connect, do one thing and leave; `shim` is a
+//! stand-in shim that stays connected and answers commands, for trying a hub out and for
+//! tests. Exit status: 0 on success, 1 when `send` saw fewer responses than shims reached
+//! (or a `shim` lost its connection), 2 when nothing could be done (no shim matches, hub
+//! unreachable, bad arguments). Errors are one line on stderr, prefixed `velium:`.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use velium_server::client::{Client, ClientError, ClientOptions, Event, Transport};
+
+const TARGET_HELP: &str = "\
+Which shims to address. Identities are dot-separated segments (server.zone.character, \
+e.g. peq.ecommons.bob). In a target, a `*` segment matches any one segment \
+(peq.*.bob: bob in any zone) and a last `>` segment matches one or more segments \
+(peq.>: everybody on peq); case is ignored. The sender is left out of its own targets \
+unless the target starts with `+` (+peq.>). Quote targets holding `*` or `>` in the shell.";
+
+const SEND_EXAMPLES: &str = "\
+Examples:
+  velium send peq.ecommons.bob /sit              one shim
+  velium send 'peq.*.bob' /loc                   bob, whichever zone he is in
+  velium send --timeout 10 'peq.>' /who          every shim on peq, wait up to 10 s
+
+Prints `IDENTITY: RESPONSE` for each response as it arrives (a multi-line response keeps \
+its line breaks). Exit status: 0 once every shim reached has answered, 1 if some did not \
+answer within --timeout (how many is printed on stderr), 2 if no shim matches or the hub \
+cannot be reached.";
+
+const TELL_EXAMPLES: &str = "\
+Examples:
+  velium tell 'peq.>' server restart in 5 minutes
+  velium tell peq.ecommons.bob hello bob
+
+Prints `reached N shims`. Exit status: 0 when at least one shim was reached, 2 if no shim \
+matches or the hub cannot be reached.";
+
+const WHO_EXAMPLES: &str = "\
+Examples:
+  velium who                      every connected shim
+  velium who 'peq.ecommons.*'     the shims in one zone
+
+Prints one line per shim: identity, connected since (UTC, RFC 3339), then `udp` if it has \
+a bound UDP channel or `-` if not. This tool's own connection is not listed.";
+
+const SHIM_EXAMPLES: &str = "\
+Examples:
+  velium shim --name peq.ecommons.bob
+  velium shim --name test.one --no-udp
+
+Prints `connected as IDENTITY` once identified (and its UDP channel bound), then one line \
+per message received:
+  echo from SENDER: TEXT
+  command from SENDER (id ID): TEXT
+Every command is answered with its own text, over the transport it came in on. Pings the \
+hub to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0.";
+
+/// Command-line tool for a velium-server hub: send commands to shims, tell them things,
+/// list them, or run a stand-in shim.
+#[derive(Parser)]
+#[command(name = "velium", version, propagate_version = true)]
+struct Cli {
+    /// The hub's address, HOST:PORT
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:12345"
+    )]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// The identity an operator command connects as.
+#[derive(Args)]
+struct Operator {
+    /// Identity to connect as [default: velium.cli.<pid>]
+    #[arg(long, value_name = "IDENTITY")]
+    name: Option<String>,
+}
+
+impl Operator {
+    fn identity(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("velium.cli.{}", std::process::id()))
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send a command to shims and print their responses
+    #[command(after_help = SEND_EXAMPLES)]
+    Send {
+        #[command(flatten)]
+        op: Operator,
+        /// Seconds to wait for the responses
+        #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+        timeout: Duration,
+        #[arg(help = "Which shims to address (see --help for the pattern syntax)", long_help = TARGET_HELP)]
+        target: String,
+        /// The command; its words are joined with single spaces
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Send a text (an Echo, which is not answered) to shims
+    #[command(after_help = TELL_EXAMPLES)]
+    Tell {
+        #[command(flatten)]
+        op: Operator,
+        #[arg(help = "Which shims to address (see --help for the pattern syntax)", long_help = TARGET_HELP)]
+        target: String,
+        /// The text; its words are joined with single spaces
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        text: Vec<String>,
+    },
+    /// List connected shims
+    #[command(after_help = WHO_EXAMPLES)]
+    Who {
+        #[command(flatten)]
+        op: Operator,
+        /// Only shims matching this pattern (same syntax as a send target, without `+`)
+        pattern: Option<String>,
+    },
+    /// Run a stand-in shim that prints what it receives and answers every command
+    #[command(after_help = SHIM_EXAMPLES)]
+    Shim {
+        /// The identity to connect as, e.g. peq.ecommons.bob
+        #[arg(long, value_name = "IDENTITY")]
+        name: String,
+        /// Do not bind a UDP channel (TCP only)
+        #[arg(long)]
+        no_udp: bool,
+    },
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        return Err(format!("{s} must be more than 0 and at most 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// A failure that ends the program with status 2.
+struct Fatal(String);
+
+impl From<ClientError> for Fatal {
+    fn from(e: ClientError) -> Fatal {
+        Fatal(e.to_string())
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(Fatal(msg)) => {
+            eprintln!("velium: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
+    let addr = resolve(&cli.server).await?;
+    match cli.cmd {
+        Cmd::Send {
+            op,
+            timeout,
+            target,
+            command,
+        } => send(addr, &op.identity(), &target, &command.join(" "), timeout).await,
+        Cmd::Tell { op, target, text } => {
+            tell(addr, &op.identity(), &target, &text.join(" ")).await
+        }
+        Cmd::Who { op, pattern } => who(addr, &op.identity(), pattern.as_deref()).await,
+        Cmd::Shim { name, no_udp } => shim(addr, &name, !no_udp).await,
+    }
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, Fatal> {
+    if let Ok(a) = server.parse() {
+        return Ok(a);
+    }
+    match tokio::net::lookup_host(server).await {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| Fatal(format!("server address {server} resolves to nothing"))),
+        Err(e) => Err(Fatal(format!("bad server address {server:?}: {e}"))),
+    }
+}
+
+/// Operator commands are short-lived: no keep-alive.
+async fn operator(addr: SocketAddr, identity: &str) -> Result<Client, Fatal> {
+    let options = ClientOptions {
+        keepalive: None,
+        ..ClientOptions::default()
+    };
+    Ok(Client::connect_with(addr, identity, options).await?)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+async fn send(
+    addr: SocketAddr,
+    identity: &str,
+    target: &str,
+    text: &str,
+    timeout: Duration,
+) -> Result<ExitCode, Fatal> {
+    let client = operator(addr, identity).await?;
+    let sent = client.command(target, text).await?;
+    let deadline = Instant::now() + timeout;
+    let mut answered = 0;
+    let mut closed = false;
+    while answered < sent.reached {
+        match client
+            .next_response(sent.id, deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(r) => {
+                println!("{}: {}", r.from, r.text);
+                answered += 1;
+            }
+            Err(ClientError::Timeout(_)) => break,
+            Err(ClientError::Closed) => {
+                closed = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !closed {
+        let _ = client.close().await;
+    }
+    if answered < sent.reached {
+        let missing = sent.reached - answered;
+        let why = if closed {
+            "before the server closed the connection".to_string()
+        } else {
+            format!("within {}", humantime::format_duration(timeout))
+        };
+        eprintln!(
+            "velium: {missing} of {} shim{} did not answer {why}",
+            sent.reached,
+            plural(sent.reached)
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tell(
+    addr: SocketAddr,
+    identity: &str,
+    target: &str,
+    text: &str,
+) -> Result<ExitCode, Fatal> {
+    let client = operator(addr, identity).await?;
+    let reached = client.echo(target, text).await?;
+    let _ = client.close().await;
+    println!("reached {reached} shim{}", plural(reached));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn who(addr: SocketAddr, identity: &str, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
+    let client = operator(addr, identity).await?;
+    let mut entries = client.who(pattern).await?;
+    let me = client.identity();
+    let _ = client.close().await;
+    // The listing includes this tool's own connection; it is not a shim.
+    if let Some(i) = entries.iter().position(|e| *e.identity == *me) {
+        entries.remove(i);
+    }
+    if entries.is_empty() {
+        match pattern {
+            Some(p) => eprintln!("velium: no shim matches {p}"),
+            None => eprintln!("velium: no shims connected"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    entries.sort_by(|a, b| a.identity.cmp(&b.identity).then(a.since.cmp(&b.since)));
+    let width = entries
+        .iter()
+        .map(|e| e.identity.chars().count())
+        .max()
+        .unwrap_or(0);
+    for e in &entries {
+        println!(
+            "{:<width$}  {}  {}",
+            e.identity,
+            humantime::format_rfc3339_seconds(e.since),
+            if e.udp { "udp" } else { "-" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows a text on one line: line breaks as `\n`.
+fn one_line(text: &str) -> String {
+    text.replace('\n', "\\n")
+}
+
+async fn shim(addr: SocketAddr, identity: &str, udp: bool) -> Result<ExitCode, Fatal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Handlers first: a supervisor may signal as soon as it reads the `connected` line.
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal(format!("SIGTERM: {e}")))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal(format!("SIGINT: {e}")))?;
+    let client = Client::connect(addr, identity).await?;
+    if udp && let Err(e) = client.bind_udp().await {
+        eprintln!("velium: {e}; continuing over TCP only");
+    }
+    println!("connected as {}", client.identity());
+    loop {
+        let event = tokio::select! {
+            ev = client.next_event() => ev,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        };
+        match event {
+            Some(Event::Command {
+                from,
+                id,
+                text,
+                via,
+            }) => {
+                println!("command from {from} (id {id}): {}", one_line(&text));
+                let answered = match via {
+                    Transport::Udp => client.respond_udp(id, &text).await,
+                    Transport::Tcp => client.respond(id, &text).await,
+                };
+                if let Err(e) = answered {
+                    eprintln!("velium: could not answer command {id}: {e}");
+                }
+            }
+            Some(Event::Echo { from, text, .. }) => {
+                println!("echo from {from}: {}", one_line(&text));
+            }
+            Some(Event::Response(r)) => {
+                println!(
+                    "response from {} (id {}): {}",
+                    r.from,
+                    r.id,
+                    one_line(&r.text)
+                );
+            }
+            Some(Event::Error { message, .. }) => eprintln!("velium: server error: {message}"),
+            Some(Event::Quit {
+                via: Transport::Udp,
+            }) => {
+                eprintln!("velium: the hub dropped the UDP channel; binding again");
+                if let Err(e) = client.bind_udp().await {
+                    eprintln!("velium: {e}; continuing over TCP only");
+                }
+            }
+            Some(Event::Quit {
+                via: Transport::Tcp,
+            }) => {}
+            Some(Event::Closed { reason }) => {
+                eprintln!("velium: {reason}");
+                return Ok(ExitCode::from(1));
+            }
+            None => return Ok(ExitCode::from(1)),
+        }
+    }
+    let _ = client.close().await;
+    Ok(ExitCode::SUCCESS)
+}

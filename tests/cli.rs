@@ -1,0 +1,924 @@
+//! End to end: the `velium` command-line tool and the client library against a real server.
+//!
+//! Every wait is on an event (a line a `velium shim` prints, a process exit, a frame the
+//! client receives, a server log line) with the harness's generous deadline; nothing sleeps.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+use velium_server::client::{Client, ClientError, ClientOptions, Event, Response, Transport};
+use velium_server::frame::Token;
+
+const VELIUM: &str = env!("CARGO_BIN_EXE_velium");
+
+// ---------------------------------------------------------------------------------------
+// Process helpers.
+
+/// What a finished `velium` run left.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `velium --server ADDR ARGS...` to completion (killed and failed at the deadline).
+fn velium(addr: SocketAddr, args: &[&str]) -> Run {
+    let child = Command::new(VELIUM)
+        .arg("--server")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn velium");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for velium"),
+        Err(_) => {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("velium {args:?} did not finish within {DEADLINE:?}");
+        }
+    };
+    let run = Run {
+        code: out.status.code().expect("velium exited by a signal"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "velium {args:?} panicked: {run:?}"
+    );
+    run
+}
+
+/// A running `velium shim`, killed on drop.
+struct ShimProc {
+    /// Taken by `terminate`.
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl ShimProc {
+    /// Starts `velium shim --name NAME EXTRA...` and waits for its `connected as` line.
+    fn start(addr: SocketAddr, name: &str, extra: &[&str]) -> ShimProc {
+        let mut child = Command::new(VELIUM)
+            .args(["--server", &addr.to_string(), "shim", "--name", name])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn velium shim");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err_pipe.read_to_string(&mut s);
+            sink.lock().unwrap().push_str(&s);
+        });
+        let mut shim = ShimProc {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            stderr,
+        };
+        let first = shim.wait_line("connected as");
+        assert_eq!(first, format!("connected as {name}"));
+        shim
+    }
+
+    /// Waits for a stdout line containing `needle` (one not returned before).
+    fn wait_line(&mut self, needle: &str) -> String {
+        if let Some(i) = self.seen.iter().position(|l| l.contains(needle)) {
+            return self.seen.remove(i);
+        }
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "no line with {needle:?}; stdout so far: {:?}; stderr: {:?}",
+                    self.seen,
+                    self.stderr.lock().unwrap()
+                ),
+            }
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    fn terminate(mut self) -> i32 {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id() as i32;
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(DEADLINE) {
+            Ok(status) => status.unwrap().code().expect("exit code"),
+            Err(_) => {
+                // SAFETY: as above (the waiting thread has not reaped it).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("velium shim ignored SIGTERM");
+            }
+        }
+    }
+}
+
+impl Drop for ShimProc {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A server process of the test's own, so that it can be frozen (SIGSTOP) like a hung
+/// host; the harness's `Server` does not expose its process.
+struct Freezable {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Freezable {
+    fn start() -> Freezable {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--io", "uring"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn velium-server");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .expect("read the listening line");
+        let addr = first
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first:?}"));
+        Freezable { child, addr }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Stops the server and returns once every thread of it has stopped (kill(2) returns
+    /// before that, while a thread may still be handling input).
+    fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our own child; WUNTRACED reports the stop without reaping.
+        let pid = unsafe { libc::waitpid(self.child.id() as i32, &mut status, libc::WUNTRACED) };
+        assert_eq!(pid, self.child.id() as i32);
+        assert!(
+            libc::WIFSTOPPED(status),
+            "server not stopped: status {status}"
+        );
+    }
+
+    fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+}
+
+impl Drop for Freezable {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A local port with nothing listening: bound, then released.
+fn dead_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn sorted_lines(s: &str) -> Vec<&str> {
+    let mut v: Vec<&str> = s.lines().collect();
+    v.sort_unstable();
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// The CLI.
+
+#[test]
+fn cli_send_to_two_shims_prints_both_responses() {
+    let srv = Server::start("uring", &[]);
+    let mut one = ShimProc::start(srv.addr, "cli.zone.one", &[]);
+    let mut two = ShimProc::start(srv.addr, "cli.zone.two", &[]);
+    let run = velium(srv.addr, &["send", "cli.zone.*", "/say", "hello", "there"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        sorted_lines(&run.stdout),
+        [
+            "cli.zone.one: /say hello there",
+            "cli.zone.two: /say hello there"
+        ]
+    );
+    assert_eq!(run.stderr, "");
+    for shim in [&mut one, &mut two] {
+        let line = shim.wait_line("/say hello there");
+        assert!(
+            line.starts_with("command from velium.cli.") && line.contains("(id "),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn cli_send_keeps_multiline_responses_and_hyphen_words() {
+    let srv = Server::start("uring", &[]);
+    let mut shim = ShimProc::start(srv.addr, "cli.multi", &[]);
+    let run = velium(
+        srv.addr,
+        &[
+            "send",
+            "--name",
+            "op.one",
+            "cli.multi",
+            "first\nsecond",
+            "-x",
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "cli.multi: first\nsecond -x\n");
+    // The shim shows it on one line, and names the operator identity given.
+    let line = shim.wait_line("command from");
+    assert!(line.starts_with("command from op.one (id "), "{line}");
+    assert!(line.ends_with("): first\\nsecond -x"), "{line}");
+}
+
+#[test]
+fn cli_send_no_match_exits_2_with_one_line() {
+    let srv = Server::start("uring", &[]);
+    let run = velium(srv.addr, &["send", "nobody.home", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert_eq!(run.stderr, "velium: no shim matches nobody.home\n");
+}
+
+#[test]
+fn cli_bad_target_exits_2() {
+    let srv = Server::start("uring", &[]);
+    let run = velium(srv.addr, &["send", "a.>.b", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "velium: bad target a.>.b: '>' must be the last segment\n"
+    );
+}
+
+#[test]
+fn cli_unreachable_server_exits_2() {
+    let addr = dead_addr();
+    for args in [
+        &["send", "a.b", "/sit"][..],
+        &["tell", "a.b", "hi"][..],
+        &["who"][..],
+    ] {
+        let run = velium(addr, args);
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert_eq!(run.stdout, "");
+        assert!(
+            run.stderr
+                .starts_with(&format!("velium: server unreachable at {addr}: ")),
+            "{run:?}"
+        );
+        assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    }
+}
+
+#[test]
+fn cli_send_reports_shims_that_did_not_answer() {
+    let srv = Server::start("uring", &[]);
+    let _talker = ShimProc::start(srv.addr, "cli.t.talker", &[]);
+    // A shim that reads nothing and never answers.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _silent = rt.block_on(quiet_client(srv.addr, "cli.t.silent"));
+    let run = velium(srv.addr, &["send", "--timeout", "0.3", "cli.t.*", "/loc"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stdout, "cli.t.talker: /loc\n");
+    assert_eq!(
+        run.stderr,
+        "velium: 1 of 2 shims did not answer within 300ms\n"
+    );
+}
+
+#[test]
+fn cli_tell_reports_how_many_shims_it_reached() {
+    let srv = Server::start("uring", &[]);
+    let mut a = ShimProc::start(srv.addr, "cli.tell.a", &[]);
+    let mut b = ShimProc::start(srv.addr, "cli.tell.b", &["--no-udp"]);
+    let run = velium(
+        srv.addr,
+        &[
+            "tell",
+            "--name",
+            "op.teller",
+            "cli.tell.>",
+            "restart",
+            "soon",
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "reached 2 shims\n");
+    assert_eq!(
+        a.wait_line("echo from"),
+        "echo from op.teller: restart soon"
+    );
+    assert_eq!(
+        b.wait_line("echo from"),
+        "echo from op.teller: restart soon"
+    );
+
+    let run = velium(srv.addr, &["tell", "CLI.TELL.A", "just", "you"]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "reached 1 shim\n"));
+    assert!(a.wait_line("echo from").ends_with(": just you"));
+}
+
+#[test]
+fn cli_tell_no_match_exits_2() {
+    let srv = Server::start("uring", &[]);
+    let run = velium(srv.addr, &["tell", "nobody.*", "hello"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr, "velium: no shim matches nobody.*\n");
+}
+
+#[test]
+fn cli_who_lists_shims_with_since_and_udp() {
+    let srv = Server::start("uring", &[]);
+    let before = SystemTime::now() - Duration::from_secs(2);
+    let _a = ShimProc::start(srv.addr, "cli.who.alpha", &[]);
+    let _b = ShimProc::start(srv.addr, "cli.who.b", &["--no-udp"]);
+    let after = SystemTime::now() + Duration::from_secs(2);
+
+    let run = velium(srv.addr, &["who"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "its own connection is not listed: {run:?}");
+    let rows: Vec<Vec<&str>> = lines
+        .iter()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0][0], "cli.who.alpha");
+    assert_eq!(rows[0][2], "udp");
+    assert_eq!(rows[1][0], "cli.who.b");
+    assert_eq!(rows[1][2], "-");
+    for r in &rows {
+        let since = humantime::parse_rfc3339(r[1]).expect("RFC 3339 time");
+        assert!(before <= since && since <= after, "{r:?}");
+    }
+    // Columns line up.
+    assert_eq!(lines[0].find("  2"), lines[1].find("  2"), "{lines:?}");
+
+    let run = velium(srv.addr, &["who", "CLI.WHO.B"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 1);
+    assert!(run.stdout.starts_with("cli.who.b  "), "{run:?}");
+}
+
+#[test]
+fn cli_who_without_matches_prints_nothing() {
+    let srv = Server::start("uring", &[]);
+    let run = velium(srv.addr, &["who", "none.*"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert_eq!(run.stderr, "velium: no shim matches none.*\n");
+}
+
+#[test]
+fn cli_help_explains_targets_with_examples() {
+    let addr = dead_addr();
+    let run = velium(addr, &["send", "--help"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    for needle in [
+        "`*` segment",
+        "`>` segment",
+        "+peq.>",
+        "Examples:",
+        "--timeout",
+    ] {
+        assert!(run.stdout.contains(needle), "send --help lacks {needle:?}");
+    }
+    for sub in ["tell", "who", "shim"] {
+        let run = velium(addr, &[sub, "--help"]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains("Examples:"), "{sub} --help: {run:?}");
+    }
+    let run = velium(addr, &["tell", "--help"]);
+    assert!(run.stdout.contains("starts with `+`"), "{run:?}");
+    let run = velium(addr, &["send", "--timeout", "0", "a", "b"]);
+    assert_eq!(run.code, 2, "{run:?}");
+}
+
+#[test]
+fn cli_shim_says_goodbye_on_sigterm() {
+    let srv = Server::start("uring", &[]);
+    let shim = ShimProc::start(srv.addr, "cli.term", &[]);
+    assert_eq!(shim.terminate(), 0);
+    srv.wait_log(&["close", "identity=cli.term", "reason=quit"]);
+}
+
+#[test]
+fn cli_shim_answers_a_udp_command_over_udp() {
+    let srv = Server::start("uring", &[]);
+    let mut shim = ShimProc::start(srv.addr, "cli.udp.shim", &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = quiet_client(srv.addr, "lib.udp.sender").await;
+        c.bind_udp().await.unwrap();
+        let sent = c.command_udp("cli.udp.shim", "by datagram").await.unwrap();
+        assert_eq!(sent.reached, 1);
+        let r = c.next_response(sent.id, DEADLINE).await.unwrap();
+        assert_eq!(
+            r,
+            Response {
+                id: sent.id,
+                from: "cli.udp.shim".into(),
+                text: "by datagram".into(),
+                via: Transport::Udp
+            }
+        );
+    });
+    assert!(
+        shim.wait_line("by datagram")
+            .starts_with("command from lib.udp.sender (id ")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The client library.
+
+/// A client without keep-alive (tests must not depend on background traffic).
+async fn quiet_client(addr: SocketAddr, name: &str) -> Client {
+    let opts = ClientOptions {
+        keepalive: None,
+        ..ClientOptions::default()
+    };
+    Client::connect_with(addr, name, opts)
+        .await
+        .unwrap_or_else(|e| panic!("connect {name}: {e}"))
+}
+
+async fn event(c: &Client) -> Event {
+    tokio::time::timeout(DEADLINE, c.next_event())
+        .await
+        .expect("an event within the deadline")
+        .expect("the connection is open")
+}
+
+#[tokio::test]
+async fn client_connects_with_a_token_and_lists_itself() {
+    let srv = Server::start("uring", &[]);
+    let c = quiet_client(srv.addr, "lib.me").await;
+    assert!(Token::is_frame_safe(&c.token().0));
+    assert_eq!(&*c.identity(), "lib.me");
+    assert_eq!(c.server(), srv.addr);
+    assert!(!c.is_udp_bound());
+
+    let before = SystemTime::now() - Duration::from_secs(2);
+    let who = c.who(Some("lib.me")).await.unwrap();
+    assert_eq!(who.len(), 1);
+    assert_eq!(who[0].identity, "lib.me");
+    assert!(!who[0].udp);
+    assert!(who[0].since >= before && who[0].since <= SystemTime::now() + Duration::from_secs(2));
+
+    c.bind_udp().await.unwrap();
+    assert!(c.is_udp_bound());
+    let who = c.who(None).await.unwrap();
+    assert_eq!(who.len(), 1);
+    assert!(who[0].udp);
+    srv.wait_log(&["bind", "lib.me"]);
+}
+
+#[tokio::test]
+async fn client_command_reaches_targets_and_collects_responses() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.cmd.a").await;
+    let b = quiet_client(srv.addr, "lib.grp.b").await;
+    let c = quiet_client(srv.addr, "lib.grp.c").await;
+
+    let sent = a.command("lib.grp.*", "do\nit").await.unwrap();
+    assert_eq!(sent.reached, 2);
+    for (t, answer) in [(&b, "b did it"), (&c, "c did\nit")] {
+        match event(t).await {
+            Event::Command {
+                from,
+                id,
+                text,
+                via,
+            } => {
+                assert_eq!(
+                    (from.as_str(), id, text.as_str(), via),
+                    ("lib.cmd.a", sent.id, "do\nit", Transport::Tcp)
+                );
+                // An Echo to the sender first: collect_responses must keep it for later.
+                t.echo("lib.cmd.a", "working on it").await.unwrap();
+                t.respond(id, answer).await.unwrap();
+            }
+            other => panic!("expected a command, got {other:?}"),
+        }
+    }
+    let rs = a.collect_responses(sent.id, 2, DEADLINE).await;
+    let got: BTreeSet<(String, String)> = rs
+        .iter()
+        .map(|r| (r.from.clone(), r.text.clone()))
+        .collect();
+    let want: BTreeSet<(String, String)> = [
+        ("lib.grp.b".to_string(), "b did it".to_string()),
+        ("lib.grp.c".to_string(), "c did\nit".to_string()),
+    ]
+    .into();
+    assert_eq!(got, want);
+    assert!(
+        rs.iter()
+            .all(|r| r.id == sent.id && r.via == Transport::Tcp)
+    );
+    // The two Echoes that arrived meanwhile are still there, in order of arrival.
+    for _ in 0..2 {
+        match event(&a).await {
+            Event::Echo { text, via, .. } => {
+                assert_eq!((text.as_str(), via), ("working on it", Transport::Tcp))
+            }
+            other => panic!("expected the stashed echo, got {other:?}"),
+        }
+    }
+    // A second command gets a new id; nothing answers, so collecting stops at the timeout.
+    let again = a.command("lib.grp.b", "again").await.unwrap();
+    assert_ne!(again.id, sent.id);
+    assert!(
+        a.collect_responses(again.id, 1, Duration::from_millis(50))
+            .await
+            .is_empty()
+    );
+    assert!(matches!(
+        a.next_response(again.id, Duration::from_millis(10)).await,
+        Err(ClientError::Timeout(_))
+    ));
+}
+
+#[tokio::test]
+async fn client_echo_leaves_the_sender_out_unless_plus() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.e.a").await;
+    let b = quiet_client(srv.addr, "lib.e.b").await;
+    assert_eq!(a.echo("lib.e.*", "to others").await.unwrap(), 1);
+    assert_eq!(a.echo("+lib.e.*", "to all").await.unwrap(), 2);
+    // `a` never saw the first echo: its first event is its own second one.
+    assert_eq!(
+        event(&a).await,
+        Event::Echo {
+            from: "lib.e.a".into(),
+            text: "to all".into(),
+            via: Transport::Tcp
+        }
+    );
+    for text in ["to others", "to all"] {
+        match event(&b).await {
+            Event::Echo { from, text: t, .. } => {
+                assert_eq!((from.as_str(), t.as_str()), ("lib.e.a", text))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(
+        a.echo("lib.e.a", "only me").await,
+        Err(ClientError::NoMatch { target }) if target == "lib.e.a"
+    ));
+}
+
+#[tokio::test]
+async fn client_reports_refusals_clearly() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.err.a").await;
+    let e = a.command("lib.nobody", "x").await.unwrap_err();
+    assert!(matches!(&e, ClientError::NoMatch { target } if target == "lib.nobody"));
+    assert_eq!(e.to_string(), "no shim matches lib.nobody");
+    let e = a.command("a.>.b", "x").await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "bad target a.>.b: '>' must be the last segment"
+    );
+    let e = a.who(Some(">.x")).await.unwrap_err();
+    assert!(matches!(e, ClientError::Server(m) if m.starts_with("bad pattern")));
+    // Refused locally, before anything is sent (a space would shift words into the text).
+    for bad in ["", "two words", "line\nbreak"] {
+        assert!(matches!(
+            a.command(bad, "x").await,
+            Err(ClientError::Invalid { what: "target", .. })
+        ));
+    }
+    assert!(matches!(
+        a.ping(b"a\nb").await,
+        Err(ClientError::Invalid { .. })
+    ));
+    assert!(matches!(
+        a.rename("has space").await,
+        Err(ClientError::Invalid { .. })
+    ));
+    // The reply queue is still in step after all that.
+    a.ping(b"still fine").await.unwrap();
+    assert!(matches!(
+        a.command_udp("x", "y").await,
+        Err(ClientError::NotBound)
+    ));
+    let e = Client::connect(srv.addr, "bad name").await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::Invalid {
+                what: "identity",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let dead = dead_addr();
+    let e = Client::connect(dead, "lib.x").await.unwrap_err();
+    assert!(matches!(e, ClientError::Unreachable { addr, .. } if addr == dead));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("server unreachable at {dead}: ")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn client_udp_channel_carries_commands_responses_and_echoes() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.u.a").await;
+    let b = quiet_client(srv.addr, "lib.u.b").await;
+    let tcp_only = quiet_client(srv.addr, "lib.u.c").await;
+    a.bind_udp().await.unwrap();
+    b.bind_udp().await.unwrap();
+    a.ping_udp(b"udp ping").await.unwrap();
+
+    let sent = a.command_udp("lib.u.*", "over udp").await.unwrap();
+    assert_eq!(sent.reached, 2);
+    let Event::Command { id, via, .. } = event(&b).await else {
+        panic!("expected a command")
+    };
+    assert_eq!((id, via), (sent.id, Transport::Udp));
+    b.respond_udp(id, "b over udp").await.unwrap();
+    // A target without a UDP channel gets it over TCP; its TCP response reaches the
+    // sender over TCP.
+    let Event::Command { id, via, .. } = event(&tcp_only).await else {
+        panic!("expected a command")
+    };
+    assert_eq!((id, via), (sent.id, Transport::Tcp));
+    tcp_only.respond(id, "c over tcp").await.unwrap();
+    let mut rs = a.collect_responses(sent.id, 2, DEADLINE).await;
+    rs.sort_by(|x, y| x.from.cmp(&y.from));
+    assert_eq!(
+        rs.iter()
+            .map(|r| (r.from.as_str(), r.text.as_str(), r.via))
+            .collect::<Vec<_>>(),
+        [
+            ("lib.u.b", "b over udp", Transport::Udp),
+            ("lib.u.c", "c over tcp", Transport::Tcp)
+        ]
+    );
+
+    assert_eq!(a.echo_udp("lib.u.b", "echo by udp").await.unwrap(), 1);
+    assert_eq!(
+        event(&b).await,
+        Event::Echo {
+            from: "lib.u.a".into(),
+            text: "echo by udp".into(),
+            via: Transport::Udp
+        }
+    );
+    assert!(matches!(
+        a.command_udp("lib.none", "x").await,
+        Err(ClientError::NoMatch { .. })
+    ));
+    // Binding again is harmless.
+    a.bind_udp().await.unwrap();
+    a.ping_udp(b"after rebind").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_concurrent_requests_get_their_own_replies() {
+    let srv = Server::start("uring", &[]);
+    let a = Arc::new(quiet_client(srv.addr, "lib.conc.a").await);
+    let b = quiet_client(srv.addr, "lib.conc.b").await;
+    let tasks: Vec<_> = (0..90)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                match i % 3 {
+                    0 => {
+                        let e = a.command("lib.conc.nobody", "x").await.unwrap_err();
+                        assert!(matches!(e, ClientError::NoMatch { .. }), "{e}");
+                        None
+                    }
+                    1 => {
+                        assert_eq!(a.who(Some("lib.conc.*")).await.unwrap().len(), 2);
+                        None
+                    }
+                    _ => {
+                        let s = a.command("lib.conc.b", &format!("n{i}")).await.unwrap();
+                        assert_eq!(s.reached, 1);
+                        Some((s.id, format!("n{i}")))
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut sent = BTreeSet::new();
+    for t in tasks {
+        if let Some(x) = t.await.unwrap() {
+            sent.insert(x);
+        }
+    }
+    assert_eq!(sent.len(), 30, "every command got a distinct id");
+    let mut got = BTreeSet::new();
+    while got.len() < 30 {
+        match event(&b).await {
+            Event::Command { id, text, .. } => got.insert((id, text)),
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_eq!(got, sent, "each Ack paired with its own command");
+}
+
+#[tokio::test]
+async fn client_rename_moves_routing() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.r.a").await;
+    let b = quiet_client(srv.addr, "lib.r.old").await;
+    b.rename("lib.r.new").await.unwrap();
+    assert_eq!(&*b.identity(), "lib.r.new");
+    // Renames are not answered; the ping proves the server applied it.
+    b.ping(b"sync").await.unwrap();
+    assert!(matches!(
+        a.echo("lib.r.old", "x").await,
+        Err(ClientError::NoMatch { .. })
+    ));
+    assert_eq!(a.echo("lib.r.new", "hi").await.unwrap(), 1);
+    assert!(matches!(event(&b).await, Event::Echo { text, .. } if text == "hi"));
+}
+
+// Multi-threaded so that the keep-alive task keeps running while the test thread blocks
+// on the server log; 20 pings per idle period leave a wide margin on a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_keepalive_outlives_the_idle_timeout() {
+    let srv = Server::start("uring", &["--idle-timeout", "1s"]);
+    let kept = Client::connect_with(
+        srv.addr,
+        "lib.ka.kept",
+        ClientOptions {
+            keepalive: Some(Duration::from_millis(50)),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    kept.bind_udp().await.unwrap();
+    let idle = quiet_client(srv.addr, "lib.ka.idle").await;
+    // The idle client is told Quit, then the connection ends: the timeout has passed.
+    assert_eq!(
+        event(&idle).await,
+        Event::Quit {
+            via: Transport::Tcp
+        }
+    );
+    assert!(matches!(event(&idle).await, Event::Closed { .. }));
+    assert!(idle.next_event().await.is_none());
+    assert!(idle.is_closed());
+    assert!(matches!(
+        idle.echo("x", "y").await,
+        Err(ClientError::Closed)
+    ));
+    // The server shuts the socket before it forgets the shim; its close line comes after.
+    srv.wait_log(&["close", "lib.ka.idle", "reason=idle"]);
+    // Connected before it, the pinging client is still there.
+    let who = kept.who(Some("lib.ka.*")).await.unwrap();
+    assert_eq!(who.len(), 1, "{who:?}");
+    assert_eq!(
+        (who[0].identity.as_str(), who[0].udp),
+        ("lib.ka.kept", true)
+    );
+}
+
+#[tokio::test]
+async fn client_notices_the_server_going_away() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.gone").await;
+    a.bind_udp().await.unwrap();
+    drop(srv);
+    assert!(matches!(event(&a).await, Event::Closed { .. }));
+    assert!(a.next_event().await.is_none());
+    assert!(matches!(
+        a.command("x", "y").await,
+        Err(ClientError::Closed)
+    ));
+    assert!(matches!(a.who(None).await, Err(ClientError::Closed)));
+    assert!(matches!(
+        a.respond_udp(1, "x").await,
+        Err(ClientError::NotBound)
+    ));
+}
+
+#[tokio::test]
+async fn client_close_says_quit() {
+    let srv = Server::start("uring", &[]);
+    let a = quiet_client(srv.addr, "lib.bye").await;
+    let rtt = a.ping(b"hello").await.unwrap();
+    assert!(rtt < DEADLINE);
+    a.close().await.unwrap();
+    srv.wait_log(&["close", "identity=lib.bye", "reason=quit"]);
+}
+
+#[tokio::test]
+async fn client_keepalive_gives_up_on_a_hung_server() {
+    let srv = Freezable::start();
+    let opts = ClientOptions {
+        keepalive: Some(Duration::from_millis(50)),
+        request_timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let c = Client::connect_with(srv.addr, "lib.hung", opts)
+        .await
+        .unwrap();
+    c.ping(b"alive").await.unwrap();
+    srv.freeze();
+    match event(&c).await {
+        Event::Closed { reason } => assert!(reason.starts_with("no Pong within"), "{reason}"),
+        other => panic!("expected the connection to end, got {other:?}"),
+    }
+    assert!(c.is_closed());
+    assert!(matches!(c.ping(b"x").await, Err(ClientError::Closed)));
+}
+
+#[tokio::test]
+async fn client_udp_exchange_recovers_after_a_missing_reply() {
+    let srv = Freezable::start();
+    let opts = ClientOptions {
+        keepalive: None,
+        udp_timeout: Duration::from_millis(200),
+        ..ClientOptions::default()
+    };
+    let a = Client::connect_with(srv.addr, "lib.sync.a", opts)
+        .await
+        .unwrap();
+    let b = quiet_client(srv.addr, "lib.sync.b").await;
+    a.bind_udp().await.unwrap();
+    // Frozen, the server answers nothing: the first exchange times out, and its Ack is
+    // still owed when the server resumes.
+    srv.freeze();
+    assert!(matches!(
+        a.command_udp("lib.sync.b", "first").await,
+        Err(ClientError::Timeout(_))
+    ));
+    srv.thaw();
+    let second = a.command_udp("lib.sync.b", "second").await.unwrap();
+    let mut ids = std::collections::HashMap::new();
+    for _ in 0..2 {
+        match event(&b).await {
+            Event::Command { id, text, .. } => ids.insert(text, id),
+            other => panic!("{other:?}"),
+        };
+    }
+    assert_ne!(ids["first"], ids["second"]);
+    assert_eq!(
+        second.id, ids["second"],
+        "the late Ack for `first` was not taken for the Ack of `second`"
+    );
+}

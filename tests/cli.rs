@@ -162,65 +162,6 @@ impl Drop for ShimProc {
     }
 }
 
-/// A server process of the test's own, so that it can be frozen (SIGSTOP) like a hung
-/// host; the harness's `Server` does not expose its process.
-struct Freezable {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Freezable {
-    fn start() -> Freezable {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
-            .args(["--listen", "127.0.0.1:0", "--cores", "2", "--io", "uring"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn velium-server");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .expect("read the listening line");
-        let addr = first
-            .split_whitespace()
-            .find_map(|w| w.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first:?}"));
-        Freezable { child, addr }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-
-    /// Stops the server and returns once every thread of it has stopped (kill(2) returns
-    /// before that, while a thread may still be handling input).
-    fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
-        let mut status = 0;
-        // SAFETY: waitpid(2) on our own child; WUNTRACED reports the stop without reaping.
-        let pid = unsafe { libc::waitpid(self.child.id() as i32, &mut status, libc::WUNTRACED) };
-        assert_eq!(pid, self.child.id() as i32);
-        assert!(
-            libc::WIFSTOPPED(status),
-            "server not stopped: status {status}"
-        );
-    }
-
-    fn thaw(&self) {
-        self.signal(libc::SIGCONT);
-    }
-}
-
-impl Drop for Freezable {
-    fn drop(&mut self) {
-        self.thaw();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A local port with nothing listening: bound, then released.
 fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -868,7 +809,7 @@ async fn client_close_says_quit() {
 
 #[tokio::test]
 async fn client_keepalive_gives_up_on_a_hung_server() {
-    let srv = Freezable::start();
+    let srv = Server::start("uring", &[]);
     let opts = ClientOptions {
         keepalive: Some(Duration::from_millis(50)),
         request_timeout: Duration::from_millis(300),
@@ -889,7 +830,7 @@ async fn client_keepalive_gives_up_on_a_hung_server() {
 
 #[tokio::test]
 async fn client_udp_exchange_recovers_after_a_missing_reply() {
-    let srv = Freezable::start();
+    let srv = Server::start("uring", &[]);
     let opts = ClientOptions {
         keepalive: None,
         udp_timeout: Duration::from_millis(200),

@@ -83,6 +83,29 @@ impl Server {
         Udp::new(self.addr)
     }
 
+    /// Stops the server (SIGSTOP), like a hung host, and returns once every thread of it
+    /// has stopped (kill(2) returns before that, while a thread may still run).
+    pub fn freeze(&self) {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) and waitpid(2) on our own child; WUNTRACED reports the stop
+        // without reaping it.
+        unsafe {
+            assert_eq!(libc::kill(pid, libc::SIGSTOP), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, libc::WUNTRACED), pid);
+            assert!(
+                libc::WIFSTOPPED(status),
+                "server not stopped: status {status}"
+            );
+        }
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

@@ -1,0 +1,255 @@
+//! Memory benchmarks.
+//!
+//! (a) IDLE: server RSS (VmRSS) before and after N connected idle shims (default 10,000),
+//!     for each velium driver, the floor, nats-server and mosquitto; bytes per idle
+//!     connection. A velium shim here has done its whole handshake (Identify -> Session,
+//!     UDP bind confirmed), so its UDP binding is counted too.
+//! (b) FLEET: F velium shims (default 19,000) connected at once, each with a confirmed UDP
+//!     bind, then every one sends a TCP Ping at once: how many answered, and when.
+//!
+//! Settings (flag or environment): `--n` / `VELIUM_BENCH_N` (10000), `--fleet` /
+//! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100),
+//! `VELIUM_BENCH_ONLY=uring,epoll,floor,nats,mosquitto`.
+
+mod common;
+
+use common::{
+    Conn, Hist, LatRow, QUIET, Server, System, Via, banner, cap_connections, floor, fmt_bytes,
+    part, print_latency_table, ratio, runtime, selected, setting, storm, target,
+};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SYSTEMS: [System; 5] = [
+    System::VeliumUring,
+    System::VeliumEpoll,
+    System::Floor,
+    System::Nats,
+    System::Mosquitto,
+];
+
+/// How long the server may settle before and after the shims connect.
+const SETTLE: Duration = Duration::from_secs(2);
+
+struct MemRow {
+    system: System,
+    before: u64,
+    after: u64,
+    n: usize,
+}
+
+impl MemRow {
+    fn per_conn(&self) -> f64 {
+        (self.after as f64 - self.before as f64) / self.n.max(1) as f64
+    }
+}
+
+fn main() {
+    floor::maybe_run();
+    banner("memory");
+    let c = setting("c", 100).max(1);
+    let n = cap_connections("idle shims", setting("n", 10_000), c + 200);
+    let fleet = cap_connections("fleet", setting("fleet", 19_000), c + 200);
+    let rt = runtime();
+
+    // ----- (a) idle shims -----
+    let do_idle = part("idle");
+    if do_idle {
+        println!("## Server RSS per idle connection: {n} shims connected and idle");
+        println!();
+    }
+    let mut rows = Vec::new();
+    for system in SYSTEMS {
+        if !selected(system) || !do_idle {
+            continue;
+        }
+        let Some(mut server) = Server::start(system, QUIET) else {
+            continue;
+        };
+        std::thread::sleep(SETTLE);
+        let before = server.rss();
+        let r = rt.block_on(storm(system, server.addr, n, c, true, Via::Client));
+        std::thread::sleep(SETTLE);
+        server.assert_running();
+        let after = server.rss();
+        if r.errors > 0 || r.held != n {
+            println!(
+                "> {}: {} of {n} held, {} failed: {}",
+                system.name(),
+                r.held,
+                r.errors,
+                r.first_error
+            );
+        }
+        rows.push(MemRow {
+            system,
+            before,
+            after,
+            n: r.held,
+        });
+        drop(r.conns);
+    }
+    if !rows.is_empty() {
+        println!("| system | idle connections | RSS before | RSS after | per connection | ratio |");
+        println!("|---|---:|---:|---:|---:|---:|");
+        let base = rows.first().map(|r| r.per_conn());
+        for r in &rows {
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                r.system.name(),
+                r.n,
+                fmt_bytes(r.before as f64),
+                fmt_bytes(r.after as f64),
+                fmt_bytes(r.per_conn()),
+                base.map_or("-".into(), |b| ratio(r.per_conn(), b))
+            );
+        }
+        println!();
+        println!(
+            "Ratio: bytes per connection over {}'s. RSS only: kernel socket buffers are not in it.",
+            rows.first().map_or("-", |r| r.system.name())
+        );
+        println!();
+    }
+
+    // ----- (b) fleet -----
+    let do_fleet = part("fleet");
+    if do_fleet {
+        println!("## Fleet: {fleet} velium shims connected at once, every one pinged over TCP");
+        println!();
+    }
+    let mut fleet_rows = Vec::new();
+    let mut fleet_ok = Vec::new();
+    for system in [System::VeliumUring, System::VeliumEpoll] {
+        if !selected(system) || !do_fleet {
+            continue;
+        }
+        let Some(mut server) = Server::start(system, QUIET) else {
+            continue;
+        };
+        let before = server.rss();
+        let r = rt.block_on(storm(system, server.addr, fleet, c, true, Via::Client));
+        let connect_s = r.elapsed.as_secs_f64();
+        let (streams, answered, hist, ping_s) = rt.block_on(ping_all(r.conns));
+        server.assert_running();
+        let after = server.rss();
+        println!(
+            "- {}: {} of {fleet} connected ({} failed{}) in {connect_s:.2} s; {answered} of {} \
+             answered a TCP Ping, all within {ping_s:.2} s; RSS {} -> {} ({} per shim)",
+            system.name(),
+            streams.len(),
+            r.errors,
+            if r.errors > 0 {
+                format!(": {}", r.first_error)
+            } else {
+                String::new()
+            },
+            streams.len(),
+            fmt_bytes(before as f64),
+            fmt_bytes(after as f64),
+            fmt_bytes((after as f64 - before as f64) / streams.len().max(1) as f64),
+        );
+        fleet_ok.push((system, answered, fleet));
+        fleet_rows.push(LatRow {
+            name: system.name().into(),
+            hist,
+            rate: Some(answered as f64 / ping_s),
+            note: String::new(),
+        });
+        drop(streams);
+    }
+    if !fleet_rows.is_empty() {
+        println!();
+        println!(
+            "The fleet connects through `Client::connect`, which cannot choose a source \
+             address: past about 14,000 connections from 127.0.0.1 to one port the kernel's \
+             ephemeral-port search slows every connect (raw connects spread over {} source \
+             addresses do not slow down), so the connect time above is the client's, not \
+             the server's. The ping times are bound by this bench's one thread writing \
+             {fleet} pings and reading {fleet} pongs.",
+            common::SOURCES
+        );
+    }
+    println!();
+    print_latency_table(
+        "Fleet ping: time from the start of the broadcast to each Pong",
+        "pongs/s",
+        &fleet_rows,
+    );
+
+    // ----- targets -----
+    println!("## Targets");
+    println!();
+    if let Some(v) = rows.iter().find(|r| r.system == System::VeliumUring) {
+        target(
+            v.per_conn() <= 4096.0,
+            "at most 4 KiB server RSS per idle shim (velium io_uring)",
+            &fmt_bytes(v.per_conn()),
+        );
+    }
+    if let Some(v) = rows.iter().find(|r| r.system == System::VeliumEpoll) {
+        target(
+            v.per_conn() <= 4096.0,
+            "at most 4 KiB server RSS per idle shim (velium epoll)",
+            &fmt_bytes(v.per_conn()),
+        );
+    }
+    for (system, answered, wanted) in fleet_ok {
+        target(
+            answered >= 19_000 && answered == wanted,
+            &format!(
+                "19,000 shims connected at once, all answering pings ({})",
+                system.name()
+            ),
+            &format!("{answered} of {wanted} answered"),
+        );
+    }
+    println!();
+}
+
+/// Sends a TCP Ping on every connection at once (through the client library for client
+/// sessions), then waits (up to 30 s) for every Pong. Returns the connections (still
+/// open), how many answered, the time from the broadcast start to each Pong, and the time
+/// to the last Pong.
+async fn ping_all(conns: Vec<Conn>) -> (Vec<Conn>, usize, Hist, f64) {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async move {
+            let start = Instant::now();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut tasks = Vec::with_capacity(conns.len());
+            for mut conn in conns {
+                tasks.push(tokio::task::spawn_local(async move {
+                    let answered = tokio::time::timeout_at(deadline, async {
+                        match &mut conn {
+                            Conn::Client(c) => c.ping(b"p").await.is_ok(),
+                            Conn::Raw(s) => {
+                                let mut b = [0u8; 3];
+                                s.write_all(&[0x06, b'p', 0x0A]).await.is_ok()
+                                    && s.read_exact(&mut b).await.is_ok()
+                                    && b == [0x07, b'p', 0x0A]
+                            }
+                        }
+                    })
+                    .await;
+                    let at = matches!(answered, Ok(true)).then(|| start.elapsed());
+                    (conn, at)
+                }));
+            }
+            let mut hist = Hist::default();
+            let mut last = Duration::ZERO;
+            let mut answered = 0;
+            let mut back = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                let (conn, at) = t.await.expect("ping task");
+                if let Some(at) = at {
+                    answered += 1;
+                    hist.record(at);
+                    last = last.max(at);
+                }
+                back.push(conn);
+            }
+            (back, answered, hist, last.as_secs_f64())
+        })
+        .await
+}

@@ -18,9 +18,9 @@
 mod common;
 
 use common::{
-    Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections, connect_from,
-    find_row, floor, part, print_latency_table, ratio, raw_handshake, runtime, selected, setting,
-    source_ip, storm, target, udp_bind_confirm, udp_to,
+    CpuMeter, Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections,
+    connect_from, find_row, floor, part, print_latency_table, ratio, raw_handshake, runtime,
+    selected, setting, source_ip, storm, target, udp_bind_confirm, udp_to,
 };
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -66,11 +66,12 @@ fn main() {
             continue;
         }
         if let Some(server) = Server::start(subject.system, QUIET) {
-            servers.push((subject, server, Hist::default(), Hist::default()));
+            servers.push((subject, server, Hist::default(), Hist::default(), 0.0f64));
         }
     }
     for round in 0..rounds {
-        for (subject, server, tcp, udp) in servers.iter_mut() {
+        for (subject, server, tcp, udp, cpu_secs) in servers.iter_mut() {
+            let cpu = CpuMeter::start(server);
             let (t, u) = rt.block_on(serial(
                 *subject,
                 server.addr,
@@ -78,6 +79,8 @@ fn main() {
                 per_round,
                 round * (per_round + warmup),
             ));
+            // Warm-up included: server CPU per shim over every connection it served.
+            *cpu_secs += cpu.secs().0;
             server.assert_running();
             tcp.merge(&t);
             if let Some(u) = u {
@@ -87,13 +90,22 @@ fn main() {
     }
     let mut tcp_rows = Vec::new();
     let mut udp_rows = Vec::new();
-    for (subject, server, tcp, udp) in servers {
+    for (subject, server, tcp, udp, cpu_secs) in servers {
         drop(server);
+        let shims = (rounds * (per_round + warmup)) as f64;
         tcp_rows.push(LatRow {
             name: subject.name(),
             hist: tcp,
             rate: None,
-            note: String::new(),
+            note: format!(
+                "server CPU {:.1} µs per shim ({})",
+                cpu_secs * 1e6 / shims,
+                if subject.system.is_velium() || subject.system == System::Floor {
+                    "TCP handshake, UDP bind confirmed, close"
+                } else {
+                    "handshake, close"
+                }
+            ),
         });
         if !udp.is_empty() {
             udp_rows.push(LatRow {
@@ -254,6 +266,8 @@ fn run_storms(
         errors: usize,
         first_error: String,
         resends: u32,
+        server_cpu: f64,
+        bench_cpu: f64,
     }
     let mut accs: Vec<Acc> = Vec::new();
     for round in 0..rounds {
@@ -264,7 +278,9 @@ fn run_storms(
             let Some(mut server) = Server::start(subject.system, QUIET) else {
                 continue;
             };
+            let cpu = CpuMeter::start(&server);
             let r = rt.block_on(storm(subject.system, server.addr, n, c, udp, subject.via));
+            let (server_cpu, bench_cpu) = cpu.secs();
             server.assert_running();
             if round == 0 {
                 accs.push(Acc {
@@ -276,6 +292,8 @@ fn run_storms(
                     errors: 0,
                     first_error: String::new(),
                     resends: 0,
+                    server_cpu: 0.0,
+                    bench_cpu: 0.0,
                 });
             }
             let a = accs
@@ -293,6 +311,8 @@ fn run_storms(
                 a.first_error = r.first_error.clone();
             }
             a.resends += r.udp_resends;
+            a.server_cpu += server_cpu;
+            a.bench_cpu += bench_cpu;
             drop(r.conns);
             drop(server);
         }
@@ -301,10 +321,14 @@ fn run_storms(
         .map(|mut a| {
             a.rates.sort_by(f64::total_cmp);
             let median = a.rates[a.rates.len() / 2];
+            let done = (a.held.max(1)) as f64;
             let mut note = format!(
-                "{} of {} held open at the end; rounds {}",
+                "{} of {} held open at the end; CPU per shim: server {:.1} µs, bench {:.1} µs; \
+                 rounds {}",
                 a.held,
                 n * a.rates.len(),
+                a.server_cpu * 1e6 / done,
+                a.bench_cpu * 1e6 / done,
                 a.rates
                     .iter()
                     .map(|r| format!("{r:.0}/s"))

@@ -334,9 +334,7 @@ impl Server {
 
     fn nats() -> Option<Server> {
         let Some(bin) = find_binary("nats-server") else {
-            println!(
-                "> nats-server: not installed, skipped (bash benches/install-peers.sh installs it)"
-            );
+            skipped("nats-server");
             return None;
         };
         let port = free_port();
@@ -360,9 +358,7 @@ impl Server {
 
     fn mosquitto() -> Option<Server> {
         let Some(bin) = find_binary("mosquitto") else {
-            println!(
-                "> mosquitto: not installed, skipped (bash benches/install-peers.sh installs it)"
-            );
+            skipped("mosquitto");
             return None;
         };
         let port = free_port();
@@ -408,6 +404,17 @@ impl Drop for Server {
 pub fn velium_extra_args() -> Vec<String> {
     let v = std::env::var("VELIUM_BENCH_SERVER_ARGS").unwrap_or_default();
     v.split_whitespace().map(String::from).collect()
+}
+
+/// Says once per run that a peer is missing.
+fn skipped(name: &str) {
+    static SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap();
+    if !said.iter().any(|s| s == name) {
+        println!("> {name}: not installed, skipped (bash benches/install-peers.sh installs it)");
+        println!();
+        said.push(name.to_string());
+    }
 }
 
 /// Resident set size of a process in bytes (0 if it cannot be read).
@@ -458,6 +465,14 @@ impl CpuMeter {
             server0: cpu_secs(server.pid()),
             bench0: cpu_secs(std::process::id()),
         }
+    }
+
+    /// (server CPU seconds, bench CPU seconds) since the start.
+    pub fn secs(&self) -> (f64, f64) {
+        (
+            cpu_secs(self.server) - self.server0,
+            cpu_secs(std::process::id()) - self.bench0,
+        )
     }
 
     /// (server cores busy, bench cores busy) since the start.

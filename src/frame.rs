@@ -152,10 +152,18 @@ pub fn unescape_newlines(text: &str) -> String {
 pub struct Token(pub [u8; 16]);
 
 impl Token {
-    /// Draws a fresh token from the operating system's CSPRNG.
+    /// Draws a fresh token: a UUID v4 from the thread's CSPRNG (ChaCha, seeded and
+    /// periodically reseeded from the operating system), which costs no system call per
+    /// handshake.
     pub fn generate() -> Token {
+        use rand::RngCore;
+        let mut rng = rand::rng();
         loop {
-            let bytes = *uuid::Uuid::new_v4().as_bytes();
+            let mut random = [0u8; 16];
+            rng.fill_bytes(&mut random);
+            let bytes = *uuid::Builder::from_random_bytes(random)
+                .into_uuid()
+                .as_bytes();
             if Token::is_frame_safe(&bytes) {
                 return Token(bytes);
             }

@@ -2,8 +2,9 @@
 //! operations that touch more than one shim: registering, renaming, closing, routing
 //! Command / CommandResponse / Echo / Who, and the timers.
 //!
-//! No I/O happens here. Frames for a shim are appended to its [`Outbox`](crate::shim::Outbox),
-//! and datagrams to send are returned in a [`UdpOut`] for the driver to send.
+//! No I/O happens here. Frames for a shim are appended to its [`Outbox`](crate::shim::Outbox)
+//! and the shim is listed in an [`Outgoing`], with the datagrams to send; the driver
+//! flushes and sends them once the batch that produced them is done.
 
 use crate::config::Config;
 use crate::frame::{Opcode, SP, encode, encode_parts};
@@ -27,11 +28,13 @@ pub enum Via {
     Udp(SocketAddr),
 }
 
-/// Datagrams for the driver to send from the listening UDP socket.
+/// What handling a batch of input produced, for the driver to carry out afterwards.
 #[derive(Default, Debug)]
-pub struct UdpOut {
-    /// (destination, one whole frame).
-    pub items: Vec<(SocketAddr, Bytes)>,
+pub struct Outgoing {
+    /// Datagrams to send from the listening UDP socket: (destination, one whole frame).
+    pub datagrams: Vec<(SocketAddr, Bytes)>,
+    /// Shims whose outbox went from empty to not empty: each is flushed once.
+    pub flush: Vec<Arc<Shim>>,
 }
 
 /// What Identify did.
@@ -126,15 +129,18 @@ impl Hub {
             return Identified::Renamed(old);
         }
         shim.set_identity(label.clone());
-        self.table.insert(shim);
-        self.router.insert(&label, shim);
-        shim.mark_identified();
-        Counters::bump(&self.counters().identified);
+        // The Session goes into the outbox before the shim can be found: a frame routed to
+        // it by another core must never reach the client ahead of its Session. (It is
+        // queued on the shim's own outbox, which its connection flushes after each batch.)
         shim.outbox.push(self.config.outbound_limit, &{
             let mut f = Vec::with_capacity(18);
             encode(Opcode::Session, &shim.token.0, &mut f);
             f
         });
+        shim.mark_identified();
+        self.table.insert(shim);
+        self.router.insert(&label, shim);
+        Counters::bump(&self.counters().identified);
         info!(conn = shim.serial, identity = %label, token = %shim.token, "identify");
         Identified::Registered
     }
@@ -196,19 +202,24 @@ impl Hub {
     }
 
     /// Sends one frame to the sender of a request, on the transport it came in on.
-    pub fn reply(&self, to: &Shim, via: Via, frame: &[u8], out: &mut UdpOut) {
+    pub fn reply(&self, to: &Arc<Shim>, via: Via, frame: &[u8], out: &mut Outgoing) {
         match via {
             Via::Tcp => {
-                self.push(to, frame);
+                self.push(to, frame, out);
             }
-            Via::Udp(addr) => out.items.push((addr, Bytes::copy_from_slice(frame))),
+            Via::Udp(addr) => out.datagrams.push((addr, Bytes::copy_from_slice(frame))),
         }
     }
 
-    /// Queues `frame` on `to`'s TCP connection; cuts `to` off if it is a slow consumer.
-    fn push(&self, to: &Shim, frame: &[u8]) -> bool {
+    /// Queues `frame` on `to`'s TCP connection (listing `to` for a flush); cuts `to` off
+    /// if it is a slow consumer.
+    fn push(&self, to: &Arc<Shim>, frame: &[u8], out: &mut Outgoing) -> bool {
         match to.outbox.push(self.config.outbound_limit, frame) {
             Pushed::Queued => true,
+            Pushed::QueuedFirst => {
+                out.flush.push(to.clone());
+                true
+            }
             Pushed::Closed => false,
             Pushed::SlowConsumer => {
                 debug!(conn = to.serial, "outbound limit passed");
@@ -219,18 +230,18 @@ impl Hub {
 
     /// Delivers a routed frame to one target: over its UDP channel when the frame came in
     /// over UDP and the target has one, else over TCP.
-    fn deliver(&self, to: &Shim, via: Via, frame: &Bytes, out: &mut UdpOut) -> bool {
+    fn deliver(&self, to: &Arc<Shim>, via: Via, frame: &Bytes, out: &mut Outgoing) -> bool {
         if let Via::Udp(_) = via
             && let Some(addr) = to.udp_addr()
         {
-            out.items.push((addr, frame.clone()));
+            out.datagrams.push((addr, frame.clone()));
             return true;
         }
-        self.push(to, frame)
+        self.push(to, frame, out)
     }
 
     /// Sends an Error frame back to `to` on the transport its request came in on.
-    pub fn error(&self, to: &Shim, via: Via, msg: &str, out: &mut UdpOut) {
+    pub fn error(&self, to: &Arc<Shim>, via: Via, msg: &str, out: &mut Outgoing) {
         Counters::bump(&self.counters().rejected);
         let mut f = Vec::with_capacity(msg.len() + 2);
         encode(Opcode::Error, msg.as_bytes(), &mut f);
@@ -238,7 +249,7 @@ impl Hub {
     }
 
     /// Routes a Command, Echo, CommandResponse or Who from an identified `sender`.
-    pub fn route(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut UdpOut) {
+    pub fn route(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut Outgoing) {
         match op {
             Opcode::Command | Opcode::Echo => self.fan_out(sender, op, data, via, out),
             Opcode::CommandResponse => self.respond(sender, data, via, out),
@@ -247,7 +258,7 @@ impl Hub {
         }
     }
 
-    fn fan_out(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut UdpOut) {
+    fn fan_out(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut Outgoing) {
         let Some(sp) = data.iter().position(|&b| b == SP) else {
             return self.error(sender, via, "expected: TARGET SP TEXT", out);
         };
@@ -302,7 +313,7 @@ impl Hub {
         self.reply(sender, via, &ack, out);
     }
 
-    fn respond(&self, responder: &Arc<Shim>, data: &[u8], via: Via, out: &mut UdpOut) {
+    fn respond(&self, responder: &Arc<Shim>, data: &[u8], via: Via, out: &mut Outgoing) {
         let (id_txt, text) = match data.iter().position(|&b| b == SP) {
             Some(sp) => (&data[..sp], &data[sp + 1..]),
             None => (data, &b""[..]),
@@ -332,7 +343,7 @@ impl Hub {
         }
     }
 
-    fn who(&self, sender: &Arc<Shim>, data: &[u8], via: Via, out: &mut UdpOut) {
+    fn who(&self, sender: &Arc<Shim>, data: &[u8], via: Via, out: &mut Outgoing) {
         if via != Via::Tcp {
             return self.error(sender, via, "Who is answered over TCP only", out);
         }
@@ -368,8 +379,10 @@ impl Hub {
         // One listing may be larger than the outbound limit in a big fleet; it is allowed
         // once, but a second one queued behind an unread first still cuts the shim off.
         let limit = self.config.outbound_limit.max(listing.len());
-        if sender.outbox.push(limit, &listing) == Pushed::SlowConsumer {
-            debug!(conn = sender.serial, "outbound limit passed");
+        match sender.outbox.push(limit, &listing) {
+            Pushed::SlowConsumer => debug!(conn = sender.serial, "outbound limit passed"),
+            Pushed::QueuedFirst => out.flush.push(sender.clone()),
+            Pushed::Queued | Pushed::Closed => {}
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::codec::{self, CodecError};
 use crate::frame::{Frame, NEWLINE, Opcode, encode};
-use crate::hub::{Hub, Identified, UdpOut, Via, check_identity};
+use crate::hub::{Hub, Identified, Outgoing, Via, check_identity};
 use crate::metrics::Counters;
 use crate::shim::{CloseReason, Shim};
 use std::net::SocketAddr;
@@ -31,8 +31,9 @@ pub struct Connection {
     /// Set when the Session reply was queued, until the driver takes it (for the handshake
     /// latency histogram).
     session_queued: bool,
-    /// Scratch for datagrams a TCP frame never produces (routing API symmetry).
-    udp_out: UdpOut,
+    /// What the frames handled so far produced for other shims: the driver flushes it
+    /// after each batch ([`Connection::outgoing`]).
+    out: Outgoing,
 }
 
 impl Connection {
@@ -42,13 +43,22 @@ impl Connection {
             shim: hub.accept(core, peer, now),
             partial: Vec::new(),
             session_queued: false,
-            udp_out: UdpOut::default(),
+            out: Outgoing::default(),
         }
     }
 
     /// The shim this connection serves.
     pub fn shim(&self) -> &Arc<Shim> {
         &self.shim
+    }
+
+    /// The shims (this one included, when anything was queued for it) whose outboxes the
+    /// driver must flush now that a batch was handled.
+    pub fn outgoing(&mut self) -> &mut Outgoing {
+        if self.shim.outbox.pending() > 0 {
+            self.out.flush.push(self.shim.clone());
+        }
+        &mut self.out
     }
 
     /// True once after the Session reply was queued.
@@ -136,8 +146,11 @@ impl Connection {
             },
             _ if !self.shim.is_identified() => self.error(hub, "identify first"),
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
-                hub.route(&self.shim, op, frame.data, Via::Tcp, &mut self.udp_out);
-                debug_assert!(self.udp_out.items.is_empty());
+                hub.route(&self.shim, op, frame.data, Via::Tcp, &mut self.out);
+                debug_assert!(
+                    self.out.datagrams.is_empty(),
+                    "TCP input is answered over TCP"
+                );
             }
             // A shim may answer a server Ping; nothing to do.
             Opcode::Pong => {}

@@ -2,11 +2,14 @@
 //!
 //! A [`Shim`] is shared (`Arc`) between the connection that owns its socket, the session
 //! table, the router and every core that delivers to it. Everything a shim is sent goes
-//! through its [`Outbox`]: producers on any core append encoded frames, and the
-//! connection's writer takes the whole buffer and writes it with one system call, so many
-//! frames queued during one wakeup leave in one write (as nats-server flushes a client
-//! once per read batch). A shim whose queue passes the outbound limit is cut off at once:
-//! nobody ever waits for a slow consumer.
+//! through its [`Outbox`], as nats-server does it: producers on any core append encoded
+//! frames and note the outbox as "to flush"; when the producer has handled its whole read
+//! batch it flushes each noted outbox once, writing straight to the socket with one
+//! non-blocking send when no write is in flight. Many frames queued during one batch leave
+//! in one system call, and a reply or a delivery to another core's shim costs no thread
+//! wake-up. Only what the socket cannot take at once is left to the connection's writer
+//! task. A shim whose queue passes the outbound limit is cut off at once: nobody ever
+//! waits for a slow consumer.
 
 use crate::frame::Token;
 use parking_lot::{Mutex, RwLock};
@@ -66,6 +69,9 @@ pub enum OutState {
 
 struct OutboxInner {
     buf: Vec<u8>,
+    /// The writer task holds bytes taken from `buf` and is writing them: a direct send
+    /// now would overtake them.
+    writing: bool,
     state: OutState,
     reason: Option<CloseReason>,
     /// The socket, while it is open, so that any core can shut it down at once (a slow
@@ -77,8 +83,11 @@ struct OutboxInner {
 /// What a push did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued for the writer.
+    /// Queued behind bytes already queued: whoever queued those flushes these too.
     Queued,
+    /// Queued into an empty outbox: the caller must see that [`Outbox::flush`] is called
+    /// (once its batch is done).
+    QueuedFirst,
     /// The connection is closing or closed; the frame was dropped.
     Closed,
     /// This push made the queue pass the limit: the shim was cut off.
@@ -96,6 +105,7 @@ impl Default for Outbox {
         Outbox {
             inner: Mutex::new(OutboxInner {
                 buf: Vec::new(),
+                writing: false,
                 state: OutState::Open,
                 reason: None,
                 fd: None,
@@ -106,8 +116,8 @@ impl Default for Outbox {
 }
 
 impl Outbox {
-    /// Appends bytes written by `write` to the queue, waking the writer when the queue was
-    /// empty. `limit` is the outbound limit in bytes.
+    /// Appends bytes written by `write` to the queue; `limit` is the outbound limit in
+    /// bytes. Nothing is sent until [`Outbox::flush`].
     pub fn push_with(&self, limit: usize, write: impl FnOnce(&mut Vec<u8>)) -> Pushed {
         let mut g = self.inner.lock();
         if g.state != OutState::Open {
@@ -122,11 +132,61 @@ impl Outbox {
             self.notify.notify_one();
             return Pushed::SlowConsumer;
         }
-        drop(g);
         if was_empty {
-            self.notify.notify_one();
+            Pushed::QueuedFirst
+        } else {
+            Pushed::Queued
         }
-        Pushed::Queued
+    }
+
+    /// Sends what is queued: straight to the socket with one non-blocking send when the
+    /// writer task is idle, handing whatever the socket cannot take now to the writer.
+    pub fn flush(&self) {
+        let mut g = self.inner.lock();
+        if g.writing || g.buf.is_empty() || g.state == OutState::Kicked {
+            return;
+        }
+        let Some(fd) = g.fd.filter(|_| g.state == OutState::Open) else {
+            // Closing (the writer sends the last frame and shuts down) or not attached.
+            drop(g);
+            self.notify.notify_one();
+            return;
+        };
+        loop {
+            // SAFETY: `fd` is the connection's open socket (see `kick_locked`); the buffer
+            // is valid for `len` bytes. MSG_DONTWAIT makes this one send non-blocking on
+            // any socket; MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    g.buf.as_ptr().cast(),
+                    g.buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                if n == g.buf.len() {
+                    g.buf.clear();
+                    if g.buf.capacity() > 64 * 1024 {
+                        g.buf = Vec::new();
+                    }
+                    return;
+                }
+                g.buf.drain(..n);
+                break; // the socket is full: the writer waits for room
+            }
+            match std::io::Error::last_os_error().kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => break,
+                _ => {
+                    Self::kick_locked(&mut g, CloseReason::IoError);
+                    break;
+                }
+            }
+        }
+        drop(g);
+        self.notify.notify_one();
     }
 
     /// Appends `bytes` to the queue (see [`Outbox::push_with`]).
@@ -188,6 +248,7 @@ impl Outbox {
         debug_assert!(out.is_empty());
         let mut g = self.inner.lock();
         std::mem::swap(&mut g.buf, out);
+        g.writing = !out.is_empty();
         if g.state == OutState::Closing {
             // The final frame is in `out`; after it is written the writer shuts down.
             g.state = OutState::Kicked;
@@ -345,7 +406,7 @@ mod tests {
     #[test]
     fn outbox_coalesces_and_cuts_off_slow_consumers() {
         let o = Outbox::default();
-        assert_eq!(o.push(8, b"abcd"), Pushed::Queued);
+        assert_eq!(o.push(8, b"abcd"), Pushed::QueuedFirst);
         assert_eq!(o.push(8, b"efgh"), Pushed::Queued);
         let mut out = Vec::new();
         assert_eq!(o.take(&mut out), OutState::Open);
@@ -356,6 +417,32 @@ mod tests {
         assert_eq!(o.push(8, b"x"), Pushed::Closed);
         assert_eq!(o.take(&mut out), OutState::Kicked);
         assert!(out.is_empty(), "a cut-off shim's backlog is dropped");
+    }
+
+    #[test]
+    fn flush_sends_straight_to_the_socket_unless_a_write_is_in_flight() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server_side, _) = l.accept().unwrap();
+        let o = Outbox::default();
+        o.attach_fd(server_side.as_raw_fd());
+        o.push(1 << 20, b"one\n");
+        o.push(1 << 20, b"two\n");
+        o.flush();
+        assert_eq!(o.pending(), 0, "both frames left in one send");
+        let mut got = [0u8; 8];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one\ntwo\n");
+        // The writer holds taken bytes: a flush must not overtake them.
+        o.push(1 << 20, b"a\n");
+        let mut taken = Vec::new();
+        o.take(&mut taken);
+        o.push(1 << 20, b"b\n");
+        o.flush();
+        assert_eq!(o.pending(), 2, "left for the writer, behind what it holds");
+        o.detach_fd();
     }
 
     #[test]

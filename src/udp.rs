@@ -8,7 +8,7 @@
 
 use crate::codec::decode_datagram;
 use crate::frame::{Opcode, Token, encode};
-use crate::hub::{Hub, UdpOut, Via};
+use crate::hub::{Hub, Outgoing, Via};
 use crate::metrics::{Counters, Latency};
 use crate::session::QUIT;
 use crate::table::BindOutcome;
@@ -71,7 +71,7 @@ fn answer_quit(
     src: SocketAddr,
     len: usize,
     now: Instant,
-    out: &mut UdpOut,
+    out: &mut Outgoing,
 ) {
     // Never answer with more bytes than arrived.
     if len < QUIT.len() {
@@ -79,7 +79,7 @@ fn answer_quit(
     }
     if lim.allow(src, hub.ms(now)) {
         Counters::bump(&hub.counters().udp_quit_sent);
-        out.items.push((src, Bytes::from_static(&QUIT)));
+        out.datagrams.push((src, Bytes::from_static(&QUIT)));
     } else {
         Counters::bump(&hub.counters().udp_quit_suppressed);
     }
@@ -93,7 +93,7 @@ pub fn on_datagram(
     src: SocketAddr,
     dgram: &[u8],
     now: Instant,
-    out: &mut UdpOut,
+    out: &mut Outgoing,
 ) {
     let frame = match decode_datagram(dgram, hub.config.max_frame) {
         Ok(f) => f,
@@ -144,7 +144,7 @@ pub fn on_datagram(
         Opcode::Ping => {
             let mut f = Vec::with_capacity(frame.data.len() + 2);
             encode(Opcode::Pong, frame.data, &mut f);
-            out.items.push((src, Bytes::from(f)));
+            out.datagrams.push((src, Bytes::from(f)));
         }
         Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
             hub.route(&shim, op, frame.data, Via::Udp(src), out);
@@ -187,7 +187,7 @@ mod tests {
     fn bind_then_ping() {
         let (h, c, mut lim) = setup();
         let src: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        let mut out = UdpOut::default();
+        let mut out = Outgoing::default();
         on_datagram(
             &h,
             0,
@@ -197,23 +197,27 @@ mod tests {
             Instant::now(),
             &mut out,
         );
-        assert!(out.items.is_empty(), "a valid bind gets no reply");
+        assert!(out.datagrams.is_empty(), "a valid bind gets no reply");
         on_datagram(&h, 0, &mut lim, src, b"\x06hey\n", Instant::now(), &mut out);
-        assert_eq!(out.items, vec![(src, Bytes::from_static(b"\x07hey\n"))]);
+        assert_eq!(out.datagrams, vec![(src, Bytes::from_static(b"\x07hey\n"))]);
     }
 
     #[test]
     fn unbound_sources_get_small_rate_limited_quits() {
         let (h, _c, mut lim) = setup();
         let src: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        let mut out = UdpOut::default();
+        let mut out = Outgoing::default();
         let now = Instant::now();
         for _ in 0..10 {
             on_datagram(&h, 0, &mut lim, src, b"\x06x\n", now, &mut out);
         }
-        assert_eq!(out.items.len(), 3, "burst of 3 then nothing");
-        assert!(out.items.iter().all(|(a, b)| *a == src && b[..] == QUIT));
-        out.items.clear();
+        assert_eq!(out.datagrams.len(), 3, "burst of 3 then nothing");
+        assert!(
+            out.datagrams
+                .iter()
+                .all(|(a, b)| *a == src && b[..] == QUIT)
+        );
+        out.datagrams.clear();
         on_datagram(
             &h,
             0,
@@ -224,7 +228,7 @@ mod tests {
             &mut out,
         );
         assert!(
-            out.items.is_empty(),
+            out.datagrams.is_empty(),
             "a 1-byte datagram is not answered with 2 bytes"
         );
         let bogus = bind_frame(&Token([7; 16]));
@@ -237,7 +241,7 @@ mod tests {
             now,
             &mut out,
         );
-        assert_eq!(out.items.len(), 1);
+        assert_eq!(out.datagrams.len(), 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod epoll;
 pub mod uring;
 
 use crate::config::{Config, IoMode};
-use crate::hub::{Hub, UdpOut};
+use crate::hub::{Hub, Outgoing};
 use crate::metrics::Latency;
 use crate::session::{Connection, Flow};
 use crate::shim::{CloseReason, OutState, Shim};
@@ -125,13 +125,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         .conns
         .borrow_mut()
         .insert((shim.clone(), Cell::new(false)));
-    let handshake = Rc::new(Cell::new(None));
-    let writer = tokio::task::spawn_local(write_loop(
-        core.clone(),
-        stream.clone(),
-        shim.clone(),
-        handshake.clone(),
-    ));
+    let writer = tokio::task::spawn_local(write_loop(stream.clone(), shim.clone()));
 
     let mut buf = Vec::with_capacity(READ_SMALL);
     let reason = loop {
@@ -141,8 +135,11 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
             Ok(0) => break CloseReason::Eof,
             Ok(n) => {
                 let flow = conn.on_bytes(&core.hub, &buf[..n], Instant::now());
+                flush(conn.outgoing());
                 if conn.take_session_queued() {
-                    handshake.set(Some(accepted));
+                    let hub = &core.hub;
+                    hub.metrics
+                        .record(core.index, Latency::Handshake, accepted.elapsed());
                 }
                 if let Flow::Close(r) = flow {
                     break r;
@@ -177,12 +174,16 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     shim.outbox.detach_fd();
 }
 
-async fn write_loop<S: Stream>(
-    core: Rc<Core>,
-    stream: Rc<S>,
-    shim: Arc<Shim>,
-    handshake: Rc<Cell<Option<Instant>>>,
-) {
+/// Flushes, once each, the outboxes a batch of input queued frames on.
+fn flush(out: &mut Outgoing) {
+    for shim in out.flush.drain(..) {
+        shim.outbox.flush();
+    }
+}
+
+/// Writes what a flush could not send at once (the socket was full), and the last frame
+/// of a closing connection; then shuts the socket down.
+async fn write_loop<S: Stream>(stream: Rc<S>, shim: Arc<Shim>) {
     let mut buf = Vec::new();
     loop {
         let state = shim.outbox.take(&mut buf);
@@ -194,11 +195,6 @@ async fn write_loop<S: Stream>(
                 shim.outbox.kick(CloseReason::IoError);
                 stream.shutdown();
                 return;
-            }
-            if let Some(t0) = handshake.take() {
-                core.hub
-                    .metrics
-                    .record(core.index, Latency::Handshake, t0.elapsed());
             }
         }
         buf.clear();
@@ -237,7 +233,7 @@ async fn sweep(core: Rc<Core>) {
 
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let mut lim = QuitLimiter::new(core.hub.config.udp_quit_per_sec);
-    let mut out = UdpOut::default();
+    let mut out = Outgoing::default();
     // Datagrams wait here, in order, while a fan-out is being sent: a later reply to the
     // same source must never overtake an earlier one.
     let queue: Rc<RefCell<VecDeque<(SocketAddr, Bytes)>>> = Rc::default();
@@ -258,14 +254,15 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
                     now,
                     &mut out,
                 );
-                if out.items.len() == 1 && !sending.get() {
+                flush(&mut out);
+                if out.datagrams.len() == 1 && !sending.get() {
                     // The common case (a Pong, an Ack): send it now, no queue, no task.
-                    let (to, d) = out.items.pop().expect("one item");
+                    let (to, d) = out.datagrams.pop().expect("one item");
                     if let Err(e) = sock.send_to(d, to).await {
                         debug!(%to, error = %e, "udp send failed");
                     }
-                } else if !out.items.is_empty() {
-                    queue.borrow_mut().extend(out.items.drain(..));
+                } else if !out.datagrams.is_empty() {
+                    queue.borrow_mut().extend(out.datagrams.drain(..));
                     if !sending.replace(true) {
                         tokio::task::spawn_local(drain_udp(
                             sock.clone(),

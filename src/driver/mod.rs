@@ -41,8 +41,29 @@ pub(crate) trait Stream: 'static {
     async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
-    /// The descriptor, for a shutdown from another core.
+    /// The descriptor, for a shutdown or a direct send from another core.
     fn fd(&self) -> RawFd;
+    /// Reads what the socket already holds into the spare capacity of `buf`, without
+    /// waiting: one non-blocking recv(2), `WouldBlock` when nothing has arrived yet.
+    fn try_read_now(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: recv(2) writes at most `spare.len()` bytes into the spare capacity, and
+        // exactly the count it returns are then marked initialised.
+        let n = unsafe {
+            libc::recv(
+                self.fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: see above.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+        Ok(n as usize)
+    }
     /// Shuts both directions down (wakes a pending read with end of file).
     fn shutdown(&self);
 }
@@ -128,9 +149,21 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     let writer = tokio::task::spawn_local(write_loop(stream.clone(), shim.clone()));
 
     let mut buf = Vec::with_capacity(READ_SMALL);
+    // The Identify usually arrives right behind the connect: read it at once if it is
+    // there, which saves the handshake one trip through the driver.
+    let mut ready = match stream.try_read_now(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        res => Some(res),
+    };
     let reason = loop {
-        let (res, b) = stream.read(buf).await;
-        buf = b;
+        let res = match ready.take() {
+            Some(res) => res,
+            None => {
+                let (res, b) = stream.read(buf).await;
+                buf = b;
+                res
+            }
+        };
         match res {
             Ok(0) => break CloseReason::Eof,
             Ok(n) => {

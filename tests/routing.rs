@@ -1,5 +1,5 @@
 //! Routing between shims over real sockets: Command, CommandResponse, Echo, Ack, Who;
-//! target patterns; UDP routing; ordering; slow consumers.
+//! target patterns; UDP routing; ordering; slow consumers; fairness under a flood.
 //!
 //! "Nothing else was delivered" is proved with barriers, never with a wait: frames from one
 //! sender reach one receiver in order, so when a later frame (a marker Echo, or the Pong to
@@ -830,7 +830,69 @@ fn duplicate_identities_both_receive(io: &str) {
     d1.sync(b"d1");
 }
 
+/// A socket reader that throws everything away until the connection ends.
+fn drain(mut s: std::net::TcpStream) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        use std::io::Read;
+        let mut b = vec![0u8; 65536];
+        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+    })
+}
+
+fn a_flooding_shim_does_not_starve_its_core(io: &str) {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let srv = Server::start(io, &[]);
+    let sink = shim(&srv, "flood.sink");
+    let flooder = shim(&srv, "flood.src");
+    let core = core_of(&srv, &flooder);
+    // A victim served by the same core as the flooder.
+    let mut victim = (0..64)
+        .map(|_| srv.tcp())
+        .find(|c| core_of(&srv, c) == core)
+        .expect("a connection on the flooder's core");
+    victim.identify("flood.victim");
+    // The sink reads its deliveries and the flooder its Acks, so neither is cut off.
+    let sink_reader = drain(sink.s.try_clone().unwrap());
+    let ack_reader = drain(flooder.s.try_clone().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started) = mpsc::channel();
+    let flood = {
+        let stop = stop.clone();
+        let mut w = flooder.s.try_clone().unwrap();
+        thread::spawn(move || {
+            let chunk: Vec<u8> = (0..1000)
+                .flat_map(|_| frame(0x08, b"flood.sink 0123456789abcdef"))
+                .collect();
+            let mut chunks = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(&chunk).expect("flood");
+                chunks += 1;
+                if chunks == 1 {
+                    started_tx.send(()).unwrap();
+                }
+            }
+            chunks
+        })
+    };
+    started.recv().unwrap();
+    // Served while the flood goes on: every Ping answered, in order.
+    for i in 0..200 {
+        victim.sync(format!("victim {i}").as_bytes());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let chunks = flood.join().unwrap();
+    assert!(chunks >= 1, "the flood ran while the victim was served");
+    for s in [&sink.s, &flooder.s] {
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    sink_reader.join().unwrap();
+    ack_reader.join().unwrap();
+}
+
 drivers!(
+    a_flooding_shim_does_not_starve_its_core,
     command_reaches_its_target_and_responses_return,
     target_pattern_forms,
     rename_takes_effect_for_routing_at_once,

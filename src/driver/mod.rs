@@ -179,12 +179,19 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
                 }
                 // Grow for a busy connection, shrink back when it goes quiet.
                 let cap = buf.capacity();
-                if n == cap && cap < READ_LARGE {
+                let full = n == cap;
+                if full && cap < READ_LARGE {
                     buf = Vec::with_capacity((cap * 4).min(READ_LARGE));
                 } else if n < READ_SMALL / 2 && cap > READ_SMALL {
                     buf = Vec::with_capacity(READ_SMALL);
                 } else {
                     buf.clear();
+                }
+                if full {
+                    // More is waiting: let every other connection on this core have its
+                    // turn first, so a shim that floods cannot starve them (a read that
+                    // finds data ready may not yield to the scheduler by itself).
+                    tokio::task::yield_now().await;
                 }
             }
             Err(e) => {

@@ -8,7 +8,9 @@
 //!
 //! velium is driven through its client library (`Client::connect`, `Client::bind_udp`),
 //! and once more with raw protocol bytes, the way every other system is driven, so the
-//! client library's own cost shows.
+//! client library's own cost shows. Both take their source address in turn from
+//! 127.0.0.1 .. 127.0.0.`SOURCES` (the client through `ClientOptions::bind_ip`), so
+//! neither runs into one address's ephemeral ports in the storm.
 //!
 //! Settings (flag or environment): `--serial` / `VELIUM_BENCH_SERIAL` (3000 samples),
 //! `--warmup` / `VELIUM_BENCH_WARMUP` (300), `--n` / `VELIUM_BENCH_N` (10000),
@@ -19,12 +21,11 @@ mod common;
 
 use common::{
     CpuMeter, Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections,
-    connect_from, find_row, floor, part, print_latency_table, ratio, raw_handshake, runtime,
-    selected, setting, source_ip, storm, target, udp_bind_confirm, udp_to,
+    client_connect, connect_from, find_row, floor, part, print_latency_table, ratio, raw_handshake,
+    runtime, selected, setting, source_ip, storm, target, udp_bind_confirm, udp_to,
 };
 use std::net::SocketAddr;
 use std::time::Instant;
-use velium_server::client::Client;
 
 /// Every subject, velium io_uring through the client library first (the ratio base).
 const SUBJECTS: [Subject; 7] = [
@@ -389,7 +390,7 @@ async fn serial(
         };
         if client {
             let t0 = Instant::now();
-            let c = Client::connect(addr, &name)
+            let c = client_connect(addr, &name, i)
                 .await
                 .unwrap_or_else(|e| fail("connect", &e));
             tcp.record(t0.elapsed());

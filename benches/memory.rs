@@ -4,8 +4,10 @@
 //!     for each velium driver, the floor, nats-server and mosquitto; bytes per idle
 //!     connection. A velium shim here has done its whole handshake (Identify -> Session,
 //!     UDP bind confirmed), so its UDP binding is counted too.
-//! (b) FLEET: F velium shims (default 19,000) connected at once, each with a confirmed UDP
-//!     bind, then every one sends a TCP Ping at once: how many answered, and when.
+//! (b) FLEET: F velium shims (default 19,000) connected at once through the client library,
+//!     spread over several source addresses (`ClientOptions::bind_ip`), each with a
+//!     confirmed UDP bind, then every one sends a TCP Ping at once: how many answered, and
+//!     when.
 //!
 //! Settings (flag or environment): `--n` / `VELIUM_BENCH_N` (10000), `--fleet` /
 //! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100),
@@ -161,12 +163,12 @@ fn main() {
     if !fleet_rows.is_empty() {
         println!();
         println!(
-            "The fleet connects through `Client::connect`, which cannot choose a source \
-             address: past about 14,000 connections from 127.0.0.1 to one port the kernel's \
-             ephemeral-port search slows every connect (raw connects spread over {} source \
-             addresses do not slow down), so the connect time above is the client's, not \
-             the server's. The ping times are bound by this bench's one thread writing \
-             {fleet} pings and reading {fleet} pongs.",
+            "The fleet connects through `Client::connect_with`, its shims spread over {} \
+             source addresses (`ClientOptions::bind_ip`): past about 14,000 connections from \
+             one address to one port the kernel's ephemeral-port search would slow every \
+             connect. The connect time still includes this bench's one thread running {fleet} \
+             clients. The ping times are bound by that thread writing {fleet} pings and \
+             reading {fleet} pongs.",
             common::SOURCES
         );
     }

@@ -51,6 +51,18 @@
 //! request awaiting its Ack would then wait for ever. An application must therefore keep
 //! reading events (or drop the client) — the server cuts off a slow consumer anyway.
 //!
+//! Receiving is meant to be cheap enough for a load generator: an event costs one
+//! allocation for its text, the sender's identity is shared (an `Arc<str>` reused while
+//! deliveries keep coming from the same sender, as in a fan-out), and the queue is a plain
+//! locked deque, so taking an event that is already there neither awaits a lock nor
+//! registers a waker.
+//!
+//! # Source address
+//!
+//! By default the kernel picks the local address. [`ClientOptions::bind_ip`] picks it
+//! instead, for both sockets: what a load generator or a multi-homed host needs to hold
+//! more connections to one server than one address's ephemeral ports allow (see there).
+//!
 //! # Text
 //!
 //! Frames end at 0x0A, so text on the wire carries 0x0B for a line break. This library
@@ -69,16 +81,18 @@ use crate::frame::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token, encode};
 use crate::hub::check_identity;
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::poll_fn;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{Notify, OnceCell, mpsc, oneshot};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::{Notify, OnceCell, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 
 /// How much the TCP reader asks the kernel for per read.
@@ -88,6 +102,8 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// How long each UDP bind attempt waits for its Pong before sending again (doubling is
 /// cheaper than a fixed wait on a quiet LAN and still patient over a slow link).
 const BIND_WAITS_MS: [u64; 5] = [100, 200, 400, 800, 1600];
+/// Queued events past which the TCP reader yields to other tasks after a read.
+const YIELD_BACKLOG: usize = 64;
 /// Ping data the keep-alive uses.
 const KEEPALIVE_DATA: &[u8] = b"velium-keepalive";
 
@@ -134,8 +150,8 @@ pub struct WhoEntry {
 pub struct Response {
     /// The id of the command answered (see [`Sent::id`]).
     pub id: u64,
-    /// The responder's identity.
-    pub from: String,
+    /// The responder's identity (shared with other events from the same sender).
+    pub from: Arc<str>,
     /// The response text, line breaks as `\n`.
     pub text: String,
     /// The transport it arrived on.
@@ -148,8 +164,8 @@ pub enum Event {
     /// A Command for this client; answer it with [`Client::respond`] (or
     /// [`Client::respond_udp`]) and the same `id`.
     Command {
-        /// The sender's identity.
-        from: String,
+        /// The sender's identity (shared with other events from the same sender).
+        from: Arc<str>,
         /// The command id to answer with.
         id: u64,
         /// The command text, line breaks as `\n`.
@@ -159,8 +175,8 @@ pub enum Event {
     },
     /// An Echo for this client.
     Echo {
-        /// The sender's identity.
-        from: String,
+        /// The sender's identity (shared with other events from the same sender).
+        from: Arc<str>,
         /// The text, line breaks as `\n`.
         text: String,
         /// The transport it arrived on.
@@ -270,6 +286,19 @@ pub struct ClientOptions {
     /// interval, if longer) closes the connection, so a dead hub is noticed. `None` turns
     /// it off (short-lived tools). Default 10 s.
     pub keepalive: Option<Duration>,
+    /// The local address both sockets bind to before connecting (the port is still the
+    /// kernel's choice); `None` lets the kernel pick, which is what a shim wants. It must be
+    /// of the server address's family.
+    ///
+    /// Why: a TCP connection is named by its source and destination address and port, so
+    /// one source address can hold only as many connections to one server as it has
+    /// ephemeral ports (about 28,000 with Linux's default `ip_local_port_range`), and the
+    /// kernel's search for a free port slows down well before that. A load generator, or a
+    /// host with several addresses, spreads its clients over addresses (127.0.0.1,
+    /// 127.0.0.2, ... on loopback) to go past that. The TCP socket sets
+    /// `IP_BIND_ADDRESS_NO_PORT`, so that bind(2) does not reserve a port for every
+    /// destination at once: connect(2) picks one free for this server only. Default `None`.
+    pub bind_ip: Option<IpAddr>,
 }
 
 impl Default for ClientOptions {
@@ -279,6 +308,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             udp_timeout: Duration::from_secs(1),
             keepalive: Some(Duration::from_secs(10)),
+            bind_ip: None,
         }
     }
 }
@@ -286,7 +316,6 @@ impl Default for ClientOptions {
 /// One session with a hub. See the [module documentation](self).
 pub struct Client {
     shared: Arc<Shared>,
-    events: tokio::sync::Mutex<Events>,
     token: Token,
     reader: Option<JoinHandle<()>>,
     keepalive: Option<AbortHandle>,
@@ -310,8 +339,9 @@ impl Client {
         Client::connect_with(addr, identity, ClientOptions::default()).await
     }
 
-    /// Connects with explicit options: TCP connect (with `TCP_NODELAY`, since every frame
-    /// is small and latency-bound), Identify, then waits for the Session frame.
+    /// Connects with explicit options: TCP connect (from [`ClientOptions::bind_ip`] if
+    /// set, with `TCP_NODELAY`, since every frame is small and latency-bound), Identify,
+    /// then waits for the Session frame.
     pub async fn connect_with(
         addr: SocketAddr,
         identity: &str,
@@ -321,20 +351,28 @@ impl Client {
             what: "identity",
             why: why.to_string(),
         })?;
-        let stream =
-            match tokio::time::timeout(options.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => return Err(ClientError::Unreachable { addr, source }),
-                Err(_) => {
-                    return Err(ClientError::Unreachable {
-                        addr,
-                        source: io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no connection within {:?}", options.connect_timeout),
-                        ),
-                    });
-                }
-            };
+        let connect = async {
+            match options.bind_ip {
+                Some(ip) => connect_from(ip, addr).await,
+                None => Ok(TcpStream::connect(addr).await?),
+            }
+        };
+        let stream = match tokio::time::timeout(options.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(Connect::Bind(e))) => return Err(e),
+            Ok(Err(Connect::Io(source))) => {
+                return Err(ClientError::Unreachable { addr, source });
+            }
+            Err(_) => {
+                return Err(ClientError::Unreachable {
+                    addr,
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", options.connect_timeout),
+                    ),
+                });
+            }
+        };
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
         let mut hello = Vec::with_capacity(identity.len() + 2);
@@ -344,7 +382,6 @@ impl Client {
             .await
             .map_err(|_| ClientError::Timeout("the Session reply to Identify"))??;
 
-        let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             addr,
             identity: parking_lot::RwLock::new(Arc::from(identity)),
@@ -355,7 +392,7 @@ impl Client {
             }),
             waiting: parking_lot::Mutex::new(Waiting::default()),
             udp: OnceCell::new(),
-            events: tx,
+            events: Arc::new(EventQueue::default()),
             shutdown: Notify::new(),
             shutdown_reason: parking_lot::Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -369,11 +406,6 @@ impl Client {
             .map(|every| tokio::spawn(keepalive(shared.clone(), every)).abort_handle());
         Ok(Client {
             shared,
-            events: tokio::sync::Mutex::new(Events {
-                rx,
-                stash: VecDeque::new(),
-                done: false,
-            }),
             token,
             reader: Some(reader),
             keepalive,
@@ -602,13 +634,16 @@ impl Client {
         }
     }
 
-    /// The next event, or `None` after [`Event::Closed`] was returned. Events passed over
-    /// by [`Client::next_response`] come first, in their order.
+    /// The next event, or `None` after [`Event::Closed`] was returned. Events are returned
+    /// in arrival order; those [`Client::next_response`] passed over keep their place.
     ///
     /// Cancel-safe: no event is lost if the future is dropped (so it can sit in a
-    /// `select!`). Concurrent callers take turns.
+    /// `select!`). Concurrent callers each get different events.
+    ///
+    /// An event already queued is taken without awaiting anything (one short lock);
+    /// only an empty queue parks the caller until a reader delivers.
     pub async fn next_event(&self) -> Option<Event> {
-        self.events.lock().await.next().await
+        poll_fn(|cx| self.shared.events.poll_next(cx)).await
     }
 
     /// The next response to command `id`, waiting at most `timeout`. Other events that
@@ -617,15 +652,17 @@ impl Client {
     /// Fails with [`ClientError::Timeout`], or [`ClientError::Closed`] once the connection
     /// is over (the [`Event::Closed`] is still delivered by `next_event`).
     pub async fn next_response(&self, id: u64, timeout: Duration) -> Result<Response, ClientError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let fut = async {
-            let mut ev = self.events.lock().await;
-            ev.take_matching(|e| matches!(e, Event::Response(r) if r.id == id))
-                .await
-        };
-        match tokio::time::timeout_at(deadline, fut).await {
+        let mut scanned = 0;
+        let fut = poll_fn(|cx| {
+            self.shared.events.poll_take(
+                cx,
+                &mut scanned,
+                |e| matches!(e, Event::Response(r) if r.id == id),
+            )
+        });
+        match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(Event::Response(r))) => Ok(r),
-            Ok(Ok(_)) => unreachable!("take_matching returns a matching event"),
+            Ok(Ok(_)) => unreachable!("poll_take returns a matching event"),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ClientError::Timeout("a response")),
         }
@@ -849,7 +886,7 @@ struct Shared {
     writer: tokio::sync::Mutex<Writer>,
     waiting: parking_lot::Mutex<Waiting>,
     udp: OnceCell<Arc<UdpShared>>,
-    events: mpsc::UnboundedSender<Event>,
+    events: Arc<EventQueue>,
     /// Wakes the reader to end the connection (keep-alive failure, write error).
     shutdown: Notify,
     shutdown_reason: parking_lot::Mutex<Option<String>>,
@@ -946,8 +983,7 @@ impl Shared {
     }
 
     fn emit(&self, event: Event) {
-        // Nobody reading events any more (client dropped) is not an error.
-        let _ = self.events.send(event);
+        self.events.push(event);
     }
 
     /// Ends the session: fails every waiting request with `Closed`, stops the UDP reader
@@ -966,8 +1002,8 @@ impl Shared {
         self.emit(Event::Closed { reason });
     }
 
-    /// Handles one frame from the TCP connection.
-    async fn on_tcp_frame(&self, op: u8, data: &[u8], who: &mut Vec<WhoEntry>, quit: &mut bool) {
+    /// Handles one frame from the TCP connection; events go to `rs.batch`.
+    async fn on_tcp_frame(&self, op: u8, data: &[u8], rs: &mut ReaderState) {
         let Some(op) = Opcode::from_byte(op) else {
             return;
         };
@@ -977,7 +1013,7 @@ impl Shared {
                     Some((id, count)) => Reply::Ack {
                         id,
                         count,
-                        entries: std::mem::take(who),
+                        entries: std::mem::take(&mut rs.who),
                     },
                     None => Reply::Malformed(format!("bad Ack {:?}", lossy(data))),
                 };
@@ -986,13 +1022,13 @@ impl Shared {
                 }
             }
             Opcode::Error => {
-                who.clear();
+                rs.who.clear();
                 let message = wire_text(data);
                 match self.waiting.lock().replies.pop_front() {
                     Some(w) => {
                         let _ = w.send(Reply::Error(message));
                     }
-                    None => self.emit(Event::Error {
+                    None => rs.batch.push(Event::Error {
                         message,
                         via: Transport::Tcp,
                     }),
@@ -1000,34 +1036,99 @@ impl Shared {
             }
             Opcode::WhoEntry => {
                 if let Some(e) = parse_who_entry(data) {
-                    who.push(e);
+                    rs.who.push(e);
                 }
             }
             Opcode::Pong => {
                 resolve_pong(&mut self.waiting.lock().pongs, data, Instant::now());
             }
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse => {
-                match parse_delivery(op, data, Transport::Tcp) {
-                    Some(ev) => self.emit(ev),
-                    None => self.emit(Event::Error {
+                match parse_delivery(op, data, Transport::Tcp, &mut rs.senders) {
+                    Some(ev) => rs.batch.push(ev),
+                    None => rs.batch.push(Event::Error {
                         message: format!("malformed {} frame from the server", op.name()),
                         via: Transport::Tcp,
                     }),
                 }
             }
             Opcode::Quit => {
-                *quit = true;
-                self.emit(Event::Quit {
+                rs.quit = true;
+                rs.batch.push(Event::Quit {
                     via: Transport::Tcp,
                 });
             }
             Opcode::Ping => {
+                // The Pong may wait for the writer: deliver what came before first.
+                self.events.push_all(&mut rs.batch);
                 let _ = self
                     .send_tcp(None, None, |b| encode(Opcode::Pong, data, b))
                     .await;
             }
             Opcode::None | Opcode::Identify | Opcode::Session | Opcode::Who => {}
         }
+    }
+}
+
+/// Why a connect from a chosen address failed.
+enum Connect {
+    /// The address is unusable (wrong family, not local): the caller's mistake.
+    Bind(ClientError),
+    /// The connect itself failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for Connect {
+    fn from(e: io::Error) -> Connect {
+        Connect::Io(e)
+    }
+}
+
+/// Connects to `addr` from `ip` (see [`ClientOptions::bind_ip`]).
+async fn connect_from(ip: IpAddr, addr: SocketAddr) -> Result<TcpStream, Connect> {
+    let invalid = |why: String| {
+        Connect::Bind(ClientError::Invalid {
+            what: "bind_ip",
+            why,
+        })
+    };
+    if ip.is_ipv4() != addr.is_ipv4() {
+        return Err(invalid(format!(
+            "{ip} is not of the same address family as the server {addr}"
+        )));
+    }
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Without it, bind(2) reserves a port that is free towards every destination, and an
+    // address runs out of ports for all servers together. A kernel without the option
+    // (before 4.2) still works, with that limit.
+    let _ = set_bind_address_no_port(&sock);
+    sock.bind(SocketAddr::new(ip, 0))
+        .map_err(|e| invalid(format!("cannot bind to {ip}: {e}")))?;
+    Ok(sock.connect(addr).await?)
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux; it applies to IPv6 sockets too).
+fn set_bind_address_no_port(sock: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt(2) on a socket this function borrows, with a pointer to an int
+    // that outlives the call and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -1066,14 +1167,13 @@ async fn read_session(rd: &mut OwnedReadHalf) -> Result<(Token, Vec<u8>), Client
 
 /// The TCP reader task: demultiplexes replies to waiters and deliveries to events.
 async fn tcp_reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>) {
-    let mut who = Vec::new();
-    let mut quit = false;
+    let mut rs = ReaderState::default();
     let reason = 'conn: loop {
         let mut start = 0;
         loop {
             match codec::decode(&buf[start..], MAX_FRAME) {
                 Ok(Some((f, n))) => {
-                    shared.on_tcp_frame(f.op, f.data, &mut who, &mut quit).await;
+                    shared.on_tcp_frame(f.op, f.data, &mut rs).await;
                     start += n;
                 }
                 Ok(None) => break,
@@ -1081,12 +1181,19 @@ async fn tcp_reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>
             }
         }
         buf.drain(..start);
+        shared.events.push_all(&mut rs.batch);
+        // Events piling up: let the consumer run before reading more (never waiting for
+        // it, see the module documentation), so the queue stays short and in cache
+        // instead of growing by a whole task budget of reads at a time.
+        if shared.events.len() >= YIELD_BACKLOG {
+            tokio::task::yield_now().await;
+        }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
-                Ok(0) if quit => break "the server sent Quit and closed the connection".into(),
+                Ok(0) if rs.quit => break "the server sent Quit and closed the connection".into(),
                 Ok(0) => break ClientError::Closed.to_string(),
                 Ok(_) => {}
                 Err(e) => break format!("read failed: {e}"),
@@ -1100,6 +1207,7 @@ async fn tcp_reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>
             }
         }
     };
+    shared.events.push_all(&mut rs.batch);
     shared.finish(reason);
 }
 
@@ -1218,6 +1326,10 @@ async fn open_udp(shared: &Arc<Shared>) -> Result<Arc<UdpShared>, ClientError> {
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    let local = match shared.options.bind_ip {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => local,
+    };
     let sock = UdpSocket::bind(local).await?;
     sock.connect(shared.addr).await?;
     let udp = Arc::new(UdpShared {
@@ -1236,8 +1348,9 @@ async fn open_udp(shared: &Arc<Shared>) -> Result<Arc<UdpShared>, ClientError> {
 }
 
 /// The UDP reader task.
-async fn udp_reader(udp: Arc<UdpShared>, events: mpsc::UnboundedSender<Event>) {
+async fn udp_reader(udp: Arc<UdpShared>, events: Arc<EventQueue>) {
     let mut buf = vec![0u8; 65_536];
+    let mut senders = SenderCache::default();
     loop {
         let n = match udp.sock.recv(&mut buf).await {
             Ok(n) => n,
@@ -1245,7 +1358,7 @@ async fn udp_reader(udp: Arc<UdpShared>, events: mpsc::UnboundedSender<Event>) {
             // restarting. Replies simply do not come; the waits time out.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
             Err(e) => {
-                let _ = events.send(Event::Error {
+                events.push(Event::Error {
                     message: format!("UDP receive failed: {e}"),
                     via: Transport::Udp,
                 });
@@ -1278,12 +1391,10 @@ async fn udp_reader(udp: Arc<UdpShared>, events: mpsc::UnboundedSender<Event>) {
                     Some(w) => {
                         let _ = w.send(Reply::Error(message));
                     }
-                    None => {
-                        let _ = events.send(Event::Error {
-                            message,
-                            via: Transport::Udp,
-                        });
-                    }
+                    None => events.push(Event::Error {
+                        message,
+                        via: Transport::Udp,
+                    }),
                 }
             }
             Opcode::Pong => {
@@ -1298,14 +1409,14 @@ async fn udp_reader(udp: Arc<UdpShared>, events: mpsc::UnboundedSender<Event>) {
                 // The server no longer knows this channel: report that once, and let UDP
                 // methods say NotBound until bind_udp succeeds again.
                 if udp.bound.swap(false, Ordering::Relaxed) {
-                    let _ = events.send(Event::Quit {
+                    events.push(Event::Quit {
                         via: Transport::Udp,
                     });
                 }
             }
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse => {
-                if let Some(ev) = parse_delivery(op, f.data, Transport::Udp) {
-                    let _ = events.send(ev);
+                if let Some(ev) = parse_delivery(op, f.data, Transport::Udp, &mut senders) {
+                    events.push(ev);
                 }
             }
             Opcode::Ping => {
@@ -1319,57 +1430,168 @@ async fn udp_reader(udp: Arc<UdpShared>, events: mpsc::UnboundedSender<Event>) {
 // ---------------------------------------------------------------------------------------
 // Events.
 
-struct Events {
-    rx: mpsc::UnboundedReceiver<Event>,
-    /// Events passed over while waiting for a particular one.
-    stash: VecDeque<Event>,
-    /// `Closed` was returned: nothing follows.
-    done: bool,
+/// The events of one client: filled by its readers, emptied by [`Client::next_event`] and
+/// [`Client::next_response`].
+///
+/// A deque under a short synchronous lock rather than a channel behind an async mutex:
+/// taking an event that is already queued costs one uncontended lock, no await and no
+/// waker, and `next_response` can take a matching event out of the middle without moving
+/// the others to a side queue. Every taker that found nothing registers its waker; a push
+/// wakes them all (there is normally one), and each looks again.
+#[derive(Default)]
+struct EventQueue {
+    inner: parking_lot::Mutex<Queue>,
 }
 
-impl Events {
-    async fn next(&mut self) -> Option<Event> {
-        let ev = match self.stash.pop_front() {
-            Some(e) => e,
-            None if self.done => return None,
-            None => match self.rx.recv().await {
-                Some(e) => e,
-                None => {
-                    self.done = true;
-                    return None;
-                }
-            },
-        };
-        if matches!(ev, Event::Closed { .. }) {
-            self.done = true;
-            self.stash.clear();
-        }
-        Some(ev)
+#[derive(Default)]
+struct Queue {
+    /// Events not taken yet, in arrival order, each with its arrival number (ascending,
+    /// so a taker can resume a scan where it stopped).
+    items: VecDeque<(u64, Event)>,
+    /// The arrival number of the next event.
+    next_seq: u64,
+    /// `Closed` was queued: it stays last, anything later is dropped.
+    closed: bool,
+    /// `Closed` was taken: nothing follows.
+    done: bool,
+    /// Takers waiting for the next push. A taker that gave up (a dropped future) leaves its
+    /// waker until then: it is woken once for nothing.
+    wakers: Vec<Waker>,
+}
+
+impl EventQueue {
+    /// Queues an event and wakes the takers. Nobody reading any more (the client was
+    /// dropped) is not an error: the events go when the readers end.
+    fn push(&self, event: Event) {
+        self.push_with(|q| q.add(event));
     }
 
-    /// The first event (stashed or new) that `want` accepts; others are stashed. Fails
-    /// with `Closed` once the connection's end is in sight. Cancel-safe.
-    async fn take_matching(&mut self, want: impl Fn(&Event) -> bool) -> Result<Event, ClientError> {
-        if let Some(i) = self.stash.iter().position(&want) {
-            return Ok(self.stash.remove(i).expect("index from position"));
+    /// Queues every event of `batch` (left empty, its allocation kept), in order.
+    fn push_all(&self, batch: &mut Vec<Event>) {
+        if !batch.is_empty() {
+            self.push_with(|q| batch.drain(..).for_each(|e| q.add(e)));
         }
-        if self.done || self.stash.iter().any(|e| matches!(e, Event::Closed { .. })) {
-            return Err(ClientError::Closed);
-        }
-        loop {
-            match self.rx.recv().await {
-                Some(e) if want(&e) => return Ok(e),
-                Some(e) => {
-                    let closed = matches!(e, Event::Closed { .. });
-                    self.stash.push_back(e);
-                    if closed {
-                        return Err(ClientError::Closed);
-                    }
-                }
-                None => return Err(ClientError::Closed),
+    }
+
+    fn push_with(&self, add: impl FnOnce(&mut Queue)) {
+        let mut q = self.inner.lock();
+        add(&mut q);
+        match q.wakers.len() {
+            0 => {}
+            // The usual case: keep the vector's allocation, wake outside the lock.
+            1 => {
+                let w = q.wakers.pop().expect("one waker");
+                drop(q);
+                w.wake();
+            }
+            _ => {
+                let ws = std::mem::take(&mut q.wakers);
+                drop(q);
+                ws.into_iter().for_each(Waker::wake);
             }
         }
     }
+
+    /// How many events wait to be taken.
+    fn len(&self) -> usize {
+        self.inner.lock().items.len()
+    }
+
+    /// The next event; `None` once `Closed` was taken.
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        // Count against the task's budget, as a tokio channel would, so that a consumer
+        // fed by another thread still yields now and then.
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let mut q = self.inner.lock();
+        if let Some((_, event)) = q.items.pop_front() {
+            if matches!(event, Event::Closed { .. }) {
+                q.done = true;
+            }
+            coop.made_progress();
+            return Poll::Ready(Some(event));
+        }
+        if q.done {
+            return Poll::Ready(None);
+        }
+        q.register(cx.waker());
+        Poll::Pending
+    }
+
+    /// The first queued event `want` accepts, leaving the others in place; fails with
+    /// `Closed` once the connection's end is queued and nothing before it matched.
+    /// `scanned` (start at 0) carries over between polls the arrival number up to which
+    /// the queue was searched, so each event is looked at once per call.
+    fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        scanned: &mut u64,
+        want: impl Fn(&Event) -> bool,
+    ) -> Poll<Result<Event, ClientError>> {
+        let coop = ready!(tokio::task::coop::poll_proceed(cx));
+        let mut q = self.inner.lock();
+        let from = q.items.partition_point(|(seq, _)| *seq < *scanned);
+        if let Some(i) = q.items.range(from..).position(|(_, e)| want(e)) {
+            let (_, event) = q.items.remove(from + i).expect("index from position");
+            coop.made_progress();
+            return Poll::Ready(Ok(event));
+        }
+        if q.closed {
+            return Poll::Ready(Err(ClientError::Closed));
+        }
+        *scanned = q.next_seq;
+        q.register(cx.waker());
+        Poll::Pending
+    }
+}
+
+impl Queue {
+    fn add(&mut self, event: Event) {
+        if self.closed {
+            return;
+        }
+        self.closed = matches!(event, Event::Closed { .. });
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.items.push_back((seq, event));
+    }
+
+    fn register(&mut self, waker: &Waker) {
+        if !self.wakers.iter().any(|w| w.will_wake(waker)) {
+            self.wakers.push(waker.clone());
+        }
+    }
+}
+
+/// The identity of the last sender a reader saw, so that deliveries from one sender in a
+/// row (a fan-out, a busy peer, a stream of responses) share one `Arc<str>` instead of
+/// allocating a string each.
+#[derive(Default)]
+struct SenderCache(Option<Arc<str>>);
+
+impl SenderCache {
+    fn get(&mut self, raw: &[u8]) -> Arc<str> {
+        match &self.0 {
+            // Equal bytes are valid UTF-8 and so convert to the same text.
+            Some(s) if s.as_bytes() == raw => s.clone(),
+            _ => {
+                let s: Arc<str> = Arc::from(String::from_utf8_lossy(raw));
+                self.0 = Some(s.clone());
+                s
+            }
+        }
+    }
+}
+
+/// What the TCP reader carries from one frame to the next.
+#[derive(Default)]
+struct ReaderState {
+    /// WhoEntry frames waiting for the Ack that ends the listing.
+    who: Vec<WhoEntry>,
+    /// The server sent Quit.
+    quit: bool,
+    senders: SenderCache,
+    /// Events from the frames of one read, queued together (one lock, one wake-up).
+    batch: Vec<Event>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1421,12 +1643,12 @@ fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// Text from the wire: 0x0B becomes `\n`, invalid UTF-8 is replaced (one allocation when
-/// the text is valid, which is the norm).
+/// Text from the wire: 0x0B becomes `\n`, invalid UTF-8 is replaced (one allocation and
+/// one copy when the text is valid, which is the norm).
 fn wire_text(data: &[u8]) -> String {
     let mut v = data.to_vec();
-    for b in v.iter_mut().filter(|b| **b == ALT_NEWLINE) {
-        *b = NEWLINE;
+    for i in memchr::memchr_iter(ALT_NEWLINE, data) {
+        v[i] = NEWLINE;
     }
     // 0x0A and 0x0B are both ASCII, so the swap cannot break a UTF-8 sequence.
     String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
@@ -1476,15 +1698,20 @@ fn parse_who_entry(data: &[u8]) -> Option<WhoEntry> {
 }
 
 /// A delivered Command (`FROM SP ID SP TEXT`), Echo (`FROM SP TEXT`) or CommandResponse
-/// (`ID SP FROM SP TEXT`).
-fn parse_delivery(op: Opcode, data: &[u8], via: Transport) -> Option<Event> {
+/// (`ID SP FROM SP TEXT`); the sender's identity comes from (and updates) `senders`.
+fn parse_delivery(
+    op: Opcode,
+    data: &[u8],
+    via: Transport,
+    senders: &mut SenderCache,
+) -> Option<Event> {
     match op {
         Opcode::Command => {
             let (from, rest) = split_sp(data)?;
             let (id, text) = split_sp(rest)?;
             Some(Event::Command {
-                from: lossy(from),
                 id: parse_u64(id)?,
+                from: senders.get(from),
                 text: wire_text(text),
                 via,
             })
@@ -1492,7 +1719,7 @@ fn parse_delivery(op: Opcode, data: &[u8], via: Transport) -> Option<Event> {
         Opcode::Echo => {
             let (from, text) = split_sp(data)?;
             Some(Event::Echo {
-                from: lossy(from),
+                from: senders.get(from),
                 text: wire_text(text),
                 via,
             })
@@ -1502,7 +1729,7 @@ fn parse_delivery(op: Opcode, data: &[u8], via: Transport) -> Option<Event> {
             let (from, text) = split_sp(rest)?;
             Some(Event::Response(Response {
                 id: parse_u64(id)?,
-                from: lossy(from),
+                from: senders.get(from),
                 text: wire_text(text),
                 via,
             }))
@@ -1596,7 +1823,8 @@ mod tests {
             parse_delivery(
                 Opcode::Command,
                 b"peq.a.bob 77 /sit now\x0bplease",
-                Transport::Tcp
+                Transport::Tcp,
+                &mut SenderCache::default()
             ),
             Some(Event::Command {
                 from: "peq.a.bob".into(),
@@ -1606,7 +1834,12 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_delivery(Opcode::Echo, b"a hello world", Transport::Udp),
+            parse_delivery(
+                Opcode::Echo,
+                b"a hello world",
+                Transport::Udp,
+                &mut SenderCache::default()
+            ),
             Some(Event::Echo {
                 from: "a".into(),
                 text: "hello world".into(),
@@ -1614,7 +1847,12 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_delivery(Opcode::CommandResponse, b"9 b ", Transport::Tcp),
+            parse_delivery(
+                Opcode::CommandResponse,
+                b"9 b ",
+                Transport::Tcp,
+                &mut SenderCache::default()
+            ),
             Some(Event::Response(Response {
                 id: 9,
                 from: "b".into(),
@@ -1623,14 +1861,169 @@ mod tests {
             }))
         );
         assert_eq!(
-            parse_delivery(Opcode::Command, b"a notanid x", Transport::Tcp),
+            parse_delivery(
+                Opcode::Command,
+                b"a notanid x",
+                Transport::Tcp,
+                &mut SenderCache::default()
+            ),
             None
         );
         assert_eq!(
-            parse_delivery(Opcode::Echo, b"nospace", Transport::Tcp),
+            parse_delivery(
+                Opcode::Echo,
+                b"nospace",
+                Transport::Tcp,
+                &mut SenderCache::default()
+            ),
             None
         );
-        assert_eq!(parse_delivery(Opcode::Ping, b"a b", Transport::Tcp), None);
+        assert_eq!(
+            parse_delivery(
+                Opcode::Ping,
+                b"a b",
+                Transport::Tcp,
+                &mut SenderCache::default()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn senders_in_a_row_share_one_identity() {
+        let mut cache = SenderCache::default();
+        let from = |e: Option<Event>| match e {
+            Some(Event::Echo { from, .. } | Event::Command { from, .. }) => from,
+            Some(Event::Response(r)) => r.from,
+            other => panic!("not a delivery: {other:?}"),
+        };
+        let a1 = from(parse_delivery(
+            Opcode::Echo,
+            b"a x",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        let a2 = from(parse_delivery(
+            Opcode::Command,
+            b"a 1 y",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        assert!(Arc::ptr_eq(&a1, &a2));
+        let b = from(parse_delivery(
+            Opcode::CommandResponse,
+            b"1 b z",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        assert_eq!(&*b, "b");
+        let a3 = from(parse_delivery(
+            Opcode::Echo,
+            b"a x",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        assert_eq!(&*a3, "a");
+        assert!(!Arc::ptr_eq(&a1, &a3), "only the last sender is kept");
+        // Invalid UTF-8 is replaced, and never taken for a cached identity.
+        let bad = from(parse_delivery(
+            Opcode::Echo,
+            b"\xff x",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        assert_eq!(&*bad, "\u{FFFD}");
+        let bad2 = from(parse_delivery(
+            Opcode::Echo,
+            b"\xff x",
+            Transport::Tcp,
+            &mut cache,
+        ));
+        assert_eq!(bad, bad2);
+    }
+
+    fn echo(text: &str) -> Event {
+        Event::Echo {
+            from: "s".into(),
+            text: text.into(),
+            via: Transport::Tcp,
+        }
+    }
+
+    fn response(id: u64) -> Event {
+        Event::Response(Response {
+            id,
+            from: "r".into(),
+            text: String::new(),
+            via: Transport::Tcp,
+        })
+    }
+
+    #[tokio::test]
+    async fn event_queue_takes_in_order_and_by_match() {
+        let q = EventQueue::default();
+        let next = || poll_fn(|cx| q.poll_next(cx));
+        let take = |id: u64| {
+            let mut scanned = 0;
+            let q = &q;
+            async move {
+                poll_fn(|cx| {
+                    q.poll_take(
+                        cx,
+                        &mut scanned,
+                        |e| matches!(e, Event::Response(r) if r.id == id),
+                    )
+                })
+                .await
+            }
+        };
+        q.push(echo("1"));
+        q.push(response(7));
+        q.push(echo("2"));
+        // A match is taken out of the middle; the others keep their order.
+        assert_eq!(take(7).await.unwrap(), response(7));
+        assert_eq!(next().await, Some(echo("1")));
+        // Nothing matches yet: waits, then takes the match pushed later.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), take(8)).await;
+        assert!(waiting.is_err());
+        q.push(response(8));
+        assert_eq!(take(8).await.unwrap(), response(8));
+        assert_eq!(next().await, Some(echo("2")));
+        // Closed ends both: a taker fails, and next_event sees Closed then None.
+        q.push(Event::Closed {
+            reason: "bye".into(),
+        });
+        q.push(echo("after the end"));
+        assert!(matches!(take(9).await, Err(ClientError::Closed)));
+        assert!(matches!(next().await, Some(Event::Closed { .. })));
+        assert_eq!(next().await, None);
+        assert_eq!(next().await, None);
+    }
+
+    #[tokio::test]
+    async fn event_queue_wakes_every_waiting_taker() {
+        let q = Arc::new(EventQueue::default());
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let q = q.clone();
+            tasks.push(tokio::spawn(
+                async move { poll_fn(|cx| q.poll_next(cx)).await },
+            ));
+        }
+        tokio::task::yield_now().await;
+        for i in 0..3 {
+            q.push(echo(&i.to_string()));
+            tokio::task::yield_now().await;
+        }
+        let mut got = Vec::new();
+        for t in tasks {
+            match tokio::time::timeout(Duration::from_secs(5), t).await {
+                Ok(Ok(Some(Event::Echo { text, .. }))) => got.push(text),
+                other => panic!("a taker got {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, ["0", "1", "2"]);
     }
 
     #[test]

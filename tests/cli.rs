@@ -485,7 +485,7 @@ async fn client_command_reaches_targets_and_collects_responses() {
                 via,
             } => {
                 assert_eq!(
-                    (from.as_str(), id, text.as_str(), via),
+                    (&*from, id, text.as_str(), via),
                     ("lib.cmd.a", sent.id, "do\nit", Transport::Tcp)
                 );
                 // An Echo to the sender first: collect_responses must keep it for later.
@@ -498,7 +498,7 @@ async fn client_command_reaches_targets_and_collects_responses() {
     let rs = a.collect_responses(sent.id, 2, DEADLINE).await;
     let got: BTreeSet<(String, String)> = rs
         .iter()
-        .map(|r| (r.from.clone(), r.text.clone()))
+        .map(|r| (r.from.to_string(), r.text.clone()))
         .collect();
     let want: BTreeSet<(String, String)> = [
         ("lib.grp.b".to_string(), "b did it".to_string()),
@@ -552,7 +552,7 @@ async fn client_echo_leaves_the_sender_out_unless_plus() {
     for text in ["to others", "to all"] {
         match event(&b).await {
             Event::Echo { from, text: t, .. } => {
-                assert_eq!((from.as_str(), t.as_str()), ("lib.e.a", text))
+                assert_eq!((&*from, t.as_str()), ("lib.e.a", text))
             }
             other => panic!("{other:?}"),
         }
@@ -648,7 +648,7 @@ async fn client_udp_channel_carries_commands_responses_and_echoes() {
     rs.sort_by(|x, y| x.from.cmp(&y.from));
     assert_eq!(
         rs.iter()
-            .map(|r| (r.from.as_str(), r.text.as_str(), r.via))
+            .map(|r| (&*r.from, r.text.as_str(), r.via))
             .collect::<Vec<_>>(),
         [
             ("lib.u.b", "b over udp", Transport::Udp),
@@ -862,4 +862,61 @@ async fn client_udp_exchange_recovers_after_a_missing_reply() {
         second.id, ids["second"],
         "the late Ack for `first` was not taken for the Ack of `second`"
     );
+}
+
+#[tokio::test]
+async fn client_binds_the_source_address_it_is_given() {
+    for io in ["uring", "epoll"] {
+        let srv = Server::start(io, &[]);
+        let opts = ClientOptions {
+            keepalive: None,
+            bind_ip: Some("127.0.0.2".parse().unwrap()),
+            ..ClientOptions::default()
+        };
+        let c = Client::connect_with(srv.addr, "lib.src.two", opts.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{io}: connect from 127.0.0.2: {e}"));
+        // The server saw both sockets come from the chosen address.
+        srv.wait_log(&["connect", "peer=127.0.0.2:"]);
+        c.bind_udp().await.unwrap();
+        srv.wait_log(&["bind", "identity=lib.src.two", "src=127.0.0.2:"]);
+        assert_eq!(c.who(Some("lib.src.two")).await.unwrap().len(), 1);
+        // Another address, another peer; the default still lets the kernel choose.
+        let three = ClientOptions {
+            bind_ip: Some("127.0.0.3".parse().unwrap()),
+            ..opts.clone()
+        };
+        let d = Client::connect_with(srv.addr, "lib.src.three", three)
+            .await
+            .unwrap();
+        srv.wait_log(&["connect", "peer=127.0.0.3:"]);
+        assert_eq!(d.echo("lib.src.two", "hi").await.unwrap(), 1);
+        match event(&c).await {
+            Event::Echo { from, text, .. } => assert_eq!((&*from, &*text), ("lib.src.three", "hi")),
+            other => panic!("{io}: expected the echo, got {other:?}"),
+        }
+        let plain = quiet_client(srv.addr, "lib.src.any").await;
+        plain.ping(b"x").await.unwrap();
+        srv.wait_log(&["connect", "peer=127.0.0.1:"]);
+    }
+
+    // An address of the wrong family, or one this host does not have, is refused before
+    // anything is sent.
+    let srv = Server::start("uring", &[]);
+    for (ip, why) in [
+        ("::1", "address family"),
+        ("192.0.2.1", "cannot bind to 192.0.2.1"),
+    ] {
+        let opts = ClientOptions {
+            bind_ip: Some(ip.parse().unwrap()),
+            ..ClientOptions::default()
+        };
+        let e = Client::connect_with(srv.addr, "lib.src.bad", opts)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ClientError::Invalid { what: "bind_ip", why: w } if w.contains(why)),
+            "{ip}: {e}"
+        );
+    }
 }

@@ -11,7 +11,7 @@ pub mod floor;
 use hdrhistogram::Histogram;
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
-use velium_server::client::Client;
+use velium_server::client::{Client, ClientError, ClientOptions};
 
 // ---------------------------------------------------------------------------------------
 // Machine, settings, limits
@@ -627,6 +627,20 @@ pub fn source_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCES as usize) as u8)
 }
 
+/// The client options a bench shim uses: the defaults, from [`source_ip`]`(i)`.
+pub fn client_options(i: usize) -> ClientOptions {
+    ClientOptions {
+        bind_ip: Some(IpAddr::V4(source_ip(i))),
+        ..ClientOptions::default()
+    }
+}
+
+/// `Client::connect` for shim number `i`, from [`source_ip`]`(i)` like the raw
+/// connections ([`connect_from`]), so that client and raw rows load the kernel alike.
+pub async fn client_connect(addr: SocketAddr, name: &str, i: usize) -> Result<Client, ClientError> {
+    Client::connect_with(addr, name, client_options(i)).await
+}
+
 /// Connects to `dst` from `src` (any port), with TCP_NODELAY.
 pub async fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
@@ -1082,9 +1096,12 @@ struct Shared {
 ///
 /// With `udp`, velium and floor shims then confirm a UDP bind with a raw UDP socket
 /// (bind datagram + Ping -> Pong, the socket's creation included), and drop that socket:
-/// the server keeps the binding, and the bench stays within its descriptor limit. Raw
-/// connections are spread over [`SOURCES`] source addresses; `Client::connect` picks its
-/// own (127.0.0.1), whose ephemeral ports suffice below the 20,000-descriptor limit.
+/// the server keeps the binding, and the bench stays within its descriptor limit (a
+/// client's own `bind_udp` would hold a second descriptor per shim). Every connection,
+/// raw or through the client library ([`client_connect`]), and its UDP socket come from
+/// one of [`SOURCES`] source addresses in turn, so no source address nears the point
+/// (about 14,000 connections to one port) where the kernel's ephemeral-port search slows
+/// every connect down.
 pub async fn storm(
     system: System,
     addr: SocketAddr,
@@ -1117,16 +1134,12 @@ pub async fn storm(
                 if i >= n {
                     break;
                 }
-                let src = if client {
-                    Ipv4Addr::LOCALHOST
-                } else {
-                    source_ip(i)
-                };
+                let src = source_ip(i);
                 let name = format!("bench.storm.s{i}");
                 let t0 = Instant::now();
                 let res = async {
                     let (conn, token) = if client {
-                        let cl = Client::connect(addr, &name)
+                        let cl = client_connect(addr, &name, i)
                             .await
                             .map_err(std::io::Error::other)?;
                         let token = cl.token().0;

@@ -2,16 +2,28 @@
 //!
 //! The fallback where io_uring cannot be set up, and the peer the io_uring driver is
 //! benchmarked against. Same loops, same protocol core; only the sockets differ.
+//!
+//! TCP sockets are std sockets registered with tokio's reactor through [`AsyncFd`] rather
+//! than `tokio::net` types, so that the driver decides when readiness is cleared. tokio
+//! clears a socket's read readiness only when a read fails with `EWOULDBLOCK`, so the
+//! `readable()` + `try_read_buf()` pattern pays a second read(2) after every message just
+//! to learn that nothing more is there. Here a read that returns fewer bytes than it was
+//! offered has drained the socket, and the readiness is cleared at once: the next read
+//! waits for epoll instead (the edge-triggered registration reports any byte that arrives
+//! after the read, and a readiness event newer than the one read is never cleared).
 
 use super::{Datagrams, Listener, Stream, run_core};
 use crate::hub::Hub;
 use bytes::Bytes;
-use std::io;
+use socket2::SockRef;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::UdpSocket;
 
 pub(super) fn run(
     hub: Arc<Hub>,
@@ -32,7 +44,7 @@ pub(super) fn run(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let sockets = TcpListener::from_std(tcp).and_then(|l| Ok((l, UdpSocket::from_std(udp)?)));
+        let sockets = EpollListener::new(tcp).and_then(|l| Ok((l, UdpSocket::from_std(udp)?)));
         match sockets {
             Ok((listener, udp)) => {
                 let _ = ready.send(Ok(()));
@@ -45,15 +57,30 @@ pub(super) fn run(
     });
 }
 
-impl Stream for TcpStream {
+/// A connected TCP socket (non-blocking) registered with the core's reactor.
+pub(super) struct EpollStream(AsyncFd<std::net::TcpStream>);
+
+impl Stream for EpollStream {
     async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
         loop {
-            if let Err(e) = self.readable().await {
-                return (Err(e), buf);
-            }
-            match self.try_read_buf(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                res => return (res, buf),
+            let mut guard = match self.0.readable().await {
+                Ok(g) => g,
+                Err(e) => return (Err(e), buf),
+            };
+            let offered = buf.capacity() - buf.len();
+            // `try_io` clears the readiness itself when the read would block.
+            match guard.try_io(|s| recv_spare(s.get_ref(), &mut buf)) {
+                Ok(Ok(n)) => {
+                    // A short read emptied the receive queue: wait for epoll before the
+                    // next read rather than paying a read(2) that returns EWOULDBLOCK.
+                    // (End of file, n == 0, keeps its readiness: tokio never clears it.)
+                    if n > 0 && n < offered {
+                        guard.clear_ready();
+                    }
+                    return (Ok(n), buf);
+                }
+                Ok(Err(e)) => return (Err(e), buf),
+                Err(_would_block) => continue,
             }
         }
     }
@@ -61,35 +88,75 @@ impl Stream for TcpStream {
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
         let mut off = 0;
         while off < buf.len() {
-            match self.try_write(&buf[off..]) {
-                Ok(n) => off += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.writable().await {
-                        return (Err(e), buf);
-                    }
-                }
+            // A socket with room is reported writable at once (no system call).
+            let mut guard = match self.0.writable().await {
+                Ok(g) => g,
                 Err(e) => return (Err(e), buf),
+            };
+            match guard.try_io(|s| s.get_ref().write(&buf[off..])) {
+                Ok(Ok(n)) => off += n,
+                Ok(Err(e)) => return (Err(e), buf),
+                Err(_would_block) => {}
             }
         }
         (Ok(()), buf)
     }
 
     fn fd(&self) -> RawFd {
-        self.as_raw_fd()
+        self.0.as_raw_fd()
     }
 
     fn shutdown(&self) {
-        let _ = socket2::SockRef::from(self).shutdown(std::net::Shutdown::Both);
+        let _ = self.0.get_ref().shutdown(std::net::Shutdown::Both);
     }
 }
 
-impl Listener for TcpListener {
-    type Conn = TcpStream;
+/// Reads once into the spare capacity of `buf` (no zeroing) and extends it by the bytes
+/// read.
+fn recv_spare(s: &std::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let n = SockRef::from(s).recv(buf.spare_capacity_mut())?;
+    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
 
-    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (s, peer) = TcpListener::accept(self).await?;
-        s.set_nodelay(true)?;
-        Ok((s, peer))
+/// The core's listening socket (non-blocking) registered with its reactor.
+pub(super) struct EpollListener(AsyncFd<std::net::TcpListener>);
+
+impl EpollListener {
+    fn new(l: std::net::TcpListener) -> io::Result<EpollListener> {
+        l.set_nonblocking(true)?;
+        // SAFETY: a std listener owns its descriptor until it is dropped, which happens
+        // only with this AsyncFd, and `as_raw_fd` always returns that descriptor.
+        let fd = unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }?;
+        Ok(EpollListener(fd))
+    }
+}
+
+impl Listener for EpollListener {
+    type Conn = EpollStream;
+
+    async fn accept(&self) -> io::Result<(EpollStream, SocketAddr)> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            // accept4 makes the socket non-blocking and close-on-exec in the same call.
+            let accepted = guard.try_io(|l| {
+                SockRef::from(l.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            });
+            let (sock, peer) = match accepted {
+                Ok(r) => r?,
+                Err(_would_block) => continue,
+            };
+            sock.set_tcp_nodelay(true)?;
+            let peer = peer.as_socket().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer")
+            })?;
+            let stream = std::net::TcpStream::from(sock);
+            // SAFETY: as for the listener: the stream owns its descriptor for as long as
+            // the AsyncFd holds it.
+            let fd = unsafe { AsyncFd::register(stream) }?;
+            return Ok((EpollStream(fd), peer));
+        }
     }
 }
 

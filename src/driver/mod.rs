@@ -227,7 +227,8 @@ async fn write_loop<S: Stream>(stream: Rc<S>, shim: Arc<Shim>) {
     let mut buf = Vec::new();
     loop {
         let state = shim.outbox.take(&mut buf);
-        if !buf.is_empty() && state != OutState::Kicked {
+        let wrote = !buf.is_empty() && state != OutState::Kicked;
+        if wrote {
             let (res, b) = stream.write_all(buf).await;
             buf = b;
             if let Err(e) = res {
@@ -245,7 +246,12 @@ async fn write_loop<S: Stream>(stream: Rc<S>, shim: Arc<Shim>) {
             stream.shutdown();
             return;
         }
-        shim.outbox.wait().await;
+        // After a write, take again at once: frames queued meanwhile were not flushed by
+        // their producers (a write was in flight), so they are this task's to send. Only
+        // an empty take (which lets producers send directly again) waits for a wake-up.
+        if !wrote {
+            shim.outbox.wait().await;
+        }
     }
 }
 

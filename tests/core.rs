@@ -904,38 +904,28 @@ fn hostile_input_never_stops_service(io: &str) {
 
 /// Runs the binary with `args` until it exits; returns its status, stdout and stderr.
 fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+    let child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn velium-server");
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("velium-server {args:?} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(output) = rx.recv_timeout(DEADLINE) else {
+        // SAFETY: kill(2) on our own child, which has not been reaped (it has not exited).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("velium-server {args:?} did not exit");
     };
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status, out, err)
+    let output = output.expect("wait for velium-server");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// Asserts `args` make the server exit non-zero with one stderr line containing `needle`.

@@ -34,7 +34,7 @@ use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use velium_server::client::{Client, Event};
@@ -476,28 +476,21 @@ impl Sender {
             f.push(0x0A);
             f
         };
-        let (mut rd, wr) = s.into_split();
+        let (rd, wr) = s.into_split();
         // velium answers every Echo with an Ack: read them (or the sender itself would
         // become a slow consumer) and keep the first thing that is not one.
         let (a, e) = (acks.clone(), ack_err.clone());
         tokio::task::spawn_local(async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut line = Vec::new();
-            loop {
-                let n = match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                for &b in &buf[..n] {
-                    if b == b'\n' {
-                        if line.first() == Some(&0x0C) {
-                            a.set(a.get() + 1);
-                        } else if e.borrow().is_empty() {
-                            *e.borrow_mut() = String::from_utf8_lossy(&line).into_owned();
-                        }
-                        line.clear();
-                    } else if line.len() < 256 {
-                        line.push(b);
+            let mut r = Reader::new(rd);
+            while r.fill().await {
+                while let Some(line) = r.line() {
+                    let line = r.slice(line);
+                    if line.first() == Some(&0x0C) {
+                        a.set(a.get() + 1);
+                    } else if e.borrow().is_empty() {
+                        // Its first 256 bytes.
+                        let line = &line[..line.len().min(256)];
+                        *e.borrow_mut() = String::from_utf8_lossy(line).into_owned();
                     }
                 }
             }
@@ -638,20 +631,14 @@ async fn nats_receiver(mut s: TcpStream, i: usize, progress: Rc<Progress>) {
     if s.write_all(sub.as_bytes()).await.is_err() {
         return;
     }
-    let mut p = NatsParser::default();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        p.feed(&chunk[..n]);
+    let mut r = Reader::new(s);
+    while r.fill().await {
         let mut k = 0;
-        while let Some(item) = p.next() {
+        while let Some(item) = r.nats() {
             match item {
                 NatsItem::Msg { .. } | NatsItem::Pong => k += 1,
                 NatsItem::Ping => {
-                    let _ = s.write_all(b"PONG\r\n").await;
+                    let _ = r.rd.write_all(b"PONG\r\n").await;
                 }
                 NatsItem::Other => {}
             }
@@ -676,26 +663,57 @@ enum NatsItem {
     Other,
 }
 
-#[derive(Default)]
-struct NatsParser {
+/// A byte stream read a chunk at a time into a buffer that the protocol parsers
+/// ([`Reader::line`], [`Reader::nats`]) take apart item by item, between reads; their
+/// items point into that buffer as ranges (see [`Reader::slice`]), so that nothing is
+/// allocated per item.
+struct Reader<R> {
+    /// The stream (a TcpStream may also be written through here).
+    rd: R,
+    chunk: Vec<u8>,
     buf: Vec<u8>,
     pos: usize,
 }
 
-impl NatsParser {
-    fn feed(&mut self, data: &[u8]) {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
+impl<R: AsyncRead + Unpin> Reader<R> {
+    fn new(rd: R) -> Reader<R> {
+        Reader {
+            rd,
+            chunk: vec![0u8; 64 * 1024],
+            buf: Vec::new(),
+            pos: 0,
         }
-        self.buf.extend_from_slice(data);
     }
 
+    /// Reads the next chunk, dropping what the parsers took; false at the end of the
+    /// stream or on an error.
+    async fn fill(&mut self) -> bool {
+        let n = match self.rd.read(&mut self.chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        self.buf.drain(..self.pos);
+        self.pos = 0;
+        self.buf.extend_from_slice(&self.chunk[..n]);
+        true
+    }
+}
+
+impl<R> Reader<R> {
     fn slice(&self, r: std::ops::Range<usize>) -> &[u8] {
         &self.buf[r]
     }
 
-    fn next(&mut self) -> Option<NatsItem> {
+    /// The next complete velium frame: a line, without its `\n`.
+    fn line(&mut self) -> Option<std::ops::Range<usize>> {
+        let start = self.pos;
+        let e = memchr::memchr(b'\n', &self.buf[start..])?;
+        self.pos += e + 1;
+        Some(start..start + e)
+    }
+
+    /// The next complete nats protocol item.
+    fn nats(&mut self) -> Option<NatsItem> {
         let start = self.pos;
         let rest = &self.buf[start..];
         let eol = memchr::memmem::find(rest, b"\r\n")?;
@@ -877,21 +895,13 @@ async fn round_trip(
                 }
                 Ends::Raw(req, resp, target) => {
                     tasks.push(tokio::task::spawn_local(velium_raw_responder(resp)));
-                    let (mut rd, mut wr) = req.into_split();
+                    let (rd, mut wr) = req.into_split();
                     let rc = rec.clone();
                     tasks.push(tokio::task::spawn_local(async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        let mut pending = Vec::new();
-                        loop {
-                            let n = match rd.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            pending.extend_from_slice(&buf[..n]);
-                            let mut start = 0;
-                            while let Some(e) = memchr::memchr(b'\n', &pending[start..]) {
-                                let f = &pending[start..start + e];
-                                start += e + 1;
+                        let mut r = Reader::new(rd);
+                        while r.fill().await {
+                            while let Some(f) = r.line() {
+                                let f = r.slice(f);
                                 // Response: 0x05 ID SP RESPONDER SP TEXT
                                 if f.first() == Some(&0x05)
                                     && let Some(seq) = f
@@ -903,7 +913,6 @@ async fn round_trip(
                                     rc.record(seq);
                                 }
                             }
-                            pending.drain(..start);
                         }
                     }));
                     tasks.push(tokio::task::spawn_local(async move {
@@ -927,20 +936,14 @@ async fn round_trip(
                 }
                 Ends::Nats((req, resp)) => {
                     tasks.push(tokio::task::spawn_local(nats_responder(resp)));
-                    let (mut rd, mut wr) = req.into_split();
+                    let (rd, mut wr) = req.into_split();
                     let rc = rec.clone();
                     tasks.push(tokio::task::spawn_local(async move {
-                        let mut p = NatsParser::default();
-                        let mut chunk = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match rd.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            p.feed(&chunk[..n]);
-                            while let Some(item) = p.next() {
+                        let mut r = Reader::new(rd);
+                        while r.fill().await {
+                            while let Some(item) = r.nats() {
                                 if let NatsItem::Msg { payload, .. } = item
-                                    && let Some(seq) = std::str::from_utf8(p.slice(payload))
+                                    && let Some(seq) = std::str::from_utf8(r.slice(payload))
                                         .ok()
                                         .and_then(|t| t.parse::<u64>().ok())
                                 {
@@ -1077,21 +1080,13 @@ fn cores_note(req: usize, resp: usize, tries: usize) -> String {
 
 /// Answers each raw Command `0x04 SENDER SP ID SP TEXT` with `0x05 ID SP TEXT`.
 async fn velium_raw_responder(s: TcpStream) {
-    let (mut rd, mut wr) = s.into_split();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pending = Vec::new();
+    let (rd, mut wr) = s.into_split();
+    let mut r = Reader::new(rd);
     let mut out = Vec::new();
-    loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        let mut start = 0;
+    while r.fill().await {
         out.clear();
-        while let Some(e) = memchr::memchr(b'\n', &pending[start..]) {
-            let f = &pending[start..start + e];
-            start += e + 1;
+        while let Some(f) = r.line() {
+            let f = r.slice(f);
             if f.first() == Some(&0x04) {
                 let mut parts = f[1..].splitn(3, |&b| b == b' ');
                 let (_sender, id, text) = (parts.next(), parts.next(), parts.next());
@@ -1104,7 +1099,6 @@ async fn velium_raw_responder(s: TcpStream) {
                 }
             }
         }
-        pending.drain(..start);
         if !out.is_empty() && wr.write_all(&out).await.is_err() {
             return;
         }
@@ -1141,27 +1135,21 @@ async fn nats_ends(addr: SocketAddr) -> Result<(TcpStream, TcpStream), String> {
 
 /// Answers each request on `bench.rt` by publishing its payload to the reply subject.
 async fn nats_responder(s: TcpStream) {
-    let (mut rd, mut wr) = s.into_split();
-    let mut p = NatsParser::default();
-    let mut chunk = vec![0u8; 64 * 1024];
+    let (rd, mut wr) = s.into_split();
+    let mut r = Reader::new(rd);
     let mut out = Vec::new();
-    loop {
-        let n = match rd.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        p.feed(&chunk[..n]);
+    while r.fill().await {
         out.clear();
-        while let Some(item) = p.next() {
+        while let Some(item) = r.nats() {
             match item {
                 NatsItem::Msg {
                     reply: Some(reply),
                     payload,
                 } => {
                     out.extend_from_slice(b"PUB ");
-                    out.extend_from_slice(p.slice(reply));
+                    out.extend_from_slice(r.slice(reply));
                     out.extend_from_slice(format!(" {}\r\n", payload.len()).as_bytes());
-                    out.extend_from_slice(p.slice(payload));
+                    out.extend_from_slice(r.slice(payload));
                     out.extend_from_slice(b"\r\n");
                 }
                 NatsItem::Ping => out.extend_from_slice(b"PONG\r\n"),

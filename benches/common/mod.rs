@@ -290,46 +290,23 @@ impl Server {
     }
 
     fn velium(io: &str, log_level: &str) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_velium-server"))
-            .args(["--listen", "127.0.0.1:0", "--io", io])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_velium-server"));
+        cmd.args(["--listen", "127.0.0.1:0", "--io", io])
             .args(["--log-level", log_level])
             .args(["--idle-timeout", "10m", "--identify-timeout", "60s"])
-            .args(velium_extra_args())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn velium-server");
-        let log = capture(child.stderr.take().unwrap());
-        let addr = read_listening_line(&mut child, &log, "velium-server");
-        Server {
-            system: if io == "uring" {
-                System::VeliumUring
-            } else {
-                System::VeliumEpoll
-            },
-            addr,
-            log,
-            child,
-            _dir: None,
-        }
+            .args(velium_extra_args());
+        let system = if io == "uring" {
+            System::VeliumUring
+        } else {
+            System::VeliumEpoll
+        };
+        Self::spawn(system, cmd, "velium-server", None, None)
     }
 
     fn floor() -> Server {
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
-            .arg(floor::FLAG)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the floor server");
-        let log = capture(child.stderr.take().unwrap());
-        let addr = read_listening_line(&mut child, &log, "floor server");
-        Server {
-            system: System::Floor,
-            addr,
-            log,
-            child,
-            _dir: None,
-        }
+        let mut cmd = Command::new(std::env::current_exe().expect("current_exe"));
+        cmd.arg(floor::FLAG);
+        Self::spawn(System::Floor, cmd, "floor server", None, None)
     }
 
     fn nats() -> Option<Server> {
@@ -338,22 +315,16 @@ impl Server {
             return None;
         };
         let port = free_port();
-        let mut child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nats-server");
-        let log = capture(child.stderr.take().unwrap());
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_listening(&mut child, addr, &log, "nats-server");
-        Some(Server {
-            system: System::Nats,
-            addr,
-            log,
-            child,
-            _dir: None,
-        })
+        Some(Self::spawn(
+            System::Nats,
+            cmd,
+            "nats-server",
+            Some(addr),
+            None,
+        ))
     }
 
     fn mosquitto() -> Option<Server> {
@@ -372,23 +343,53 @@ impl Server {
             ),
         )
         .expect("write mosquitto.conf");
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c").arg(&conf);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Some(Self::spawn(
+            System::Mosquitto,
+            cmd,
+            "mosquitto",
+            Some(addr),
+            Some(dir),
+        ))
+    }
+
+    /// Spawns `cmd` as `system` (`what` in messages), its stderr captured as the log, and
+    /// waits until it listens: on `addr` when given (stdout discarded), else at the
+    /// address the first line of its stdout announces. `dir` lives as long as the server.
+    fn spawn(
+        system: System,
+        mut cmd: Command,
+        what: &str,
+        addr: Option<SocketAddr>,
+        dir: Option<TempDir>,
+    ) -> Server {
+        let stdout = if addr.is_some() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        };
+        let mut child = cmd
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn mosquitto");
+            .unwrap_or_else(|e| panic!("spawn {what}: {e:?}"));
         let log = capture(child.stderr.take().unwrap());
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        wait_listening(&mut child, addr, &log, "mosquitto");
-        Some(Server {
-            system: System::Mosquitto,
+        let addr = match addr {
+            Some(addr) => {
+                wait_listening(&mut child, addr, &log, what);
+                addr
+            }
+            None => read_listening_line(&mut child, &log, what),
+        };
+        Server {
+            system,
             addr,
             log,
             child,
-            _dir: Some(dir),
-        })
+            _dir: dir,
+        }
     }
 }
 

@@ -20,6 +20,25 @@ fn builder() -> tokio_uring::Builder {
     b
 }
 
+/// The ring as this driver wants it where the kernel allows (5.19 and later): only this
+/// thread submits (SINGLE_ISSUER), and completions are not pushed to it with an
+/// interrupt but run at its next entry into the kernel, which a busy core makes anyway
+/// (COOP_TASKRUN).
+fn tuned_builder() -> tokio_uring::Builder {
+    let mut b = builder();
+    b.uring_builder(
+        tokio_uring::uring_builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun(),
+    );
+    b
+}
+
+/// A runtime on the tuned ring, or on a plain one where the kernel refuses the flags.
+fn runtime() -> io::Result<tokio_uring::Runtime> {
+    tokio_uring::Runtime::new(&tuned_builder()).or_else(|_| tokio_uring::Runtime::new(&builder()))
+}
+
 /// Checks that io_uring can serve here: that a ring can be set up (kernel support, sysctl
 /// `kernel.io_uring_disabled`, seccomp) and that the kernel has every operation this
 /// driver submits (older kernels create rings but lack the networking operations).
@@ -42,7 +61,7 @@ pub fn probe() -> io::Result<()> {
             format!("the kernel's io_uring lacks the {name} operation"),
         ));
     }
-    tokio_uring::Runtime::new(&builder()).map(drop)
+    runtime().map(drop)
 }
 
 pub(super) fn run(
@@ -52,7 +71,7 @@ pub(super) fn run(
     udp: std::net::UdpSocket,
     ready: Sender<Result<(), String>>,
 ) {
-    let rt = match tokio_uring::Runtime::new(&builder()) {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));

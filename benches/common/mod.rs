@@ -883,6 +883,14 @@ pub fn fmt_rate(v: f64) -> String {
     out
 }
 
+/// Prints a markdown table header: `columns` (the first left-aligned, the rest right), and
+/// a last `rate` column when there is one.
+fn print_header(columns: &[&str], rate: Option<&str>) {
+    let cols: Vec<&str> = columns.iter().copied().chain(rate).collect();
+    println!("| {} |", cols.join(" | "));
+    println!("|---|{}", "---:|".repeat(cols.len() - 1));
+}
+
 /// Prints a latency table (markdown) and, when it has more than one row, the ratio of
 /// every row to the first one.
 pub fn print_latency_table(title: &str, rate_label: &str, rows: &[LatRow]) {
@@ -892,15 +900,18 @@ pub fn print_latency_table(title: &str, rate_label: &str, rows: &[LatRow]) {
     println!("### {title}");
     println!();
     let has_rate = rows.iter().any(|r| r.rate.is_some());
-    let mut head =
-        "| system | samples | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs |".to_string();
-    let mut sep = "|---|---:|---:|---:|---:|---:|---:|".to_string();
-    if has_rate {
-        head.push_str(&format!(" {rate_label} |"));
-        sep.push_str("---:|");
-    }
-    println!("{head}");
-    println!("{sep}");
+    print_header(
+        &[
+            "system",
+            "samples",
+            "p50 µs",
+            "p90 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "max µs",
+        ],
+        has_rate.then_some(rate_label),
+    );
     for r in rows {
         let mut line = format!("| {} | {} |", r.name, r.hist.len());
         for (q, _) in QUANTILES {
@@ -927,14 +938,10 @@ pub fn print_latency_table(title: &str, rate_label: &str, rows: &[LatRow]) {
             base.name, rate_label
         );
         println!();
-        let mut head = "| system | p50 | p90 | p99 | p99.9 | max |".to_string();
-        let mut sep = "|---|---:|---:|---:|---:|---:|".to_string();
-        if has_rate {
-            head.push_str(&format!(" {rate_label} |"));
-            sep.push_str("---:|");
-        }
-        println!("{head}");
-        println!("{sep}");
+        print_header(
+            &["system", "p50", "p90", "p99", "p99.9", "max"],
+            has_rate.then_some(rate_label),
+        );
         for r in rows {
             let mut line = format!("| {} |", r.name);
             for (q, _) in QUANTILES {

@@ -299,6 +299,9 @@ pub struct ClientOptions {
     /// `IP_BIND_ADDRESS_NO_PORT`, so that bind(2) does not reserve a port for every
     /// destination at once: connect(2) picks one free for this server only. Default `None`.
     pub bind_ip: Option<IpAddr>,
+    /// The hub's shared secret, sent in an Auth frame before Identify (a hub without a
+    /// secret ignores it). It may not hold the byte 0x0A. Default `None`.
+    pub secret: Option<Vec<u8>>,
 }
 
 impl Default for ClientOptions {
@@ -309,6 +312,7 @@ impl Default for ClientOptions {
             udp_timeout: Duration::from_secs(1),
             keepalive: Some(Duration::from_secs(10)),
             bind_ip: None,
+            secret: None,
         }
     }
 }
@@ -351,6 +355,16 @@ impl Client {
             what: "identity",
             why: why.to_string(),
         })?;
+        if options
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.contains(&NEWLINE))
+        {
+            return Err(ClientError::Invalid {
+                what: "secret",
+                why: "it holds the byte 0x0A".into(),
+            });
+        }
         let connect = async {
             match options.bind_ip {
                 Some(ip) => connect_from(ip, addr).await,
@@ -376,6 +390,9 @@ impl Client {
         stream.set_nodelay(true)?;
         let (mut rd, mut wr) = stream.into_split();
         let mut hello = Vec::with_capacity(identity.len() + 2);
+        if let Some(secret) = &options.secret {
+            encode(Opcode::Auth, secret, &mut hello);
+        }
         encode(Opcode::Identify, identity.as_bytes(), &mut hello);
         wr.write_all(&hello).await?;
         let (token, rest) = tokio::time::timeout(options.connect_timeout, read_session(&mut rd))
@@ -1064,7 +1081,7 @@ impl Shared {
                     .send_tcp(None, None, |b| encode(Opcode::Pong, data, b))
                     .await;
             }
-            Opcode::None | Opcode::Identify | Opcode::Session | Opcode::Who => {}
+            Opcode::None | Opcode::Identify | Opcode::Session | Opcode::Who | Opcode::Auth => {}
         }
     }
 }

@@ -2,11 +2,16 @@
 //!
 //! Every setting is documented, with its default, in `deploy/velium-server.toml`.
 
+use crate::router::Pattern;
 use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 use thiserror::Error;
 
 /// Which I/O driver serves the sockets.
@@ -32,6 +37,10 @@ pub struct Config {
     pub io: IoMode,
     /// tracing filter, e.g. `info` or `velium_server=debug`.
     pub log_level: String,
+    /// Admin HTTP listener (metrics, health, shim listing); off when `None`.
+    pub admin: Option<SocketAddr>,
+    /// How long a graceful shutdown may take to flush Quit to every shim.
+    pub shutdown_timeout: Duration,
     /// Longest frame accepted, opcode and 0x0A included.
     pub max_frame: usize,
     /// Time from accept within which the first Identify must arrive.
@@ -42,6 +51,18 @@ pub struct Config {
     pub outbound_limit: usize,
     /// Quit answers per second (and burst) to one unbound UDP source.
     pub udp_quit_per_sec: u32,
+    /// Open TCP connections in all (0: no limit but the open-file limit).
+    pub max_connections: usize,
+    /// Open TCP connections from one source IP (0: no limit).
+    pub max_connections_per_source: usize,
+    /// Connection attempts per second (and burst) from one source IP (0: no limit).
+    pub connect_rate_per_source: u32,
+    /// Networks connections and datagrams are accepted from; empty: everywhere.
+    pub allow_networks: Vec<IpNet>,
+    /// The shared secret a client presents in an Auth frame before Identify.
+    pub secret: Option<Secret>,
+    /// Who may send Commands to whom; empty: everyone, anywhere.
+    pub command_rules: Vec<CommandRule>,
 }
 
 impl Default for Config {
@@ -51,11 +72,114 @@ impl Default for Config {
             cores: usable_cores(),
             io: IoMode::Auto,
             log_level: "info".into(),
+            admin: None,
+            shutdown_timeout: Duration::from_secs(5),
             max_frame: 16 * 1024,
             identify_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             outbound_limit: 1024 * 1024,
             udp_quit_per_sec: 4,
+            max_connections: 100_000,
+            max_connections_per_source: 1024,
+            connect_rate_per_source: 100,
+            allow_networks: Vec::new(),
+            secret: None,
+            command_rules: Vec::new(),
+        }
+    }
+}
+
+/// A shared secret, kept only as its SHA-256 digest so that comparing a presented secret
+/// takes the same time whatever its length and contents.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret([u8; 32]);
+
+impl Secret {
+    /// The secret `bytes`.
+    pub fn new(bytes: &[u8]) -> Secret {
+        Secret(Sha256::digest(bytes).into())
+    }
+
+    /// Whether `presented` is the secret, compared in constant time.
+    pub fn verify(&self, presented: &[u8]) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented).into();
+        d.ct_eq(&self.0).into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// One command permission: senders whose identity matches `from` may send Commands whose
+/// target is covered by one of `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandRule {
+    /// Which senders.
+    pub from: Pattern,
+    /// Which targets they may address.
+    pub to: Vec<Pattern>,
+}
+
+impl Config {
+    /// Whether a Command from `identity` to `target` is allowed by the rules.
+    pub fn may_command(&self, identity: &str, target: &Pattern) -> bool {
+        self.command_rules.is_empty()
+            || self
+                .command_rules
+                .iter()
+                .any(|r| r.from.matches(identity) && r.to.iter().any(|t| t.covers(target)))
+    }
+
+    /// Whether connections and datagrams from `ip` are accepted.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow_networks.is_empty() || self.allow_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The settings that differ between `self` and `new`, by key, split into those a
+    /// reload applies and those that need a restart.
+    pub fn diff(&self, new: &Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut live = Vec::new();
+        let mut restart = Vec::new();
+        macro_rules! cmp {
+            ($list:ident, $($f:ident),*) => {$(
+                if self.$f != new.$f { $list.push(stringify!($f)); }
+            )*};
+        }
+        cmp!(restart, listen, cores, io, admin);
+        cmp!(
+            live,
+            log_level,
+            shutdown_timeout,
+            max_frame,
+            identify_timeout,
+            idle_timeout,
+            outbound_limit,
+            udp_quit_per_sec,
+            max_connections,
+            max_connections_per_source,
+            connect_rate_per_source,
+            allow_networks,
+            secret,
+            command_rules
+        );
+        (live, restart)
+    }
+
+    /// `new` with the settings that need a restart kept as they are in `self`.
+    pub fn reloaded(&self, new: Config) -> Config {
+        Config {
+            listen: self.listen,
+            cores: self.cores,
+            io: self.io,
+            admin: self.admin,
+            ..new
         }
     }
 }
@@ -93,30 +217,41 @@ pub enum ConfigError {
 }
 
 /// velium-server: a hub for fleets of game-client shims (TCP control + UDP channel).
-#[derive(Parser, Debug, Default)]
+#[derive(Parser, Debug, Default, Clone)]
 #[command(
     name = "velium-server",
     version,
     about,
-    after_help = "Example:\n  velium-server --listen 127.0.0.1:12345 --cores 2\n\n\
-                  Flags override the config file; see deploy/velium-server.toml for every setting."
+    args_override_self = true,
+    after_help = "Example:\n  velium-server --listen 127.0.0.1:12345 --cores 2 --admin 127.0.0.1:9100\n\n\
+                  Flags override the config file; see deploy/velium-server.toml for every setting.\n\
+                  SIGHUP re-reads the config file; SIGTERM or SIGINT stops gracefully."
 )]
 pub struct Args {
+    /// Validate this config file (with the flags given) and exit: 0 if valid, 2 if not
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    pub check_config: Option<PathBuf>,
+    /// TOML config file (every key is optional); re-read on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// TCP and UDP address to serve on [default: 0.0.0.0:12345]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Runtimes, one pinned thread per core [default: all usable cores]
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
-    /// TOML config file (every key is optional)
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// Log filter: error, warn, info, debug, trace [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
     /// I/O driver [default: auto]
     #[arg(long, value_enum)]
     pub io: Option<IoMode>,
+    /// Admin HTTP listener for /metrics, /healthz, /shims, e.g. 127.0.0.1:9100 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Time a graceful shutdown may take to flush Quit to every shim [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
     /// Longest frame in bytes, opcode and 0x0A included [default: 16384]
     #[arg(long, value_name = "BYTES")]
     pub max_frame: Option<usize>,
@@ -132,6 +267,23 @@ pub struct Args {
     /// Quit answers per second to one unbound UDP source [default: 4]
     #[arg(long, value_name = "N")]
     pub udp_quit_per_sec: Option<u32>,
+    /// Open TCP connections in all, 0 for no limit [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Open TCP connections from one source IP, 0 for no limit [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_source: Option<usize>,
+    /// Connection attempts per second from one source IP, 0 for no limit [default: 100]
+    #[arg(long, value_name = "N")]
+    pub connect_rate_per_source: Option<u32>,
+    /// Accept connections and datagrams only from this network (CIDR); repeatable
+    /// [default: everywhere]
+    #[arg(long, value_name = "CIDR")]
+    pub allow_network: Vec<String>,
+    /// File holding the shared secret clients must present (Auth frame) [default: none;
+    /// the VELIUM_SECRET environment variable also sets it]
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -142,17 +294,34 @@ struct FileConfig {
     cores: Option<usize>,
     io: Option<IoMode>,
     log_level: Option<String>,
+    admin: Option<String>,
+    shutdown_timeout: Option<String>,
     max_frame: Option<usize>,
     identify_timeout: Option<String>,
     idle_timeout: Option<String>,
     outbound_limit: Option<usize>,
     udp_quit_per_sec: Option<u32>,
+    max_connections: Option<usize>,
+    max_connections_per_source: Option<usize>,
+    connect_rate_per_source: Option<u32>,
+    allow_networks: Option<Vec<String>>,
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    command_rule: Vec<FileRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRule {
+    from: String,
+    to: Vec<String>,
 }
 
 impl Config {
-    /// Builds the settings: defaults, then the file named by `--config`, then the flags.
+    /// Builds the settings: defaults, then the file named by `--config` (or
+    /// `--check-config`), then the flags.
     pub fn load(args: &Args) -> Result<Config, ConfigError> {
-        let file = match &args.config {
+        let file = match args.config.as_ref().or(args.check_config.as_ref()) {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.clone(),
@@ -167,7 +336,7 @@ impl Config {
         };
         let mut c = Config::default();
         if let Some(v) = args.listen.as_ref().or(file.listen.as_ref()) {
-            c.listen = parse_addr(v)?;
+            c.listen = parse_addr("listen", v)?;
         }
         if let Some(v) = args.cores.or(file.cores) {
             let max = usable_cores();
@@ -185,6 +354,16 @@ impl Config {
             tracing_subscriber::EnvFilter::try_new(v)
                 .map_err(|e| ConfigError::Invalid(format!("bad log_level {v:?}: {e}")))?;
             c.log_level = v.clone();
+        }
+        if let Some(v) = args.admin.as_ref().or(file.admin.as_ref()) {
+            c.admin = Some(parse_addr("admin", v)?);
+        }
+        if let Some(v) = args
+            .shutdown_timeout
+            .as_ref()
+            .or(file.shutdown_timeout.as_ref())
+        {
+            c.shutdown_timeout = parse_duration("shutdown_timeout", v)?;
         }
         if let Some(v) = args.max_frame.or(file.max_frame) {
             if !(20..=16 * 1024 * 1024).contains(&v) {
@@ -215,13 +394,93 @@ impl Config {
         if let Some(v) = args.udp_quit_per_sec.or(file.udp_quit_per_sec) {
             c.udp_quit_per_sec = v;
         }
+        if let Some(v) = args.max_connections.or(file.max_connections) {
+            c.max_connections = v;
+        }
+        if let Some(v) = args
+            .max_connections_per_source
+            .or(file.max_connections_per_source)
+        {
+            c.max_connections_per_source = v;
+        }
+        if let Some(v) = args
+            .connect_rate_per_source
+            .or(file.connect_rate_per_source)
+        {
+            c.connect_rate_per_source = v;
+        }
+        let nets = if args.allow_network.is_empty() {
+            file.allow_networks.unwrap_or_default()
+        } else {
+            args.allow_network.clone()
+        };
+        c.allow_networks = nets
+            .iter()
+            .map(|n| parse_net(n))
+            .collect::<Result<_, _>>()?;
+        if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
+            let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            c.secret = Some(secret_from(
+                &text,
+                &format!("secret file {}", path.display()),
+            )?);
+        } else if let Some(v) = std::env::var_os("VELIUM_SECRET") {
+            c.secret = Some(secret_from(v.as_encoded_bytes(), "VELIUM_SECRET")?);
+        }
+        c.command_rules = file
+            .command_rule
+            .iter()
+            .map(|r| {
+                Ok(CommandRule {
+                    from: parse_pattern("command_rule from", &r.from)?,
+                    to: r
+                        .to
+                        .iter()
+                        .map(|t| parse_pattern("command_rule to", t))
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(c)
     }
 }
 
-fn parse_addr(v: &str) -> Result<SocketAddr, ConfigError> {
+/// The secret in `raw` (a file or variable), without its trailing line break.
+fn secret_from(raw: &[u8], what: &str) -> Result<Secret, ConfigError> {
+    let s = raw.strip_suffix(b"\n").unwrap_or(raw);
+    let s = s.strip_suffix(b"\r").unwrap_or(s);
+    if s.is_empty() {
+        return Err(ConfigError::Invalid(format!("{what} is empty")));
+    }
+    if s.contains(&b'\n') {
+        return Err(ConfigError::Invalid(format!(
+            "{what} holds a line break (0x0A cannot travel in a frame)"
+        )));
+    }
+    Ok(Secret::new(s))
+}
+
+fn parse_net(v: &str) -> Result<IpNet, ConfigError> {
+    v.parse::<IpNet>()
+        .or_else(|_| v.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            ConfigError::Invalid(format!(
+                "bad allow_networks entry {v:?}: expected CIDR like 10.0.0.0/8 or an IP"
+            ))
+        })
+}
+
+fn parse_pattern(key: &str, v: &str) -> Result<Pattern, ConfigError> {
+    Pattern::parse(v.as_bytes())
+        .map_err(|e| ConfigError::Invalid(format!("bad {key} pattern {v:?}: {e}")))
+}
+
+fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     v.parse()
-        .map_err(|_| ConfigError::Invalid(format!("bad listen address {v:?}: expected IP:PORT")))
+        .map_err(|_| ConfigError::Invalid(format!("bad {key} address {v:?}: expected IP:PORT")))
 }
 
 fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
@@ -284,5 +543,53 @@ mod tests {
         assert!(with_file("listen = \"nowhere\"\n").is_err());
         assert!(with_file("cores = 0\n").is_err());
         assert!(with_file("identify_timeout = \"soon\"\n").is_err());
+        let e = with_file("allow_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
+        assert!(with_file("[[command_rule]]\nfrom = \"a.>.b\"\nto = [\">\"]\n").is_err());
+        assert!(with_file("[[command_rule]]\nfrom = \">\"\n").is_err());
+    }
+
+    #[test]
+    fn access_rules() {
+        let c = with_file(
+            "allow_networks = [\"10.0.0.0/8\", \"127.0.0.1\"]\n\
+             [[command_rule]]\nfrom = \"ops.>\"\nto = [\">\"]\n\
+             [[command_rule]]\nfrom = \"peq.*.*\"\nto = [\"peq.>\"]\n",
+        )
+        .unwrap();
+        assert!(c.allows("10.1.2.3".parse().unwrap()));
+        assert!(c.allows("127.0.0.1".parse().unwrap()));
+        assert!(c.allows("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!c.allows("127.0.0.2".parse().unwrap()));
+        let p = |s: &str| Pattern::parse(s.as_bytes()).unwrap();
+        assert!(c.may_command("ops.alice", &p("live.>")));
+        assert!(c.may_command("peq.ecommons.bob", &p("+peq.*.bob")));
+        assert!(!c.may_command("peq.ecommons.bob", &p(">")));
+        assert!(!c.may_command("guest", &p("peq.x.y")));
+        assert!(Config::default().may_command("guest", &p(">")));
+    }
+
+    #[test]
+    fn secret_is_compared_by_digest() {
+        let s = secret_from(b"hunter2\n", "test").unwrap();
+        assert!(s.verify(b"hunter2"));
+        assert!(!s.verify(b"hunter2\n"));
+        assert!(!s.verify(b""));
+        assert!(secret_from(b"\n", "test").is_err());
+    }
+
+    #[test]
+    fn reload_keeps_restart_settings() {
+        let old = Config::default();
+        let new = Config {
+            cores: old.cores + 1,
+            idle_timeout: Duration::from_secs(9),
+            ..Config::default()
+        };
+        let (live, restart) = old.diff(&new);
+        assert_eq!((live, restart), (vec!["idle_timeout"], vec!["cores"]));
+        let applied = old.reloaded(new);
+        assert_eq!(applied.cores, old.cores);
+        assert_eq!(applied.idle_timeout, Duration::from_secs(9));
     }
 }

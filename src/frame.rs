@@ -43,6 +43,8 @@ pub enum Opcode {
     Who = 0x0D,
     /// Server -> client: one connected shim, `identity SP since-ms SP udp|-`.
     WhoEntry = 0x0E,
+    /// Client -> server (TCP): the shared secret, before Identify, when the server has one.
+    Auth = 0x0F,
 }
 
 impl Opcode {
@@ -62,6 +64,7 @@ impl Opcode {
             0x0C => Opcode::Ack,
             0x0D => Opcode::Who,
             0x0E => Opcode::WhoEntry,
+            0x0F => Opcode::Auth,
             _ => return None,
         })
     }
@@ -82,6 +85,7 @@ impl Opcode {
             Opcode::Ack => "Ack",
             Opcode::Who => "Who",
             Opcode::WhoEntry => "WhoEntry",
+            Opcode::Auth => "Auth",
         }
     }
 }

@@ -8,15 +8,20 @@
 
 use crate::config::Config;
 use crate::frame::{Opcode, SP, encode, encode_parts};
-use crate::metrics::{Counters, Metrics};
+use crate::metrics::{Counters, Dir, ErrorKind, Metrics, Refusal, Transport};
 use crate::router::{Pattern, Router};
 use crate::shim::{CloseReason, Pushed, Shim, serial_of_command_id};
 use crate::table::Table;
+use arc_swap::{ArcSwap, Guard};
 use bytes::Bytes;
-use std::net::SocketAddr;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 /// The transport a frame arrived on; replies go back the same way.
@@ -71,10 +76,24 @@ fn is_invisible(c: char) -> bool {
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
+/// Connection-limit state of one source IP.
+struct Source {
+    /// Connections open from it.
+    open: u32,
+    /// Connection attempts left in its bucket.
+    tokens: u32,
+    /// When the bucket was last refilled (hub milliseconds).
+    refilled_ms: u64,
+}
+
+/// Sources tracked before idle ones are forgotten.
+const SOURCES_PRUNE_AT: usize = 65_536;
+/// How often one source's refusals are logged.
+const REFUSAL_LOG_MS: u64 = 60_000;
+
 /// The shared state of one server.
 pub struct Hub {
-    /// Settings.
-    pub config: Config,
+    config: ArcSwap<Config>,
     /// Identified shims and UDP bindings.
     pub table: Table,
     /// Identities for routing.
@@ -83,6 +102,14 @@ pub struct Hub {
     pub metrics: Metrics,
     epoch: Instant,
     next_serial: AtomicU64,
+    /// Open TCP connections (admitted, not yet ended).
+    open: AtomicUsize,
+    sources: DashMap<IpAddr, Source>,
+    /// When each refused source was last logged, so a flood is logged once a minute.
+    refusals_logged: Mutex<HashMap<IpAddr, u64>>,
+    /// The most connections the open-file limit leaves room for.
+    fd_cap: usize,
+    shutdown: watch::Sender<bool>,
 }
 
 impl Hub {
@@ -90,12 +117,177 @@ impl Hub {
     pub fn new(config: Config) -> Arc<Hub> {
         Arc::new(Hub {
             metrics: Metrics::new(config.cores),
-            config,
+            config: ArcSwap::from_pointee(config),
             table: Table::default(),
             router: Router::default(),
             epoch: Instant::now(),
             next_serial: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            sources: DashMap::new(),
+            refusals_logged: Mutex::new(HashMap::new()),
+            fd_cap: open_file_limit().saturating_sub(64).max(1),
+            shutdown: watch::Sender::new(false),
         })
+    }
+
+    /// The settings in force (a reload may replace them at any time).
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Applies reloaded settings: those that need a restart keep their running values.
+    /// Returns the keys that changed and were applied, and those that need a restart.
+    pub fn reload(&self, new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let old = self.config.load_full();
+        let (live, restart) = old.diff(&new);
+        self.config.store(Arc::new(old.reloaded(new)));
+        (live, restart)
+    }
+
+    /// The connection limit in force: `max_connections`, lowered to what the open-file
+    /// limit leaves room for.
+    pub fn max_connections(&self) -> usize {
+        match self.config().max_connections {
+            0 => self.fd_cap,
+            n => n.min(self.fd_cap),
+        }
+    }
+
+    /// Open TCP connections.
+    pub fn connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Decides whether a connection just accepted from `ip` may be served: the allowed
+    /// networks, the total and per-source connection limits and the per-source attempt
+    /// rate, in that order. An admitted connection must be [released](Hub::release) when
+    /// it ends.
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let c = self.config();
+        let refused = |why| {
+            self.refused(ip, why, now);
+            Err(why)
+        };
+        if !c.allows(ip) {
+            return refused(Refusal::AllowList);
+        }
+        if *self.shutdown.borrow() {
+            return refused(Refusal::MaxConnections);
+        }
+        if self.open.load(Ordering::Relaxed) >= self.max_connections() {
+            return refused(Refusal::MaxConnections);
+        }
+        let now_ms = self.ms(now);
+        if self.sources.len() >= SOURCES_PRUNE_AT {
+            self.sources
+                .retain(|_, s| s.open > 0 || now_ms.saturating_sub(s.refilled_ms) < 1000);
+        }
+        let rate = c.connect_rate_per_source;
+        let mut s = self.sources.entry(ip).or_insert(Source {
+            open: 0,
+            tokens: rate,
+            refilled_ms: now_ms,
+        });
+        if rate > 0 {
+            let refill = now_ms.saturating_sub(s.refilled_ms) * u64::from(rate) / 1000;
+            if refill > 0 {
+                s.tokens = (u64::from(s.tokens) + refill).min(u64::from(rate)) as u32;
+                s.refilled_ms = now_ms;
+            }
+            if s.tokens == 0 {
+                drop(s);
+                return refused(Refusal::Rate);
+            }
+            s.tokens -= 1;
+        }
+        let per = c.max_connections_per_source;
+        if per > 0 && s.open as usize >= per {
+            drop(s);
+            return refused(Refusal::PerSource);
+        }
+        s.open += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends an admitted connection from `ip`.
+    pub fn release(&self, ip: IpAddr) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(mut s) = self.sources.get_mut(&ip) {
+            s.open = s.open.saturating_sub(1);
+        }
+    }
+
+    /// Counts a refusal and logs it, once a minute per source.
+    pub fn refused(&self, ip: IpAddr, why: Refusal, now: Instant) {
+        self.metrics.refuse(why);
+        let now_ms = self.ms(now);
+        let mut logged = self.refusals_logged.lock();
+        if logged.len() >= SOURCES_PRUNE_AT {
+            logged.retain(|_, t| now_ms.saturating_sub(*t) < REFUSAL_LOG_MS);
+        }
+        let last = logged.get(&ip).copied();
+        if last.is_none_or(|t| now_ms.saturating_sub(t) >= REFUSAL_LOG_MS) {
+            logged.insert(ip, now_ms);
+            drop(logged);
+            warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source)");
+        }
+    }
+
+    /// Whether a datagram from `src` may be handled; counts and logs it when not.
+    pub fn admit_datagram(&self, src: SocketAddr, now: Instant) -> bool {
+        if self.config().allows(src.ip()) {
+            return true;
+        }
+        Counters::bump(&self.counters().datagrams_refused);
+        self.refused(src.ip(), Refusal::AllowList, now);
+        false
+    }
+
+    /// Starts a graceful shutdown: the cores stop accepting and send every connection
+    /// Quit ([`Hub::shutdown_started`] wakes them).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once a graceful shutdown has begun.
+    pub async fn shutdown_started(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Whether a graceful shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Queues whole frame(s) on `to`'s TCP outbox, counting them as sent.
+    pub(crate) fn queue(&self, to: &Shim, frame: &[u8], limit: usize) -> Pushed {
+        let r = to.outbox.push(limit, frame);
+        if matches!(r, Pushed::Queued | Pushed::QueuedFirst) {
+            self.sent(to, Transport::Tcp, frame);
+        }
+        r
+    }
+
+    /// Closes `to`'s TCP outbox for `reason` after `last` (a final frame, or nothing).
+    pub(crate) fn close_with(&self, to: &Shim, reason: CloseReason, last: &[u8]) {
+        if !last.is_empty() {
+            self.sent(to, Transport::Tcp, last);
+        }
+        to.outbox.close(reason, last);
+    }
+
+    /// Counts one frame sent to `to`.
+    pub(crate) fn sent(&self, to: &Shim, t: Transport, frame: &[u8]) {
+        to.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.metrics.frame(Dir::Out, t, frame[0], frame.len());
+    }
+
+    /// Counts one frame received from `from`.
+    pub(crate) fn received(&self, from: &Shim, t: Transport, op: u8, len: usize) {
+        from.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics.frame(Dir::In, t, op, len);
     }
 
     /// `now` as milliseconds on the hub's clock (what [`Shim::last_seen_ms`] is kept in).
@@ -116,7 +308,7 @@ impl Hub {
             .map_or(0, |d| d.as_millis() as u64);
         Counters::bump(&self.counters().accepted);
         info!(conn = serial, core, %peer, "connect");
-        Arc::new(Shim::new(serial, peer, self.ms(now), unix_ms))
+        Arc::new(Shim::new(serial, core, peer, self.ms(now), unix_ms))
     }
 
     /// Applies an Identify: registers the shim (queueing its Session) or renames it.
@@ -132,11 +324,9 @@ impl Hub {
         // The Session goes into the outbox before the shim can be found: a frame routed to
         // it by another core must never reach the client ahead of its Session. (It is
         // queued on the shim's own outbox, which its connection flushes after each batch.)
-        shim.outbox.push(self.config.outbound_limit, &{
-            let mut f = Vec::with_capacity(18);
-            encode(Opcode::Session, &shim.token.0, &mut f);
-            f
-        });
+        let mut f = Vec::with_capacity(18);
+        encode(Opcode::Session, &shim.token.0, &mut f);
+        self.queue(shim, &f, usize::MAX);
         shim.mark_identified();
         self.table.insert(shim);
         self.router.insert(&label, shim);
@@ -167,11 +357,12 @@ impl Hub {
     /// on TCP or UDP).
     pub fn expired(&self, shim: &Shim, now: Instant) -> Option<CloseReason> {
         let now_ms = self.ms(now);
-        let identify = self.config.identify_timeout.as_millis() as u64;
+        let c = self.config();
+        let identify = c.identify_timeout.as_millis() as u64;
         if !shim.is_identified() && now_ms.saturating_sub(shim.accepted_ms()) >= identify {
             return Some(CloseReason::IdentifyTimeout);
         }
-        let idle = self.config.idle_timeout.as_millis() as u64;
+        let idle = c.idle_timeout.as_millis() as u64;
         (now_ms.saturating_sub(shim.last_seen_ms()) >= idle).then_some(CloseReason::Idle)
     }
 
@@ -181,10 +372,13 @@ impl Hub {
     pub fn expire(&self, shim: &Shim, reason: CloseReason) {
         let mut f = Vec::new();
         match reason {
-            CloseReason::IdentifyTimeout => encode(Opcode::Error, b"identify timeout", &mut f),
+            CloseReason::IdentifyTimeout => {
+                self.metrics.error(ErrorKind::IdentifyTimeout);
+                encode(Opcode::Error, b"identify timeout", &mut f)
+            }
             _ => f.extend_from_slice(&crate::session::QUIT),
         }
-        shim.outbox.close(reason, &f);
+        self.close_with(shim, reason, &f);
         self.close(shim, reason);
     }
 
@@ -195,26 +389,23 @@ impl Hub {
             .is_some()
     }
 
-    /// Begins a graceful shutdown: every identified shim is sent Quit and closed.
-    pub fn shutdown(&self) {
-        self.table
-            .for_each(|s| s.outbox.close(CloseReason::Shutdown, &crate::session::QUIT));
-    }
-
     /// Sends one frame to the sender of a request, on the transport it came in on.
     pub fn reply(&self, to: &Arc<Shim>, via: Via, frame: &[u8], out: &mut Outgoing) {
         match via {
             Via::Tcp => {
                 self.push(to, frame, out);
             }
-            Via::Udp(addr) => out.datagrams.push((addr, Bytes::copy_from_slice(frame))),
+            Via::Udp(addr) => {
+                to.frames_out.fetch_add(1, Ordering::Relaxed);
+                out.datagrams.push((addr, Bytes::copy_from_slice(frame)))
+            }
         }
     }
 
     /// Queues `frame` on `to`'s TCP connection (listing `to` for a flush); cuts `to` off
     /// if it is a slow consumer.
     fn push(&self, to: &Arc<Shim>, frame: &[u8], out: &mut Outgoing) -> bool {
-        match to.outbox.push(self.config.outbound_limit, frame) {
+        match self.queue(to, frame, self.config().outbound_limit) {
             Pushed::Queued => true,
             Pushed::QueuedFirst => {
                 out.flush.push(to.clone());
@@ -234,15 +425,21 @@ impl Hub {
         if let Via::Udp(_) = via
             && let Some(addr) = to.udp_addr()
         {
+            to.frames_out.fetch_add(1, Ordering::Relaxed);
             out.datagrams.push((addr, frame.clone()));
             return true;
         }
         self.push(to, frame, out)
     }
 
-    /// Sends an Error frame back to `to` on the transport its request came in on.
-    pub fn error(&self, to: &Arc<Shim>, via: Via, msg: &str, out: &mut Outgoing) {
-        Counters::bump(&self.counters().rejected);
+    /// Sends an Error frame about `kind` back to `to` on the transport its request came
+    /// in on.
+    pub fn error(&self, to: &Arc<Shim>, via: Via, kind: ErrorKind, msg: &str, out: &mut Outgoing) {
+        self.metrics.error(kind);
+        self.error_frame(to, via, msg, out);
+    }
+
+    fn error_frame(&self, to: &Arc<Shim>, via: Via, msg: &str, out: &mut Outgoing) {
         let mut f = Vec::with_capacity(msg.len() + 2);
         encode(Opcode::Error, msg.as_bytes(), &mut f);
         self.reply(to, via, &f, out);
@@ -260,17 +457,29 @@ impl Hub {
 
     fn fan_out(&self, sender: &Arc<Shim>, op: Opcode, data: &[u8], via: Via, out: &mut Outgoing) {
         let Some(sp) = data.iter().position(|&b| b == SP) else {
-            return self.error(sender, via, "expected: TARGET SP TEXT", out);
+            return self.error(
+                sender,
+                via,
+                ErrorKind::Malformed,
+                "expected: TARGET SP TEXT",
+                out,
+            );
         };
         let (target, text) = (&data[..sp], &data[sp + 1..]);
         let pattern = match Pattern::parse(target) {
             Ok(p) => p,
             Err(e) => {
                 let msg = format!("bad target {}: {e}", String::from_utf8_lossy(target));
-                return self.error(sender, via, &msg, out);
+                return self.error(sender, via, ErrorKind::Malformed, &msg, out);
             }
         };
         let identity = sender.identity();
+        if op == Opcode::Command && !self.config().may_command(&identity, &pattern) {
+            self.metrics.refuse(Refusal::Permission);
+            debug!(conn = sender.serial, identity = %identity, "command not permitted");
+            let msg = format!("command not permitted: {}", String::from_utf8_lossy(target));
+            return self.error_frame(sender, via, &msg, out);
+        }
         let mut id_buf = itoa_u64(0);
         let id = if op == Opcode::Command {
             let id = sender.next_command_id();
@@ -299,7 +508,7 @@ impl Hub {
         });
         if reached == 0 {
             let msg = format!("no shim matches {}", String::from_utf8_lossy(target));
-            return self.error(sender, via, &msg, out);
+            return self.error(sender, via, ErrorKind::NoMatch, &msg, out);
         }
         self.counters()
             .deliveries
@@ -322,7 +531,13 @@ impl Hub {
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
         else {
-            return self.error(responder, via, "expected: ID SP RESPONSE", out);
+            return self.error(
+                responder,
+                via,
+                ErrorKind::Malformed,
+                "expected: ID SP RESPONSE",
+                out,
+            );
         };
         let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
             Counters::bump(&self.counters().responses_dropped);
@@ -345,7 +560,8 @@ impl Hub {
 
     fn who(&self, sender: &Arc<Shim>, data: &[u8], via: Via, out: &mut Outgoing) {
         if via != Via::Tcp {
-            return self.error(sender, via, "Who is answered over TCP only", out);
+            let msg = "Who is answered over TCP only";
+            return self.error(sender, via, ErrorKind::WrongOpcode, msg, out);
         }
         let pattern = if data.is_empty() {
             Pattern::all()
@@ -354,7 +570,7 @@ impl Hub {
                 Ok(p) => p,
                 Err(e) => {
                     let msg = format!("bad pattern {}: {e}", String::from_utf8_lossy(data));
-                    return self.error(sender, via, &msg, out);
+                    return self.error(sender, via, ErrorKind::Malformed, &msg, out);
                 }
             }
         };
@@ -375,20 +591,42 @@ impl Hub {
                 &mut listing,
             );
         });
+        let entries_len = listing.len();
         encode_parts(Opcode::Ack, &[b"0 ", itoa_u64(n).as_bytes()], &mut listing);
         // One listing may be larger than the outbound limit in a big fleet; it is allowed
         // once, but a second one queued behind an unread first still cuts the shim off.
-        let limit = self.config.outbound_limit.max(listing.len());
+        let limit = self.config().outbound_limit.max(listing.len());
         match sender.outbox.push(limit, &listing) {
             Pushed::SlowConsumer => debug!(conn = sender.serial, "outbound limit passed"),
-            Pushed::QueuedFirst => out.flush.push(sender.clone()),
-            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Closed => {}
+            queued => {
+                let op = Opcode::WhoEntry as u8;
+                (self.metrics).frames(Dir::Out, Transport::Tcp, op, n, entries_len);
+                self.sent(sender, Transport::Tcp, &listing[entries_len..]);
+                sender.frames_out.fetch_add(n, Ordering::Relaxed);
+                if queued == Pushed::QueuedFirst {
+                    out.flush.push(sender.clone());
+                }
+            }
         }
     }
 }
 
 fn itoa_u64(v: u64) -> String {
     v.to_string()
+}
+
+/// The soft open-file limit of this process.
+fn open_file_limit() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 1024;
+    }
+    usize::try_from(r.rlim_cur).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! `driver/epoll.rs` (epoll). [`client`] is the client library used by the `velium` CLI,
 //! the tests and the benchmarks.
 
+pub mod admin;
 pub mod client;
 pub mod codec;
 pub mod config;

@@ -1,10 +1,23 @@
 //! `velium-server`: serves the velium protocol on one TCP and UDP address.
+//!
+//! Signals: SIGTERM or SIGINT stop gracefully (stop accepting, Quit to every shim, wait
+//! for the connections to close up to `shutdown_timeout`, exit 0; a second signal exits at
+//! once). SIGHUP re-reads the config file and applies what can change at run time.
 
 use clap::Parser;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, fmt, reload};
+use velium_server::admin;
 use velium_server::config::{Args, Config, IoMode};
 use velium_server::driver;
+use velium_server::hub::Hub;
 use velium_server::metrics::Latency;
 
 fn main() -> ExitCode {
@@ -16,16 +29,27 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &args.check_config {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    raise_open_file_limit();
     // Log lines are written by a background thread, so a connect or close line never
-    // costs the serving core a write(2) of its own.
+    // costs the serving core a write(2) of its own. The filter sits behind a reload
+    // handle so that SIGHUP can change the level.
     let (writer, _flush_guard) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
-        .with_writer(writer)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
+    let (filter, filter_handle) = reload::Layer::new(EnvFilter::new(&config.log_level));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .with_writer(writer)
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal()),
+        )
         .init();
 
+    let admin_addr = config.admin;
     let running = match driver::start(config) {
         Ok(r) => r,
         Err(e) => {
@@ -33,47 +57,153 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let hub = running.hub.clone();
+    let reload: admin::Reload = {
+        let hub = hub.clone();
+        Arc::new(move || {
+            let new = Config::load(&args).map_err(|e| {
+                warn!(error = %e, "reload failed; settings unchanged");
+                format!("reload failed, settings unchanged: {e}")
+            })?;
+            let level = new.log_level.clone();
+            let (live, restart) = hub.reload(new);
+            if live.contains(&"log_level") {
+                let _ = filter_handle.modify(|f| *f = EnvFilter::new(&level));
+            }
+            let msg = format!(
+                "reloaded; applied: {}; need a restart: {}",
+                list(&live),
+                list(&restart)
+            );
+            info!(applied = %list(&live), restart_needed = %list(&restart), "reloaded");
+            Ok(msg)
+        })
+    };
     let io = match running.io {
         IoMode::Epoll => "epoll",
         _ => "io_uring",
     };
-    // Scripts and tests read the real address (port 0 picks one) from this line.
-    println!(
-        "velium-server listening on {} ({} cores, {io})",
-        running.addr, running.hub.config.cores
+    // Scripts and tests read the real addresses (port 0 picks one) from these lines. A
+    // reader may close the pipe after them, so write errors are ignored.
+    let mut banner = format!(
+        "velium-server listening on {} ({} cores, {io})\n",
+        running.addr,
+        hub.config().cores
     );
-    let _ = std::io::stdout().flush();
-
-    wait_for_signal();
-    let hub = &running.hub;
-    // Tell every shim the session is over, and give the writers a moment to flush it.
-    hub.shutdown();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !hub.table.is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    if let Some(addr) = admin_addr {
+        match admin::start(addr, hub.clone(), reload.clone()) {
+            Ok(bound) => banner.push_str(&format!("velium-server admin on http://{bound}\n")),
+            Err(e) => {
+                eprintln!("velium-server: cannot serve admin on {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        }
     }
-    tracing::info!(
-        handshake = %hub.metrics.summary(Latency::Handshake),
-        udp_bind = %hub.metrics.summary(Latency::UdpBind),
-        shims = hub.table.len(),
-        counters = ?hub.metrics.counters,
-        "shutting down"
-    );
-    ExitCode::SUCCESS
-}
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(banner.as_bytes());
+    let _ = stdout.flush();
 
-fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("signal runtime");
-    rt.block_on(async {
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    rt.block_on(signals(hub, reload))
+}
+
+/// Waits for signals: SIGHUP reloads, SIGTERM or SIGINT shut down.
+async fn signals(hub: Arc<Hub>, reload: admin::Reload) -> ExitCode {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let _ = reload();
+            }
         }
-    });
+    }
+    let timeout = hub.config().shutdown_timeout;
+    info!(
+        connections = hub.connections(),
+        ?timeout,
+        "shutting down: no new connections, Quit to every shim"
+    );
+    hub.begin_shutdown();
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let drained = async {
+        while hub.connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = term.recv() => return second_signal(),
+        _ = int.recv() => return second_signal(),
+    }
+    let left = hub.connections();
+    if left > 0 {
+        hub.metrics
+            .counters
+            .shutdown_cut
+            .fetch_add(left as u64, std::sync::atomic::Ordering::Relaxed);
+        warn!(
+            connections = left,
+            "shutdown deadline passed with connections still open"
+        );
+    }
+    let errors: Vec<String> = hub
+        .metrics
+        .errors()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{}={n}", k.label()))
+        .collect();
+    let refused: Vec<String> = hub
+        .metrics
+        .refusals()
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{}={n}", k.label()))
+        .collect();
+    info!(
+        took = ?started.elapsed(),
+        handshake = %hub.metrics.summary(Latency::Handshake),
+        udp_bind = %hub.metrics.summary(Latency::UdpBind),
+        counters = ?hub.metrics.counters,
+        errors = %errors.join(" "),
+        refused = %refused.join(" "),
+        "shut down"
+    );
+    ExitCode::SUCCESS
+}
+
+fn second_signal() -> ExitCode {
+    warn!("second signal: exiting without waiting for connections to close");
+    ExitCode::from(1)
+}
+
+fn list(keys: &[&str]) -> String {
+    if keys.is_empty() {
+        "none".into()
+    } else {
+        keys.join(", ")
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: every shim holds a descriptor, and
+/// the soft default (often 1024) would cap a fleet long before memory does. The hard
+/// limit is the operator's (systemd `LimitNOFILE`, `/etc/security/limits.conf`).
+fn raise_open_file_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit / setrlimit read and write one rlimit struct owned here.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
 }

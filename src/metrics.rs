@@ -1,17 +1,20 @@
 //! Counters and latency histograms.
 //!
-//! Each core records into its own histograms (a lock nobody else takes while serving), and
-//! they are merged only when someone asks: at shutdown, or by a report.
+//! Each core records into its own histograms (a lock nobody else takes while serving) and
+//! its own traffic counters (a cache line nobody else writes), found through the core
+//! index the driver stores in a thread-local when the core starts. They are summed or
+//! merged only when someone asks: `/metrics`, or the summary logged at shutdown.
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Event counters, updated with relaxed atomics.
+/// Event counters, updated with relaxed atomics (each is rare next to the traffic).
 #[derive(Default, Debug)]
 pub struct Counters {
-    /// TCP connections accepted.
+    /// TCP connections accepted (and admitted).
     pub accepted: AtomicU64,
     /// Shims that completed Identify.
     pub identified: AtomicU64,
@@ -19,14 +22,16 @@ pub struct Counters {
     pub slow_consumers: AtomicU64,
     /// CommandResponses whose command sender had gone.
     pub responses_dropped: AtomicU64,
-    /// Frames delivered to a shim (TCP or UDP).
+    /// Routed frames delivered to a shim (TCP or UDP).
     pub deliveries: AtomicU64,
     /// Quit answers sent to unbound UDP sources.
     pub udp_quit_sent: AtomicU64,
     /// Quit answers withheld by the per-source rate limit.
     pub udp_quit_suppressed: AtomicU64,
-    /// Frames or datagrams rejected as malformed, oversized or out of place.
-    pub rejected: AtomicU64,
+    /// Datagrams dropped because their source is outside the allowed networks.
+    pub datagrams_refused: AtomicU64,
+    /// Connections still open when a graceful shutdown's deadline passed.
+    pub shutdown_cut: AtomicU64,
 }
 
 impl Counters {
@@ -35,6 +40,162 @@ impl Counters {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A frame longer than `max_frame` (the connection is closed).
+    Oversized,
+    /// An opcode the protocol does not define.
+    UnknownOpcode,
+    /// A routed frame before Identify.
+    IdentifyFirst,
+    /// An identity label that breaks the rules.
+    BadIdentity,
+    /// An opcode only the server sends, or one not accepted on that transport.
+    WrongOpcode,
+    /// A frame whose data is not in its documented form (target, id, pattern).
+    Malformed,
+    /// A Command or Echo whose target matched no shim.
+    NoMatch,
+    /// No Identify within `identify_timeout`.
+    IdentifyTimeout,
+    /// A datagram that is not one frame.
+    BadDatagram,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 9] = [
+        ErrorKind::Oversized,
+        ErrorKind::UnknownOpcode,
+        ErrorKind::IdentifyFirst,
+        ErrorKind::BadIdentity,
+        ErrorKind::WrongOpcode,
+        ErrorKind::Malformed,
+        ErrorKind::NoMatch,
+        ErrorKind::IdentifyTimeout,
+        ErrorKind::BadDatagram,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Oversized => "oversized",
+            ErrorKind::UnknownOpcode => "unknown_opcode",
+            ErrorKind::IdentifyFirst => "identify_first",
+            ErrorKind::BadIdentity => "bad_identity",
+            ErrorKind::WrongOpcode => "wrong_opcode",
+            ErrorKind::Malformed => "malformed",
+            ErrorKind::NoMatch => "no_match",
+            ErrorKind::IdentifyTimeout => "identify_timeout",
+            ErrorKind::BadDatagram => "bad_datagram",
+        }
+    }
+}
+
+/// Why a connection or a request was refused by a limit or an access rule, for
+/// `velium_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The source is outside `allow_networks` (closed without a byte).
+    AllowList,
+    /// `max_connections` reached.
+    MaxConnections,
+    /// `max_connections_per_source` reached for the source IP.
+    PerSource,
+    /// `connect_rate_per_source` exceeded.
+    Rate,
+    /// Identify without the secret, or a wrong secret.
+    Auth,
+    /// A Command the command rules do not permit.
+    Permission,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 6] = [
+        Refusal::AllowList,
+        Refusal::MaxConnections,
+        Refusal::PerSource,
+        Refusal::Rate,
+        Refusal::Auth,
+        Refusal::Permission,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::AllowList => "allow_list",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerSource => "per_source",
+            Refusal::Rate => "rate",
+            Refusal::Auth => "auth",
+            Refusal::Permission => "permission",
+        }
+    }
+
+    /// The Error frame text a refused connection is sent before it is closed.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::AllowList => "",
+            Refusal::MaxConnections => "too many connections",
+            Refusal::PerSource => "too many connections from this address",
+            Refusal::Rate => "connecting too fast",
+            Refusal::Auth => "authentication failed",
+            Refusal::Permission => "command not permitted",
+        }
+    }
+}
+
+/// Which way a frame went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Received from a client.
+    In = 0,
+    /// Sent (queued) to a client.
+    Out = 1,
+}
+
+/// Which transport carried a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// The TCP control connection.
+    Tcp = 0,
+    /// The UDP channel.
+    Udp = 1,
+}
+
+/// Opcode slots: one per byte 0x00..=0x0F, and one for anything else.
+const OPS: usize = 17;
+const SLOTS: usize = 2 * 2 * OPS;
+
+/// One core's traffic counters, on cache lines of their own.
+#[repr(align(128))]
+struct Traffic {
+    frames: [AtomicU64; SLOTS],
+    bytes: [AtomicU64; SLOTS],
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Traffic {
+            frames: std::array::from_fn(|_| AtomicU64::new(0)),
+            bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+fn slot(dir: Dir, t: Transport, op: u8) -> usize {
+    ((dir as usize * 2) + t as usize) * OPS + (op as usize).min(OPS - 1)
+}
+
+thread_local! {
+    static CORE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Marks the current thread as serving core `index`: its counters go to that core's block.
+pub fn set_core(index: usize) {
+    CORE.with(|c| c.set(index));
 }
 
 /// One core's latency histograms (microseconds).
@@ -63,7 +224,11 @@ impl Default for CoreHistograms {
 pub struct Metrics {
     /// Counters.
     pub counters: Counters,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+    refused: [AtomicU64; Refusal::ALL.len()],
     cores: Vec<CoreHistograms>,
+    /// One block per core, and a last one for other threads (admin, signals).
+    traffic: Vec<Traffic>,
 }
 
 /// Which histogram.
@@ -80,10 +245,69 @@ impl Metrics {
     pub fn new(cores: usize) -> Metrics {
         Metrics {
             counters: Counters::default(),
+            errors: Default::default(),
+            refused: Default::default(),
             cores: (0..cores.max(1))
                 .map(|_| CoreHistograms::default())
                 .collect(),
+            traffic: (0..cores.max(1) + 1).map(|_| Traffic::default()).collect(),
         }
+    }
+
+    /// Counts one frame of `len` bytes (opcode and 0x0A included) with opcode byte `op`.
+    #[inline]
+    pub fn frame(&self, dir: Dir, t: Transport, op: u8, len: usize) {
+        self.frames(dir, t, op, 1, len);
+    }
+
+    /// Counts `n` frames of `len` bytes in all, with opcode byte `op`.
+    #[inline]
+    pub fn frames(&self, dir: Dir, t: Transport, op: u8, n: u64, len: usize) {
+        let core = CORE.with(Cell::get).min(self.traffic.len() - 1);
+        let block = &self.traffic[core];
+        let i = slot(dir, t, op);
+        block.frames[i].fetch_add(n, Ordering::Relaxed);
+        block.bytes[i].fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Frames and bytes counted for one direction, transport and opcode slot (0x00..=0x0F,
+    /// 16 for any other byte), summed over the cores.
+    pub fn traffic(&self, dir: Dir, t: Transport, op: u8) -> (u64, u64) {
+        let i = slot(dir, t, op);
+        self.traffic.iter().fold((0, 0), |(f, b), c| {
+            (
+                f + c.frames[i].load(Ordering::Relaxed),
+                b + c.bytes[i].load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Counts an Error frame sent (or a datagram dropped) for `kind`.
+    pub fn error(&self, kind: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        Counters::bump(&self.errors[i]);
+    }
+
+    /// Counts a refusal.
+    pub fn refuse(&self, why: Refusal) {
+        let i = Refusal::ALL.iter().position(|k| *k == why).unwrap_or(0);
+        Counters::bump(&self.refused[i]);
+    }
+
+    /// Every error kind with its count.
+    pub fn errors(&self) -> impl Iterator<Item = (ErrorKind, u64)> + '_ {
+        ErrorKind::ALL
+            .iter()
+            .zip(&self.errors)
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+    }
+
+    /// Every refusal reason with its count.
+    pub fn refusals(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
+        Refusal::ALL
+            .iter()
+            .zip(&self.refused)
+            .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
     }
 
     /// Records one sample on `core`'s histogram.
@@ -141,5 +365,27 @@ mod tests {
         assert!(h.max() >= 300);
         assert!(m.summary(Latency::Handshake).starts_with("n=2 "));
         assert_eq!(m.summary(Latency::UdpBind), "no samples");
+    }
+
+    #[test]
+    fn traffic_sums_over_cores() {
+        let m = Metrics::new(2);
+        std::thread::scope(|s| {
+            for core in 0..2 {
+                let m = &m;
+                s.spawn(move || {
+                    set_core(core);
+                    m.frame(Dir::In, Transport::Tcp, 0x04, 10);
+                });
+            }
+        });
+        m.frame(Dir::Out, Transport::Udp, 0x99, 3);
+        assert_eq!(m.traffic(Dir::In, Transport::Tcp, 0x04), (2, 20));
+        assert_eq!(m.traffic(Dir::Out, Transport::Udp, 16), (1, 3));
+        assert_eq!(m.traffic(Dir::Out, Transport::Tcp, 0x04), (0, 0));
+        m.error(ErrorKind::NoMatch);
+        m.refuse(Refusal::Rate);
+        assert!(m.errors().any(|(k, n)| k == ErrorKind::NoMatch && n == 1));
+        assert!(m.refusals().any(|(k, n)| k == Refusal::Rate && n == 1));
     }
 }

@@ -102,6 +102,24 @@ impl Pattern {
         }
         i == parts.len()
     }
+
+    /// Whether every identity `other` can match is matched by `self` (the leading `+` of
+    /// either is ignored). Permission rules use this, so that a decision depends on what
+    /// a Command's target could name, never on which shims happen to be connected.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let (p, q) = (&self.segs, &other.segs);
+        for i in 0.. {
+            match (p.get(i), q.get(i)) {
+                (Some(Seg::Rest), _) => return q.len() > i,
+                (None, None) => return true,
+                (None, _) | (_, None) | (_, Some(Seg::Rest)) => return false,
+                (Some(Seg::One), Some(_)) => {}
+                (Some(Seg::Lit(a)), Some(Seg::Lit(b))) if a == b => {}
+                (Some(Seg::Lit(_)), Some(_)) => return false,
+            }
+        }
+        unreachable!()
+    }
 }
 
 fn lowercase(b: &[u8]) -> Box<str> {
@@ -232,7 +250,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn shim(serial: u64) -> Arc<Shim> {
-        Arc::new(Shim::new(serial, "127.0.0.1:1".parse().unwrap(), 0, 0))
+        Arc::new(Shim::new(serial, 0, "127.0.0.1:1".parse().unwrap(), 0, 0))
     }
 
     fn matched(r: &Router, p: &str) -> Vec<u64> {
@@ -280,7 +298,38 @@ mod tests {
         assert_eq!(Pattern::parse(b"a.>.b"), Err(PatternError::RestNotLast));
     }
 
+    #[test]
+    fn coverage() {
+        let p = |s: &str| Pattern::parse(s.as_bytes()).unwrap();
+        assert!(p(">").covers(&p("a.b.c")));
+        assert!(p(">").covers(&p("*")));
+        assert!(p("a.>").covers(&p("a.*.c")));
+        assert!(p("a.>").covers(&p("+A.>")));
+        assert!(!p("a.>").covers(&p("a")));
+        assert!(!p("a.>").covers(&p(">")));
+        assert!(p("a.*").covers(&p("a.b")));
+        assert!(!p("a.*").covers(&p("a.>")));
+        assert!(!p("a.b").covers(&p("a.*")));
+        assert!(p("a.b").covers(&p("a.B")));
+        assert!(!p("a.b").covers(&p("a.b.c")));
+    }
+
     proptest! {
+        /// A pattern that covers another matches every identity the other matches.
+        #[test]
+        fn coverage_implies_matching(
+            ids in proptest::collection::vec("[ab]{1}(\\.[ab]{1}){0,3}", 1..30),
+            p in "([ab]|\\*)(\\.([ab]|\\*)){0,3}(\\.>)?|>",
+            q in "([ab]|\\*)(\\.([ab]|\\*)){0,3}(\\.>)?|>",
+        ) {
+            let (p, q) = (Pattern::parse(p.as_bytes()).unwrap(), Pattern::parse(q.as_bytes()).unwrap());
+            if p.covers(&q) {
+                for id in &ids {
+                    prop_assert!(!q.matches(id) || p.matches(id), "{:?} covers {:?} but not {}", p, q, id);
+                }
+            }
+        }
+
         /// The trie finds exactly the identities that direct comparison finds.
         #[test]
         fn trie_agrees_with_direct_matching(

@@ -7,7 +7,7 @@
 use crate::codec::{self, CodecError};
 use crate::frame::{Frame, NEWLINE, Opcode, encode};
 use crate::hub::{Hub, Identified, Outgoing, Via, check_identity};
-use crate::metrics::Counters;
+use crate::metrics::{ErrorKind, Refusal, Transport};
 use crate::shim::{CloseReason, Shim};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +28,8 @@ pub struct Connection {
     shim: Arc<Shim>,
     /// Bytes of a frame that a read cut in two.
     partial: Vec<u8>,
+    /// Whether the client presented the shared secret (or none is required).
+    authed: bool,
     /// Set when the Session reply was queued, until the driver takes it (for the handshake
     /// latency histogram).
     session_queued: bool,
@@ -42,6 +44,7 @@ impl Connection {
         Connection {
             shim: hub.accept(core, peer, now),
             partial: Vec::new(),
+            authed: false,
             session_queued: false,
             out: Outgoing::default(),
         }
@@ -69,7 +72,7 @@ impl Connection {
     /// Handles bytes read from the socket.
     pub fn on_bytes(&mut self, hub: &Hub, data: &[u8], now: Instant) -> Flow {
         self.shim.touch(hub.ms(now));
-        let max = hub.config.max_frame;
+        let max = hub.config().max_frame;
         if self.partial.is_empty() {
             let (flow, used) = self.on_frames(hub, data, max);
             if flow == Flow::Continue {
@@ -102,27 +105,38 @@ impl Connection {
                 }
                 Ok(None) => return (Flow::Continue, used),
                 Err(e @ CodecError::TooLong { .. }) | Err(e @ CodecError::NotOneFrame) => {
-                    Counters::bump(&hub.counters().rejected);
+                    hub.metrics.error(ErrorKind::Oversized);
                     debug!(conn = self.shim.serial, "oversized frame");
                     let mut f = Vec::new();
                     encode(Opcode::Error, e.to_string().as_bytes(), &mut f);
-                    self.shim.outbox.close(CloseReason::Oversized, &f);
+                    hub.close_with(&self.shim, CloseReason::Oversized, &f);
                     return (Flow::Close(CloseReason::Oversized), used);
                 }
             }
         }
     }
 
-    fn error(&self, hub: &Hub, msg: &str) {
-        Counters::bump(&hub.counters().rejected);
+    fn error(&self, hub: &Hub, kind: ErrorKind, msg: &str) {
+        hub.metrics.error(kind);
         let mut f = Vec::with_capacity(msg.len() + 2);
         encode(Opcode::Error, msg.as_bytes(), &mut f);
-        self.shim.outbox.push(hub.config.outbound_limit, &f);
+        hub.queue(&self.shim, &f, hub.config().outbound_limit);
+    }
+
+    /// Refuses the connection for a missing or wrong secret: an Error frame, then close.
+    fn refuse_auth(&self, hub: &Hub, msg: &str) -> Flow {
+        hub.refused(self.shim.peer.ip(), Refusal::Auth, Instant::now());
+        let mut f = Vec::with_capacity(msg.len() + 2);
+        encode(Opcode::Error, msg.as_bytes(), &mut f);
+        hub.close_with(&self.shim, CloseReason::AuthFailed, &f);
+        Flow::Close(CloseReason::AuthFailed)
     }
 
     fn on_frame(&mut self, hub: &Hub, frame: Frame<'_>) -> Flow {
+        hub.received(&self.shim, Transport::Tcp, frame.op, frame.data.len() + 2);
         let Some(op) = frame.opcode() else {
-            self.error(hub, &format!("unknown opcode 0x{:02X}", frame.op));
+            let msg = format!("unknown opcode 0x{:02X}", frame.op);
+            self.error(hub, ErrorKind::UnknownOpcode, &msg);
             return Flow::Continue;
         };
         match op {
@@ -134,7 +148,18 @@ impl Connection {
             Opcode::Ping => {
                 let mut f = Vec::with_capacity(frame.data.len() + 2);
                 encode(Opcode::Pong, frame.data, &mut f);
-                self.shim.outbox.push(hub.config.outbound_limit, &f);
+                hub.queue(&self.shim, &f, hub.config().outbound_limit);
+            }
+            Opcode::Auth => {
+                if let Some(secret) = &hub.config().secret
+                    && !secret.verify(frame.data)
+                {
+                    return self.refuse_auth(hub, "authentication failed");
+                }
+                self.authed = true;
+            }
+            Opcode::Identify if !self.authed && hub.config().secret.is_some() => {
+                return self.refuse_auth(hub, "authentication required");
             }
             Opcode::Identify => match check_identity(frame.data) {
                 Ok(label) => {
@@ -142,9 +167,11 @@ impl Connection {
                         self.session_queued = true;
                     }
                 }
-                Err(why) => self.error(hub, why),
+                Err(why) => self.error(hub, ErrorKind::BadIdentity, why),
             },
-            _ if !self.shim.is_identified() => self.error(hub, "identify first"),
+            _ if !self.shim.is_identified() => {
+                self.error(hub, ErrorKind::IdentifyFirst, "identify first")
+            }
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
                 hub.route(&self.shim, op, frame.data, Via::Tcp, &mut self.out);
                 debug_assert!(
@@ -156,6 +183,7 @@ impl Connection {
             Opcode::Pong => {}
             Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry => self.error(
                 hub,
+                ErrorKind::WrongOpcode,
                 &format!(
                     "opcode 0x{:02X} ({}) is sent by the server only",
                     frame.op,

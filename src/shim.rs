@@ -39,6 +39,8 @@ pub enum CloseReason {
     IoError,
     /// The server is shutting down.
     Shutdown,
+    /// The client did not present the shared secret, or a wrong one.
+    AuthFailed,
 }
 
 impl fmt::Display for CloseReason {
@@ -52,6 +54,7 @@ impl fmt::Display for CloseReason {
             CloseReason::SlowConsumer => "slow consumer",
             CloseReason::IoError => "io error",
             CloseReason::Shutdown => "server shutdown",
+            CloseReason::AuthFailed => "authentication failed",
         })
     }
 }
@@ -299,6 +302,12 @@ pub struct Shim {
     pub token: Token,
     /// The TCP peer address.
     pub peer: SocketAddr,
+    /// The core whose runtime serves the connection.
+    pub core: u16,
+    /// Frames received from the shim, on TCP and UDP.
+    pub frames_in: AtomicU64,
+    /// Frames queued or sent to the shim, on TCP and UDP.
+    pub frames_out: AtomicU64,
     /// When the connection was accepted, in milliseconds since the Unix epoch.
     pub connected_unix_ms: u64,
     identity: RwLock<Arc<str>>,
@@ -313,11 +322,20 @@ pub struct Shim {
 }
 
 impl Shim {
-    pub(crate) fn new(serial: u64, peer: SocketAddr, now_ms: u64, unix_ms: u64) -> Shim {
+    pub(crate) fn new(
+        serial: u64,
+        core: usize,
+        peer: SocketAddr,
+        now_ms: u64,
+        unix_ms: u64,
+    ) -> Shim {
         Shim {
             serial,
             token: Token::generate(),
             peer,
+            core: core as u16,
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
             connected_unix_ms: unix_ms,
             identity: RwLock::new(Arc::from("")),
             udp: Mutex::new(UdpBinding::default()),
@@ -459,7 +477,7 @@ mod tests {
 
     #[test]
     fn command_ids_carry_the_serial() {
-        let s = Shim::new(77, "127.0.0.1:1".parse().unwrap(), 0, 0);
+        let s = Shim::new(77, 0, "127.0.0.1:1".parse().unwrap(), 0, 0);
         let a = s.next_command_id();
         let b = s.next_command_id();
         assert_ne!(a, b);

@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     fn shim(serial: u64) -> Arc<Shim> {
-        Arc::new(Shim::new(serial, "127.0.0.1:1".parse().unwrap(), 0, 0))
+        Arc::new(Shim::new(serial, 0, "127.0.0.1:1".parse().unwrap(), 0, 0))
     }
 
     #[test]

@@ -9,12 +9,13 @@
 use crate::codec::decode_datagram;
 use crate::frame::{Opcode, Token, encode};
 use crate::hub::{Hub, Outgoing, Via};
-use crate::metrics::{Counters, Latency};
+use crate::metrics::{Counters, Dir, ErrorKind, Latency, Transport};
 use crate::session::QUIT;
 use crate::table::BindOutcome;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, info};
 
@@ -34,6 +35,11 @@ impl QuitLimiter {
             per_sec,
             buckets: HashMap::new(),
         }
+    }
+
+    /// Changes the rate (after a reload); buckets keep what they hold, up to the new burst.
+    pub fn set_rate(&mut self, per_sec: u32) {
+        self.per_sec = per_sec;
     }
 
     /// Takes one answer from `src`'s bucket at `now_ms`; false when it is empty.
@@ -77,6 +83,7 @@ fn answer_quit(
     if len < QUIT.len() {
         return;
     }
+    lim.set_rate(hub.config().udp_quit_per_sec);
     if lim.allow(src, hub.ms(now)) {
         Counters::bump(&hub.counters().udp_quit_sent);
         out.datagrams.push((src, Bytes::from_static(&QUIT)));
@@ -95,16 +102,18 @@ pub fn on_datagram(
     now: Instant,
     out: &mut Outgoing,
 ) {
-    let frame = match decode_datagram(dgram, hub.config.max_frame) {
+    let frame = match decode_datagram(dgram, hub.config().max_frame) {
         Ok(f) => f,
         Err(_) => {
-            Counters::bump(&hub.counters().rejected);
+            hub.metrics.error(ErrorKind::BadDatagram);
             if hub.table.by_udp(&src).is_none() {
                 answer_quit(hub, lim, src, dgram.len(), now, out);
             }
             return;
         }
     };
+    hub.metrics
+        .frame(Dir::In, Transport::Udp, frame.op, dgram.len());
 
     if frame.op == Opcode::Session as u8 {
         let Some(shim) = Token::from_slice(frame.data).and_then(|t| hub.table.by_token(&t)) else {
@@ -130,7 +139,9 @@ pub fn on_datagram(
         return answer_quit(hub, lim, src, dgram.len(), now, out);
     };
     shim.touch(hub.ms(now));
+    shim.frames_in.fetch_add(1, Ordering::Relaxed);
     let Some(op) = frame.opcode() else {
+        hub.metrics.error(ErrorKind::UnknownOpcode);
         let mut f = Vec::new();
         encode(
             Opcode::Error,
@@ -144,12 +155,18 @@ pub fn on_datagram(
         Opcode::Ping => {
             let mut f = Vec::with_capacity(frame.data.len() + 2);
             encode(Opcode::Pong, frame.data, &mut f);
-            out.datagrams.push((src, Bytes::from(f)));
+            hub.reply(&shim, Via::Udp(src), &f, out);
         }
         Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
             hub.route(&shim, op, frame.data, Via::Udp(src), out);
         }
-        Opcode::Identify | Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry => {
+        Opcode::Identify
+        | Opcode::Session
+        | Opcode::Error
+        | Opcode::Ack
+        | Opcode::WhoEntry
+        | Opcode::Auth => {
+            hub.metrics.error(ErrorKind::WrongOpcode);
             let msg = format!(
                 "opcode 0x{:02X} ({}) is not accepted over UDP",
                 frame.op,
@@ -169,7 +186,10 @@ mod tests {
     use crate::session::Connection;
 
     fn setup() -> (std::sync::Arc<Hub>, Connection, QuitLimiter) {
-        let h = Hub::new(Config::default());
+        let h = Hub::new(Config {
+            udp_quit_per_sec: 3,
+            ..Config::default()
+        });
         let now = Instant::now();
         let mut c = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), now);
         c.on_bytes(&h, b"\x01peq.a.bob\n", now);

@@ -114,16 +114,25 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     });
     tokio::task::spawn_local(sweep(core.clone()));
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
+    tokio::task::spawn_local(quit_all(core.clone()));
     accept_loop(core, listener).await;
 }
 
 async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
     let mut last_warn: Option<Instant> = None;
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::task::spawn_local(serve(core.clone(), stream, peer));
-            }
+        let accepted = tokio::select! {
+            biased;
+            _ = core.hub.shutdown_started() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => match core.hub.admit(peer.ip(), Instant::now()) {
+                Ok(()) => {
+                    tokio::task::spawn_local(serve(core.clone(), stream, peer));
+                }
+                Err(why) => refuse(stream.fd(), why.message()),
+            },
             Err(e) => {
                 // Out of descriptors or memory: back off a little, warn at most once a second.
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
@@ -134,6 +143,53 @@ async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
             }
         }
     }
+    // Dropping the listener here stops accepting: new connections are refused by the
+    // kernel while the open ones are told to Quit.
+    drop(listener);
+    debug!(core = core.index, "stopped accepting");
+}
+
+/// Turns away a connection that a limit refused: the reason in one Error frame (nothing
+/// for a source outside the allowed networks), then close. Best effort and without
+/// waiting: the socket's buffer always has room for one short frame.
+fn refuse(fd: RawFd, msg: &str) {
+    if !msg.is_empty() {
+        let mut f = Vec::with_capacity(msg.len() + 2);
+        crate::frame::encode(crate::frame::Opcode::Error, msg.as_bytes(), &mut f);
+        // SAFETY: plain non-blocking socket calls on a descriptor this task owns; the
+        // buffers outlive the calls.
+        unsafe {
+            libc::send(
+                fd,
+                f.as_ptr().cast(),
+                f.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::shutdown(fd, libc::SHUT_WR);
+            // Unread input would make the close send a reset, which can destroy the
+            // Error frame before the client reads it.
+            let mut sink = [0u8; 1024];
+            libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT);
+        }
+    }
+}
+
+/// On a graceful shutdown, sends Quit to every connection of this core (identified or
+/// not) and closes it; the readers then end as their sockets shut down.
+async fn quit_all(core: Rc<Core>) {
+    core.hub.shutdown_started().await;
+    let conns = core.conns.borrow();
+    for (_, (shim, _)) in conns.iter() {
+        if shim.outbox.state() == OutState::Open {
+            core.hub
+                .close_with(shim, CloseReason::Shutdown, &crate::session::QUIT);
+        }
+    }
+    debug!(
+        core = core.index,
+        conns = conns.len(),
+        "sent Quit to every connection"
+    );
 }
 
 async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
@@ -212,6 +268,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     }
     core.conns.borrow_mut().remove(key);
     shim.outbox.detach_fd();
+    core.hub.release(peer.ip());
 }
 
 /// Flushes, once each, the outboxes a batch of input queued frames on.
@@ -256,10 +313,13 @@ async fn write_loop<S: Stream>(stream: Rc<S>, shim: Arc<Shim>) {
 }
 
 async fn sweep(core: Rc<Core>) {
-    let c = &core.hub.config;
-    let tick = (c.identify_timeout.min(c.idle_timeout) / 10)
-        .clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
+        // Read each time round: a reload may change the timeouts.
+        let tick = {
+            let c = core.hub.config();
+            (c.identify_timeout.min(c.idle_timeout) / 10)
+                .clamp(Duration::from_millis(5), Duration::from_millis(250))
+        };
         tokio::time::sleep(tick).await;
         let now = Instant::now();
         for (_, (shim, was_expired)) in core.conns.borrow().iter() {
@@ -278,7 +338,7 @@ async fn sweep(core: Rc<Core>) {
 }
 
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
-    let mut lim = QuitLimiter::new(core.hub.config.udp_quit_per_sec);
+    let mut lim = QuitLimiter::new(core.hub.config().udp_quit_per_sec);
     let mut out = Outgoing::default();
     // Datagrams wait here, in order, while a fan-out is being sent: a later reply to the
     // same source must never overtake an earlier one.
@@ -291,6 +351,10 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
         match res {
             Ok((n, src)) => {
                 let now = Instant::now();
+                if !core.hub.admit_datagram(src, now) {
+                    buf.clear();
+                    continue;
+                }
                 udp::on_datagram(
                     &core.hub,
                     core.index,
@@ -304,10 +368,14 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
                 if out.datagrams.len() == 1 && !sending.get() {
                     // The common case (a Pong, an Ack): send it now, no queue, no task.
                     let (to, d) = out.datagrams.pop().expect("one item");
+                    count_datagram(&core.hub, &d);
                     if let Err(e) = sock.send_to(d, to).await {
                         debug!(%to, error = %e, "udp send failed");
                     }
                 } else if !out.datagrams.is_empty() {
+                    out.datagrams
+                        .iter()
+                        .for_each(|(_, d)| count_datagram(&core.hub, d));
                     queue.borrow_mut().extend(out.datagrams.drain(..));
                     if !sending.replace(true) {
                         tokio::task::spawn_local(drain_udp(
@@ -322,6 +390,15 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
         }
         buf.clear();
     }
+}
+
+fn count_datagram(hub: &Hub, d: &[u8]) {
+    hub.metrics.frame(
+        crate::metrics::Dir::Out,
+        crate::metrics::Transport::Udp,
+        d[0],
+        d.len(),
+    );
 }
 
 /// Sends queued datagrams in order, so that receiving goes on during a large fan-out.
@@ -465,6 +542,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
                 if let Some(id) = core_id {
                     core_affinity::set_for_current(id);
                 }
+                crate::metrics::set_core(index);
                 match io {
                     IoMode::Epoll => epoll::run(hub, index, tcp, udp, ready),
                     _ => uring::run(hub, index, tcp, udp, ready),
@@ -476,7 +554,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             })?;
     }
     drop(ready_tx);
-    for r in ready_rx.iter().take(hub.config.cores) {
+    for r in ready_rx.iter().take(hub.config().cores) {
         r.map_err(|msg| StartError::Runtime {
             io: if io == IoMode::Epoll {
                 "epoll"
@@ -486,6 +564,6 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             msg,
         })?;
     }
-    info!(%addr, cores = hub.config.cores, io = ?io, "listening");
+    info!(%addr, cores = hub.config().cores, io = ?io, "listening");
     Ok(Running { addr, io, hub })
 }

@@ -40,6 +40,8 @@ pub struct Server {
     child: Child,
     /// The TCP and UDP address it serves.
     pub addr: SocketAddr,
+    /// The admin HTTP address, when started with `--admin`.
+    pub admin: Option<SocketAddr>,
     log: Log,
 }
 
@@ -278,9 +280,18 @@ impl Udp {
 
 impl Server {
     /// Like [`Server::start`], but with `--log-level LEVEL` instead of `debug`.
+    ///
+    /// Every test connects from 127.0.0.1, so the per-source connection limits are lifted
+    /// unless `extra` sets them (a later flag wins).
     pub fn start_level(io: &str, level: &str, extra: &[&str]) -> Server {
         let mut args = vec!["--listen", "127.0.0.1:0", "--cores", "2", "--io", io];
         args.extend_from_slice(&["--log-level", level]);
+        args.extend_from_slice(&[
+            "--connect-rate-per-source",
+            "0",
+            "--max-connections-per-source",
+            "0",
+        ]);
         args.extend_from_slice(extra);
         Server::spawn(&args)
     }
@@ -303,15 +314,27 @@ impl Server {
                 cv.notify_all();
             }
         });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .expect("read the listening line");
+        out.read_line(&mut first).expect("read the listening line");
         let addr = first
             .split_whitespace()
             .find_map(|w| w.parse::<SocketAddr>().ok())
             .unwrap_or_else(|| panic!("no address in {first:?}; log: {:?}", log.0.lock()));
-        Server { child, addr, log }
+        let admin = args.contains(&"--admin").then(|| {
+            let mut line = String::new();
+            out.read_line(&mut line).expect("read the admin line");
+            line.trim()
+                .strip_prefix("velium-server admin on http://")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no admin address in {line:?}"))
+        });
+        Server {
+            child,
+            addr,
+            admin,
+            log,
+        }
     }
 
     /// How many log lines so far contain every one of `needles`.

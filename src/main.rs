@@ -172,28 +172,32 @@ async fn signals(sigs: Signals, hub: Arc<Hub>, reload: admin::Reload) -> ExitCod
             "shutdown deadline passed with connections still open"
         );
     }
-    let errors: Vec<String> = hub
-        .metrics
-        .errors()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{}={n}", k.label()))
-        .collect();
-    let refused: Vec<String> = hub
-        .metrics
-        .refusals()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{}={n}", k.label()))
-        .collect();
+    let m = &hub.metrics;
+    let errors = nonzero(m.errors().map(|(k, n)| (k.label(), n)));
+    let refused = nonzero(m.refusals().map(|(k, n)| (k.label(), n)));
     info!(
         took = ?started.elapsed(),
         handshake = %hub.metrics.summary(Latency::Handshake),
         udp_bind = %hub.metrics.summary(Latency::UdpBind),
         counters = ?hub.metrics.counters,
-        errors = %errors.join(" "),
-        refused = %refused.join(" "),
+        errors = %errors,
+        refused = %refused,
         "shut down"
     );
     ExitCode::SUCCESS
+}
+
+/// `label=n` for every count above zero, or `none`.
+fn nonzero<'a>(counts: impl Iterator<Item = (&'a str, u64)>) -> String {
+    let v: Vec<String> = counts
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(" ")
+    }
 }
 
 fn second_signal() -> ExitCode {

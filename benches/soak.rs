@@ -621,8 +621,13 @@ fn verdict(samples: &[Sample]) {
         let third = (samples.len() - 1).div_ceil(3);
         let from = &samples[samples.len() - 1 - third];
         let recent = pct(from.rss, last.rss);
+        let span = if third == 1 {
+            "interval".to_string()
+        } else {
+            format!("{third} intervals")
+        };
         println!(
-            "Over the last {third} intervals ({:.0} s to {:.0} s): {recent:+.1}% ({} -> {}).",
+            "Over the last {span} ({:.0} s to {:.0} s): {recent:+.1}% ({} -> {}).",
             from.elapsed,
             last.elapsed,
             fmt_bytes(from.rss as f64),

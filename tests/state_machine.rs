@@ -157,10 +157,11 @@ fn tcp(op: u8, body: Body) -> Step {
     }
 }
 
-/// An Identify read after the identify timeout closed the connection (the sweep ran
-/// first; the reader had the bytes already) must not register the shim: the connection
-/// is over, and its `finish` will not remove it again. Found by the `connection` fuzz
-/// target; fails until the session ignores input once its connection was closed.
+/// An Identify read after the identify timeout closed the connection (the timer sweep
+/// ran first; the reader already had the bytes) must not register the shim: the
+/// connection is over, and its `finish` will not remove it again, so its token, its
+/// identity and a UDP binding would stay in the table and the router for good. Fails
+/// until `Hub::identify` leaves a closed shim alone.
 #[test]
 fn identify_after_identify_timeout_registers_nothing() {
     run(
@@ -183,7 +184,7 @@ fn identify_after_identify_timeout_registers_nothing() {
 }
 
 /// The same for a rename read after the idle timeout closed an identified shim: the
-/// router must not take the new name in.
+/// router must not take the new name in (Who would list it for good).
 #[test]
 fn rename_after_idle_timeout_routes_nothing() {
     run(

@@ -294,3 +294,34 @@ pub fn render(hub: &Hub) -> String {
     }
     o
 }
+
+/// Sends one request to an admin listener (`method` GET or POST) and returns the status
+/// and body; used by `velium stats` / `velium who --admin` and by the tests.
+pub fn fetch(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let res = match method {
+        "POST" => agent.post(&url).send_empty(),
+        _ => agent.get(&url).call(),
+    };
+    let mut resp = res.map_err(|e| format!("admin listener at {addr}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("admin listener at {addr}: {e}"))?;
+    Ok((status, body))
+}
+
+/// The value of the sample `name` (with its labels, exactly as printed, e.g.
+/// `velium_refused_total{reason="rate"}`) in a `/metrics` text; `None` if absent.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        rest.strip_prefix(' ')?.trim().parse().ok()
+    })
+}

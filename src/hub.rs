@@ -105,6 +105,7 @@ pub struct Hub {
     /// Open TCP connections (admitted, not yet ended).
     open: AtomicUsize,
     sources: DashMap<IpAddr, Source>,
+    sources_pruned_ms: AtomicU64,
     /// When each refused source was last logged, so a flood is logged once a minute.
     refusals_logged: Mutex<HashMap<IpAddr, u64>>,
     /// The most connections the open-file limit leaves room for.
@@ -124,6 +125,7 @@ impl Hub {
             next_serial: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             sources: DashMap::new(),
+            sources_pruned_ms: AtomicU64::new(0),
             refusals_logged: Mutex::new(HashMap::new()),
             fd_cap: open_file_limit().saturating_sub(64).max(1),
             shutdown: watch::Sender::new(false),
@@ -178,9 +180,19 @@ impl Hub {
             return refused(Refusal::MaxConnections);
         }
         let now_ms = self.ms(now);
+        // Forget idle sources once there are many, at most once a second: with more
+        // sources connected than the threshold, a scan per accept would cost O(sources).
         if self.sources.len() >= SOURCES_PRUNE_AT {
-            self.sources
-                .retain(|_, s| s.open > 0 || now_ms.saturating_sub(s.refilled_ms) < 1000);
+            let last = self.sources_pruned_ms.load(Ordering::Relaxed);
+            if now_ms.saturating_sub(last) >= 1000
+                && self
+                    .sources_pruned_ms
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.sources
+                    .retain(|_, s| s.open > 0 || now_ms.saturating_sub(s.refilled_ms) < 1000);
+            }
         }
         let rate = c.connect_rate_per_source;
         let mut s = self.sources.entry(ip).or_insert(Source {
@@ -645,5 +657,41 @@ mod tests {
         assert!(check_identity(b"nl\x0bhere").is_err());
         assert!(check_identity(b"\xff\xfe").is_err());
         assert!(check_identity("zero\u{200B}width".as_bytes()).is_err());
+    }
+
+    #[test]
+    fn admission_limits() {
+        use std::time::Duration;
+        let hub = Hub::new(Config {
+            max_connections: 3,
+            max_connections_per_source: 2,
+            connect_rate_per_source: 2,
+            allow_networks: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Config::default()
+        });
+        let t0 = Instant::now();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!(
+            hub.admit("192.168.0.1".parse().unwrap(), t0),
+            Err(Refusal::AllowList)
+        );
+        assert_eq!(hub.admit(a, t0), Ok(()));
+        assert_eq!(hub.admit(a, t0), Ok(()));
+        // The bucket refills at 2 a second; the per-source cap still holds.
+        assert_eq!(hub.admit(a, t0), Err(Refusal::Rate));
+        assert_eq!(
+            hub.admit(a, t0 + Duration::from_secs(1)),
+            Err(Refusal::PerSource)
+        );
+        hub.release(a);
+        assert_eq!(hub.admit(a, t0 + Duration::from_secs(1)), Ok(()));
+        assert_eq!(hub.admit(b, t0), Ok(()));
+        assert_eq!(hub.connections(), 3);
+        assert_eq!(hub.admit(b, t0), Err(Refusal::MaxConnections));
+        let refused: u64 = hub.metrics.refusals().map(|(_, n)| n).sum();
+        assert_eq!(refused, 4);
+        hub.begin_shutdown();
+        hub.release(b);
+        assert!(hub.admit(b, t0 + Duration::from_secs(2)).is_err());
     }
 }

@@ -9,8 +9,10 @@
 //! sharded session table), [`router`] (target patterns and the identity index), [`shim`]
 //! (a shim and its outbound queue) and [`hub`] (the shared state and the routing
 //! operations). [`driver`] runs it on sockets: `driver/uring.rs` (io_uring) and
-//! `driver/epoll.rs` (epoll). [`client`] is the client library used by the `velium` CLI,
-//! the tests and the benchmarks.
+//! `driver/epoll.rs` (epoll). [`admin`] is the admin HTTP listener (metrics, health, shim
+//! listing, reload) on a thread of its own; [`config`] and [`metrics`] hold the settings and
+//! the counters. [`client`] is the client library used by the `velium` CLI, the tests and
+//! the benchmarks.
 
 pub mod admin;
 pub mod client;

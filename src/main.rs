@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -79,6 +79,20 @@ fn main() -> ExitCode {
             Ok(msg)
         })
     };
+    // Signal handlers go in before the banner: whoever reads it may signal at once (and
+    // SIGHUP's default action would end the process).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("signal runtime");
+    let signals_in = {
+        let _guard = rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
+        }
+    };
     let io = match running.io {
         IoMode::Epoll => "epoll",
         _ => "io_uring",
@@ -102,19 +116,23 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout();
     let _ = stdout.write_all(banner.as_bytes());
     let _ = stdout.flush();
+    rt.block_on(signals(signals_in, hub, reload))
+}
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("signal runtime");
-    rt.block_on(signals(hub, reload))
+/// The signals the server handles.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
 }
 
 /// Waits for signals: SIGHUP reloads, SIGTERM or SIGINT shut down.
-async fn signals(hub: Arc<Hub>, reload: admin::Reload) -> ExitCode {
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+async fn signals(sigs: Signals, hub: Arc<Hub>, reload: admin::Reload) -> ExitCode {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = sigs;
     loop {
         tokio::select! {
             _ = term.recv() => break,
@@ -154,28 +172,32 @@ async fn signals(hub: Arc<Hub>, reload: admin::Reload) -> ExitCode {
             "shutdown deadline passed with connections still open"
         );
     }
-    let errors: Vec<String> = hub
-        .metrics
-        .errors()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{}={n}", k.label()))
-        .collect();
-    let refused: Vec<String> = hub
-        .metrics
-        .refusals()
-        .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| format!("{}={n}", k.label()))
-        .collect();
+    let m = &hub.metrics;
+    let errors = nonzero(m.errors().map(|(k, n)| (k.label(), n)));
+    let refused = nonzero(m.refusals().map(|(k, n)| (k.label(), n)));
     info!(
         took = ?started.elapsed(),
         handshake = %hub.metrics.summary(Latency::Handshake),
         udp_bind = %hub.metrics.summary(Latency::UdpBind),
         counters = ?hub.metrics.counters,
-        errors = %errors.join(" "),
-        refused = %refused.join(" "),
+        errors = %errors,
+        refused = %refused,
         "shut down"
     );
     ExitCode::SUCCESS
+}
+
+/// `label=n` for every count above zero, or `none`.
+fn nonzero<'a>(counts: impl Iterator<Item = (&'a str, u64)>) -> String {
+    let v: Vec<String> = counts
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(" ")
+    }
 }
 
 fn second_signal() -> ExitCode {

@@ -354,6 +354,78 @@ fn cli_who_lists_shims_with_since_and_udp() {
 }
 
 #[test]
+fn cli_stats_and_who_read_the_admin_listener() {
+    let srv = Server::start("uring", &["--admin", "127.0.0.1:0"]);
+    let admin = srv.admin.unwrap().to_string();
+    let _a = ShimProc::start(srv.addr, "cli.adm.alpha", &[]);
+    let _b = ShimProc::start(srv.addr, "cli.adm.b", &["--no-udp"]);
+    let run = velium(srv.addr, &["send", "cli.adm.*", "/sit"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    srv.wait_metric("velium_connections", |v| v == 2.0);
+
+    let run = velium(srv.addr, &["--admin", &admin, "who"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let rows: Vec<Vec<&str>> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{run:?}");
+    assert_eq!((rows[0][0], rows[0][3]), ("cli.adm.alpha", "udp"));
+    assert!(rows[0][4].starts_with("127.0.0.1:"), "{run:?}");
+    assert_eq!((rows[1][0], rows[1][4]), ("cli.adm.b", "-"));
+    assert!(
+        rows[1][2].starts_with("127.0.0.1:"),
+        "peer address: {run:?}"
+    );
+
+    let run = velium(srv.addr, &["stats", "--admin", &admin]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let line = |key: &str| {
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} line: {run:?}"))
+            .to_string()
+    };
+    assert!(line("connections").contains(" 2 (limit "), "{run:?}");
+    assert!(
+        line("shims").contains("2 identified, 1 with UDP bound"),
+        "{run:?}"
+    );
+    assert!(line("handshake").contains("(n=3)"), "{run:?}");
+    assert_eq!(line("errors"), "errors           none");
+
+    let run = velium(srv.addr, &["stats"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("--admin"), "{run:?}");
+    let run = velium(srv.addr, &["stats", "--admin", &dead_addr().to_string()]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+}
+
+#[test]
+fn cli_presents_the_shared_secret() {
+    let dir = std::env::temp_dir().join(format!("velium-cli-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    std::fs::write(&file, "s3cret\n").unwrap();
+    let file = file.to_str().unwrap();
+    let srv = Server::start("epoll", &["--secret-file", file]);
+    let mut shim = ShimProc::start(srv.addr, "cli.sec.one", &["--secret-file", file]);
+    let run = velium(
+        srv.addr,
+        &["--secret-file", file, "send", "cli.sec.one", "/sit"],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    shim.wait_line("/sit");
+    let run = velium(srv.addr, &["send", "cli.sec.one", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr, "velium: authentication required\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn cli_who_without_matches_prints_nothing() {
     let srv = Server::start("uring", &[]);
     let run = velium(srv.addr, &["who", "none.*"]);

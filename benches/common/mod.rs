@@ -294,6 +294,10 @@ impl Server {
         cmd.args(["--listen", "127.0.0.1:0", "--io", io])
             .args(["--log-level", log_level])
             .args(["--idle-timeout", "10m", "--identify-timeout", "60s"])
+            // The load comes from a few loopback addresses, and the peers have no
+            // per-source limits: lift velium's so that all systems do the same work.
+            .args(["--connect-rate-per-source", "0"])
+            .args(["--max-connections-per-source", "0"])
             .args(velium_extra_args());
         let system = if io == "uring" {
             System::VeliumUring

@@ -2,7 +2,7 @@
 //!
 //! Operator commands (`send`, `tell`, `who`) connect, do one thing and leave; `shim` is a
 //! stand-in shim that stays connected and answers commands, for trying a hub out and for
-//! tests. Exit status: 0 on success, 1 when `send` saw fewer responses than shims reached
+//! tests. `stats`, and `who --admin`, read the hub's admin listener instead. Exit status: 0 on success, 1 when `send` saw fewer responses than shims reached
 //! (or a `shim` lost its connection), 2 when nothing could be done (no shim matches, hub
 //! unreachable, bad arguments). Errors are one line on stderr, prefixed `velium:`.
 
@@ -46,6 +46,19 @@ Examples:
 Prints one line per shim: identity, connected since (UTC, RFC 3339), then `udp` if it has \
 a bound UDP channel or `-` if not. This tool's own connection is not listed.";
 
+const WHO_ADMIN: &str = "\
+With --admin ADDR (or VELIUM_ADMIN) the listing comes from the hub's admin listener \
+(GET /shims) and adds each shim's peer address, core and frames in/out; no shim \
+connection is made.";
+
+const STATS_EXAMPLES: &str = "\
+Examples:
+  velium stats --admin 127.0.0.1:9100
+
+Reads GET /metrics from the hub's admin listener (velium-server --admin ADDR) and prints \
+connections, shims, traffic, handshake latency, errors and refusals. Exit status 2 if the \
+admin listener cannot be reached.";
+
 const SHIM_EXAMPLES: &str = "\
 Examples:
   velium shim --name peq.ecommons.bob
@@ -71,6 +84,13 @@ struct Cli {
         default_value = "127.0.0.1:12345"
     )]
     server: String,
+    /// File holding the hub's shared secret, if it has one (VELIUM_SECRET may hold the
+    /// secret itself instead)
+    #[arg(long, global = true, value_name = "FILE", env = "VELIUM_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
+    /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
+    #[arg(long, global = true, value_name = "ADDR", env = "VELIUM_ADMIN")]
+    admin: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -119,13 +139,16 @@ enum Cmd {
         text: Vec<String>,
     },
     /// List connected shims
-    #[command(after_help = WHO_EXAMPLES)]
+    #[command(after_help = format!("{WHO_EXAMPLES}\n\n{WHO_ADMIN}"))]
     Who {
         #[command(flatten)]
         op: Operator,
         /// Only shims matching this pattern (same syntax as a send target, without `+`)
         pattern: Option<String>,
     },
+    /// Show the hub's counters and latency (from its admin listener)
+    #[command(after_help = STATS_EXAMPLES)]
+    Stats,
     /// Run a stand-in shim that prints what it receives and answers every command
     #[command(after_help = SHIM_EXAMPLES)]
     Shim {
@@ -170,20 +193,57 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
+    let admin = match &cli.admin {
+        Some(a) => Some(resolve(a).await?),
+        None => None,
+    };
+    match (&cli.cmd, admin) {
+        (Cmd::Stats, Some(admin)) => return stats(admin),
+        (Cmd::Stats, None) => {
+            return Err(Fatal(
+                "stats reads the hub's admin listener: give --admin ADDR".into(),
+            ));
+        }
+        (Cmd::Who { pattern, .. }, Some(admin)) => return who_admin(admin, pattern.as_deref()),
+        _ => {}
+    }
     let addr = resolve(&cli.server).await?;
+    let options = ClientOptions {
+        secret: secret(cli.secret_file.as_deref())?,
+        ..ClientOptions::default()
+    };
     match cli.cmd {
         Cmd::Send {
             op,
             timeout,
             target,
             command,
-        } => send(addr, &op.identity(), &target, &command.join(" "), timeout).await,
-        Cmd::Tell { op, target, text } => {
-            tell(addr, &op.identity(), &target, &text.join(" ")).await
+        } => {
+            let text = command.join(" ");
+            send(addr, &op.identity(), options, &target, &text, timeout).await
         }
-        Cmd::Who { op, pattern } => who(addr, &op.identity(), pattern.as_deref()).await,
-        Cmd::Shim { name, no_udp } => shim(addr, &name, !no_udp).await,
+        Cmd::Tell { op, target, text } => {
+            tell(addr, &op.identity(), options, &target, &text.join(" ")).await
+        }
+        Cmd::Who { op, pattern } => who(addr, &op.identity(), options, pattern.as_deref()).await,
+        Cmd::Shim { name, no_udp } => shim(addr, &name, options, !no_udp).await,
+        Cmd::Stats => unreachable!("handled above"),
     }
+}
+
+/// The shared secret: from `--secret-file`, else from VELIUM_SECRET, else none.
+fn secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, Fatal> {
+    let raw = match file {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| Fatal(format!("cannot read secret file {}: {e}", path.display())))?,
+        None => match std::env::var_os("VELIUM_SECRET") {
+            Some(v) => v.into_encoded_bytes(),
+            None => return Ok(None),
+        },
+    };
+    let s = raw.strip_suffix(b"\n").unwrap_or(&raw);
+    let s = s.strip_suffix(b"\r").unwrap_or(s);
+    Ok(Some(s.to_vec()))
 }
 
 async fn resolve(server: &str) -> Result<SocketAddr, Fatal> {
@@ -199,10 +259,14 @@ async fn resolve(server: &str) -> Result<SocketAddr, Fatal> {
 }
 
 /// Operator commands are short-lived: no keep-alive.
-async fn operator(addr: SocketAddr, identity: &str) -> Result<Client, Fatal> {
+async fn operator(
+    addr: SocketAddr,
+    identity: &str,
+    options: ClientOptions,
+) -> Result<Client, Fatal> {
     let options = ClientOptions {
         keepalive: None,
-        ..ClientOptions::default()
+        ..options
     };
     Ok(Client::connect_with(addr, identity, options).await?)
 }
@@ -214,11 +278,12 @@ fn plural(n: usize) -> &'static str {
 async fn send(
     addr: SocketAddr,
     identity: &str,
+    options: ClientOptions,
     target: &str,
     text: &str,
     timeout: Duration,
 ) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity).await?;
+    let client = operator(addr, identity, options).await?;
     let sent = client.command(target, text).await?;
     let deadline = Instant::now() + timeout;
     let mut answered = 0;
@@ -263,18 +328,24 @@ async fn send(
 async fn tell(
     addr: SocketAddr,
     identity: &str,
+    options: ClientOptions,
     target: &str,
     text: &str,
 ) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity).await?;
+    let client = operator(addr, identity, options).await?;
     let reached = client.echo(target, text).await?;
     let _ = client.close().await;
     println!("reached {reached} shim{}", plural(reached));
     Ok(ExitCode::SUCCESS)
 }
 
-async fn who(addr: SocketAddr, identity: &str, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity).await?;
+async fn who(
+    addr: SocketAddr,
+    identity: &str,
+    options: ClientOptions,
+    pattern: Option<&str>,
+) -> Result<ExitCode, Fatal> {
+    let client = operator(addr, identity, options).await?;
     let mut entries = client.who(pattern).await?;
     let me = client.identity();
     let _ = client.close().await;
@@ -311,12 +382,17 @@ fn one_line(text: &str) -> String {
     text.replace('\n', "\\n")
 }
 
-async fn shim(addr: SocketAddr, identity: &str, udp: bool) -> Result<ExitCode, Fatal> {
+async fn shim(
+    addr: SocketAddr,
+    identity: &str,
+    options: ClientOptions,
+    udp: bool,
+) -> Result<ExitCode, Fatal> {
     use tokio::signal::unix::{SignalKind, signal};
     // Handlers first: a supervisor may signal as soon as it reads the `connected` line.
     let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal(format!("SIGTERM: {e}")))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal(format!("SIGINT: {e}")))?;
-    let client = Client::connect(addr, identity).await?;
+    let client = Client::connect_with(addr, identity, options).await?;
     if udp && let Err(e) = client.bind_udp().await {
         eprintln!("velium: {e}; continuing over TCP only");
     }
@@ -374,5 +450,158 @@ async fn shim(addr: SocketAddr, identity: &str, udp: bool) -> Result<ExitCode, F
         }
     }
     let _ = client.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `GET path` on the admin listener; a non-200 answer is an error.
+fn admin_get(admin: SocketAddr, path: &str) -> Result<String, Fatal> {
+    match velium_server::admin::fetch(admin, "GET", path).map_err(Fatal)? {
+        (200, body) => Ok(body),
+        (status, body) => Err(Fatal(format!(
+            "admin listener answered {status}: {}",
+            body.trim()
+        ))),
+    }
+}
+
+/// `who --admin`: the listing from GET /shims.
+fn who_admin(admin: SocketAddr, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("pattern", pattern.unwrap_or(">"))
+        .finish();
+    let body = admin_get(admin, &format!("/shims?{query}"))?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&body).map_err(|e| Fatal(format!("bad /shims answer: {e}")))?;
+    if list.is_empty() {
+        match pattern {
+            Some(p) => eprintln!("velium: no shim matches {p}"),
+            None => eprintln!("velium: no shims connected"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let width = list
+        .iter()
+        .map(|s| text(&s["identity"]).chars().count())
+        .max()
+        .unwrap_or(0);
+    for s in &list {
+        let since = std::time::UNIX_EPOCH
+            + Duration::from_millis(s["connected_unix_ms"].as_u64().unwrap_or(0));
+        println!(
+            "{:<width$}  {}  {}  udp {}  core {}  in {}  out {}",
+            text(&s["identity"]),
+            humantime::format_rfc3339_seconds(since),
+            text(&s["peer"]),
+            text(&s["udp"]),
+            s["core"],
+            s["frames_in"],
+            s["frames_out"],
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `stats`: a readable digest of GET /metrics.
+fn stats(admin: SocketAddr) -> Result<ExitCode, Fatal> {
+    let text = admin_get(admin, "/metrics")?;
+    // (name, labels, value) for every sample.
+    let samples: Vec<(&str, &str, f64)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            let (name, labels) = match key.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (key, ""),
+            };
+            Some((name, labels, value.parse().ok()?))
+        })
+        .collect();
+    let get = |name: &str, labels: &str| {
+        samples
+            .iter()
+            .find(|(n, l, _)| *n == name && *l == labels)
+            .map_or(0.0, |s| s.2)
+    };
+    let sum = |name: &str, has: &[&str]| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| *n == name && has.iter().all(|h| l.contains(h)))
+            .map(|s| s.2)
+            .sum()
+    };
+    let nonzero = |name: &str, label: &str| -> String {
+        let v: Vec<String> = samples
+            .iter()
+            .filter(|(n, _, v)| *n == name && *v > 0.0)
+            .map(|(_, l, v)| {
+                let key = l
+                    .strip_prefix(&format!("{label}=\""))
+                    .map_or(*l, |k| k.trim_end_matches('"'));
+                format!("{key}={v}")
+            })
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join("  ")
+        }
+    };
+    let us = |name: &str, q: &str| get(name, &format!("quantile=\"{q}\"")) * 1e6;
+    println!(
+        "connections      {} (limit {})",
+        get("velium_connections", ""),
+        get("velium_connections_limit", "")
+    );
+    println!(
+        "shims            {} identified, {} with UDP bound",
+        get("velium_shims", ""),
+        get("velium_udp_bound", "")
+    );
+    println!(
+        "accepted         {} connections, {} identified",
+        get("velium_connections_accepted_total", ""),
+        get("velium_identified_total", "")
+    );
+    for (dir, label) in [("in", "frames in "), ("out", "frames out")] {
+        let d = format!("direction=\"{dir}\"");
+        println!(
+            "{label}       tcp {} ({} bytes)  udp {} ({} bytes)",
+            sum("velium_frames_total", &[&d, "transport=\"tcp\""]),
+            sum("velium_bytes_total", &[&d, "transport=\"tcp\""]),
+            sum("velium_frames_total", &[&d, "transport=\"udp\""]),
+            sum("velium_bytes_total", &[&d, "transport=\"udp\""]),
+        );
+    }
+    for (name, label) in [
+        ("velium_handshake_seconds", "handshake "),
+        ("velium_udp_bind_seconds", "udp bind  "),
+    ] {
+        println!(
+            "{label}       p50 {:.0} us  p99 {:.0} us  p99.9 {:.0} us  (n={})",
+            us(name, "0.5"),
+            us(name, "0.99"),
+            us(name, "0.999"),
+            get(&format!("{name}_count"), "")
+        );
+    }
+    println!(
+        "errors           {}",
+        nonzero("velium_errors_total", "kind")
+    );
+    println!(
+        "refused          {}",
+        nonzero("velium_refused_total", "reason")
+    );
+    println!(
+        "slow consumers   {}",
+        get("velium_slow_consumers_total", "")
+    );
+    println!(
+        "udp quit         {} sent, {} rate-limited",
+        get("velium_udp_quit_total", "result=\"sent\""),
+        get("velium_udp_quit_total", "result=\"rate_limited\"")
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -116,6 +116,9 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
     tokio::task::spawn_local(quit_all(core.clone()));
     accept_loop(core, listener).await;
+    // Accepting stopped for a graceful shutdown: the connections and the UDP socket are
+    // served on until the process exits.
+    std::future::pending::<()>().await;
 }
 
 async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {

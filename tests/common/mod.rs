@@ -112,6 +112,58 @@ impl Server {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Sends `sig` to the server process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Waits for the process to exit; returns its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "server did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `GET path` on the admin listener: (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let admin = self.admin.expect("server started with --admin");
+        velium_server::admin::fetch(admin, "GET", path).unwrap()
+    }
+
+    /// `POST path` on the admin listener: (status, body).
+    pub fn post(&self, path: &str) -> (u16, String) {
+        let admin = self.admin.expect("server started with --admin");
+        velium_server::admin::fetch(admin, "POST", path).unwrap()
+    }
+
+    /// The current value of one `/metrics` sample (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        velium_server::admin::sample(&body, name).unwrap_or(0.0)
+    }
+
+    /// Waits until the `/metrics` sample `name` satisfies `ok`; returns its value. The
+    /// counters are updated by other threads after the event a test saw, so a test reads
+    /// them until they settle (or the deadline says they never will).
+    pub fn wait_metric(&self, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let v = self.metric(name);
+            if ok(v) {
+                return v;
+            }
+            assert!(Instant::now() < end, "{name} stuck at {v}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 impl Drop for Server {

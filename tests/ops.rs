@@ -1,0 +1,440 @@
+//! Operations: the admin listener, connection limits, access control (allowed networks,
+//! shared secret, command rules), graceful shutdown, reload and `--check-config`.
+//!
+//! Each test runs a real server process on 127.0.0.1; counters are read from its
+//! `/metrics` and waited on until they settle, never after a sleep.
+
+mod common;
+use common::*;
+
+use std::path::PathBuf;
+use std::process::Command;
+use velium_server::client::{Client, ClientError, ClientOptions};
+
+/// A file in a fresh temporary directory, removed with the directory on drop.
+struct TempFile {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let dir = std::env::temp_dir().join(format!(
+            "velium-ops-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        TempFile { dir, path }
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn admin(io: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--admin", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Server::start(io, &args)
+}
+
+// ---------------------------------------------------------------------------------------
+// Admin listener
+
+fn metrics_count_connections_frames_and_latency(io: &str) {
+    let srv = admin(io, &[]);
+    assert_eq!(srv.get("/healthz"), (200, "ok\n".into()));
+    let mut a = srv.tcp();
+    let token = a.identify("peq.ecommons.alice");
+    let mut b = srv.tcp();
+    b.identify("peq.ecommons.bob");
+    let _pending = srv.tcp();
+    let udp = srv.udp();
+    udp.bind_confirmed(&token);
+    a.send(0x04, b"peq.ecommons.bob sit");
+    assert!(b.expect(0x04).ends_with(b" sit"));
+    a.expect(0x0C);
+
+    srv.wait_metric("velium_connections", |v| v == 3.0);
+    assert_eq!(srv.metric("velium_shims"), 2.0);
+    assert_eq!(srv.metric("velium_udp_bound"), 1.0);
+    let (_, m) = srv.get("/metrics");
+    let sample = |name: &str| velium_server::admin::sample(&m, name);
+    assert_eq!(
+        sample(r#"velium_frames_total{direction="in",transport="tcp",opcode="Command"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(r#"velium_bytes_total{direction="in",transport="tcp",opcode="Command"}"#),
+        Some(22.0),
+        "opcode + 20 bytes + 0x0A"
+    );
+    assert_eq!(
+        sample(r#"velium_frames_total{direction="out",transport="tcp",opcode="Session"}"#),
+        Some(2.0)
+    );
+    assert!(
+        sample(r#"velium_frames_total{direction="in",transport="udp",opcode="Session"}"#)
+            .is_some_and(|n| n >= 1.0)
+    );
+    assert_eq!(sample("velium_handshake_seconds_count"), Some(2.0));
+    assert!(sample(r#"velium_handshake_seconds{quantile="0.99"}"#).is_some_and(|v| v > 0.0));
+    assert!(sample("velium_udp_bind_seconds_count").is_some_and(|n| n >= 1.0));
+    assert!(m.contains("# TYPE velium_frames_total counter"));
+
+    // A bad request is counted by kind.
+    a.send(0x04, b"nobody.here x");
+    a.expect_error("no shim matches");
+    srv.wait_metric(r#"velium_errors_total{kind="no_match"}"#, |v| v == 1.0);
+
+    drop(b);
+    srv.wait_metric("velium_connections", |v| v == 2.0);
+    assert_eq!(srv.metric("velium_shims"), 1.0);
+}
+
+fn shims_lists_identity_peer_core_and_udp(io: &str) {
+    let srv = admin(io, &[]);
+    let mut a = srv.tcp();
+    let token = a.identify("peq.ecommons.alice");
+    let mut b = srv.tcp();
+    b.identify("live.ecommons.bob");
+    let udp = srv.udp();
+    udp.bind_confirmed(&token);
+    a.sync(b"x");
+
+    let (status, body) = srv.get("/shims?pattern=peq.%3E");
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{body}");
+    let alice = &list[0];
+    assert_eq!(alice["identity"], "peq.ecommons.alice");
+    assert_eq!(alice["peer"], a.s.local_addr().unwrap().to_string());
+    assert_eq!(alice["udp"], udp.s.local_addr().unwrap().to_string());
+    assert!(alice["core"].as_u64().unwrap() < 2);
+    assert!(alice["frames_in"].as_u64().unwrap() >= 2, "{body}");
+    assert!(alice["frames_out"].as_u64().unwrap() >= 2, "{body}");
+    assert!(alice["connected_unix_ms"].as_u64().unwrap() > 1_600_000_000_000);
+
+    let (_, all) = srv.get("/shims");
+    let all: serde_json::Value = serde_json::from_str(&all).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(all[0]["identity"], "live.ecommons.bob");
+    assert_eq!(all[0]["udp"], serde_json::Value::Null);
+
+    let (status, body) = srv.get("/shims?pattern=a.%3E.b");
+    assert_eq!(status, 400);
+    assert!(body.contains("bad pattern"), "{body}");
+    assert_eq!(srv.get("/nothing").0, 404);
+    assert_eq!(srv.post("/metrics").0, 405);
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits
+
+fn total_connection_limit_refuses_with_an_error(io: &str) {
+    let srv = admin(io, &["--max-connections", "2"]);
+    let mut a = srv.tcp();
+    a.identify("a");
+    let mut b = srv.tcp();
+    b.identify("b");
+    let mut c = srv.tcp();
+    assert_eq!(c.expect_error("too many"), "too many connections");
+    c.expect_closed();
+    srv.wait_metric(r#"velium_refused_total{reason="max_connections"}"#, |v| {
+        v == 1.0
+    });
+    // The others are untouched, and a freed slot is usable again.
+    a.sync(b"a");
+    b.sync(b"b");
+    drop(b);
+    srv.wait_metric("velium_connections", |v| v == 1.0);
+    srv.tcp().identify("c");
+}
+
+fn per_source_limits_refuse_with_an_error(io: &str) {
+    let srv = admin(
+        io,
+        &[
+            "--max-connections-per-source",
+            "2",
+            "--connect-rate-per-source",
+            "1000",
+        ],
+    );
+    let mut a = srv.tcp();
+    a.identify("a");
+    // Admitted (answered) before the next connect: two cores accept in any order.
+    let mut b = srv.tcp();
+    b.sync(b"b");
+    let mut c = srv.tcp();
+    assert_eq!(
+        c.expect_error("too many"),
+        "too many connections from this address"
+    );
+    srv.wait_metric(r#"velium_refused_total{reason="per_source"}"#, |v| v == 1.0);
+    a.sync(b"fine");
+
+    // Attempts beyond the burst within the second are refused. (Connecting is fast, but
+    // a loaded machine may let the bucket refill a little: keep trying past the burst.)
+    let srv = admin(io, &["--connect-rate-per-source", "2"]);
+    let mut admitted = Vec::new();
+    let refusal = (0..20).find_map(|_| {
+        let mut c = srv.tcp();
+        c.send(0x06, b"p");
+        match c.recv() {
+            (0x07, _) => {
+                admitted.push(c);
+                None
+            }
+            (op, data) => Some((op, String::from_utf8(data).unwrap())),
+        }
+    });
+    assert_eq!(refusal, Some((0x09, "connecting too fast".into())));
+    assert!(admitted.len() >= 2, "the burst is admitted");
+    srv.wait_metric(r#"velium_refused_total{reason="rate"}"#, |v| v >= 1.0);
+    for c in &mut admitted {
+        c.sync(b"fine");
+    }
+}
+
+fn sources_outside_the_allowed_networks_are_dropped(io: &str) {
+    let srv = admin(io, &["--allow-network", "10.0.0.0/8"]);
+    let mut c = srv.tcp();
+    assert!(c.expect_closed().is_empty(), "closed without a byte");
+    let udp = srv.udp();
+    udp.send(0x06, b"ping");
+    srv.wait_metric("velium_datagrams_refused_total", |v| v == 1.0);
+    srv.wait_metric(r#"velium_refused_total{reason="allow_list"}"#, |v| v == 2.0);
+    srv.wait_log(&["refused", "127.0.0.1", "allow_list"]);
+    // Logged once a minute per source, not once per attempt.
+    srv.tcp().expect_closed();
+    srv.wait_metric(r#"velium_refused_total{reason="allow_list"}"#, |v| v == 3.0);
+    assert_eq!(srv.count_log(&["refused", "allow_list"]), 1);
+
+    let srv = admin(
+        io,
+        &[
+            "--allow-network",
+            "10.0.0.0/8",
+            "--allow-network",
+            "127.0.0.0/8",
+        ],
+    );
+    srv.tcp().identify("inside");
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared secret
+
+fn the_secret_is_required_before_identify(io: &str) {
+    let secret = TempFile::new("secret", "open sesame\n");
+    let srv = admin(io, &["--secret-file", secret.arg()]);
+    let mut good = srv.tcp();
+    good.send(0x0F, b"open sesame");
+    good.identify("good");
+
+    let mut none = srv.tcp();
+    none.send(0x01, b"none");
+    assert_eq!(
+        none.expect_error("authentication"),
+        "authentication required"
+    );
+    none.expect_closed();
+
+    let mut wrong = srv.tcp();
+    wrong.send(0x0F, b"open sesame!");
+    wrong.send(0x01, b"wrong");
+    assert_eq!(
+        wrong.expect_error("authentication"),
+        "authentication failed"
+    );
+    wrong.expect_closed();
+    srv.wait_metric(r#"velium_refused_total{reason="auth"}"#, |v| v == 2.0);
+    good.sync(b"unaffected");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = |secret: &[u8]| ClientOptions {
+            secret: Some(secret.to_vec()),
+            keepalive: None,
+            ..ClientOptions::default()
+        };
+        let c = Client::connect_with(srv.addr, "lib.client", opts(b"open sesame"))
+            .await
+            .unwrap();
+        c.ping(b"p").await.unwrap();
+        let e = Client::connect_with(srv.addr, "lib.bad", opts(b"nope"))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, ClientError::Server(m) if m == "authentication failed"),
+            "{e:?}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Command rules
+
+fn command_rules_decide_who_may_command_whom(io: &str) {
+    let cfg = TempFile::new(
+        "rules.toml",
+        "[[command_rule]]\nfrom = \"ops.>\"\nto = [\">\"]\n\n\
+         [[command_rule]]\nfrom = \"peq.>\"\nto = [\"peq.>\"]\n",
+    );
+    let srv = admin(io, &["--config", cfg.arg()]);
+    let mut ops = srv.tcp();
+    ops.identify("ops.alice");
+    let mut bob = srv.tcp();
+    bob.identify("peq.ecommons.bob");
+    let mut carol = srv.tcp();
+    carol.identify("live.ecommons.carol");
+    let mut guest = srv.tcp();
+    guest.identify("guest");
+
+    bob.send(0x04, b"live.ecommons.carol sit");
+    assert_eq!(
+        bob.expect_error("not permitted"),
+        "command not permitted: live.ecommons.carol"
+    );
+    bob.send(0x04, b">  sit");
+    bob.expect_error("not permitted");
+    guest.send(0x04, b"peq.ecommons.bob sit");
+    guest.expect_error("not permitted");
+    srv.wait_metric(r#"velium_refused_total{reason="permission"}"#, |v| v == 3.0);
+
+    // Allowed: inside the rule's targets, and anything for ops.
+    bob.send(0x04, b"+peq.*.bob stand");
+    assert!(bob.expect(0x04).ends_with(b" stand"));
+    bob.expect(0x0C);
+    ops.send(0x04, b"live.ecommons.carol dance");
+    assert!(carol.expect(0x04).starts_with(b"ops.alice "));
+    ops.expect(0x0C);
+    // Echo is text, not remote control: not subject to the rules.
+    guest.send(0x08, b"peq.ecommons.bob hello");
+    assert_eq!(bob.expect(0x08), b"guest hello");
+}
+
+// ---------------------------------------------------------------------------------------
+// Shutdown and reload
+
+fn sigterm_sends_quit_to_every_connection_and_exits_zero(io: &str) {
+    let mut srv = admin(io, &["--shutdown-timeout", "5s"]);
+    let mut a = srv.tcp();
+    a.identify("a");
+    let mut pending = srv.tcp();
+    pending.sync(b"accepted");
+    srv.signal(libc::SIGTERM);
+    assert_eq!(a.expect_closed(), vec![(0x03, vec![])]);
+    assert_eq!(pending.expect_closed(), vec![(0x03, vec![])]);
+    let status = srv.wait_exit();
+    assert!(status.success(), "{status}");
+    srv.wait_log(&["shut down", "handshake"]);
+}
+
+fn sighup_and_post_reload_apply_live_settings(io: &str) {
+    let base = format!("listen = \"127.0.0.1:0\"\ncores = 2\nio = \"{io}\"\n");
+    let cfg = TempFile::new("live.toml", &base);
+    let srv = Server::spawn(&[
+        "--config",
+        cfg.arg(),
+        "--admin",
+        "127.0.0.1:0",
+        "--log-level",
+        "debug",
+    ]);
+    let mut a = srv.tcp();
+    a.identify("a");
+    cfg.write(&format!(
+        "{}max_connections = 1\n",
+        base.replace("cores = 2", "cores = 1")
+    ));
+    srv.signal(libc::SIGHUP);
+    srv.wait_log(&["reloaded", "max_connections", "restart_needed=cores"]);
+    let mut b = srv.tcp();
+    assert_eq!(b.expect_error("too many"), "too many connections");
+    a.sync(b"kept");
+
+    cfg.write("max_frame = 5\n");
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("max_frame"), "{body}");
+    cfg.write(&base);
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        "reloaded; applied: max_connections; need a restart: none\n"
+    );
+    srv.tcp().identify("b");
+}
+
+fn check_config_validates_only(io: &str) {
+    let _ = io;
+    let good = TempFile::new(
+        "good.toml",
+        "admin = \"127.0.0.1:9100\"\nmax_connections = 10\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+        .args(["--check-config", good.arg()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: ok\n", good.arg())
+    );
+    for bad in [
+        "max_conections = 10\n",
+        "allow_networks = [\"10.0.0.0/40\"]\n",
+        "[[command_rule]]\nfrom = \"x\"\nto = [\"a.>.b\"]\n",
+        "shutdown_timeout = \"later\"\n",
+    ] {
+        good.write(bad);
+        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--check-config", good.arg()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+drivers!(
+    metrics_count_connections_frames_and_latency,
+    shims_lists_identity_peer_core_and_udp,
+    total_connection_limit_refuses_with_an_error,
+    per_source_limits_refuse_with_an_error,
+    sources_outside_the_allowed_networks_are_dropped,
+    the_secret_is_required_before_identify,
+    command_rules_decide_who_may_command_whom,
+    sigterm_sends_quit_to_every_connection_and_exits_zero,
+    sighup_and_post_reload_apply_live_settings,
+);
+
+#[test]
+fn check_config() {
+    check_config_validates_only("");
+}

@@ -3,8 +3,8 @@
 //!
 //! The generators here produce the same inputs as the fuzz targets in `fuzz/` (which
 //! decode theirs from raw bytes), and both check them with `tests/harness`: a few hundred
-//! cases run on every `cargo test`, and the fuzzer searches much further. A failure the
-//! fuzzer found is kept below as a fixed scenario.
+//! cases run on every `cargo test`, and the fuzzer searches much further. Scenarios that
+//! once failed are kept below as fixed regression cases.
 
 mod harness;
 
@@ -126,11 +126,10 @@ proptest! {
     }
 
     /// Connections, datagrams, timers, reloads and shutdown agree with the model, and
-    /// every invariant holds after every step. Reads after a timer closed the connection
-    /// are left out: they fail for a known reason, kept in the tests below.
+    /// every invariant holds after every step.
     #[test]
     fn connections_agree_with_the_model(s in scenario()) {
-        run(&s, false);
+        run(&s);
     }
 }
 
@@ -160,49 +159,42 @@ fn tcp(op: u8, body: Body) -> Step {
 /// An Identify read after the identify timeout closed the connection (the timer sweep
 /// ran first; the reader already had the bytes) must not register the shim: the
 /// connection is over, and its `finish` will not remove it again, so its token, its
-/// identity and a UDP binding would stay in the table and the router for good. Fails
-/// until `Hub::identify` leaves a closed shim alone.
+/// identity and a UDP binding would stay in the table and the router for good.
 #[test]
 fn identify_after_identify_timeout_registers_nothing() {
-    run(
-        &Scenario {
-            settings: plain_settings(),
-            steps: vec![
-                Step::Connect {
-                    source: 0,
-                    reads: true,
-                },
-                Step::Advance {
-                    ms: 100,
-                    sweep: true,
-                },
-                tcp(0x01, Body::Name(b"peq.a.bob".to_vec())),
-            ],
-        },
-        true,
-    );
+    run(&Scenario {
+        settings: plain_settings(),
+        steps: vec![
+            Step::Connect {
+                source: 0,
+                reads: true,
+            },
+            Step::Advance {
+                ms: 100,
+                sweep: true,
+            },
+            tcp(0x01, Body::Name(b"peq.a.bob".to_vec())),
+        ],
+    });
 }
 
 /// The same for a rename read after the idle timeout closed an identified shim: the
 /// router must not take the new name in (Who would list it for good).
 #[test]
 fn rename_after_idle_timeout_routes_nothing() {
-    run(
-        &Scenario {
-            settings: plain_settings(),
-            steps: vec![
-                Step::Connect {
-                    source: 0,
-                    reads: true,
-                },
-                tcp(0x01, Body::Name(b"peq.a.bob".to_vec())),
-                Step::Advance {
-                    ms: 1000,
-                    sweep: true,
-                },
-                tcp(0x01, Body::Name(b"peq.a.bobby".to_vec())),
-            ],
-        },
-        true,
-    );
+    run(&Scenario {
+        settings: plain_settings(),
+        steps: vec![
+            Step::Connect {
+                source: 0,
+                reads: true,
+            },
+            tcp(0x01, Body::Name(b"peq.a.bob".to_vec())),
+            Step::Advance {
+                ms: 1000,
+                sweep: true,
+            },
+            tcp(0x01, Body::Name(b"peq.a.bobby".to_vec())),
+        ],
+    });
 }

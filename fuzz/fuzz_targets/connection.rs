@@ -13,11 +13,6 @@ mod harness;
 use harness::{Body, Piece, Scenario, Settings, Step, name};
 use libfuzzer_sys::fuzz_target;
 
-/// Whether bytes may reach a connection after a timer closed it. Off while that case is a
-/// known failure (`identify_after_identify_timeout_registers_nothing` in
-/// `tests/state_machine.rs`), so that the fuzzer looks for anything else.
-const READS_AFTER_TIMER: bool = false;
-
 /// Steps in one scenario at most.
 const MAX_STEPS: usize = 64;
 
@@ -201,5 +196,5 @@ fuzz_target!(|data: &[u8]| {
     if *PRINT.get_or_init(|| std::env::var_os("VELIUM_FUZZ_PRINT").is_some()) {
         eprintln!("{scenario:#?}");
     }
-    harness::run(&scenario, READS_AFTER_TIMER);
+    harness::run(&scenario);
 });

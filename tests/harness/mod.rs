@@ -645,20 +645,12 @@ pub struct World {
     quits: HashMap<SocketAddr, (u64, u64)>,
     /// Datagrams the model expects from the current step.
     dgrams: Vec<(SocketAddr, Vec<u8>)>,
-    reads_after_timer: bool,
     step: usize,
 }
 
 /// Runs `s` and checks every invariant after every step; panics on the first violation.
-///
-/// `reads_after_timer`: whether bytes may still reach a connection after a timer closed
-/// it and before its reader saw the end of the stream (the drivers allow it: the sweep
-/// and the reader are separate tasks). When false, such a read ends the connection
-/// instead, which keeps the known failure of that case (see `tests/state_machine.rs`)
-/// out of the way of everything else.
-pub fn run(s: &Scenario, reads_after_timer: bool) {
+pub fn run(s: &Scenario) {
     let mut w = World::new(&s.settings);
-    w.reads_after_timer = reads_after_timer;
     for (i, step) in s.steps.iter().enumerate() {
         w.step = i;
         w.apply(step);
@@ -696,7 +688,6 @@ impl World {
             attempts: HashMap::new(),
             quits: HashMap::new(),
             dgrams: Vec::new(),
-            reads_after_timer: true,
             step: 0,
         }
     }
@@ -773,9 +764,6 @@ impl World {
                     return;
                 }
                 let c = open[*conn as usize % open.len()];
-                if self.conns[c].closed && !self.reads_after_timer {
-                    return self.finish(c, CloseReason::Eof);
-                }
                 let mut bytes = Vec::new();
                 for p in pieces {
                     self.piece_bytes(p, &mut bytes);
@@ -1010,6 +998,11 @@ impl World {
         let max = self.settings.max_frame;
         let now_ms = self.now_ms();
         let conn = &mut self.conns[c];
+        if conn.closed {
+            // A timer closed the connection while these bytes were on their way: they
+            // are dropped, and the reader ends with the reason that stands.
+            return Flow::Close(*conn.out.reason.get_or_insert(CloseReason::Eof));
+        }
         conn.last_seen_ms = now_ms;
         conn.rx.extend_from_slice(data);
         loop {

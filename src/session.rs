@@ -28,7 +28,7 @@ pub struct Connection {
     shim: Arc<Shim>,
     /// Bytes of a frame that a read cut in two.
     partial: Vec<u8>,
-    /// Whether the client presented the shared secret (or none is required).
+    /// Whether the client presented the right shared secret.
     authed: bool,
     /// Set when the Session reply was queued, until the driver takes it (for the handshake
     /// latency histogram).
@@ -158,14 +158,19 @@ impl Connection {
                 hub.queue(&self.shim, &f, hub.config().outbound_limit);
             }
             Opcode::Auth => {
-                if let Some(secret) = &hub.config().secret
-                    && !secret.verify(frame.data)
-                {
-                    return self.refuse_auth(hub, "authentication failed");
+                // Without a secret the frame is ignored (and proves nothing, should a
+                // reload add one before this connection identifies).
+                if let Some(secret) = &hub.config().secret {
+                    if !secret.verify(frame.data) {
+                        return self.refuse_auth(hub, "authentication failed");
+                    }
+                    self.authed = true;
                 }
-                self.authed = true;
             }
-            Opcode::Identify if !self.authed && hub.config().secret.is_some() => {
+            // The secret guards the first Identify; a rename is the same session.
+            Opcode::Identify
+                if !self.authed && !self.shim.is_identified() && hub.config().secret.is_some() =>
+            {
                 return self.refuse_auth(hub, "authentication required");
             }
             Opcode::Identify => match check_identity(frame.data) {

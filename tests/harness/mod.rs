@@ -460,6 +460,9 @@ impl MPat {
         if body.len() > 255 {
             return Err("target longer than 255 bytes");
         }
+        if std::str::from_utf8(body).is_err() {
+            return Err("target is not UTF-8");
+        }
         let parts: Vec<&[u8]> = body.split(|&b| b == b'.').collect();
         let mut segs = Vec::new();
         for (i, p) in parts.iter().enumerate() {
@@ -1053,13 +1056,19 @@ impl World {
                 return Flow::Close(CloseReason::Quit);
             }
             Opcode::Ping => self.push_self(c, encoded(Opcode::Pong, data)),
+            // Auth counts only against a secret; the secret guards the first Identify,
+            // not a rename.
             Opcode::Auth => {
-                if self.settings.secret && data != SECRET {
-                    return self.refuse_auth(c, "authentication failed");
+                if self.settings.secret {
+                    if data != SECRET {
+                        return self.refuse_auth(c, "authentication failed");
+                    }
+                    self.conns[c].authed = true;
                 }
-                self.conns[c].authed = true;
             }
-            Opcode::Identify if !self.conns[c].authed && self.settings.secret => {
+            Opcode::Identify
+                if !self.conns[c].authed && !self.conns[c].identified && self.settings.secret =>
+            {
                 return self.refuse_auth(c, "authentication required");
             }
             Opcode::Identify => match check_identity(data) {

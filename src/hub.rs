@@ -405,7 +405,9 @@ impl Hub {
     pub fn reply(&self, to: &Arc<Shim>, via: Via, frame: &[u8], out: &mut Outgoing) {
         match via {
             Via::Tcp => {
-                self.push(to, frame, out);
+                if self.push(to, frame, self.config().outbound_limit, out) {
+                    (self.metrics).frame(Dir::Out, Transport::Tcp, frame[0], frame.len());
+                }
             }
             Via::Udp(addr) => {
                 to.frames_out.fetch_add(1, Ordering::Relaxed);
@@ -415,9 +417,14 @@ impl Hub {
     }
 
     /// Queues `frame` on `to`'s TCP connection (listing `to` for a flush); cuts `to` off
-    /// if it is a slow consumer.
-    fn push(&self, to: &Arc<Shim>, frame: &[u8], out: &mut Outgoing) -> bool {
-        match self.queue(to, frame, self.config().outbound_limit) {
+    /// if it is a slow consumer. Counts the frame on `to`, not in the traffic metrics: a
+    /// fan-out counts those once for all its targets.
+    fn push(&self, to: &Arc<Shim>, frame: &[u8], limit: usize, out: &mut Outgoing) -> bool {
+        let pushed = to.outbox.push(limit, frame);
+        if matches!(pushed, Pushed::Queued | Pushed::QueuedFirst) {
+            to.frames_out.fetch_add(1, Ordering::Relaxed);
+        }
+        match pushed {
             Pushed::Queued => true,
             Pushed::QueuedFirst => {
                 out.flush.push(to.clone());
@@ -432,16 +439,24 @@ impl Hub {
     }
 
     /// Delivers a routed frame to one target: over its UDP channel when the frame came in
-    /// over UDP and the target has one, else over TCP.
-    fn deliver(&self, to: &Arc<Shim>, via: Via, frame: &Bytes, out: &mut Outgoing) -> bool {
+    /// over UDP and the target has one, else over TCP. Returns the transport used, if the
+    /// frame was queued. (Datagrams are counted in the traffic metrics when sent.)
+    fn deliver(
+        &self,
+        to: &Arc<Shim>,
+        via: Via,
+        frame: &Bytes,
+        limit: usize,
+        out: &mut Outgoing,
+    ) -> Option<Transport> {
         if let Via::Udp(_) = via
             && let Some(addr) = to.udp_addr()
         {
             to.frames_out.fetch_add(1, Ordering::Relaxed);
             out.datagrams.push((addr, frame.clone()));
-            return true;
+            return Some(Transport::Udp);
         }
-        self.push(to, frame, out)
+        self.push(to, frame, limit, out).then_some(Transport::Tcp)
     }
 
     /// Sends an Error frame about `kind` back to `to` on the transport its request came
@@ -510,14 +525,20 @@ impl Hub {
             None => encode_parts(op, &[identity.as_bytes(), b" ", text], &mut f),
         }
         let frame = Bytes::from(f);
-        let mut reached = 0u64;
+        let limit = self.config().outbound_limit;
+        let (mut reached, mut over_tcp) = (0u64, 0u64);
         self.router.for_each_match(&pattern, |to| {
-            if (pattern.include_self || to.serial != sender.serial)
-                && self.deliver(to, via, &frame, out)
-            {
-                reached += 1;
+            if !pattern.include_self && to.serial == sender.serial {
+                return;
+            }
+            match self.deliver(to, via, &frame, limit, out) {
+                Some(Transport::Tcp) => (reached, over_tcp) = (reached + 1, over_tcp + 1),
+                Some(Transport::Udp) => reached += 1,
+                None => {}
             }
         });
+        let bytes = over_tcp as usize * frame.len();
+        (self.metrics).frames(Dir::Out, Transport::Tcp, op as u8, over_tcp, bytes);
         if reached == 0 {
             let msg = format!("no shim matches {}", String::from_utf8_lossy(target));
             return self.error(sender, via, ErrorKind::NoMatch, &msg, out);
@@ -563,10 +584,17 @@ impl Hub {
             &[id_txt, b" ", identity.as_bytes(), b" ", text],
             &mut f,
         );
-        if self.deliver(&sender, via, &Bytes::from(f), out) {
-            Counters::bump(&self.counters().deliveries);
-        } else {
-            Counters::bump(&self.counters().responses_dropped);
+        let limit = self.config().outbound_limit;
+        let len = f.len();
+        match self.deliver(&sender, via, &Bytes::from(f), limit, out) {
+            Some(t) => {
+                if t == Transport::Tcp {
+                    let op = Opcode::CommandResponse as u8;
+                    (self.metrics).frame(Dir::Out, Transport::Tcp, op, len);
+                }
+                Counters::bump(&self.counters().deliveries);
+            }
+            None => Counters::bump(&self.counters().responses_dropped),
         }
     }
 

@@ -48,6 +48,9 @@ pub enum PatternError {
     /// Too long.
     #[error("target longer than 255 bytes")]
     TooLong,
+    /// Not UTF-8 (identities always are, so such a target could only match by accident).
+    #[error("target is not UTF-8")]
+    NotUtf8,
 }
 
 impl Pattern {
@@ -62,6 +65,9 @@ impl Pattern {
         }
         if body.len() > 255 {
             return Err(PatternError::TooLong);
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(PatternError::NotUtf8);
         }
         let n = body.split(|&b| b == b'.').count();
         let mut segs = Vec::with_capacity(n);
@@ -296,6 +302,7 @@ mod tests {
         assert_eq!(Pattern::parse(b""), Err(PatternError::Empty));
         assert_eq!(Pattern::parse(b"+"), Err(PatternError::Empty));
         assert_eq!(Pattern::parse(b"a.>.b"), Err(PatternError::RestNotLast));
+        assert_eq!(Pattern::parse(b"a.\xff"), Err(PatternError::NotUtf8));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub struct Connection {
     shim: Arc<Shim>,
     /// Bytes of a frame that a read cut in two.
     partial: Vec<u8>,
-    /// Whether the client presented the shared secret (or none is required).
+    /// Whether the client presented the right shared secret.
     authed: bool,
     /// Set when the Session reply was queued, until the driver takes it (for the handshake
     /// latency histogram).
@@ -71,6 +71,13 @@ impl Connection {
 
     /// Handles bytes read from the socket.
     pub fn on_bytes(&mut self, hub: &Hub, data: &[u8], now: Instant) -> Flow {
+        if self.shim.is_closed() {
+            // A timer expired the connection while these bytes were on their way in: the
+            // shim is already removed, and an Identify or rename here would put it back
+            // into the table and the router with nobody left to take it out.
+            let reason = self.shim.outbox.settle_reason(CloseReason::Eof);
+            return Flow::Close(reason);
+        }
         self.shim.touch(hub.ms(now));
         let max = hub.config().max_frame;
         if self.partial.is_empty() {
@@ -151,14 +158,19 @@ impl Connection {
                 hub.queue(&self.shim, &f, hub.config().outbound_limit);
             }
             Opcode::Auth => {
-                if let Some(secret) = &hub.config().secret
-                    && !secret.verify(frame.data)
-                {
-                    return self.refuse_auth(hub, "authentication failed");
+                // Without a secret the frame is ignored (and proves nothing, should a
+                // reload add one before this connection identifies).
+                if let Some(secret) = &hub.config().secret {
+                    if !secret.verify(frame.data) {
+                        return self.refuse_auth(hub, "authentication failed");
+                    }
+                    self.authed = true;
                 }
-                self.authed = true;
             }
-            Opcode::Identify if !self.authed && hub.config().secret.is_some() => {
+            // The secret guards the first Identify; a rename is the same session.
+            Opcode::Identify
+                if !self.authed && !self.shim.is_identified() && hub.config().secret.is_some() =>
+            {
                 return self.refuse_auth(hub, "authentication required");
             }
             Opcode::Identify => match check_identity(frame.data) {
@@ -323,6 +335,27 @@ mod tests {
         assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(500)));
         assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
         assert_eq!(out(&c), QUIT);
+    }
+
+    #[test]
+    fn input_after_a_timer_closed_the_connection_is_ignored() {
+        let h = hub();
+        let t0 = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), t0);
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(150)));
+        assert_eq!(
+            c.on_bytes(&h, b"\x01late\n", t0 + Duration::from_millis(151)),
+            Flow::Close(CloseReason::IdentifyTimeout)
+        );
+        assert!(h.table.is_empty());
+        let mut c = Connection::accept(&h, 0, peer(), t0);
+        c.on_bytes(&h, b"\x01a.b\n", t0);
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
+        c.on_bytes(&h, b"\x01c.d\n", t0 + Duration::from_millis(1001));
+        let mut n = 0;
+        h.router
+            .for_each_match(&crate::router::Pattern::all(), |_| n += 1);
+        assert_eq!((n, h.table.len()), (0, 0));
     }
 
     #[test]

@@ -367,6 +367,11 @@ impl Shim {
     }
 
     /// Marks the shim closed; true for the first caller only.
+    /// True once the shim was removed (its connection ended or a timer expired it).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     pub(crate) fn mark_closed(&self) -> bool {
         !self.closed.swap(true, Ordering::AcqRel)
     }

@@ -63,6 +63,8 @@ impl QuitLimiter {
             *tokens = (u64::from(*tokens) + refill).min(u64::from(per_sec)) as u32;
             *last = now_ms;
         }
+        // A bucket filled under a higher rate holds no more than the current burst.
+        *tokens = (*tokens).min(per_sec);
         if *tokens == 0 {
             return false;
         }

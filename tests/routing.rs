@@ -463,7 +463,7 @@ fn malformed_requests_get_one_error_each_in_order(io: &str) {
         (
             0x08,
             b"\xff.x hi".to_vec(),
-            "no shim matches \u{FFFD}.x".into(),
+            "bad target \u{FFFD}.x: target is not UTF-8".into(),
         ),
         (0x05, b"abc x".to_vec(), "expected: ID SP RESPONSE".into()),
         (0x05, b"".to_vec(), "expected: ID SP RESPONSE".into()),

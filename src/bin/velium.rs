@@ -528,8 +528,7 @@ fn stats(admin: SocketAddr) -> Result<ExitCode, Fatal> {
         samples
             .iter()
             .filter(|(n, l, _)| *n == name && has.iter().all(|h| l.contains(h)))
-            .map(|s| s.2)
-            .sum()
+            .fold(0.0, |sum, s| sum + s.2)
     };
     let nonzero = |name: &str, label: &str| -> String {
         let v: Vec<String> = samples

@@ -1,0 +1,274 @@
+//! The files in `deploy/`: every shipped config passes `velium-server --check-config`,
+//! broken copies are refused with exit 2 and one line, the documented values are the real
+//! defaults, every setting is documented, and the unit's stop timeout covers every
+//! shipped `shutdown_timeout`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+use velium_server::config::{Args, Config};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_velium-server");
+
+/// The shipped config files, relative to the repository root.
+const CONFIGS: [&str; 3] = [
+    "deploy/velium-server.toml",
+    "deploy/presets/small.toml",
+    "deploy/presets/large.toml",
+];
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("velium-deploy-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `velium-server --check-config PATH`, with no secret from the environment.
+fn check(path: &Path) -> Output {
+    Command::new(SERVER)
+        .arg("--check-config")
+        .arg(path)
+        .env_remove("VELIUM_SECRET")
+        .output()
+        .expect("run velium-server")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts that `path` was refused: exit 2, nothing on stdout, one line on stderr that
+/// contains `needle`.
+fn assert_refused(path: &Path, needle: &str) {
+    let out = check(path);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}: stderr {stderr:?}",
+        path.display()
+    );
+    assert_eq!(stdout, "", "{}", path.display());
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.ends_with('\n'), "{stderr:?}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+#[test]
+fn shipped_configs_pass_check_config() {
+    for rel in CONFIGS {
+        let path = repo(rel);
+        let out = check(&path);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{rel}: {stderr}");
+        assert_eq!(text(&out.stdout), format!("{}: ok\n", path.display()));
+        assert_eq!(stderr, "", "{rel}");
+    }
+}
+
+#[test]
+fn broken_copies_are_refused_with_one_line() {
+    let dir = scratch("broken");
+    for rel in CONFIGS {
+        let name = Path::new(rel).file_name().unwrap().to_str().unwrap();
+        let unknown = dir.join(format!("unknown-{name}"));
+        std::fs::write(
+            &unknown,
+            format!("{}\nlisten_adress = \"0.0.0.0:1\"\n", read(rel)),
+        )
+        .unwrap();
+        assert_refused(&unknown, "listen_adress");
+    }
+    // allow_networks is commented out in the full file: a bad CIDR there.
+    let cidr = dir.join("bad-cidr.toml");
+    std::fs::write(
+        &cidr,
+        format!(
+            "{}\nallow_networks = [\"10.0.0.0/8\", \"192.168.0.0/33\"]\n",
+            read(CONFIGS[0])
+        ),
+    )
+    .unwrap();
+    assert_refused(&cidr, "192.168.0.0/33");
+    // And in a preset that sets it: the same list with one entry broken.
+    let small = read("deploy/presets/small.toml");
+    assert!(small.contains("\"10.0.0.0/8\""));
+    let cidr = dir.join("bad-cidr-small.toml");
+    std::fs::write(&cidr, small.replace("\"10.0.0.0/8\"", "\"10.0.0/8\"")).unwrap();
+    assert_refused(&cidr, "10.0.0/8");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The full file with every commented-out setting and example uncommented (the secret
+/// file pointed at a scratch file, `cores` at 1).
+fn uncommented(dir: &Path) -> String {
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "hunter2\n").unwrap();
+    let mut out = String::new();
+    for line in read(CONFIGS[0]).lines() {
+        let setting = line.strip_prefix('#').filter(|l| {
+            let key = l.split(" = ").next().unwrap_or("");
+            l.starts_with("[[command_rule]]")
+                || (l.contains(" = ")
+                    && !key.is_empty()
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        });
+        match setting {
+            Some(s) if s.starts_with("secret_file = ") => out.push_str(&format!(
+                "secret_file = {:?}\n",
+                secret.display().to_string()
+            )),
+            Some(s) if s.starts_with("cores = ") => out.push_str("cores = 1\n"),
+            Some(s) => {
+                out.push_str(s);
+                out.push('\n');
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn documented_values_are_the_defaults() {
+    let dir = scratch("defaults");
+    let file = dir.join("uncommented.toml");
+    let toml = uncommented(&dir);
+    std::fs::write(&file, &toml).unwrap();
+    let out = check(&file);
+    assert_eq!(out.status.code(), Some(0), "{toml}\n{}", text(&out.stderr));
+
+    let c = Config::load(&Args {
+        config: Some(file),
+        ..Args::default()
+    })
+    .unwrap();
+    let d = Config::default();
+    assert_eq!(c.listen, d.listen);
+    assert_eq!(c.io, d.io);
+    assert_eq!(c.log_level, d.log_level);
+    assert_eq!(c.shutdown_timeout, d.shutdown_timeout);
+    assert_eq!(c.max_frame, d.max_frame);
+    assert_eq!(c.identify_timeout, d.identify_timeout);
+    assert_eq!(c.idle_timeout, d.idle_timeout);
+    assert_eq!(c.outbound_limit, d.outbound_limit);
+    assert_eq!(c.udp_quit_per_sec, d.udp_quit_per_sec);
+    assert_eq!(c.max_connections, d.max_connections);
+    assert_eq!(c.max_connections_per_source, d.max_connections_per_source);
+    assert_eq!(c.connect_rate_per_source, d.connect_rate_per_source);
+    // The settings that are off by default, and their examples.
+    assert_eq!(d.admin, None);
+    let admin = c.admin.expect("admin example");
+    assert!(admin.ip().is_loopback(), "admin example binds {admin}");
+    assert!(d.allow_networks.is_empty() && !c.allow_networks.is_empty());
+    assert!(d.secret.is_none() && c.secret.is_some());
+    assert!(d.command_rules.is_empty() && c.command_rules.len() == 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_setting_is_documented() {
+    let help = Command::new(SERVER).arg("--help").output().unwrap();
+    let help = text(&help.stdout);
+    let file = read(CONFIGS[0]);
+    let mut flags: Vec<String> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
+        .filter(|w| !w.is_empty() && !["help", "version", "config", "check-config"].contains(&&**w))
+        .collect();
+    flags.sort();
+    flags.dedup();
+    assert!(flags.len() >= 15, "flags from --help: {flags:?}");
+    for flag in flags {
+        let key = match flag.as_str() {
+            "allow-network" => "allow_networks".to_string(),
+            f => f.replace('-', "_"),
+        };
+        assert!(
+            file.contains(&format!("\n#{key} = ")),
+            "--{flag}: no `#{key} = ...` line in {}",
+            CONFIGS[0]
+        );
+    }
+    assert!(file.contains("\n#[[command_rule]]\n#from = "));
+}
+
+#[test]
+fn unit_matches_the_configs() {
+    let unit = read("deploy/velium-server.service");
+    let value = |key: &str| -> Vec<&str> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .collect()
+    };
+    assert_eq!(
+        value("ExecStart"),
+        ["/usr/local/bin/velium-server --config /etc/velium/velium-server.toml"]
+    );
+    assert!(value("ExecReload").contains(&"kill -HUP $MAINPID"));
+    assert_eq!(value("KillSignal"), ["SIGTERM"]);
+    assert_eq!(value("LimitNOFILE"), ["1048576"]);
+    let stop = value("TimeoutStopSec");
+    let stop = humantime::parse_duration(stop[0]).expect("TimeoutStopSec");
+    // io_uring (in @aio), setrlimit and sched_setaffinity (in @resources) stay allowed.
+    let filters = value("SystemCallFilter");
+    assert!(
+        filters.iter().any(|f| f.contains("@system-service")),
+        "{filters:?}"
+    );
+    for f in filters.iter().filter(|f| f.starts_with('~')) {
+        for needed in [
+            "@system-service",
+            "@aio",
+            "io_uring",
+            "@resources",
+            "setrlimit",
+        ] {
+            assert!(!f.contains(needed), "SystemCallFilter={f} denies {needed}");
+        }
+    }
+
+    // The unit stops the server with SIGTERM and kills it at TimeoutStopSec: that must
+    // leave every shipped shutdown_timeout room (the process takes a little longer than
+    // shutdown_timeout to exit).
+    for rel in CONFIGS {
+        let c = Config::load(&Args {
+            config: Some(repo(rel)),
+            cores: Some(1),
+            ..Args::default()
+        })
+        .unwrap();
+        assert!(
+            c.shutdown_timeout + Duration::from_secs(5) <= stop,
+            "{rel}: shutdown_timeout {:?} vs TimeoutStopSec {stop:?}",
+            c.shutdown_timeout
+        );
+        if let Some(admin) = c.admin {
+            assert!(admin.ip().is_loopback(), "{rel}: admin on {admin}");
+        }
+    }
+
+    // The listen backlog (4096) must not be cut by the shipped somaxconn.
+    let sysctl = read("deploy/sysctl.d/90-velium.conf");
+    let somaxconn: u32 = sysctl
+        .lines()
+        .find_map(|l| l.strip_prefix("net.core.somaxconn = "))
+        .expect("somaxconn")
+        .parse()
+        .unwrap();
+    assert!(somaxconn >= 4096);
+}

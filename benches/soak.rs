@@ -14,8 +14,8 @@
 //! keep-alive; and a fraction of the shims reconnect in each interval, half of them with
 //! a clean Quit and half by just closing. The churn is far above what a real fleet does:
 //! per-connection state is where a leak would hide, and the server's RSS climbs with
-//! every reconnect until the allocator and the tables reach their working size (about
-//! 30,000 reconnects with 5,000 shims), which the default 10-minute run must get past.
+//! reconnects before it levels off (after about 30,000 with 5,000 shims), which the
+//! default 10-minute run must get past.
 //!
 //! Every interval it prints one line: the server's RSS (VmRSS) and open descriptors (from
 //! /proc), its open connections (`velium_connections` from the admin listener), the
@@ -589,9 +589,8 @@ fn main() {
 }
 
 /// Compares the last interval with the first (the warm-up): RSS growth in percent, and
-/// growth over the last third of the run. Churn makes RSS climb for a while (the
-/// allocator's free lists and the tables' capacity reach their working size, and that
-/// takes tens of thousands of reconnects), so the total alone cannot tell a leak from a
+/// growth over the last third of the run. Churn makes RSS climb for tens of thousands
+/// of reconnects before it levels off, so the total alone cannot tell a leak from a
 /// warm-up; a leak keeps climbing at the end of the run, a warm-up has levelled off.
 fn verdict(samples: &[Sample]) {
     let (Some(first), Some(last)) = (samples.first(), samples.last()) else {

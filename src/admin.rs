@@ -6,10 +6,10 @@
 //! under a read lock) is shared state the cores only publish. It is off unless configured,
 //! and the examples bind it to 127.0.0.1: it lists every shim and can reload the settings.
 
-use crate::frame::Opcode;
+use crate::proto::Opcode;
 use crate::hub::Hub;
 use crate::metrics::{Dir, Latency, Transport};
-use crate::router::Pattern;
+use crate::proto::pattern::Pattern;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::io;
@@ -228,7 +228,7 @@ pub fn render(hub: &Hub) -> String {
     metric(
         "velium_refused_total",
         "counter",
-        "Connections, datagrams and Commands refused by a limit or an access rule.",
+        "Connections, datagrams and requests refused by a limit or an access rule.",
         &refused,
     );
     metric(
@@ -236,6 +236,12 @@ pub fn render(hub: &Hub) -> String {
         "counter",
         "Datagrams dropped because the source is outside allow_networks.",
         &one(get(&c.datagrams_refused)),
+    );
+    metric(
+        "velium_udp_dropped_total",
+        "counter",
+        "Datagrams dropped because a core's UDP send queue, or one destination's, was full.",
+        &one(get(&c.udp_dropped)),
     );
     metric(
         "velium_slow_consumers_total",

@@ -76,9 +76,9 @@
 //! The client spawns its reader, UDP reader and keep-alive tasks on the current tokio
 //! runtime (any flavour); they end when the connection ends or the client is dropped.
 
-use crate::codec;
-use crate::frame::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token, encode};
-use crate::hub::check_identity;
+use crate::proto::codec;
+use crate::proto::identity::check_identity;
+use crate::proto::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token, encode};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;

@@ -2,7 +2,7 @@
 //!
 //! Every setting is documented, with its default, in `deploy/velium-server.toml`.
 
-use crate::router::Pattern;
+use crate::proto::pattern::Pattern;
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -49,6 +49,20 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Pending outbound bytes past which a shim is closed as a slow consumer.
     pub outbound_limit: usize,
+    /// Queued output that makes no progress for this long marks a slow consumer.
+    pub write_deadline: Duration,
+    /// Command, Echo, CommandResponse and Who frames one shim may route per second (and
+    /// burst); 0: no limit.
+    pub routed_per_sec: u32,
+    /// Shims reached plus Who entries listed per second for one shim's requests; 0: no
+    /// limit.
+    pub deliveries_per_sec: u32,
+    /// Who requests per second from one shim; 0: no limit.
+    pub who_per_sec: u32,
+    /// Datagrams waiting to be sent, per core, when the UDP socket is full.
+    pub udp_queue: usize,
+    /// Datagrams waiting for one destination address.
+    pub udp_queue_per_dest: usize,
     /// Quit answers per second (and burst) to one unbound UDP source.
     pub udp_quit_per_sec: u32,
     /// Open TCP connections in all (0: no limit but the open-file limit).
@@ -78,6 +92,12 @@ impl Default for Config {
             identify_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             outbound_limit: 1024 * 1024,
+            write_deadline: Duration::from_secs(10),
+            routed_per_sec: 200,
+            deliveries_per_sec: 20_000,
+            who_per_sec: 5,
+            udp_queue: 4096,
+            udp_queue_per_dest: 64,
             udp_quit_per_sec: 4,
             max_connections: 100_000,
             max_connections_per_source: 1024,
@@ -161,6 +181,12 @@ impl Config {
             identify_timeout,
             idle_timeout,
             outbound_limit,
+            write_deadline,
+            routed_per_sec,
+            deliveries_per_sec,
+            who_per_sec,
+            udp_queue,
+            udp_queue_per_dest,
             udp_quit_per_sec,
             max_connections,
             max_connections_per_source,
@@ -264,6 +290,27 @@ pub struct Args {
     /// Pending outbound bytes that make a shim a slow consumer [default: 1048576]
     #[arg(long, value_name = "BYTES")]
     pub outbound_limit: Option<usize>,
+    /// Queued output that makes no progress for this long marks a slow consumer, e.g.
+    /// 10s [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    pub write_deadline: Option<String>,
+    /// Command, Echo, CommandResponse and Who frames one shim may route per second, 0 for
+    /// no limit [default: 200]
+    #[arg(long, value_name = "N")]
+    pub routed_per_sec: Option<u32>,
+    /// Shims reached (and Who entries listed) per second for one shim, 0 for no limit
+    /// [default: 20000]
+    #[arg(long, value_name = "N")]
+    pub deliveries_per_sec: Option<u32>,
+    /// Who requests per second from one shim, 0 for no limit [default: 5]
+    #[arg(long, value_name = "N")]
+    pub who_per_sec: Option<u32>,
+    /// Datagrams queued per core while the UDP socket is full [default: 4096]
+    #[arg(long, value_name = "N")]
+    pub udp_queue: Option<usize>,
+    /// Datagrams queued for one destination address [default: 64]
+    #[arg(long, value_name = "N")]
+    pub udp_queue_per_dest: Option<usize>,
     /// Quit answers per second to one unbound UDP source [default: 4]
     #[arg(long, value_name = "N")]
     pub udp_quit_per_sec: Option<u32>,
@@ -300,6 +347,12 @@ struct FileConfig {
     identify_timeout: Option<String>,
     idle_timeout: Option<String>,
     outbound_limit: Option<usize>,
+    write_deadline: Option<String>,
+    routed_per_sec: Option<u32>,
+    deliveries_per_sec: Option<u32>,
+    who_per_sec: Option<u32>,
+    udp_queue: Option<usize>,
+    udp_queue_per_dest: Option<usize>,
     udp_quit_per_sec: Option<u32>,
     max_connections: Option<usize>,
     max_connections_per_source: Option<usize>,
@@ -390,6 +443,33 @@ impl Config {
                 )));
             }
             c.outbound_limit = v;
+        }
+        if let Some(v) = args.write_deadline.as_ref().or(file.write_deadline.as_ref()) {
+            c.write_deadline = parse_duration("write_deadline", v)?;
+        }
+        if let Some(v) = args.routed_per_sec.or(file.routed_per_sec) {
+            c.routed_per_sec = v;
+        }
+        if let Some(v) = args.deliveries_per_sec.or(file.deliveries_per_sec) {
+            c.deliveries_per_sec = v;
+        }
+        if let Some(v) = args.who_per_sec.or(file.who_per_sec) {
+            c.who_per_sec = v;
+        }
+        for (key, v, dst) in [
+            ("udp_queue", args.udp_queue.or(file.udp_queue), &mut c.udp_queue),
+            (
+                "udp_queue_per_dest",
+                args.udp_queue_per_dest.or(file.udp_queue_per_dest),
+                &mut c.udp_queue_per_dest,
+            ),
+        ] {
+            if let Some(v) = v {
+                if v == 0 {
+                    return Err(ConfigError::Invalid(format!("{key} must be at least 1")));
+                }
+                *dst = v;
+            }
         }
         if let Some(v) = args.udp_quit_per_sec.or(file.udp_quit_per_sec) {
             c.udp_quit_per_sec = v;

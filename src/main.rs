@@ -33,7 +33,6 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
-    raise_open_file_limit();
     // Log lines are written by a background thread, so a connect or close line never
     // costs the serving core a write(2) of its own. The filter sits behind a reload
     // handle so that SIGHUP can change the level.
@@ -210,22 +209,5 @@ fn list(keys: &[&str]) -> String {
         "none".into()
     } else {
         keys.join(", ")
-    }
-}
-
-/// Raises the soft open-file limit to the hard one: every shim holds a descriptor, and
-/// the soft default (often 1024) would cap a fleet long before memory does. The hard
-/// limit is the operator's (systemd `LimitNOFILE`, `/etc/security/limits.conf`).
-fn raise_open_file_limit() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit / setrlimit read and write one rlimit struct owned here.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
     }
 }

@@ -11,6 +11,9 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+pub use crate::proto::reject::{ErrorKind, Refusal};
+use crate::proto::reject::{Metric, Reject};
+
 /// Event counters, updated with relaxed atomics (each is rare next to the traffic).
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -30,6 +33,8 @@ pub struct Counters {
     pub udp_quit_suppressed: AtomicU64,
     /// Datagrams dropped because their source is outside the allowed networks.
     pub datagrams_refused: AtomicU64,
+    /// Datagrams dropped because a core's UDP send queue, or a destination's, was full.
+    pub udp_dropped: AtomicU64,
     /// Connections still open when a graceful shutdown's deadline passed.
     pub shutdown_cut: AtomicU64,
 }
@@ -39,111 +44,6 @@ impl Counters {
     #[inline]
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// A frame longer than `max_frame` (the connection is closed).
-    Oversized,
-    /// An opcode the protocol does not define.
-    UnknownOpcode,
-    /// A routed frame before Identify.
-    IdentifyFirst,
-    /// An identity label that breaks the rules.
-    BadIdentity,
-    /// An opcode only the server sends, or one not accepted on that transport.
-    WrongOpcode,
-    /// A frame whose data is not in its documented form (target, id, pattern).
-    Malformed,
-    /// A Command or Echo whose target matched no shim.
-    NoMatch,
-    /// No Identify within `identify_timeout`.
-    IdentifyTimeout,
-    /// A datagram that is not one frame.
-    BadDatagram,
-}
-
-impl ErrorKind {
-    const ALL: [ErrorKind; 9] = [
-        ErrorKind::Oversized,
-        ErrorKind::UnknownOpcode,
-        ErrorKind::IdentifyFirst,
-        ErrorKind::BadIdentity,
-        ErrorKind::WrongOpcode,
-        ErrorKind::Malformed,
-        ErrorKind::NoMatch,
-        ErrorKind::IdentifyTimeout,
-        ErrorKind::BadDatagram,
-    ];
-
-    /// The `kind` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            ErrorKind::Oversized => "oversized",
-            ErrorKind::UnknownOpcode => "unknown_opcode",
-            ErrorKind::IdentifyFirst => "identify_first",
-            ErrorKind::BadIdentity => "bad_identity",
-            ErrorKind::WrongOpcode => "wrong_opcode",
-            ErrorKind::Malformed => "malformed",
-            ErrorKind::NoMatch => "no_match",
-            ErrorKind::IdentifyTimeout => "identify_timeout",
-            ErrorKind::BadDatagram => "bad_datagram",
-        }
-    }
-}
-
-/// Why a connection or a request was refused by a limit or an access rule, for
-/// `velium_refused_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// The source is outside `allow_networks` (closed without a byte).
-    AllowList,
-    /// `max_connections` reached.
-    MaxConnections,
-    /// `max_connections_per_source` reached for the source IP.
-    PerSource,
-    /// `connect_rate_per_source` exceeded.
-    Rate,
-    /// Identify without the secret, or a wrong secret.
-    Auth,
-    /// A Command the command rules do not permit.
-    Permission,
-}
-
-impl Refusal {
-    const ALL: [Refusal; 6] = [
-        Refusal::AllowList,
-        Refusal::MaxConnections,
-        Refusal::PerSource,
-        Refusal::Rate,
-        Refusal::Auth,
-        Refusal::Permission,
-    ];
-
-    /// The `reason` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::AllowList => "allow_list",
-            Refusal::MaxConnections => "max_connections",
-            Refusal::PerSource => "per_source",
-            Refusal::Rate => "rate",
-            Refusal::Auth => "auth",
-            Refusal::Permission => "permission",
-        }
-    }
-
-    /// The Error frame text a refused connection is sent before it is closed.
-    pub fn message(self) -> &'static str {
-        match self {
-            Refusal::AllowList => "",
-            Refusal::MaxConnections => "too many connections",
-            Refusal::PerSource => "too many connections from this address",
-            Refusal::Rate => "connecting too fast",
-            Refusal::Auth => "authentication failed",
-            Refusal::Permission => "command not permitted",
-        }
     }
 }
 
@@ -292,6 +192,14 @@ impl Metrics {
     pub fn refuse(&self, why: Refusal) {
         let i = Refusal::ALL.iter().position(|k| *k == why).unwrap_or(0);
         Counters::bump(&self.refused[i]);
+    }
+
+    /// Counts a refusal where [`Reject::metric`] says it belongs.
+    pub fn reject(&self, r: &Reject) {
+        match r.metric() {
+            Metric::Error(k) => self.error(k),
+            Metric::Refusal(why) => self.refuse(why),
+        }
     }
 
     /// Every error kind with its count.

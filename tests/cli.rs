@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 use velium_server::client::{Client, ClientError, ClientOptions, Event, Response, Transport};
-use velium_server::frame::Token;
+use velium_server::proto::Token;
 
 const VELIUM: &str = env!("CARGO_BIN_EXE_velium");
 

@@ -12,7 +12,8 @@
 //! waits for epoll instead (the edge-triggered registration reports any byte that arrives
 //! after the read, and a readiness event newer than the one read is never cleared).
 
-use super::{Datagrams, Listener, Stream, run_core};
+use super::tasks::run_core;
+use super::{Datagrams, Listener, Stream};
 use crate::hub::Hub;
 use bytes::Bytes;
 use socket2::SockRef;
@@ -175,5 +176,8 @@ impl Datagrams for UdpSocket {
 
     async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()> {
         UdpSocket::send_to(self, &buf, to).await.map(drop)
+    }
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
     }
 }

@@ -3,7 +3,8 @@
 //! Reads, writes, accepts and datagram receives are io_uring operations that own their
 //! buffers; this file only adapts tokio-uring's sockets to the shared loops in `mod.rs`.
 
-use super::{Datagrams, Listener, Stream, run_core};
+use super::tasks::run_core;
+use super::{Datagrams, Listener, Stream};
 use crate::hub::Hub;
 use bytes::Bytes;
 use std::io;
@@ -121,5 +122,8 @@ impl Datagrams for UdpSocket {
 
     async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()> {
         UdpSocket::send_to(self, buf, to).await.0.map(drop)
+    }
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
     }
 }

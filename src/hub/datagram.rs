@@ -6,12 +6,14 @@
 //! bytes than they sent, and at most [`QuitLimiter`]'s rate: the server cannot be used
 //! to reflect or amplify traffic. Cheapest checks first.
 
-use crate::codec::decode_datagram;
-use crate::frame::{Opcode, Token, encode};
-use crate::hub::{Hub, Outgoing, Via};
+use super::Hub;
+use super::send::{Class, Datagram, Outgoing, Route, Via};
+use super::table::BindOutcome;
 use crate::metrics::{Counters, Dir, ErrorKind, Latency, Transport};
-use crate::session::QUIT;
-use crate::table::BindOutcome;
+use crate::proto::codec::decode_datagram;
+use crate::proto::reject::Reject;
+use crate::proto::request::Request;
+use crate::proto::{Opcode, QUIT, Token, reply};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -78,7 +80,6 @@ fn answer_quit(
     lim: &mut QuitLimiter,
     src: SocketAddr,
     len: usize,
-    now: Instant,
     out: &mut Outgoing,
 ) {
     // Never answer with more bytes than arrived.
@@ -86,30 +87,35 @@ fn answer_quit(
         return;
     }
     lim.set_rate(hub.config().udp_quit_per_sec);
-    if lim.allow(src, hub.ms(now)) {
+    if lim.allow(src, out.now_ms) {
         Counters::bump(&hub.counters().udp_quit_sent);
-        out.datagrams.push((src, Bytes::from_static(&QUIT)));
+        out.datagrams.push(Datagram {
+            to: src,
+            frame: Bytes::from_static(&QUIT),
+            class: Class::Reply,
+        });
     } else {
         Counters::bump(&hub.counters().udp_quit_suppressed);
     }
 }
 
-/// Handles one datagram from `src`, received at `now` on core `core`.
+/// Handles one datagram from `src`, received at `now`. A datagram is one frame, with or
+/// without its trailing 0x0A.
 pub fn on_datagram(
     hub: &Hub,
-    core: usize,
     lim: &mut QuitLimiter,
     src: SocketAddr,
     dgram: &[u8],
     now: Instant,
     out: &mut Outgoing,
 ) {
+    out.now_ms = hub.ms(now);
     let frame = match decode_datagram(dgram, hub.config().max_frame) {
         Ok(f) => f,
         Err(_) => {
             hub.metrics.error(ErrorKind::BadDatagram);
             if hub.table.by_udp(&src).is_none() {
-                answer_quit(hub, lim, src, dgram.len(), now, out);
+                answer_quit(hub, lim, src, dgram.len(), out);
             }
             return;
         }
@@ -120,10 +126,10 @@ pub fn on_datagram(
     if frame.op == Opcode::Session as u8 {
         let Some(shim) = Token::from_slice(frame.data).and_then(|t| hub.table.by_token(&t)) else {
             debug!(%src, "bind with unknown token");
-            return answer_quit(hub, lim, src, dgram.len(), now, out);
+            return answer_quit(hub, lim, src, dgram.len(), out);
         };
         match hub.table.bind_udp(&shim, src) {
-            BindOutcome::Dead => return answer_quit(hub, lim, src, dgram.len(), now, out),
+            BindOutcome::Dead => return answer_quit(hub, lim, src, dgram.len(), out),
             BindOutcome::Bound => {
                 info!(conn = shim.serial, identity = %shim.identity(), %src, "bind");
             }
@@ -132,51 +138,45 @@ pub fn on_datagram(
             }
             BindOutcome::Unchanged => {}
         }
-        shim.touch(hub.ms(now));
-        hub.metrics.record(core, Latency::UdpBind, now.elapsed());
+        shim.touch(out.now_ms);
+        out.time(Latency::UdpBind, now);
         return;
     }
 
     let Some(shim) = hub.table.by_udp(&src) else {
-        return answer_quit(hub, lim, src, dgram.len(), now, out);
+        return answer_quit(hub, lim, src, dgram.len(), out);
     };
-    shim.touch(hub.ms(now));
+    shim.touch(out.now_ms);
     shim.frames_in.fetch_add(1, Ordering::Relaxed);
+    let via = Via::Udp(src);
+    let answer = Route::Reply(via);
     let Some(op) = frame.opcode() else {
-        hub.metrics.error(ErrorKind::UnknownOpcode);
-        let mut f = Vec::new();
-        encode(
-            Opcode::Error,
-            format!("unknown opcode 0x{:02X}", frame.op).as_bytes(),
-            &mut f,
-        );
-        return hub.reply(&shim, Via::Udp(src), &f, out);
+        return hub.refuse(&shim, answer, &Reject::UnknownOpcode(frame.op), out);
     };
-    match op {
-        Opcode::None | Opcode::Pong | Opcode::Quit => {}
-        Opcode::Ping => {
-            let mut f = Vec::with_capacity(frame.data.len() + 2);
-            encode(Opcode::Pong, frame.data, &mut f);
-            hub.reply(&shim, Via::Udp(src), &f, out);
+    if matches!(op, Opcode::Identify | Opcode::Auth) {
+        return hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out);
+    }
+    match Request::parse(op, frame.data) {
+        Err(Reject::ServerOnly(op)) => hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out),
+        Err(r) => hub.refuse(&shim, answer, &r, out),
+        Ok(Request::Nothing | Request::Pong | Request::Quit) => {}
+        Ok(Request::Ping(data)) => {
+            let mut f = Vec::with_capacity(data.len() + 2);
+            reply::pong(data, &mut f);
+            hub.send(&shim, answer, &Bytes::from(f), out);
         }
-        Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
-            hub.route(&shim, op, frame.data, Via::Udp(src), out);
+        Ok(Request::Route {
+            op,
+            target,
+            target_text,
+            text,
+        }) => hub.fan_out(&shim, op, &target, target_text, text, via, out),
+        Ok(Request::Respond { id, id_text, text }) => {
+            hub.respond(&shim, id, id_text, text, via, out)
         }
-        Opcode::Identify
-        | Opcode::Session
-        | Opcode::Error
-        | Opcode::Ack
-        | Opcode::WhoEntry
-        | Opcode::Auth => {
-            hub.metrics.error(ErrorKind::WrongOpcode);
-            let msg = format!(
-                "opcode 0x{:02X} ({}) is not accepted over UDP",
-                frame.op,
-                op.name()
-            );
-            let mut f = Vec::new();
-            encode(Opcode::Error, msg.as_bytes(), &mut f);
-            hub.reply(&shim, Via::Udp(src), &f, out);
+        Ok(Request::Who(_)) => hub.refuse(&shim, answer, &Reject::WhoOverUdp, out),
+        Ok(Request::Identify(_) | Request::Auth(_) | Request::Bind(_)) => {
+            unreachable!("handled above")
         }
     }
 }
@@ -185,7 +185,7 @@ pub fn on_datagram(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::session::Connection;
+    use crate::hub::connection::Connection;
 
     fn setup() -> (std::sync::Arc<Hub>, Connection, QuitLimiter) {
         let h = Hub::new(Config {
@@ -195,6 +195,7 @@ mod tests {
         let now = Instant::now();
         let mut c = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), now);
         c.on_bytes(&h, b"\x01peq.a.bob\n", now);
+        h.finish(0, c.outgoing(), now);
         (h, c, QuitLimiter::new(3))
     }
 
@@ -212,7 +213,6 @@ mod tests {
         let mut out = Outgoing::default();
         on_datagram(
             &h,
-            0,
             &mut lim,
             src,
             &bind_frame(&c.shim().token),
@@ -220,8 +220,20 @@ mod tests {
             &mut out,
         );
         assert!(out.datagrams.is_empty(), "a valid bind gets no reply");
-        on_datagram(&h, 0, &mut lim, src, b"\x06hey\n", Instant::now(), &mut out);
-        assert_eq!(out.datagrams, vec![(src, Bytes::from_static(b"\x07hey\n"))]);
+        on_datagram(&h, &mut lim, src, b"\x06hey\n", Instant::now(), &mut out);
+        assert_eq!(
+            out.datagrams,
+            vec![Datagram {
+                to: src,
+                frame: Bytes::from_static(b"\x07hey\n"),
+                class: Class::Reply
+            }]
+        );
+        // The original server's 17-byte bind, without its 0x0A, binds too.
+        let other: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+        let bind = &bind_frame(&c.shim().token)[..17];
+        on_datagram(&h, &mut lim, other, bind, Instant::now(), &mut out);
+        assert_eq!(h.table.by_udp(&other).map(|s| s.serial), Some(c.shim().serial));
     }
 
     #[test]
@@ -231,18 +243,17 @@ mod tests {
         let mut out = Outgoing::default();
         let now = Instant::now();
         for _ in 0..10 {
-            on_datagram(&h, 0, &mut lim, src, b"\x06x\n", now, &mut out);
+            on_datagram(&h, &mut lim, src, b"\x06x\n", now, &mut out);
         }
         assert_eq!(out.datagrams.len(), 3, "burst of 3 then nothing");
         assert!(
             out.datagrams
                 .iter()
-                .all(|(a, b)| *a == src && b[..] == QUIT)
+                .all(|d| d.to == src && d.frame[..] == QUIT)
         );
         out.datagrams.clear();
         on_datagram(
             &h,
-            0,
             &mut lim,
             "127.0.0.1:7002".parse().unwrap(),
             b"\x06",
@@ -256,7 +267,6 @@ mod tests {
         let bogus = bind_frame(&Token([7; 16]));
         on_datagram(
             &h,
-            0,
             &mut lim,
             "127.0.0.1:7003".parse().unwrap(),
             &bogus,

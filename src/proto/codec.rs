@@ -1,9 +1,14 @@
 //! The codec: splits a byte stream into frames, and checks a datagram is one frame.
 //!
 //! Pure functions over byte slices: the drivers hand in whatever a read returned and the
-//! session keeps the unfinished tail. Nothing here allocates.
+//! connection keeps the unfinished tail. Nothing here allocates.
+//!
+//! Two leniencies serve clients written for the original server: over TCP a `0D 0A` ends a
+//! frame like `0A` (that server read lines with a reader that strips the CR, so Windows
+//! shims send CRLF), and a datagram is its own frame, so its trailing `0A` is optional
+//! (that server required a bind of exactly 17 bytes, `02` and the token).
 
-use crate::frame::{Frame, NEWLINE};
+use super::{CR, Frame, NEWLINE};
 use thiserror::Error;
 
 /// Why bytes could not be read as frames.
@@ -25,7 +30,9 @@ pub enum CodecError {
 ///
 /// Returns the frame and how many bytes it took (terminator included), `Ok(None)` when `buf`
 /// holds only part of a frame, or `TooLong` when a frame is, or is bound to be, longer than
-/// `max` bytes. A lone 0x0A is an empty frame with opcode 0x00 (None): it is ignored.
+/// `max` bytes. A lone 0x0A is an empty frame with opcode 0x00 (None): it is ignored. A
+/// 0x0D right before the 0x0A is not data (CRLF line ends), unless it is the opcode
+/// (`0D 0A` is a Who).
 #[inline]
 pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, CodecError> {
     let window = &buf[..buf.len().min(max)];
@@ -34,7 +41,7 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, Code
         Some(end) => Ok(Some((
             Frame {
                 op: buf[0],
-                data: &buf[1..end],
+                data: strip_cr(&buf[1..end]),
             },
             end + 1,
         ))),
@@ -43,16 +50,35 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, Code
     }
 }
 
-/// Reads a datagram that must hold exactly one frame, trailing 0x0A included.
+/// Drops one 0x0D that ends frame data (the CR of a CRLF line end).
+#[inline]
+fn strip_cr(data: &[u8]) -> &[u8] {
+    match data.split_last() {
+        Some((&CR, rest)) => rest,
+        _ => data,
+    }
+}
+
+/// Reads a datagram as one frame: an opcode, then data up to the end of the datagram,
+/// with or without a trailing 0x0A (or 0x0D 0x0A). A 0x0A anywhere else, or no opcode, is
+/// not one frame.
 pub fn decode_datagram(dgram: &[u8], max: usize) -> Result<Frame<'_>, CodecError> {
     if dgram.len() > max {
         return Err(CodecError::TooLong { max });
     }
-    match memchr::memchr(NEWLINE, dgram) {
-        Some(end) if end + 1 == dgram.len() && end > 0 => Ok(Frame {
-            op: dgram[0],
-            data: &dgram[1..end],
-        }),
+    let body = match dgram.split_last() {
+        Some((&NEWLINE, rest)) => rest,
+        _ => dgram,
+    };
+    match body.split_first() {
+        Some((&op, data)) if op != NEWLINE && memchr::memchr(NEWLINE, data).is_none() => {
+            let data = if body.len() < dgram.len() {
+                strip_cr(data)
+            } else {
+                data
+            };
+            Ok(Frame { op, data })
+        }
         _ => Err(CodecError::NotOneFrame),
     }
 }
@@ -60,7 +86,7 @@ pub fn decode_datagram(dgram: &[u8], max: usize) -> Result<Frame<'_>, CodecError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{Opcode, encode};
+    use crate::proto::{Opcode, encode};
     use proptest::prelude::*;
 
     #[test]
@@ -90,9 +116,27 @@ mod tests {
     }
 
     #[test]
-    fn datagram_must_be_exactly_one_frame() {
+    fn crlf_ends_a_frame_but_a_cr_opcode_stays() {
+        let (f, n) = decode(b"\x01peq.z.bob\r\n", 64).unwrap().unwrap();
+        assert_eq!((f.op, f.data, n), (1, &b"peq.z.bob"[..], 12));
+        let (f, _) = decode(b"\x0d\n", 64).unwrap().unwrap();
+        assert_eq!((f.op, f.data), (0x0D, &b""[..]));
+        let (f, _) = decode(b"\x0d\r\n", 64).unwrap().unwrap();
+        assert_eq!((f.op, f.data), (0x0D, &b""[..]));
+        let (f, _) = decode(b"\x06a\r\r\n", 64).unwrap().unwrap();
+        assert_eq!(f.data, b"a\r", "only one CR is the line end");
+    }
+
+    #[test]
+    fn datagram_is_one_frame_with_or_without_its_newline() {
         assert_eq!(decode_datagram(b"\x06hi\n", 64).unwrap().data, b"hi");
-        assert_eq!(decode_datagram(b"\x06hi", 64), Err(CodecError::NotOneFrame));
+        assert_eq!(decode_datagram(b"\x06hi", 64).unwrap().data, b"hi");
+        assert_eq!(decode_datagram(b"\x06hi\r\n", 64).unwrap().data, b"hi");
+        assert_eq!(decode_datagram(b"\x06hi\r", 64).unwrap().data, b"hi\r");
+        let bind: Vec<u8> = std::iter::once(2).chain([7u8; 16]).collect();
+        let f = decode_datagram(&bind, 64).unwrap();
+        assert_eq!((f.op, f.data.len()), (2, 16));
+        assert_eq!(decode_datagram(b"\x06", 64).unwrap().data, b"");
         assert_eq!(
             decode_datagram(b"\x06a\n\x06b\n", 64),
             Err(CodecError::NotOneFrame)
@@ -115,7 +159,8 @@ mod tests {
         #[test]
         fn round_trips_what_the_encoder_writes(
             frames in proptest::collection::vec(
-                (0u8..=0x0E, proptest::collection::vec(any::<u8>().prop_filter("no 0x0A", |b| *b != NEWLINE), 0..200)),
+                (0u8..=0x0E, proptest::collection::vec(any::<u8>().prop_filter("no 0x0A", |b| *b != NEWLINE), 0..200)
+                    .prop_filter("no CR before the newline", |d| d.last() != Some(&CR))),
                 0..20),
             split in 0usize..4096,
         ) {

@@ -1,8 +1,21 @@
-//! The frame type: opcodes, the session token and the frame encoder.
+//! The wire, with no state: what the server, the client library and the tests share.
 //!
 //! Every frame on the wire is `| 1 byte opcode | data | 0x0A |`. Data never contains
 //! 0x0A; text that needs a line break carries 0x0B instead (see [`escape_newlines`]).
 //! The server passes data bytes through unchanged.
+//!
+//! This file holds the opcodes, the frame, the session token and the frame encoder;
+//! [`codec`] splits bytes into frames, [`identity`] and [`pattern`] are the grammar of
+//! names and targets, [`request`] parses a client frame once into a typed request,
+//! [`reply`] encodes and parses every server frame, and [`reject`] is every refusal with
+//! its wire text and metric.
+
+pub mod codec;
+pub mod identity;
+pub mod pattern;
+pub mod reject;
+pub mod reply;
+pub mod request;
 
 use std::fmt;
 
@@ -12,6 +25,10 @@ pub const NEWLINE: u8 = 0x0A;
 pub const ALT_NEWLINE: u8 = 0x0B;
 /// The separator between fields inside routed frames.
 pub const SP: u8 = b' ';
+/// A carriage return: dropped when it stands right before the 0x0A that ends a frame.
+pub const CR: u8 = 0x0D;
+/// The Quit frame.
+pub const QUIT: [u8; 2] = [Opcode::Quit as u8, NEWLINE];
 
 /// Every opcode the protocol defines. 0x0A and 0x0B are never opcodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

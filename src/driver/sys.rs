@@ -1,0 +1,131 @@
+//! Every unsafe system call of the server, in one place.
+//!
+//! Each is a plain non-blocking socket call (or a resource limit) on a descriptor the
+//! caller owns or has attached to an outbox; the outbox clears that descriptor under its
+//! lock before the driver closes the socket, so none of these ever touches a stale one.
+
+use crate::hub::outbox::SocketOps;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+/// The socket calls an outbox makes, from any core.
+pub static SOCKET_OPS: SocketOps = SocketOps {
+    send: send_now,
+    shutdown,
+};
+
+/// One non-blocking send(2); a closed peer is `EPIPE`, never SIGPIPE.
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is an open socket (see the module doc); the buffer is valid for
+    // `buf.len()` bytes for the duration of the call.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// shutdown(2) of both directions: wakes a reader or writer parked on the socket on any
+/// thread.
+pub fn shutdown(fd: RawFd) {
+    // SAFETY: see the module doc; shutdown takes no memory.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Reads what the socket already holds into the spare capacity of `buf`, without
+/// waiting: one non-blocking recv(2), `WouldBlock` when nothing has arrived yet.
+pub fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recv(2) writes at most `spare.len()` bytes into the spare capacity, and
+    // exactly the count it returns are then marked initialised.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
+/// One non-blocking sendto(2) of a datagram from the UDP socket `fd`.
+pub fn send_to_now(fd: RawFd, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+    let addr = socket2::SockAddr::from(to);
+    // SAFETY: `fd` is the core's open UDP socket; the buffer and the address are valid
+    // for the duration of the call.
+    let n = unsafe {
+        libc::sendto(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            addr.as_ptr().cast(),
+            addr.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Turns away a connection a limit refused: `frame` (one Error frame, or nothing), then
+/// close. Best effort and without waiting: the socket's buffer always has room for one
+/// short frame.
+pub fn refuse(fd: RawFd, frame: &[u8]) {
+    if frame.is_empty() {
+        return;
+    }
+    let _ = send_now(fd, frame);
+    // SAFETY: plain non-blocking socket calls on a descriptor the caller owns; the
+    // buffer outlives the calls.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+        // Unread input would make the close send a reset, which can destroy the Error
+        // frame before the client reads it.
+        let mut sink = [0u8; 1024];
+        libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and returns it: every shim holds a
+/// descriptor, and the soft default (often 1024) would cap a fleet long before memory
+/// does. The hard limit is the operator's (systemd `LimitNOFILE`, limits.conf).
+pub fn raise_open_file_limit() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit / setrlimit read and write one rlimit struct owned here.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 1024;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                r = raised;
+            }
+        }
+    }
+    usize::try_from(r.rlim_cur).unwrap_or(usize::MAX)
+}

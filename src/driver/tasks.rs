@@ -1,0 +1,382 @@
+//! The per-core loops, written once over the driver traits: accept, one reader and one
+//! writer per connection, the UDP receive loop with its bounded send queues, and the
+//! sweeper. They move bytes and time between the sockets and the hub, and decide nothing.
+
+use super::{Datagrams, Listener, Stream, sys};
+use crate::hub::connection::{Connection, Flow};
+use crate::hub::datagram::{self, QuitLimiter};
+use crate::hub::outbox::OutState;
+use crate::hub::send::{Class, Datagram};
+use crate::hub::shim::{CloseReason, Shim};
+use crate::hub::{Hub, Outgoing};
+use crate::metrics::Counters;
+use crate::proto::reject::Reject;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// What a core's tasks share.
+pub(crate) struct Core {
+    pub hub: Arc<Hub>,
+    pub index: usize,
+    /// This core's connections, for the sweeper, each with its two-sweeps flag.
+    conns: RefCell<Slab<(Arc<Shim>, Cell<bool>)>>,
+}
+
+/// Read buffer size for a quiet connection: small, so that an idle shim costs little.
+const READ_SMALL: usize = 512;
+/// Read buffer size a busy connection grows to.
+const READ_LARGE: usize = 64 * 1024;
+/// How long a closing connection may take to flush its last frame before it is cut.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The longest a producer waits, per slice, for the recipients it congested to drain.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs one core until its runtime is dropped.
+pub(crate) async fn run_core<L: Listener, U: Datagrams>(
+    hub: Arc<Hub>,
+    index: usize,
+    listener: L,
+    udp: U,
+) {
+    let core = Rc::new(Core {
+        hub,
+        index,
+        conns: RefCell::new(Slab::new()),
+    });
+    tokio::task::spawn_local(sweep(core.clone()));
+    tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
+    tokio::task::spawn_local(quit_all(core.clone()));
+    accept_loop(core, listener).await;
+    // Accepting stopped for a graceful shutdown: the connections and the UDP socket are
+    // served on until the process exits.
+    std::future::pending::<()>().await;
+}
+
+async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = core.hub.shutdown_started() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => match core.hub.admit(peer.ip(), Instant::now()) {
+                Ok(()) => {
+                    tokio::task::spawn_local(serve(core.clone(), stream, peer));
+                }
+                Err(why) => sys::refuse(stream.fd(), &Reject::Connection(why).frame()),
+            },
+            Err(e) => {
+                // Out of descriptors or memory: back off a little, warn at most once a second.
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    warn!(core = core.index, error = %e, "accept failed");
+                    last_warn = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    // Dropping the listener here stops accepting: new connections are refused by the
+    // kernel while the open ones are told to Quit.
+    drop(listener);
+    debug!(core = core.index, "stopped accepting");
+}
+
+/// On a graceful shutdown, has the hub send Quit to every connection of this core.
+async fn quit_all(core: Rc<Core>) {
+    core.hub.shutdown_started().await;
+    let conns = core.conns.borrow();
+    core.hub.quit_all(conns.iter().map(|(_, (shim, _))| shim));
+}
+
+async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
+    let hub = core.hub.clone();
+    let stream = Rc::new(stream);
+    let mut conn = Connection::accept(&hub, core.index, peer, Instant::now());
+    let shim = conn.shim().clone();
+    shim.outbox.attach(stream.fd(), &sys::SOCKET_OPS);
+    let key = core
+        .conns
+        .borrow_mut()
+        .insert((shim.clone(), Cell::new(false)));
+    let writer = tokio::task::spawn_local(write_loop(hub.clone(), stream.clone(), shim.clone()));
+
+    let mut buf = Vec::with_capacity(READ_SMALL);
+    // The Identify usually arrives right behind the connect: read it at once if it is
+    // there, which saves the handshake one trip through the driver.
+    let mut ready = match stream.try_read_now(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        res => Some(res),
+    };
+    let reason = loop {
+        let res = match ready.take() {
+            Some(res) => res,
+            None => {
+                let (res, b) = stream.read(buf).await;
+                buf = b;
+                res
+            }
+        };
+        let n = match res {
+            Ok(0) => break CloseReason::Eof,
+            Ok(n) => n,
+            Err(e) => {
+                debug!(conn = shim.serial, error = %e, "read failed");
+                break CloseReason::IoError;
+            }
+        };
+        // One slice at a time: carry out what it produced (and let the recipients it
+        // congested drain) before the next, and let the core's other tasks run between.
+        let mut off = 0;
+        let flow = loop {
+            let (flow, used) = conn.on_bytes(&hub, &buf[off..n], Instant::now());
+            off += used;
+            carry_out(&core, conn.outgoing()).await;
+            if flow != Flow::Continue || off >= n {
+                break flow;
+            }
+            tokio::task::yield_now().await;
+        };
+        if let Flow::Close(r) = flow {
+            break r;
+        }
+        let cap = buf.capacity();
+        buf.clear();
+        if n == cap && cap < READ_LARGE {
+            // Grow for a busy connection.
+            buf = Vec::with_capacity((cap * 4).min(READ_LARGE));
+        }
+        if n == cap {
+            // More is waiting: let every other connection on this core have its turn
+            // first, so a shim that floods cannot starve them.
+            tokio::task::yield_now().await;
+        } else if buf.capacity() > READ_SMALL {
+            // A large buffer goes back to the idle size once the socket is drained, so
+            // a shim that went quiet after a burst costs what an idle shim costs.
+            match stream.try_read_now(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    buf = Vec::with_capacity(READ_SMALL)
+                }
+                res => ready = Some(res),
+            }
+        }
+    };
+    drop(buf);
+    let reason = conn.finish(&hub, reason);
+    let mut writer = writer;
+    if tokio::time::timeout(CLOSE_LINGER, &mut writer)
+        .await
+        .is_err()
+    {
+        shim.outbox.cut(reason);
+        let _ = writer.await;
+    }
+    core.conns.borrow_mut().remove(key);
+    shim.outbox.detach();
+    hub.release(peer.ip());
+}
+
+/// Carries out what a slice of TCP input produced: flushes each listed outbox once,
+/// hands the counts and latencies to the hub, and waits while the hub says the
+/// recipients this producer filled are still draining.
+async fn carry_out(core: &Core, out: &mut Outgoing) {
+    let hub = &core.hub;
+    let now = Instant::now();
+    let now_ms = hub.ms(now);
+    for shim in out.flush.drain(..) {
+        shim.outbox.flush(now_ms);
+    }
+    debug_assert!(out.datagrams.is_empty(), "TCP input is answered over TCP");
+    hub.finish(core.index, out, now);
+    if hub.congested(out, now_ms) {
+        let start = Instant::now();
+        while start.elapsed() < MAX_PAUSE {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if !hub.congested(out, hub.ms(Instant::now())) {
+                break;
+            }
+        }
+        out.release_congested();
+    }
+}
+
+/// Writes what a flush could not send at once (the socket was full), and the last frame
+/// of a closing connection; then shuts the socket down.
+async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
+    let mut buf = Vec::new();
+    loop {
+        let state = shim.outbox.take(&mut buf);
+        let wrote = !buf.is_empty() && state != OutState::Kicked;
+        if wrote {
+            let (res, b) = stream.write_all(buf).await;
+            buf = b;
+            if let Err(e) = res {
+                debug!(conn = shim.serial, error = %e, "write failed");
+                shim.outbox.cut(CloseReason::IoError);
+                stream.shutdown();
+                return;
+            }
+        }
+        buf.clear();
+        if buf.capacity() > READ_SMALL * 8 {
+            buf = Vec::new();
+        }
+        shim.outbox.wrote(hub.ms(Instant::now()));
+        if state != OutState::Open {
+            stream.shutdown();
+            return;
+        }
+        // After a write, take again at once: frames queued meanwhile were not flushed by
+        // their producers (a write was in flight), so they are this task's to send. Only
+        // an empty take (which lets producers send directly again) waits for a wake-up.
+        if !wrote {
+            shim.outbox.wait().await;
+        }
+    }
+}
+
+async fn sweep(core: Rc<Core>) {
+    loop {
+        // Read each time round: a reload may change the timeouts.
+        tokio::time::sleep(core.hub.sweep_every()).await;
+        let now = Instant::now();
+        for (_, (shim, flagged)) in core.conns.borrow().iter() {
+            core.hub.sweep(shim, flagged, now);
+        }
+    }
+}
+
+/// Datagrams waiting for room in the core's UDP socket: replies first, each queue in
+/// order, bounded per core and per destination.
+#[derive(Default)]
+struct UdpQueue {
+    replies: VecDeque<Datagram>,
+    deliveries: VecDeque<Datagram>,
+    per_dest: HashMap<SocketAddr, usize>,
+    sending: bool,
+}
+
+impl UdpQueue {
+    fn len(&self) -> usize {
+        self.replies.len() + self.deliveries.len()
+    }
+
+    fn pop(&mut self) -> Option<Datagram> {
+        let d = self
+            .replies
+            .pop_front()
+            .or_else(|| self.deliveries.pop_front())?;
+        if let Some(n) = self.per_dest.get_mut(&d.to) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_dest.remove(&d.to);
+            }
+        }
+        if self.len() == 0 {
+            // Give back what a burst grew.
+            *self = UdpQueue {
+                sending: self.sending,
+                ..UdpQueue::default()
+            };
+        }
+        Some(d)
+    }
+}
+
+async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
+    let hub = core.hub.clone();
+    let mut lim = QuitLimiter::new(hub.config().udp_quit_per_sec);
+    let mut out = Outgoing::default();
+    let queue: Rc<RefCell<UdpQueue>> = Rc::default();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let (res, b) = sock.recv_from(buf).await;
+        buf = b;
+        match res {
+            Ok((n, src)) => {
+                let now = Instant::now();
+                if hub.admit_datagram(src, now) {
+                    datagram::on_datagram(&hub, &mut lim, src, &buf[..n], now, &mut out);
+                    let now_ms = hub.ms(now);
+                    for shim in out.flush.drain(..) {
+                        shim.outbox.flush(now_ms);
+                    }
+                    send_datagrams(&core, &sock, &queue, &mut out);
+                    hub.finish(core.index, &mut out, Instant::now());
+                    out.release_congested();
+                }
+            }
+            Err(e) => debug!(error = %e, "udp receive failed"),
+        }
+        buf.clear();
+    }
+}
+
+/// Sends what a datagram produced: straight from the socket while nothing waits ahead of
+/// it, else into the bounded queue (dropped and counted when full), drained by a task.
+fn send_datagrams<U: Datagrams>(
+    core: &Rc<Core>,
+    sock: &Rc<U>,
+    queue: &Rc<RefCell<UdpQueue>>,
+    out: &mut Outgoing,
+) {
+    if out.datagrams.is_empty() {
+        return;
+    }
+    let hub = &core.hub;
+    let (max, per_dest) = {
+        let c = hub.config();
+        (c.udp_queue, c.udp_queue_per_dest)
+    };
+    let mut q = queue.borrow_mut();
+    for d in out.datagrams.drain(..) {
+        let ahead = match d.class {
+            Class::Reply => !q.replies.is_empty(),
+            Class::Delivery => q.len() > 0,
+        };
+        if !ahead {
+            match sys::send_to_now(sock.fd(), &d.frame, d.to) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(to = %d.to, error = %e, "udp send failed");
+                    continue;
+                }
+            }
+        }
+        let queued_for = q.per_dest.get(&d.to).copied().unwrap_or(0);
+        if q.len() >= max || queued_for >= per_dest {
+            Counters::bump(&hub.counters().udp_dropped);
+            continue;
+        }
+        *q.per_dest.entry(d.to).or_insert(0) += 1;
+        match d.class {
+            Class::Reply => q.replies.push_back(d),
+            Class::Delivery => q.deliveries.push_back(d),
+        }
+    }
+    if q.len() > 0 && !q.sending {
+        q.sending = true;
+        tokio::task::spawn_local(drain_udp(sock.clone(), queue.clone()));
+    }
+}
+
+/// Sends queued datagrams, waiting for room in the socket, so that receiving goes on.
+async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<UdpQueue>>) {
+    loop {
+        let next = queue.borrow_mut().pop();
+        let Some(d) = next else { break };
+        if let Err(e) = sock.send_to(d.frame, d.to).await {
+            debug!(to = %d.to, error = %e, "udp send failed");
+        }
+    }
+    queue.borrow_mut().sending = false;
+}

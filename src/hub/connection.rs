@@ -1,0 +1,450 @@
+//! The TCP side of the protocol: one connection's state machine.
+//!
+//! A [`Connection`] takes the bytes a read returned and the time, and answers with what the
+//! driver must do next; replies and deliveries go out through the hub's send path into an
+//! [`Outgoing`] the driver carries out. It does no I/O, so every protocol rule is tested
+//! here without a socket, and both drivers share it.
+//!
+//! Work per call is bounded: [`Connection::on_bytes`] handles at most one slice of the
+//! input (a number of frames, or of bytes queued for others) and says how much it took;
+//! the driver flushes, lets the recipients drain, and hands in the rest. So one write of
+//! many frames never turns into a burst the hub queues for everyone at once.
+
+use super::send::{Outgoing, Route, SLICE_FRAMES, Via};
+use super::shim::{CloseReason, Shim};
+use super::{Hub, Identified};
+use crate::metrics::{Latency, Refusal, Transport};
+use crate::proto::codec::{self, CodecError};
+use crate::proto::reject::Reject;
+use crate::proto::request::{Request, allowed_before_identify};
+use crate::proto::{Frame, NEWLINE, Opcode, reply};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::debug;
+
+/// What the driver does after feeding bytes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Stop reading; the outbox holds any last frame, and the writer will shut down.
+    Close(CloseReason),
+}
+
+/// One TCP connection's protocol state.
+pub struct Connection {
+    shim: Arc<Shim>,
+    /// The start of a frame that a read cut in two (never more than one frame).
+    partial: Vec<u8>,
+    /// Whether the client presented the right shared secret.
+    authed: bool,
+    /// When the connection was accepted, for the handshake latency.
+    accepted: Instant,
+    /// What the frames handled so far produced: the driver carries it out after each
+    /// slice ([`Connection::outgoing`]).
+    out: Outgoing,
+}
+
+impl Connection {
+    /// A connection just accepted from `peer` on `core`.
+    pub fn accept(hub: &Hub, core: usize, peer: SocketAddr, now: Instant) -> Connection {
+        Connection {
+            shim: hub.accept(core, peer, now),
+            partial: Vec::new(),
+            authed: false,
+            accepted: now,
+            out: Outgoing::default(),
+        }
+    }
+
+    /// The shim this connection serves.
+    pub fn shim(&self) -> &Arc<Shim> {
+        &self.shim
+    }
+
+    /// What the last slice produced: outboxes to flush (this one's included), datagrams.
+    pub fn outgoing(&mut self) -> &mut Outgoing {
+        &mut self.out
+    }
+
+    /// Handles one slice of `data` (bytes read from the socket) at `now`. Returns what to
+    /// do next and how many bytes were taken: fewer than `data.len()` when the slice is
+    /// full, in which case the driver carries out [`Connection::outgoing`] and calls again
+    /// with the rest. An unfinished frame at the end is kept; bytes after a close are not
+    /// handled.
+    pub fn on_bytes(&mut self, hub: &Hub, data: &[u8], now: Instant) -> (Flow, usize) {
+        if !self.shim.outbox.is_open() || self.shim.is_closed() {
+            // Cut off, closing, or expired by a timer while these bytes were on their way
+            // in: none of them is handled (an Identify here would put a removed shim back
+            // into the table and the router with nobody left to take it out).
+            let reason = self.shim.outbox.settle_reason(CloseReason::Eof);
+            return (Flow::Close(reason), data.len());
+        }
+        let now_ms = hub.ms(now);
+        self.out.now_ms = now_ms;
+        self.shim.touch(now_ms);
+        let c = hub.config();
+        let (max, limit) = (c.max_frame, c.outbound_limit);
+        drop(c);
+        let mut used = 0;
+        let mut frames = 0;
+        if !self.partial.is_empty() {
+            let room = max.saturating_sub(self.partial.len()).min(data.len());
+            match memchr::memchr(NEWLINE, &data[..room]) {
+                None if self.partial.len() + data.len() >= max => {
+                    return (self.oversized(hub, max), data.len());
+                }
+                None => {
+                    self.partial.extend_from_slice(data);
+                    return (Flow::Continue, data.len());
+                }
+                Some(i) => {
+                    let mut buf = std::mem::take(&mut self.partial);
+                    buf.extend_from_slice(&data[..=i]);
+                    used = i + 1;
+                    frames = 1;
+                    if let Ok(Some((frame, _))) = codec::decode(&buf, max) {
+                        let flow = self.on_frame(hub, frame);
+                        if flow != Flow::Continue {
+                            return (flow, data.len());
+                        }
+                    }
+                }
+            }
+        }
+        loop {
+            if frames >= SLICE_FRAMES || self.out.slice_full(limit) {
+                return (Flow::Continue, used);
+            }
+            if !self.shim.outbox.is_open() {
+                let reason = self.shim.outbox.settle_reason(CloseReason::Eof);
+                return (Flow::Close(reason), data.len());
+            }
+            match codec::decode(&data[used..], max) {
+                Ok(Some((frame, n))) => {
+                    used += n;
+                    frames += 1;
+                    let flow = self.on_frame(hub, frame);
+                    if flow != Flow::Continue {
+                        return (flow, data.len());
+                    }
+                }
+                Ok(None) => {
+                    // Exactly the tail, so a burst leaves no large buffer behind.
+                    self.partial = data[used..].to_vec();
+                    return (Flow::Continue, data.len());
+                }
+                Err(CodecError::TooLong { .. }) | Err(CodecError::NotOneFrame) => {
+                    return (self.oversized(hub, max), data.len());
+                }
+            }
+        }
+    }
+
+    fn oversized(&mut self, hub: &Hub, max: usize) -> Flow {
+        debug!(conn = self.shim.serial, "oversized frame");
+        let r = Reject::TooLong(max);
+        hub.metrics.reject(&r);
+        hub.send_last(&self.shim, CloseReason::Oversized, &r.frame());
+        self.partial = Vec::new();
+        Flow::Close(CloseReason::Oversized)
+    }
+
+    fn refuse(&mut self, hub: &Hub, r: Reject) {
+        hub.refuse(&self.shim, Route::Reply(Via::Tcp), &r, &mut self.out);
+    }
+
+    /// Refuses the connection for a missing or wrong secret: an Error frame, then close.
+    fn refuse_auth(&self, hub: &Hub, r: Reject) -> Flow {
+        let now = hub.instant(self.out.now_ms);
+        hub.refused(self.shim.peer.ip(), Refusal::Auth, now);
+        hub.send_last(&self.shim, CloseReason::AuthFailed, &r.frame());
+        Flow::Close(CloseReason::AuthFailed)
+    }
+
+    fn on_frame(&mut self, hub: &Hub, frame: Frame<'_>) -> Flow {
+        hub.received(&self.shim, Transport::Tcp, frame.op, frame.data.len() + 2);
+        let Some(op) = frame.opcode() else {
+            self.refuse(hub, Reject::UnknownOpcode(frame.op));
+            return Flow::Continue;
+        };
+        let identified = self.shim.is_identified();
+        if !identified && !allowed_before_identify(op) {
+            self.refuse(hub, Reject::IdentifyFirst);
+            return Flow::Continue;
+        }
+        // The secret guards the first Identify; a rename is the same session.
+        if op == Opcode::Identify && !identified && !self.authed && hub.config().secret.is_some()
+        {
+            return self.refuse_auth(hub, Reject::AuthRequired);
+        }
+        let request = match Request::parse(op, frame.data) {
+            Ok(Request::Bind(_)) => Err(Reject::ServerOnly(Opcode::Session)),
+            other => other,
+        };
+        match request {
+            Err(r) => self.refuse(hub, r),
+            Ok(Request::Nothing | Request::Pong | Request::Bind(_)) => {}
+            Ok(Request::Quit) => {
+                self.shim.outbox.close(CloseReason::Quit, &[]);
+                return Flow::Close(CloseReason::Quit);
+            }
+            Ok(Request::Ping(data)) => {
+                let mut f = Vec::with_capacity(data.len() + 2);
+                reply::pong(data, &mut f);
+                hub.send(&self.shim, Route::Reply(Via::Tcp), &Bytes::from(f), &mut self.out);
+            }
+            Ok(Request::Auth(secret)) => {
+                // Without a secret the frame is ignored (and proves nothing, should a
+                // reload add one before this connection identifies).
+                if let Some(s) = &hub.config().secret {
+                    if !s.verify(secret) {
+                        return self.refuse_auth(hub, Reject::AuthFailed);
+                    }
+                    self.authed = true;
+                }
+            }
+            Ok(Request::Identify(label)) => {
+                if hub.identify(&self.shim, label, &mut self.out) == Identified::Registered {
+                    self.out.time(Latency::Handshake, self.accepted);
+                }
+            }
+            Ok(Request::Route {
+                op,
+                target,
+                target_text,
+                text,
+            }) => hub.fan_out(&self.shim, op, &target, target_text, text, Via::Tcp, &mut self.out),
+            Ok(Request::Respond { id, id_text, text }) => {
+                hub.respond(&self.shim, id, id_text, text, Via::Tcp, &mut self.out)
+            }
+            Ok(Request::Who(pattern)) => hub.who(&self.shim, &pattern, Via::Tcp, &mut self.out),
+        }
+        Flow::Continue
+    }
+
+    /// Ends the connection: removes the shim from the table, the router and its UDP
+    /// binding, logs the close line, and returns the reason that stands (the first one
+    /// recorded by anybody: a timer, a slow-consumer cut, the reader).
+    pub fn finish(&self, hub: &Hub, reason: CloseReason) -> CloseReason {
+        let reason = self.shim.outbox.settle_reason(reason);
+        // Make sure the writer stops, whatever the reader saw.
+        self.shim.outbox.close(reason, &[]);
+        hub.close(&self.shim, reason);
+        reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::hub::outbox::OutState;
+    use crate::proto::QUIT;
+    use crate::proto::pattern::Pattern;
+
+    /// Feeds all of `data`, slice after slice, as the driver does.
+    fn feed(c: &mut Connection, h: &Hub, data: &[u8], now: Instant) -> Flow {
+        let mut off = 0;
+        loop {
+            let (flow, used) = c.on_bytes(h, &data[off..], now);
+            off += used;
+            h.finish(0, c.outgoing(), now);
+            if flow != Flow::Continue || off >= data.len() {
+                return flow;
+            }
+        }
+    }
+    use std::time::Duration;
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(Config {
+            max_frame: 64,
+            identify_timeout: Duration::from_millis(100),
+            idle_timeout: Duration::from_millis(1000),
+            ..Config::default()
+        })
+    }
+
+    fn out(c: &Connection) -> Vec<u8> {
+        let mut v = Vec::new();
+        c.shim().outbox.take(&mut v);
+        c.shim().outbox.wrote(0);
+        v
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:5000".parse().unwrap()
+    }
+
+    #[test]
+    fn identify_gets_a_session_and_rename_gets_nothing() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        assert_eq!(
+            feed(&mut c, &h, b"\x01peq.ecommons.bob\n", now),
+            Flow::Continue
+        );
+        let o = out(&c);
+        assert_eq!(o.len(), 18);
+        assert_eq!((o[0], o[17]), (0x02, 0x0A));
+        assert_eq!(&o[1..17], &c.shim().token.0);
+        assert!(h.table.by_token(&c.shim().token).is_some());
+        feed(&mut c, &h, b"\x01peq.ecommons.bobby\n", now);
+        assert!(out(&c).is_empty());
+        assert_eq!(&*c.shim().identity(), "peq.ecommons.bobby");
+    }
+
+    #[test]
+    fn a_long_read_is_handled_in_slices_and_leaves_no_large_buffer() {
+        let h = Hub::new(Config {
+            routed_per_sec: 0,
+            deliveries_per_sec: 0,
+            ..Config::default()
+        });
+        let now = Instant::now();
+        let mut bob = Connection::accept(&h, 0, peer(), now);
+        feed(&mut bob, &h, b"\x01a.bob\n", now);
+        let mut al = Connection::accept(&h, 0, peer(), now);
+        feed(&mut al, &h, b"\x01a.al\n", now);
+        out(&al);
+        let one = b"\x08a.bob x\n";
+        let burst: Vec<u8> = one.repeat(1000);
+        let (flow, used) = al.on_bytes(&h, &burst, now);
+        assert_eq!((flow, used), (Flow::Continue, SLICE_FRAMES * one.len()));
+        // The rest, with an unfinished frame at the end: only that tail is kept.
+        let mut rest = burst[used..].to_vec();
+        rest.extend_from_slice(b"\x06ab");
+        assert_eq!(feed(&mut al, &h, &rest, now), Flow::Continue);
+        assert_eq!(al.partial.capacity(), 3);
+        assert_eq!(out(&bob).len(), 1000 * b"\x08a.al x\n".len() + 18);
+        feed(&mut al, &h, b"c\n", now);
+        assert!(al.partial.capacity() == 0, "the joined frame's buffer is given back");
+    }
+
+    #[test]
+    fn crlf_frames_and_nothing_after_a_close() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        feed(&mut c, &h, b"\x01peq.z.bob\r\n\x06hi\r\n", now);
+        assert_eq!(&*c.shim().identity(), "peq.z.bob");
+        assert!(out(&c).ends_with(b"\x07hi\n"));
+        assert_eq!(
+            feed(&mut c, &h, b"\x03\n\x01peq.z.other\n", now),
+            Flow::Close(CloseReason::Quit)
+        );
+        assert_eq!(&*c.shim().identity(), "peq.z.bob", "input after Quit is not handled");
+    }
+
+    #[test]
+    fn frames_split_across_reads_are_joined() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        feed(&mut c, &h, b"\x06ab", now);
+        assert!(out(&c).is_empty());
+        feed(&mut c, &h, b"c\n\x06", now);
+        assert_eq!(out(&c), b"\x07abc\n");
+        feed(&mut c, &h, b"d\n", now);
+        assert_eq!(out(&c), b"\x07d\n");
+    }
+
+    #[test]
+    fn before_identify_only_identify_ping_quit() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        feed(&mut c, &h, b"\x08x hi\n", now);
+        assert_eq!(out(&c), b"\x09identify first\n");
+        feed(&mut c, &h, b"\x01bad name\n", now);
+        assert!(out(&c).starts_with(b"\x09identity holds"));
+        assert_eq!(
+            feed(&mut c, &h, b"\x03\n", now),
+            Flow::Close(CloseReason::Quit)
+        );
+    }
+
+    #[test]
+    fn unknown_opcode_keeps_the_connection() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        assert_eq!(feed(&mut c, &h, b"\x42zz\n\x06p\n", now), Flow::Continue);
+        assert_eq!(out(&c), b"\x09unknown opcode 0x42\n\x07p\n");
+    }
+
+    #[test]
+    fn oversized_frame_closes_with_an_error() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        let big = vec![b'x'; 100];
+        assert_eq!(
+            feed(&mut c, &h, &big, now),
+            Flow::Close(CloseReason::Oversized)
+        );
+        let mut v = Vec::new();
+        assert_eq!(c.shim().outbox.take(&mut v), OutState::Closing);
+        assert!(v.starts_with(b"\x09frame longer than 64 bytes"));
+    }
+
+    #[test]
+    fn timers_fire_without_input() {
+        let h = hub();
+        let t0 = Instant::now();
+        let c = Connection::accept(&h, 0, peer(), t0);
+        assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(50)));
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(150)));
+        assert_eq!(c.shim().outbox.reason(), Some(CloseReason::IdentifyTimeout));
+        assert_eq!(out(&c), b"\x09identify timeout\n");
+
+        let mut c = Connection::accept(&h, 0, peer(), t0);
+        feed(&mut c, &h, b"\x01a\n", t0);
+        out(&c);
+        assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(500)));
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
+        assert_eq!(out(&c), QUIT);
+    }
+
+    #[test]
+    fn input_after_a_timer_closed_the_connection_is_ignored() {
+        let h = hub();
+        let t0 = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), t0);
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(150)));
+        assert_eq!(
+            feed(&mut c, &h, b"\x01late\n", t0 + Duration::from_millis(151)),
+            Flow::Close(CloseReason::IdentifyTimeout)
+        );
+        assert!(h.table.is_empty());
+        let mut c = Connection::accept(&h, 0, peer(), t0);
+        feed(&mut c, &h, b"\x01a.b\n", t0);
+        assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
+        feed(&mut c, &h, b"\x01c.d\n", t0 + Duration::from_millis(1001));
+        let mut n = 0;
+        h.router
+            .for_each_match(&Pattern::all(), |_| n += 1);
+        assert_eq!((n, h.table.len()), (0, 0));
+    }
+
+    #[test]
+    fn finish_removes_everything() {
+        let h = hub();
+        let now = Instant::now();
+        let mut c = Connection::accept(&h, 0, peer(), now);
+        feed(&mut c, &h, b"\x01a.b\n", now);
+        let tok = c.shim().token;
+        h.table.bind_udp(c.shim(), "127.0.0.1:9".parse().unwrap());
+        assert_eq!(c.finish(&h, CloseReason::Eof), CloseReason::Eof);
+        assert!(h.table.by_token(&tok).is_none());
+        assert!(h.table.by_udp(&"127.0.0.1:9".parse().unwrap()).is_none());
+        let mut n = 0;
+        h.router
+            .for_each_match(&Pattern::all(), |_| n += 1);
+        assert_eq!(n, 0);
+    }
+}

@@ -1,0 +1,222 @@
+//! The hub: the rules of the protocol, with no I/O. State shared by every core (settings,
+//! session table, router, metrics) and the operations on it.
+//!
+//! - this file: the [`Hub`], its settings and reload, and a shim's life (accept,
+//!   identify or rename, close);
+//! - [`connection`]: the TCP state machine, fed the bytes a read returned;
+//! - [`datagram`]: the UDP side, fed one datagram at a time;
+//! - [`route`]: Command, Echo, CommandResponse and Who;
+//! - [`send`]: the one send path, with the outbound limit and the per-shim rates;
+//! - [`timers`]: identify deadline, idle timeout, write deadline, shutdown Quit;
+//! - [`admission`]: what is turned away before any protocol work;
+//! - [`table`], [`router`], [`shim`], [`outbox`]: the data they work on.
+//!
+//! Where the no-I/O line runs: nothing under `hub/` or `proto/` makes a system call or
+//! reads a clock. Time comes in as an `Instant` argument from the driver; an outbox holds
+//! its socket's descriptor only as a number, and reaches the socket through the two
+//! functions the driver attached with it (`driver/sys.rs`); the open-file limit is read by
+//! the driver and handed to [`Hub::with_open_file_limit`].
+
+pub mod admission;
+pub mod connection;
+pub mod datagram;
+pub mod outbox;
+pub mod route;
+pub mod router;
+pub mod send;
+pub mod shim;
+pub mod table;
+pub mod timers;
+
+pub use send::{Outgoing, Route, Via};
+
+use crate::config::Config;
+use crate::metrics::{Counters, Dir, Metrics, Transport};
+use crate::proto::reply;
+use admission::Source;
+use arc_swap::{ArcSwap, Guard};
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use router::Router;
+use shim::{CloseReason, Shim};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+use table::Table;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// What Identify did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identified {
+    /// First Identify: the shim is registered and was sent its Session.
+    Registered,
+    /// Later Identify: renamed from the old label.
+    Renamed(Arc<str>),
+}
+
+/// The shared state of one server.
+pub struct Hub {
+    config: ArcSwap<Config>,
+    /// Identified shims and UDP bindings.
+    pub table: Table,
+    /// Identities for routing.
+    pub router: Router,
+    /// Counters and histograms.
+    pub metrics: Metrics,
+    epoch: Instant,
+    /// The Unix time of `epoch`, in milliseconds.
+    epoch_unix_ms: u64,
+    next_serial: AtomicU64,
+    /// Open TCP connections (admitted, not yet ended).
+    open: AtomicUsize,
+    sources: DashMap<IpAddr, Source>,
+    sources_pruned_ms: AtomicU64,
+    /// When each refused source was last logged, so a flood is logged once a minute.
+    refusals_logged: Mutex<HashMap<IpAddr, u64>>,
+    /// The most connections the open-file limit leaves room for.
+    fd_cap: usize,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Hub {
+    /// A hub with no shims and no open-file limit of its own (tests, fuzzing).
+    pub fn new(config: Config) -> Arc<Hub> {
+        Hub::with_open_file_limit(config, usize::MAX, Instant::now(), 0)
+    }
+
+    /// A hub whose connections fit under `open_files` descriptors, started at `now`, which
+    /// is `unix_ms` on the wall clock (both read by the driver).
+    pub fn with_open_file_limit(
+        config: Config,
+        open_files: usize,
+        now: Instant,
+        unix_ms: u64,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            metrics: Metrics::new(config.cores),
+            config: ArcSwap::from_pointee(config),
+            table: Table::default(),
+            router: Router::default(),
+            epoch: now,
+            epoch_unix_ms: unix_ms,
+            next_serial: AtomicU64::new(1),
+            open: AtomicUsize::new(0),
+            sources: DashMap::new(),
+            sources_pruned_ms: AtomicU64::new(0),
+            refusals_logged: Mutex::new(HashMap::new()),
+            fd_cap: open_files.saturating_sub(64).max(1),
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    /// The settings in force (a reload may replace them at any time).
+    pub fn config(&self) -> Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// Applies reloaded settings: those that need a restart keep their running values.
+    /// Returns the keys that changed and were applied, and those that need a restart.
+    pub fn reload(&self, new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let old = self.config.load_full();
+        let (live, restart) = old.diff(&new);
+        self.config.store(Arc::new(old.reloaded(new)));
+        (live, restart)
+    }
+
+    /// Starts a graceful shutdown: the cores stop accepting and send every connection
+    /// Quit ([`Hub::shutdown_started`] wakes them).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once a graceful shutdown has begun.
+    pub async fn shutdown_started(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Whether a graceful shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Counts one frame received from `from`.
+    pub(crate) fn received(&self, from: &Shim, t: Transport, op: u8, len: usize) {
+        from.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics.frame(Dir::In, t, op, len);
+    }
+
+    /// `now` as milliseconds on the hub's clock (what [`Shim::last_seen_ms`] is kept in).
+    pub fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The instant `ms` hub milliseconds after the start (the inverse of [`Hub::ms`]).
+    pub fn instant(&self, ms: u64) -> Instant {
+        self.epoch + std::time::Duration::from_millis(ms)
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.metrics.counters
+    }
+
+    /// A new, unidentified shim for a connection just accepted from `peer` on `core`.
+    pub fn accept(&self, core: usize, peer: SocketAddr, now: Instant) -> Arc<Shim> {
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let now_ms = self.ms(now);
+        Counters::bump(&self.counters().accepted);
+        info!(conn = serial, core, %peer, "connect");
+        Arc::new(Shim::new(
+            serial,
+            core,
+            peer,
+            now_ms,
+            self.epoch_unix_ms + now_ms,
+        ))
+    }
+
+    /// Applies an Identify: registers the shim (queueing its Session) or renames it.
+    pub fn identify(&self, shim: &Arc<Shim>, label: &str, out: &mut Outgoing) -> Identified {
+        let label: Arc<str> = Arc::from(label);
+        if shim.is_identified() {
+            let old = shim.set_identity(label.clone());
+            self.router.rename(&old, &label, shim);
+            info!(conn = shim.serial, old = %old, new = %label, "rename");
+            return Identified::Renamed(old);
+        }
+        shim.set_identity(label.clone());
+        // The Session goes into the outbox before the shim can be found: a frame routed to
+        // it by another core must never reach the client ahead of its Session.
+        let mut f = Vec::with_capacity(18);
+        reply::session(&shim.token, &mut f);
+        self.send(shim, Route::Session, &Bytes::from(f), out);
+        shim.mark_identified();
+        self.table.insert(shim);
+        self.router.insert(&label, shim);
+        Counters::bump(&self.counters().identified);
+        info!(conn = shim.serial, identity = %label, token = %shim.token, "identify");
+        Identified::Registered
+    }
+
+    /// Removes a shim whose connection ended, logging the close line. Only the first call
+    /// for a shim does anything, so a timer and the connection's reader may both call it.
+    pub fn close(&self, shim: &Shim, reason: CloseReason) {
+        if !shim.mark_closed() {
+            return;
+        }
+        if shim.is_identified() {
+            self.table.remove(shim);
+            self.router.remove(&shim.identity(), shim);
+        }
+        if reason == CloseReason::SlowConsumer {
+            Counters::bump(&self.counters().slow_consumers);
+            warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");
+        }
+        info!(conn = shim.serial, identity = %shim.identity(), %reason, "close");
+    }
+}

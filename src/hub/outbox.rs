@@ -1,0 +1,390 @@
+//! A shim's outbound queue: bounded, shared by every core that sends to the shim.
+//!
+//! As nats-server does it, producers on any core append encoded frames and list the
+//! outbox for a flush; when the producer has handled its slice of input, the driver
+//! flushes each listed outbox once, writing straight to the socket with one non-blocking
+//! send when no write is in flight. Many frames queued during one slice leave in one
+//! system call, and a delivery to another core's shim costs no thread wake-up. Only what
+//! the socket cannot take at once is left to the connection's writer task.
+//!
+//! Nobody ever waits for a slow consumer: an outbox whose pending bytes pass the outbound
+//! limit, or whose output has made no progress for the write deadline, is cut off.
+//!
+//! The outbox does no I/O of its own: the driver attaches the socket with the two
+//! functions that touch it ([`SocketOps`]), and a flush or a cut-off from any core calls
+//! those.
+
+use super::shim::CloseReason;
+use parking_lot::Mutex;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::Notify;
+
+/// The socket calls an outbox makes, provided by the driver (`driver/sys.rs`).
+pub struct SocketOps {
+    /// One non-blocking send; the bytes taken, or the error (`WouldBlock` when full).
+    pub send: fn(RawFd, &[u8]) -> io::Result<usize>,
+    /// Shuts both directions down, waking a reader or writer parked on the socket on any
+    /// thread.
+    pub shutdown: fn(RawFd),
+}
+
+/// Capacity an emptied queue may keep; a larger one is given back.
+const IDLE_CAPACITY: usize = 4 * 1024;
+
+/// Where the outbound side of a connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutState {
+    /// Accepting frames.
+    Open,
+    /// A last frame is queued; the writer flushes it, then shuts the socket down.
+    Closing,
+    /// The socket has been shut down; nothing more is written.
+    Kicked,
+}
+
+struct Inner {
+    buf: Vec<u8>,
+    /// The writer task holds bytes taken from `buf` and is writing them: a direct send
+    /// now would overtake them.
+    writing: bool,
+    state: OutState,
+    reason: Option<CloseReason>,
+    /// When output last made progress, or when the queue last went from idle to busy
+    /// (hub milliseconds): the write deadline counts from here.
+    since_ms: u64,
+    /// The socket, while it is open. Cleared under this lock before the socket is closed,
+    /// so a stale descriptor is never touched.
+    socket: Option<(RawFd, &'static SocketOps)>,
+}
+
+impl Inner {
+    fn busy(&self) -> bool {
+        !self.buf.is_empty() || self.writing
+    }
+
+    fn shrink(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > IDLE_CAPACITY {
+            self.buf = Vec::new();
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued; `first` when into an empty outbox (the caller lists it for a flush), and
+    /// the bytes now pending.
+    Queued {
+        /// The outbox was empty.
+        first: bool,
+        /// Bytes pending after the push.
+        pending: usize,
+    },
+    /// The connection is closing or closed; the frame was dropped.
+    Closed,
+    /// This push made the queue pass the limit: the shim was cut off.
+    SlowConsumer,
+}
+
+/// A bounded outbound byte queue with a wake-up for its writer.
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    /// Mirrors `state == Open`, for checks on every frame without the lock.
+    open: AtomicBool,
+    notify: Notify,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            inner: Mutex::new(Inner {
+                buf: Vec::new(),
+                writing: false,
+                state: OutState::Open,
+                reason: None,
+                since_ms: 0,
+                socket: None,
+            }),
+            open: AtomicBool::new(true),
+            notify: Notify::new(),
+        }
+    }
+}
+
+impl Outbox {
+    /// Appends `bytes` at `now_ms`, `limit` being the outbound limit in bytes. Nothing is
+    /// sent until [`Outbox::flush`].
+    pub fn push(&self, limit: usize, bytes: &[u8], now_ms: u64) -> Pushed {
+        let mut g = self.inner.lock();
+        if g.state != OutState::Open {
+            return Pushed::Closed;
+        }
+        let first = g.buf.is_empty();
+        if !g.busy() {
+            g.since_ms = now_ms;
+        }
+        if g.buf.len() + bytes.len() > limit {
+            self.cut_locked(&mut g, CloseReason::SlowConsumer);
+            drop(g);
+            self.notify.notify_one();
+            return Pushed::SlowConsumer;
+        }
+        g.buf.extend_from_slice(bytes);
+        Pushed::Queued {
+            first,
+            pending: g.buf.len(),
+        }
+    }
+
+    /// Sends what is queued: straight to the socket with one non-blocking send when the
+    /// writer task is idle, handing whatever the socket cannot take now to the writer.
+    pub fn flush(&self, now_ms: u64) {
+        let mut g = self.inner.lock();
+        if g.writing || g.buf.is_empty() || g.state == OutState::Kicked {
+            return;
+        }
+        let Some((fd, ops)) = g.socket.filter(|_| g.state == OutState::Open) else {
+            // Closing (the writer sends the last frame and shuts down) or not attached.
+            drop(g);
+            self.notify.notify_one();
+            return;
+        };
+        loop {
+            match (ops.send)(fd, &g.buf) {
+                Ok(n) if n == g.buf.len() => {
+                    g.buf.clear();
+                    g.shrink();
+                    g.since_ms = now_ms;
+                    return;
+                }
+                Ok(n) => {
+                    if n > 0 {
+                        g.buf.drain(..n);
+                        g.since_ms = now_ms;
+                    }
+                    break; // the socket is full: the writer waits for room
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.cut_locked(&mut g, CloseReason::IoError);
+                    break;
+                }
+            }
+        }
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Queues `last` (usually an Error or Quit frame) and asks the writer to flush and shut
+    /// the socket down. The first reason given to `close` or `cut` is the one kept.
+    pub fn close(&self, reason: CloseReason, last: &[u8]) {
+        let mut g = self.inner.lock();
+        if g.state != OutState::Open {
+            return;
+        }
+        g.buf.extend_from_slice(last);
+        g.state = OutState::Closing;
+        self.open.store(false, Ordering::Release);
+        g.reason.get_or_insert(reason);
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Shuts the socket down now, dropping anything still queued.
+    pub fn cut(&self, reason: CloseReason) {
+        let mut g = self.inner.lock();
+        self.cut_locked(&mut g, reason);
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    fn cut_locked(&self, g: &mut Inner, reason: CloseReason) {
+        g.reason.get_or_insert(reason);
+        if g.state == OutState::Kicked {
+            return;
+        }
+        g.state = OutState::Kicked;
+        self.open.store(false, Ordering::Release);
+        g.buf = Vec::new();
+        if let Some((fd, ops)) = g.socket {
+            (ops.shutdown)(fd);
+        }
+    }
+
+    /// Records the socket, so that a flush or a cut-off from any core can reach it.
+    pub fn attach(&self, fd: RawFd, ops: &'static SocketOps) {
+        self.inner.lock().socket = Some((fd, ops));
+    }
+
+    /// Forgets the socket; called before the driver closes it.
+    pub fn detach(&self) {
+        self.inner.lock().socket = None;
+    }
+
+    /// Moves everything queued into `out` (which must be empty) and returns the state the
+    /// queue was in. The writer writes `out`, calls [`Outbox::wrote`], then stops when the
+    /// state is not `Open`.
+    pub fn take(&self, out: &mut Vec<u8>) -> OutState {
+        debug_assert!(out.is_empty());
+        let mut g = self.inner.lock();
+        std::mem::swap(&mut g.buf, out);
+        g.writing = !out.is_empty();
+        if g.state == OutState::Closing {
+            // The final frame is in `out`; after it is written the writer shuts down.
+            g.state = OutState::Kicked;
+            return OutState::Closing;
+        }
+        g.state
+    }
+
+    /// The writer finished writing what it took, at `now_ms`.
+    pub fn wrote(&self, now_ms: u64) {
+        let mut g = self.inner.lock();
+        g.writing = false;
+        g.since_ms = now_ms;
+        g.shrink();
+    }
+
+    /// Waits until something was queued or the state changed.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// The first close reason recorded, if any.
+    pub fn reason(&self) -> Option<CloseReason> {
+        self.inner.lock().reason
+    }
+
+    /// Records `reason` if none was recorded yet, and returns the reason that stands.
+    pub fn settle_reason(&self, reason: CloseReason) -> CloseReason {
+        *self.inner.lock().reason.get_or_insert(reason)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> OutState {
+        self.inner.lock().state
+    }
+
+    /// Whether frames are still accepted (no lock taken).
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Bytes queued and not yet taken by the writer.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().buf.len()
+    }
+
+    /// Whether output has waited, with no progress, for `deadline_ms` at `now_ms`.
+    pub fn stalled(&self, now_ms: u64, deadline_ms: u64) -> bool {
+        let g = self.inner.lock();
+        g.state == OutState::Open && g.busy() && now_ms.saturating_sub(g.since_ms) >= deadline_ms
+    }
+
+    /// Pending bytes, and whether the queue made progress within `window_ms` of `now_ms`
+    /// (a reader that keeps draining, as opposed to one that stopped).
+    pub fn draining(&self, now_ms: u64, window_ms: u64) -> (usize, bool) {
+        let g = self.inner.lock();
+        let active = g.state == OutState::Open && now_ms.saturating_sub(g.since_ms) < window_ms;
+        (g.buf.len(), active)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_coalesces_and_cuts_off_slow_consumers() {
+        let o = Outbox::default();
+        assert_eq!(
+            o.push(8, b"abcd", 0),
+            Pushed::Queued {
+                first: true,
+                pending: 4
+            }
+        );
+        assert_eq!(
+            o.push(8, b"efgh", 0),
+            Pushed::Queued {
+                first: false,
+                pending: 8
+            }
+        );
+        let mut out = Vec::new();
+        assert_eq!(o.take(&mut out), OutState::Open);
+        assert_eq!(out, b"abcdefgh");
+        out.clear();
+        o.wrote(1);
+        assert_eq!(o.push(8, b"123456789", 2), Pushed::SlowConsumer);
+        assert_eq!(o.reason(), Some(CloseReason::SlowConsumer));
+        assert!(!o.is_open());
+        assert_eq!(o.push(8, b"x", 3), Pushed::Closed);
+        assert_eq!(o.take(&mut out), OutState::Kicked);
+        assert!(out.is_empty(), "a cut-off shim's backlog is dropped");
+    }
+
+    thread_local! {
+        static SOCKET: std::cell::RefCell<Option<std::net::TcpStream>> = const { std::cell::RefCell::new(None) };
+    }
+    static TEST_OPS: SocketOps = SocketOps {
+        send: |_, b| SOCKET.with(|s| std::io::Write::write(s.borrow_mut().as_mut().unwrap(), b)),
+        shutdown: |_| {},
+    };
+
+    #[test]
+    fn flush_sends_straight_to_the_socket_unless_a_write_is_in_flight() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server_side, _) = l.accept().unwrap();
+        let o = Outbox::default();
+        o.attach(server_side.as_raw_fd(), &TEST_OPS);
+        SOCKET.with(|s| *s.borrow_mut() = Some(server_side));
+        o.push(1 << 20, b"one\n", 0);
+        o.push(1 << 20, b"two\n", 0);
+        o.flush(0);
+        assert_eq!(o.pending(), 0, "both frames left in one send");
+        let mut got = [0u8; 8];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one\ntwo\n");
+        // The writer holds taken bytes: a flush must not overtake them.
+        o.push(1 << 20, b"a\n", 0);
+        let mut taken = Vec::new();
+        o.take(&mut taken);
+        o.push(1 << 20, b"b\n", 0);
+        o.flush(0);
+        assert_eq!(o.pending(), 2, "left for the writer, behind what it holds");
+        o.detach();
+    }
+
+    #[test]
+    fn a_queue_without_progress_is_stalled_and_memory_is_given_back() {
+        let o = Outbox::default();
+        o.push(1 << 20, &[0u8; 100_000], 10);
+        assert!(!o.stalled(500, 1000));
+        assert!(o.stalled(1010, 1000));
+        let mut taken = Vec::new();
+        o.take(&mut taken);
+        assert!(o.stalled(1010, 1000), "bytes held by the writer count too");
+        o.wrote(1020);
+        assert!(!o.stalled(5000, 1000), "nothing pending");
+        assert!(o.inner.lock().buf.capacity() <= IDLE_CAPACITY);
+    }
+
+    #[test]
+    fn close_queues_a_last_frame_and_keeps_the_first_reason() {
+        let o = Outbox::default();
+        o.push(100, b"a", 0);
+        o.close(CloseReason::Idle, b"\x03\n");
+        o.cut(CloseReason::IoError);
+        assert_eq!(o.reason(), Some(CloseReason::Idle));
+        let mut out = Vec::new();
+        // cut() after close() shut the socket down; the last frame is dropped with it.
+        assert_eq!(o.take(&mut out), OutState::Kicked);
+    }
+}

@@ -1,0 +1,131 @@
+//! Routing: Command and Echo to every shim a pattern names, CommandResponse back to the
+//! Command's sender, and Who.
+//!
+//! Each request is checked against the sender's rates first (`send.rs`), matched through
+//! the identity trie (`router.rs`), and every frame it produces goes out through
+//! [`Hub::send`]. The sender always gets exactly one answer per Command, Echo and Who:
+//! an Ack, or an Error saying why not.
+
+use super::Hub;
+use super::send::{Outgoing, Route, Via};
+use super::shim::{Shim, serial_of_command_id};
+use crate::metrics::{Counters, Transport};
+use crate::proto::pattern::Pattern;
+use crate::proto::reject::Reject;
+use crate::proto::{Opcode, reply};
+use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tracing::debug;
+
+impl Hub {
+    /// A Command or Echo from `sender` to the shims `target` names.
+    pub(crate) fn fan_out(
+        &self,
+        sender: &Arc<Shim>,
+        op: Opcode,
+        target: &Pattern,
+        target_text: &[u8],
+        text: &[u8],
+        via: Via,
+        out: &mut Outgoing,
+    ) {
+        let answer = Route::Reply(via);
+        let identity = sender.identity();
+        if op == Opcode::Command && !self.config().may_command(&identity, target) {
+            debug!(conn = sender.serial, identity = %identity, "command not permitted");
+            let r = Reject::NotPermitted(lossy(target_text));
+            return self.refuse(sender, answer, &r, out);
+        }
+        if let Err(r) = self.allow_route(sender, false, out.now_ms) {
+            return self.refuse(sender, answer, &r, out);
+        }
+        let id = (op == Opcode::Command).then(|| sender.next_command_id());
+        let mut f = Vec::with_capacity(identity.len() + text.len() + 24);
+        reply::delivery(op, &identity, id, text, &mut f);
+        let frame = Bytes::from(f);
+        let mut reached = 0u64;
+        self.router.for_each_match(target, |to| {
+            if (target.include_self || to.serial != sender.serial)
+                && self.send(to, Route::Deliver(via), &frame, out).is_some()
+            {
+                reached += 1;
+            }
+        });
+        if reached == 0 {
+            let r = Reject::NoMatch(lossy(target_text));
+            return self.refuse(sender, answer, &r, out);
+        }
+        self.charge_deliveries(sender, reached);
+        (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
+        let mut ack = Vec::with_capacity(24);
+        reply::ack(id.unwrap_or(0), reached, &mut ack);
+        self.send(sender, answer, &Bytes::from(ack), out);
+    }
+
+    /// A CommandResponse from `responder`, forwarded to the Command's sender (on UDP when
+    /// it came in on UDP and the sender has a channel). Not answered.
+    pub(crate) fn respond(
+        &self,
+        responder: &Arc<Shim>,
+        id: u64,
+        id_text: &[u8],
+        text: &[u8],
+        via: Via,
+        out: &mut Outgoing,
+    ) {
+        if let Err(r) = self.allow_route(responder, false, out.now_ms) {
+            return self.refuse(responder, Route::Reply(via), &r, out);
+        }
+        let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
+            Counters::bump(&self.counters().responses_dropped);
+            debug!(id, "response for a sender that has gone");
+            return;
+        };
+        let identity = responder.identity();
+        let mut f = Vec::with_capacity(id_text.len() + identity.len() + text.len() + 4);
+        reply::response(id_text, &identity, text, &mut f);
+        match self.send(&sender, Route::Deliver(via), &Bytes::from(f), out) {
+            Some(_) => {
+                self.charge_deliveries(responder, 1);
+                Counters::bump(&self.counters().deliveries)
+            }
+            None => Counters::bump(&self.counters().responses_dropped),
+        }
+    }
+
+    /// Who over TCP: one WhoEntry per shim `pattern` names, then `Ack 0 COUNT`, queued as
+    /// one listing.
+    pub(crate) fn who(&self, sender: &Arc<Shim>, pattern: &Pattern, via: Via, out: &mut Outgoing) {
+        if via != Via::Tcp {
+            return self.refuse(sender, Route::Reply(via), &Reject::WhoOverUdp, out);
+        }
+        if let Err(r) = self.allow_route(sender, true, out.now_ms) {
+            return self.refuse(sender, Route::Reply(via), &r, out);
+        }
+        let mut listing = Vec::new();
+        let mut n = 0u64;
+        self.router.for_each_match(pattern, |s| {
+            n += 1;
+            reply::who_entry(
+                &s.identity(),
+                s.connected_unix_ms,
+                s.udp_addr().is_some(),
+                &mut listing,
+            );
+        });
+        self.charge_deliveries(sender, n);
+        let entries = listing.len();
+        reply::ack(0, n, &mut listing);
+        let ack = listing.len() - entries;
+        if self.send(sender, Route::Listing, &Bytes::from(listing), out).is_some() {
+            out.count(Transport::Tcp, Opcode::WhoEntry as u8, n, entries);
+            out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
+            sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

@@ -1,0 +1,353 @@
+//! The one send path: every frame the server sends is queued, listed for the flush and
+//! counted by [`Hub::send`] (or, for a connection's last frame, [`Hub::send_last`]); and
+//! the limits on what one shim may make the hub send: the outbound limit, the per-shim
+//! routing rates, and the bound on one slice of input.
+//!
+//! What a slice of input produced is gathered in an [`Outgoing`]: the outboxes to flush
+//! and the datagrams to send, which the driver carries out once the slice is handled, and
+//! the traffic counts, added to the metrics once per slice rather than once per frame.
+
+use super::Hub;
+use super::shim::{CloseReason, Shim};
+use crate::metrics::{Dir, Latency, Transport};
+use crate::proto::reject::{Rate, Reject};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// The transport a request arrived on; its replies go back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The shim's TCP connection.
+    Tcp,
+    /// The shim's bound UDP channel, from this source address.
+    Udp(SocketAddr),
+}
+
+/// How a frame travels to its shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// An answer to the shim's own request, on the transport the request came in on.
+    Reply(Via),
+    /// A routed frame: over the target's UDP channel when the frame came in over UDP and
+    /// the target has one, else over TCP.
+    Deliver(Via),
+    /// A Who listing over TCP: it may pass the outbound limit once, in a big fleet.
+    Listing,
+    /// The Session frame: queued before the shim can be found, never refused.
+    Session,
+}
+
+/// Which UDP queue a datagram waits in when the socket is full: replies go first, so a
+/// quiet shim's Pong or Ack is never stuck behind a fan-out to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// An answer to the destination's own request.
+    Reply,
+    /// A delivery routed from another shim.
+    Delivery,
+}
+
+/// One datagram to send from the listening UDP socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    /// Where to.
+    pub to: SocketAddr,
+    /// One whole frame.
+    pub frame: Bytes,
+    /// Its queue.
+    pub class: Class,
+}
+
+/// Bytes one slice of input may queue for others before the driver flushes (at most; a
+/// smaller outbound limit lowers it).
+const SLICE_BYTES: usize = 64 * 1024;
+/// Frames one slice may handle before the driver flushes and lets other connections run.
+pub(crate) const SLICE_FRAMES: usize = 256;
+/// A recipient whose output moved within this window still counts as reading.
+const DRAINING_MS: u64 = 100;
+
+/// What handling a slice of input produced, for the driver to carry out afterwards.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Datagrams to send from the listening UDP socket.
+    pub datagrams: Vec<Datagram>,
+    /// Shims whose outbox went from empty to not empty: each is flushed once.
+    pub flush: Vec<Arc<Shim>>,
+    /// Recipients whose queue this slice filled past the high-water mark.
+    congested: Vec<Arc<Shim>>,
+    /// Bytes queued on outboxes during this slice.
+    queued: usize,
+    /// Latencies to record when the slice is done: what and since when.
+    latencies: Vec<(Latency, Instant)>,
+    /// Frames and bytes sent, by transport and opcode, not yet added to the metrics.
+    tally: Vec<(Transport, u8, u64, u64)>,
+    /// The time the slice is handled at, hub milliseconds.
+    pub(crate) now_ms: u64,
+}
+
+impl Default for Outgoing {
+    fn default() -> Self {
+        Outgoing {
+            datagrams: Vec::new(),
+            flush: Vec::new(),
+            congested: Vec::new(),
+            queued: 0,
+            latencies: Vec::new(),
+            tally: Vec::new(),
+            now_ms: 0,
+        }
+    }
+}
+
+impl Outgoing {
+    /// Whether this slice queued as much as one slice may.
+    pub(crate) fn slice_full(&self, limit: usize) -> bool {
+        self.queued >= SLICE_BYTES.min(limit / 4).max(1)
+    }
+
+    /// Whether nothing is left to carry out.
+    pub fn is_empty(&self) -> bool {
+        self.datagrams.is_empty() && self.flush.is_empty() && self.congested.is_empty()
+    }
+
+    pub(crate) fn count(&mut self, t: Transport, op: u8, frames: u64, bytes: usize) {
+        match self.tally.iter_mut().find(|e| e.0 == t && e.1 == op) {
+            Some(e) => {
+                e.2 += frames;
+                e.3 += bytes as u64;
+            }
+            None => self.tally.push((t, op, frames, bytes as u64)),
+        }
+    }
+
+    /// Notes a latency sample to record, started at `since`, when the slice is done.
+    pub(crate) fn time(&mut self, which: Latency, since: Instant) {
+        self.latencies.push((which, since));
+    }
+
+    /// Forgets the recipients this slice congested (once the producer has waited).
+    pub fn release_congested(&mut self) {
+        self.congested.clear();
+    }
+
+    /// Gives back memory a burst left behind.
+    fn shrink(&mut self) {
+        if self.datagrams.capacity() > 64 {
+            self.datagrams = Vec::new();
+        }
+        if self.flush.capacity() > 64 {
+            self.flush = Vec::new();
+        }
+        if self.congested.capacity() > 64 {
+            self.congested = Vec::new();
+        }
+    }
+}
+
+/// Token buckets in thousandths of a token: `rate` tokens a second, up to `rate` held.
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    milli: i64,
+    at_ms: u64,
+}
+
+impl Bucket {
+    fn refill(&mut self, rate: u32, now_ms: u64) {
+        let cap = i64::from(rate) * 1000;
+        let gained = now_ms.saturating_sub(self.at_ms) as i64 * i64::from(rate);
+        self.milli = (self.milli.saturating_add(gained)).min(cap);
+        self.at_ms = now_ms;
+    }
+}
+
+/// What one shim may still route: frames, deliveries and Who requests per second.
+#[derive(Debug)]
+pub struct Buckets {
+    routed: Bucket,
+    deliveries: Bucket,
+    who: Bucket,
+}
+
+impl Buckets {
+    /// Full buckets at `now_ms` (a bucket starts full: the first second's burst is free).
+    pub(crate) fn new(now_ms: u64) -> Buckets {
+        let full = Bucket {
+            milli: i64::MAX / 4,
+            at_ms: now_ms,
+        };
+        Buckets {
+            routed: full,
+            deliveries: full,
+            who: full,
+        }
+    }
+}
+
+impl Hub {
+    /// Checks the sender's rates before a routed request is carried out: one routed frame
+    /// (and one Who), and deliveries while the bucket is not in debt. A request is charged
+    /// its deliveries afterwards with [`Hub::charge_deliveries`], so one Command to a
+    /// fleet larger than a second's worth still goes, and the next waits.
+    pub(crate) fn allow_route(&self, sender: &Shim, who: bool, now_ms: u64) -> Result<(), Reject> {
+        let c = self.config();
+        let mut b = sender.buckets.lock();
+        let refused = if c.routed_per_sec > 0 && {
+            b.routed.refill(c.routed_per_sec, now_ms);
+            b.routed.milli < 1000
+        } {
+            Some(Reject::RateLimited(Rate::Routed, c.routed_per_sec))
+        } else if who
+            && c.who_per_sec > 0
+            && {
+                b.who.refill(c.who_per_sec, now_ms);
+                b.who.milli < 1000
+            }
+        {
+            Some(Reject::RateLimited(Rate::Who, c.who_per_sec))
+        } else if c.deliveries_per_sec > 0 && {
+            b.deliveries.refill(c.deliveries_per_sec, now_ms);
+            b.deliveries.milli <= 0
+        } {
+            Some(Reject::RateLimited(Rate::Deliveries, c.deliveries_per_sec))
+        } else {
+            None
+        };
+        match refused {
+            None => {
+                b.routed.milli -= 1000;
+                if who {
+                    b.who.milli -= 1000;
+                }
+                Ok(())
+            }
+            Some(r) => {
+                drop(b);
+                self.log_rate(sender, &r, now_ms);
+                Err(r)
+            }
+        }
+    }
+
+    /// Charges `n` deliveries to the sender's bucket.
+    pub(crate) fn charge_deliveries(&self, sender: &Shim, n: u64) {
+        if self.config().deliveries_per_sec > 0 {
+            let mut b = sender.buckets.lock();
+            b.deliveries.milli = b.deliveries.milli.saturating_sub(n as i64 * 1000);
+        }
+    }
+
+    /// Logs a shim's rate refusals at most once a minute.
+    fn log_rate(&self, sender: &Shim, r: &Reject, now_ms: u64) {
+        let last = sender.rate_logged_ms.load(Ordering::Relaxed);
+        if last == 0 || now_ms + 1 >= last + 60_000 {
+            sender.rate_logged_ms.store(now_ms + 1, Ordering::Relaxed);
+            warn!(conn = sender.serial, identity = %sender.identity(), reason = %r,
+                "rate limit (logged once a minute per shim)");
+        }
+    }
+
+    /// The one send path: queues `frame` for `to` on `route`, lists `to` for the flush,
+    /// counts the frame. Returns the transport used, or `None` when the frame was dropped
+    /// (the connection is closing, or this push cut it off as a slow consumer).
+    pub fn send(
+        &self,
+        to: &Arc<Shim>,
+        route: Route,
+        frame: &Bytes,
+        out: &mut Outgoing,
+    ) -> Option<Transport> {
+        let udp = match route {
+            Route::Reply(Via::Udp(addr)) => Some((addr, Class::Reply)),
+            Route::Deliver(Via::Udp(_)) => to.udp_addr().map(|a| (a, Class::Delivery)),
+            _ => None,
+        };
+        if let Some((addr, class)) = udp {
+            to.frames_out.fetch_add(1, Ordering::Relaxed);
+            out.count(Transport::Udp, frame[0], 1, frame.len());
+            out.datagrams.push(Datagram {
+                to: addr,
+                frame: frame.clone(),
+                class,
+            });
+            return Some(Transport::Udp);
+        }
+        let c = self.config();
+        let limit = match route {
+            Route::Session => usize::MAX,
+            Route::Listing => c.outbound_limit.max(frame.len()),
+            _ => c.outbound_limit,
+        };
+        match to.outbox.push(limit, frame, out.now_ms) {
+            super::outbox::Pushed::Queued { first, pending } => {
+                out.queued += frame.len();
+                if route != Route::Listing {
+                    // (A listing is many frames: `who` counts them.)
+                    to.frames_out.fetch_add(1, Ordering::Relaxed);
+                    out.count(Transport::Tcp, frame[0], 1, frame.len());
+                }
+                if first {
+                    out.flush.push(to.clone());
+                }
+                let high = c.outbound_limit / 4;
+                if pending >= high && pending - frame.len() < high {
+                    out.congested.push(to.clone());
+                }
+                Some(Transport::Tcp)
+            }
+            super::outbox::Pushed::Closed => None,
+            super::outbox::Pushed::SlowConsumer => {
+                debug!(conn = to.serial, "outbound limit passed");
+                None
+            }
+        }
+    }
+
+    /// Sends the Error frame of `reject` to `to` on `route`, counting the refusal.
+    pub fn refuse(&self, to: &Arc<Shim>, route: Route, reject: &Reject, out: &mut Outgoing) {
+        self.metrics.reject(reject);
+        self.send(to, route, &Bytes::from(reject.frame()), out);
+    }
+
+    /// Queues `to`'s last frame (a Quit or an Error, or nothing) and closes its outbox for
+    /// `reason`: the writer flushes it and shuts the socket down.
+    pub fn send_last(&self, to: &Shim, reason: CloseReason, last: &[u8]) {
+        if !last.is_empty() {
+            to.frames_out.fetch_add(1, Ordering::Relaxed);
+            (self.metrics).frame(Dir::Out, Transport::Tcp, last[0], last.len());
+        }
+        to.outbox.close(reason, last);
+    }
+
+    /// Ends a slice: adds its counts to the metrics and records its latencies at `now`
+    /// (after the driver flushed it), on core `core`.
+    pub fn finish(&self, core: usize, out: &mut Outgoing, now: Instant) {
+        for (t, op, frames, bytes) in out.tally.drain(..) {
+            (self.metrics).frames(Dir::Out, t, op, frames, bytes as usize);
+        }
+        for (which, since) in out.latencies.drain(..) {
+            self.metrics.record(core, which, now.saturating_duration_since(since));
+        }
+        out.queued = 0;
+        if out.datagrams.is_empty() && out.flush.is_empty() && out.congested.is_empty() {
+            out.shrink();
+        }
+    }
+
+    /// Whether the producer of this slice should wait before it reads on: some recipient
+    /// it filled past the high-water mark is still above half of it and still draining.
+    /// A recipient that stopped reading is not waited for (it is cut off at the outbound
+    /// limit or the write deadline instead), so a stuck shim never stalls its senders for
+    /// long; one that reads promptly is never cut because of one producer's burst.
+    pub fn congested(&self, out: &mut Outgoing, now_ms: u64) -> bool {
+        let low = self.config().outbound_limit / 8;
+        out.congested.retain(|s| {
+            let (pending, draining) = s.outbox.draining(now_ms, DRAINING_MS);
+            draining && pending > low
+        });
+        !out.congested.is_empty()
+    }
+}

@@ -1,0 +1,210 @@
+//! One connected shim: its identity, token, UDP binding, timers and rate buckets.
+//!
+//! A [`Shim`] is shared (`Arc`) between the connection that owns its socket, the session
+//! table, the router and every core that delivers to it. Everything it is sent goes
+//! through its [`Outbox`].
+
+use super::outbox::Outbox;
+use super::send::Buckets;
+use crate::proto::Token;
+use parking_lot::{Mutex, RwLock};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+/// Why a connection ended; logged on the close line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its end.
+    Eof,
+    /// The client sent Quit.
+    Quit,
+    /// No Identify within the identify deadline.
+    IdentifyTimeout,
+    /// Nothing received for the idle timeout.
+    Idle,
+    /// A frame longer than the maximum.
+    Oversized,
+    /// Outbound bytes passed the limit, or made no progress for the write deadline.
+    SlowConsumer,
+    /// A read or write failed.
+    IoError,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client did not present the shared secret, or a wrong one.
+    AuthFailed,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CloseReason::Eof => "eof",
+            CloseReason::Quit => "quit",
+            CloseReason::IdentifyTimeout => "identify timeout",
+            CloseReason::Idle => "idle timeout",
+            CloseReason::Oversized => "oversized frame",
+            CloseReason::SlowConsumer => "slow consumer",
+            CloseReason::IoError => "io error",
+            CloseReason::Shutdown => "server shutdown",
+            CloseReason::AuthFailed => "authentication failed",
+        })
+    }
+}
+
+/// The UDP side of a shim.
+#[derive(Default)]
+pub(crate) struct UdpBinding {
+    pub(crate) addr: Option<SocketAddr>,
+    /// Set when the TCP connection ended; a bind racing the close then fails.
+    pub(crate) dead: bool,
+}
+
+/// A connected shim.
+pub struct Shim {
+    /// A number unique to this connection for the life of the process.
+    pub serial: u64,
+    /// The session token, sent in the Session reply and used to bind UDP.
+    pub token: Token,
+    /// The TCP peer address.
+    pub peer: SocketAddr,
+    /// The core whose runtime serves the connection.
+    pub core: u16,
+    /// Frames received from the shim, on TCP and UDP.
+    pub frames_in: AtomicU64,
+    /// Frames queued or sent to the shim, on TCP and UDP.
+    pub frames_out: AtomicU64,
+    /// When the connection was accepted, in milliseconds since the Unix epoch.
+    pub connected_unix_ms: u64,
+    identity: RwLock<Arc<str>>,
+    pub(crate) udp: Mutex<UdpBinding>,
+    accepted_ms: u64,
+    last_seen_ms: AtomicU64,
+    identified: AtomicBool,
+    closed: AtomicBool,
+    next_seq: AtomicU32,
+    /// What this shim may still route this second (see `hub/send.rs`).
+    pub(crate) buckets: Mutex<Buckets>,
+    /// When this shim's rate refusals were last logged (hub milliseconds + 1; 0: never).
+    pub(crate) rate_logged_ms: AtomicU64,
+    /// Everything sent to this shim over TCP.
+    pub outbox: Outbox,
+}
+
+impl Shim {
+    pub(crate) fn new(
+        serial: u64,
+        core: usize,
+        peer: SocketAddr,
+        now_ms: u64,
+        unix_ms: u64,
+    ) -> Shim {
+        Shim {
+            serial,
+            token: Token::generate(),
+            peer,
+            core: core as u16,
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            connected_unix_ms: unix_ms,
+            identity: RwLock::new(Arc::from("")),
+            udp: Mutex::new(UdpBinding::default()),
+            accepted_ms: now_ms,
+            last_seen_ms: AtomicU64::new(now_ms),
+            identified: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            next_seq: AtomicU32::new(0),
+            buckets: Mutex::new(Buckets::new(now_ms)),
+            rate_logged_ms: AtomicU64::new(0),
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// The current identity label (empty before the first Identify).
+    pub fn identity(&self) -> Arc<str> {
+        self.identity.read().clone()
+    }
+
+    pub(crate) fn set_identity(&self, label: Arc<str>) -> Arc<str> {
+        std::mem::replace(&mut *self.identity.write(), label)
+    }
+
+    /// True once the first Identify was accepted.
+    pub fn is_identified(&self) -> bool {
+        self.identified.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_identified(&self) {
+        self.identified.store(true, Ordering::Release);
+    }
+
+    /// True once the shim was removed (its connection ended or a timer expired it).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Marks the shim closed; true for the first caller only.
+    pub(crate) fn mark_closed(&self) -> bool {
+        !self.closed.swap(true, Ordering::AcqRel)
+    }
+
+    /// The UDP address bound to this shim, if any.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp.lock().addr
+    }
+
+    /// Milliseconds (on the hub's clock) when the connection was accepted.
+    pub fn accepted_ms(&self) -> u64 {
+        self.accepted_ms
+    }
+
+    /// Milliseconds (on the hub's clock) when this shim last sent anything.
+    pub fn last_seen_ms(&self) -> u64 {
+        self.last_seen_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records activity at `now_ms` (on the hub's clock).
+    pub fn touch(&self, now_ms: u64) {
+        // Skip the store when the value would not change: many frames arrive per ms.
+        if self.last_seen_ms.load(Ordering::Relaxed) != now_ms {
+            self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// A fresh correlation id for a Command sent by this shim: the serial in the high bits
+    /// (so a response finds its way back without a lookup table), a sequence in the low.
+    pub(crate) fn next_command_id(&self) -> u64 {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) & 0xFFFFF;
+        (self.serial << 20) | u64::from(seq)
+    }
+}
+
+impl fmt::Debug for Shim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shim")
+            .field("serial", &self.serial)
+            .field("identity", &self.identity())
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// The serial encoded in a correlation id.
+pub fn serial_of_command_id(id: u64) -> u64 {
+    id >> 20
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_ids_carry_the_serial() {
+        let s = Shim::new(77, 0, "127.0.0.1:1".parse().unwrap(), 0, 0);
+        let a = s.next_command_id();
+        let b = s.next_command_id();
+        assert_ne!(a, b);
+        assert_eq!(serial_of_command_id(a), 77);
+        assert_eq!(serial_of_command_id(b), 77);
+    }
+}

@@ -1,0 +1,308 @@
+//! Every refusal the server answers with: its wire text and the metric it counts in, in
+//! one place, so that the protocol document, the Error frames and `/metrics` agree.
+//!
+//! A request the server will not carry out is answered with one Error frame (the
+//! protocol's rule: one answer per request, in order); [`Reject::text`] is that frame's
+//! data, and [`Reject::metric`] says whether it counts in `velium_errors_total{kind}`
+//! (the client sent something malformed or out of place) or `velium_refused_total{reason}`
+//! (a limit or an access rule said no).
+
+use super::identity::IdentityError;
+use super::pattern::PatternError;
+use super::{Opcode, encode};
+use std::borrow::Cow;
+use std::fmt;
+
+/// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A frame longer than `max_frame` (the connection is closed).
+    Oversized,
+    /// An opcode the protocol does not define.
+    UnknownOpcode,
+    /// A routed frame before Identify.
+    IdentifyFirst,
+    /// An identity label that breaks the rules.
+    BadIdentity,
+    /// An opcode only the server sends, or one not accepted on that transport.
+    WrongOpcode,
+    /// A frame whose data is not in its documented form (target, id, pattern).
+    Malformed,
+    /// A Command or Echo whose target matched no shim.
+    NoMatch,
+    /// No Identify within `identify_timeout`.
+    IdentifyTimeout,
+    /// A datagram that is not one frame.
+    BadDatagram,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order `/metrics` lists them.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Oversized,
+        ErrorKind::UnknownOpcode,
+        ErrorKind::IdentifyFirst,
+        ErrorKind::BadIdentity,
+        ErrorKind::WrongOpcode,
+        ErrorKind::Malformed,
+        ErrorKind::NoMatch,
+        ErrorKind::IdentifyTimeout,
+        ErrorKind::BadDatagram,
+    ];
+
+    /// The `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Oversized => "oversized",
+            ErrorKind::UnknownOpcode => "unknown_opcode",
+            ErrorKind::IdentifyFirst => "identify_first",
+            ErrorKind::BadIdentity => "bad_identity",
+            ErrorKind::WrongOpcode => "wrong_opcode",
+            ErrorKind::Malformed => "malformed",
+            ErrorKind::NoMatch => "no_match",
+            ErrorKind::IdentifyTimeout => "identify_timeout",
+            ErrorKind::BadDatagram => "bad_datagram",
+        }
+    }
+}
+
+/// Why a connection or a request was refused by a limit or an access rule, for
+/// `velium_refused_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The source is outside `allow_networks` (closed without a byte).
+    AllowList,
+    /// `max_connections` reached.
+    MaxConnections,
+    /// `max_connections_per_source` reached for the source IP.
+    PerSource,
+    /// `connect_rate_per_source` exceeded.
+    Rate,
+    /// Identify without the secret, or a wrong secret.
+    Auth,
+    /// A Command the command rules do not permit.
+    Permission,
+    /// More routed frames per second than `routed_per_sec`.
+    RateRouted,
+    /// More deliveries per second than `deliveries_per_sec`.
+    RateDeliveries,
+    /// More Who per second than `who_per_sec`.
+    RateWho,
+}
+
+impl Refusal {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [Refusal; 9] = [
+        Refusal::AllowList,
+        Refusal::MaxConnections,
+        Refusal::PerSource,
+        Refusal::Rate,
+        Refusal::Auth,
+        Refusal::Permission,
+        Refusal::RateRouted,
+        Refusal::RateDeliveries,
+        Refusal::RateWho,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::AllowList => "allow_list",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerSource => "per_source",
+            Refusal::Rate => "rate",
+            Refusal::Auth => "auth",
+            Refusal::Permission => "permission",
+            Refusal::RateRouted => "rate_routed",
+            Refusal::RateDeliveries => "rate_deliveries",
+            Refusal::RateWho => "rate_who",
+        }
+    }
+}
+
+/// Where a refusal is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// `velium_errors_total{kind}`.
+    Error(ErrorKind),
+    /// `velium_refused_total{reason}`.
+    Refusal(Refusal),
+}
+
+/// A routed frame whose data is not in its documented form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Command or Echo: `TARGET SP TEXT`.
+    TargetText,
+    /// CommandResponse: `ID SP RESPONSE`.
+    IdResponse,
+}
+
+/// A per-shim rate a request went past.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rate {
+    /// Command, Echo, CommandResponse and Who frames per second.
+    Routed,
+    /// Shims reached and Who entries listed per second.
+    Deliveries,
+    /// Who requests per second.
+    Who,
+}
+
+/// Why the server refused a frame, a request or a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// An opcode the protocol does not define.
+    UnknownOpcode(u8),
+    /// An opcode only the server sends.
+    ServerOnly(Opcode),
+    /// An opcode not accepted over UDP.
+    NotOverUdp(Opcode),
+    /// Who over UDP (a listing does not fit a datagram).
+    WhoOverUdp,
+    /// A routed frame before the first Identify.
+    IdentifyFirst,
+    /// An identity that breaks the grammar.
+    BadIdentity(IdentityError),
+    /// A routed frame whose data is not in its form.
+    Malformed(Shape),
+    /// A Command's or Echo's target that is not a pattern (the target, lossy).
+    BadTarget(String, PatternError),
+    /// A Who pattern that is not a pattern.
+    BadPattern(String, PatternError),
+    /// A Command or Echo that matched no shim.
+    NoMatch(String),
+    /// A Command the command rules do not permit.
+    NotPermitted(String),
+    /// A rate went past its configured value (per second).
+    RateLimited(Rate, u32),
+    /// A frame longer than `max_frame` (the connection is closed).
+    TooLong(usize),
+    /// No Identify within `identify_timeout` (the connection is closed).
+    IdentifyTimeout,
+    /// Identify without the Auth the hub requires (the connection is closed).
+    AuthRequired,
+    /// A wrong secret (the connection is closed).
+    AuthFailed,
+    /// A connection turned away by a limit before any protocol work.
+    Connection(Refusal),
+}
+
+impl Reject {
+    /// The Error frame's text.
+    pub fn text(&self) -> Cow<'static, str> {
+        match self {
+            Reject::UnknownOpcode(b) => format!("unknown opcode 0x{b:02X}").into(),
+            Reject::ServerOnly(op) => format!(
+                "opcode 0x{:02X} ({}) is sent by the server only",
+                *op as u8,
+                op.name()
+            )
+            .into(),
+            Reject::NotOverUdp(op) => format!(
+                "opcode 0x{:02X} ({}) is not accepted over UDP",
+                *op as u8,
+                op.name()
+            )
+            .into(),
+            Reject::WhoOverUdp => "Who is answered over TCP only".into(),
+            Reject::IdentifyFirst => "identify first".into(),
+            Reject::BadIdentity(e) => e.to_string().into(),
+            Reject::Malformed(Shape::TargetText) => "expected: TARGET SP TEXT".into(),
+            Reject::Malformed(Shape::IdResponse) => "expected: ID SP RESPONSE".into(),
+            Reject::BadTarget(t, e) => format!("bad target {t}: {e}").into(),
+            Reject::BadPattern(t, e) => format!("bad pattern {t}: {e}").into(),
+            Reject::NoMatch(t) => format!("no shim matches {t}").into(),
+            Reject::NotPermitted(t) => format!("command not permitted: {t}").into(),
+            Reject::RateLimited(rate, n) => format!(
+                "rate limit: more than {n} {} per second",
+                match rate {
+                    Rate::Routed => "routed frames",
+                    Rate::Deliveries => "deliveries",
+                    Rate::Who => "Who",
+                }
+            )
+            .into(),
+            Reject::TooLong(max) => format!("frame longer than {max} bytes").into(),
+            Reject::IdentifyTimeout => "identify timeout".into(),
+            Reject::AuthRequired => "authentication required".into(),
+            Reject::AuthFailed => "authentication failed".into(),
+            Reject::Connection(r) => match r {
+                Refusal::MaxConnections => "too many connections",
+                Refusal::PerSource => "too many connections from this address",
+                Refusal::Rate => "connecting too fast",
+                _ => "",
+            }
+            .into(),
+        }
+    }
+
+    /// Where this refusal is counted.
+    pub fn metric(&self) -> Metric {
+        use ErrorKind as E;
+        match self {
+            Reject::UnknownOpcode(_) => Metric::Error(E::UnknownOpcode),
+            Reject::ServerOnly(_) | Reject::NotOverUdp(_) | Reject::WhoOverUdp => {
+                Metric::Error(E::WrongOpcode)
+            }
+            Reject::IdentifyFirst => Metric::Error(E::IdentifyFirst),
+            Reject::BadIdentity(_) => Metric::Error(E::BadIdentity),
+            Reject::Malformed(_) | Reject::BadTarget(..) | Reject::BadPattern(..) => {
+                Metric::Error(E::Malformed)
+            }
+            Reject::NoMatch(_) => Metric::Error(E::NoMatch),
+            Reject::TooLong(_) => Metric::Error(E::Oversized),
+            Reject::IdentifyTimeout => Metric::Error(E::IdentifyTimeout),
+            Reject::NotPermitted(_) => Metric::Refusal(Refusal::Permission),
+            Reject::RateLimited(Rate::Routed, _) => Metric::Refusal(Refusal::RateRouted),
+            Reject::RateLimited(Rate::Deliveries, _) => Metric::Refusal(Refusal::RateDeliveries),
+            Reject::RateLimited(Rate::Who, _) => Metric::Refusal(Refusal::RateWho),
+            Reject::AuthRequired | Reject::AuthFailed => Metric::Refusal(Refusal::Auth),
+            Reject::Connection(r) => Metric::Refusal(*r),
+        }
+    }
+
+    /// Appends the Error frame (nothing for a refusal that is answered with silence: a
+    /// source outside the allowed networks).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let text = self.text();
+        if !text.is_empty() {
+            encode(Opcode::Error, text.as_bytes(), out);
+        }
+    }
+
+    /// The Error frame.
+    pub fn frame(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        self.encode(&mut f);
+        f
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_are_the_documented_ones() {
+        assert_eq!(Reject::UnknownOpcode(0x42).frame(), b"\x09unknown opcode 0x42\n");
+        assert_eq!(
+            Reject::RateLimited(Rate::Routed, 200).text(),
+            "rate limit: more than 200 routed frames per second"
+        );
+        assert_eq!(
+            Reject::ServerOnly(Opcode::Ack).text(),
+            "opcode 0x0C (Ack) is sent by the server only"
+        );
+        assert!(Reject::Connection(Refusal::AllowList).frame().is_empty());
+        for r in Refusal::ALL {
+            assert!(!r.label().is_empty());
+        }
+    }
+}

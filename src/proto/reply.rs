@@ -1,0 +1,202 @@
+//! Every frame the server sends: its encoder (used by the hub) and its parser (used by
+//! the client library), side by side so that the two cannot drift apart.
+
+use super::{NEWLINE, Opcode, SP, Token, encode, encode_parts};
+
+/// `Session TOKEN`: the answer to the first Identify.
+pub fn session(token: &Token, out: &mut Vec<u8>) {
+    encode(Opcode::Session, &token.0, out);
+}
+
+/// `Ack ID SP COUNT`: a Command (its id) or an Echo or Who (id 0) reached COUNT shims.
+pub fn ack(id: u64, count: u64, out: &mut Vec<u8>) {
+    out.push(Opcode::Ack as u8);
+    push_u64(out, id);
+    out.push(SP);
+    push_u64(out, count);
+    out.push(NEWLINE);
+}
+
+/// `Pong DATA`.
+pub fn pong(data: &[u8], out: &mut Vec<u8>) {
+    encode(Opcode::Pong, data, out);
+}
+
+/// `WhoEntry IDENTITY SP SINCE-UNIX-MS SP udp|-`.
+pub fn who_entry(identity: &str, since_unix_ms: u64, udp: bool, out: &mut Vec<u8>) {
+    out.push(Opcode::WhoEntry as u8);
+    out.extend_from_slice(identity.as_bytes());
+    out.push(SP);
+    push_u64(out, since_unix_ms);
+    out.push(SP);
+    out.extend_from_slice(if udp { b"udp" } else { b"-" });
+    out.push(NEWLINE);
+}
+
+/// A delivered Command (`FROM SP ID SP TEXT`) or Echo (`FROM SP TEXT`).
+pub fn delivery(op: Opcode, from: &str, id: Option<u64>, text: &[u8], out: &mut Vec<u8>) {
+    out.reserve(from.len() + text.len() + 24);
+    out.push(op as u8);
+    out.extend_from_slice(from.as_bytes());
+    out.push(SP);
+    if let Some(id) = id {
+        push_u64(out, id);
+        out.push(SP);
+    }
+    out.extend_from_slice(text);
+    out.push(NEWLINE);
+}
+
+/// A forwarded CommandResponse: `ID SP RESPONDER SP TEXT`, the id as the responder wrote it.
+pub fn response(id_text: &[u8], from: &str, text: &[u8], out: &mut Vec<u8>) {
+    encode_parts(
+        Opcode::CommandResponse,
+        &[id_text, b" ", from.as_bytes(), b" ", text],
+        out,
+    );
+}
+
+/// Appends `v` in decimal, without a temporary string.
+pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Splits at the first space.
+pub fn split_sp(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = memchr::memchr(SP, data)?;
+    Some((&data[..i], &data[i + 1..]))
+}
+
+/// A decimal number of ASCII digits only.
+pub fn parse_u64(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |acc, &c| {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        acc.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+    })
+}
+
+/// Ack data: `(ID, COUNT)`.
+pub fn parse_ack(data: &[u8]) -> Option<(u64, u64)> {
+    let (id, count) = split_sp(data)?;
+    Some((parse_u64(id)?, parse_u64(count)?))
+}
+
+/// WhoEntry data: `(IDENTITY, SINCE-UNIX-MS, UDP)` (identities hold no space).
+pub fn parse_who_entry(data: &[u8]) -> Option<(&[u8], u64, bool)> {
+    let (identity, rest) = split_sp(data)?;
+    let (since, udp) = split_sp(rest)?;
+    let udp = match udp {
+        b"udp" => true,
+        b"-" => false,
+        _ => return None,
+    };
+    Some((identity, parse_u64(since)?, udp))
+}
+
+/// A routed frame as it reaches a shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered<'a> {
+    /// A Command: answer with its id.
+    Command {
+        /// The sender.
+        from: &'a [u8],
+        /// The correlation id.
+        id: u64,
+        /// The text.
+        text: &'a [u8],
+    },
+    /// An Echo.
+    Echo {
+        /// The sender.
+        from: &'a [u8],
+        /// The text.
+        text: &'a [u8],
+    },
+    /// An answer to a Command this shim sent.
+    Response {
+        /// The id of the Command answered.
+        id: u64,
+        /// The responder.
+        from: &'a [u8],
+        /// The text.
+        text: &'a [u8],
+    },
+}
+
+/// Parses a delivered Command, Echo or CommandResponse.
+pub fn parse_delivery(op: Opcode, data: &[u8]) -> Option<Delivered<'_>> {
+    match op {
+        Opcode::Command => {
+            let (from, rest) = split_sp(data)?;
+            let (id, text) = split_sp(rest)?;
+            Some(Delivered::Command {
+                from,
+                id: parse_u64(id)?,
+                text,
+            })
+        }
+        Opcode::Echo => {
+            let (from, text) = split_sp(data)?;
+            Some(Delivered::Echo { from, text })
+        }
+        Opcode::CommandResponse => {
+            let (id, rest) = split_sp(data)?;
+            let (from, text) = split_sp(rest)?;
+            Some(Delivered::Response {
+                id: parse_u64(id)?,
+                from,
+                text,
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoders_and_parsers_agree() {
+        let mut v = Vec::new();
+        ack(1048576, 3, &mut v);
+        assert_eq!(v, b"\x0c1048576 3\n");
+        assert_eq!(parse_ack(&v[1..v.len() - 1]), Some((1048576, 3)));
+        v.clear();
+        who_entry("peq.a.bob", 1700000000000, true, &mut v);
+        assert_eq!(
+            parse_who_entry(&v[1..v.len() - 1]),
+            Some((&b"peq.a.bob"[..], 1700000000000, true))
+        );
+        v.clear();
+        delivery(Opcode::Command, "peq.a.bob", Some(7), b"/sit", &mut v);
+        assert_eq!(v, b"\x04peq.a.bob 7 /sit\n");
+        assert_eq!(
+            parse_delivery(Opcode::Command, &v[1..v.len() - 1]),
+            Some(Delivered::Command {
+                from: b"peq.a.bob",
+                id: 7,
+                text: b"/sit"
+            })
+        );
+        v.clear();
+        response(b"7", "peq.a.al", b"ok", &mut v);
+        assert_eq!(v, b"\x057 peq.a.al ok\n");
+        assert_eq!(parse_u64(b"+1"), None);
+    }
+}

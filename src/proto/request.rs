@@ -1,0 +1,187 @@
+//! A client frame, parsed once into a typed request; and the encoders a client writes
+//! requests with.
+//!
+//! The server parses each frame exactly once ([`Request::parse`]) and every later step
+//! works on the typed value; the client library encodes with [`encode_routed`] and
+//! [`encode_response`], so both sides agree on one grammar.
+
+use super::identity::{IdentityError, check_identity};
+use super::pattern::Pattern;
+use super::reject::{Reject, Shape};
+use super::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token};
+
+/// What a client asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// 0x00: nothing (a keep-alive).
+    Nothing,
+    /// 0x01: register, or rename, as this identity.
+    Identify(&'a str),
+    /// 0x02 over UDP: bind this UDP source to the session with this token (`None`: the
+    /// data is not 16 bytes, so no session has it).
+    Bind(Option<Token>),
+    /// 0x03: the session is over.
+    Quit,
+    /// 0x04 or 0x08: deliver `text` to every shim `target` names.
+    Route {
+        /// Command (answered, with an id) or Echo.
+        op: Opcode,
+        /// Who it is for.
+        target: Pattern,
+        /// The raw target, for messages.
+        target_text: &'a [u8],
+        /// The text, passed through.
+        text: &'a [u8],
+    },
+    /// 0x05: an answer to the Command with this id.
+    Respond {
+        /// The correlation id.
+        id: u64,
+        /// The id as written (echoed back unchanged).
+        id_text: &'a [u8],
+        /// The answer, passed through.
+        text: &'a [u8],
+    },
+    /// 0x06: answer with a Pong carrying the same data.
+    Ping(&'a [u8]),
+    /// 0x07: a shim's answer to a server Ping; nothing to do.
+    Pong,
+    /// 0x0D: list the shims `pattern` names.
+    Who(Pattern),
+    /// 0x0F: the shared secret.
+    Auth(&'a [u8]),
+}
+
+/// Whether a frame with this opcode may come before the first Identify.
+pub fn allowed_before_identify(op: Opcode) -> bool {
+    matches!(
+        op,
+        Opcode::None | Opcode::Identify | Opcode::Quit | Opcode::Ping | Opcode::Auth
+    )
+}
+
+impl<'a> Request<'a> {
+    /// Parses the data of a frame with opcode `op`. Over TCP a Session frame is not a
+    /// request (the server sends it); over UDP it is a bind.
+    pub fn parse(op: Opcode, data: &'a [u8]) -> Result<Request<'a>, Reject> {
+        Ok(match op {
+            Opcode::None => Request::Nothing,
+            Opcode::Identify => {
+                Request::Identify(check_identity(data).map_err(Reject::BadIdentity)?)
+            }
+            Opcode::Session => Request::Bind(Token::from_slice(data)),
+            Opcode::Quit => Request::Quit,
+            Opcode::Command | Opcode::Echo => {
+                let sp = memchr::memchr(SP, data).ok_or(Reject::Malformed(Shape::TargetText))?;
+                let (target_text, text) = (&data[..sp], &data[sp + 1..]);
+                let target = Pattern::parse(target_text)
+                    .map_err(|e| Reject::BadTarget(lossy(target_text), e))?;
+                Request::Route {
+                    op,
+                    target,
+                    target_text,
+                    text,
+                }
+            }
+            Opcode::CommandResponse => {
+                let (id_text, text) = match memchr::memchr(SP, data) {
+                    Some(sp) => (&data[..sp], &data[sp + 1..]),
+                    None => (data, &b""[..]),
+                };
+                let id = std::str::from_utf8(id_text)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or(Reject::Malformed(Shape::IdResponse))?;
+                Request::Respond { id, id_text, text }
+            }
+            Opcode::Ping => Request::Ping(data),
+            Opcode::Pong => Request::Pong,
+            Opcode::Who if data.is_empty() => Request::Who(Pattern::all()),
+            Opcode::Who => Request::Who(
+                Pattern::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?,
+            ),
+            Opcode::Auth => Request::Auth(data),
+            Opcode::Error | Opcode::Ack | Opcode::WhoEntry => return Err(Reject::ServerOnly(op)),
+        })
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks an identity as [`Request::parse`] will (for clients, before sending).
+pub fn identity_error(label: &str) -> Option<IdentityError> {
+    check_identity(label.as_bytes()).err()
+}
+
+/// Appends `text` with each `\n` written as 0x0B (no allocation: fixed up in place).
+pub fn push_text(out: &mut Vec<u8>, text: &str) {
+    let start = out.len();
+    out.extend_from_slice(text.as_bytes());
+    let mut i = start;
+    while let Some(p) = memchr::memchr(NEWLINE, &out[i..]) {
+        out[i + p] = ALT_NEWLINE;
+        i += p + 1;
+    }
+}
+
+/// `op TARGET SP TEXT`: a Command or an Echo.
+pub fn encode_routed(op: Opcode, target: &str, text: &str, out: &mut Vec<u8>) {
+    out.reserve(target.len() + text.len() + 3);
+    out.push(op as u8);
+    out.extend_from_slice(target.as_bytes());
+    out.push(SP);
+    push_text(out, text);
+    out.push(NEWLINE);
+}
+
+/// `CommandResponse ID SP TEXT`.
+pub fn encode_response(id: u64, text: &str, out: &mut Vec<u8>) {
+    out.reserve(text.len() + 23);
+    out.push(Opcode::CommandResponse as u8);
+    super::reply::push_u64(out, id);
+    out.push(SP);
+    push_text(out, text);
+    out.push(NEWLINE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_request_once() {
+        let r = Request::parse(Opcode::Command, b"peq.* /sit down").unwrap();
+        let Request::Route { target, text, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((target.segs.len(), text), (2, &b"/sit down"[..]));
+        assert_eq!(
+            Request::parse(Opcode::Echo, b"nospace"),
+            Err(Reject::Malformed(Shape::TargetText))
+        );
+        let r = Request::parse(Opcode::CommandResponse, b"1048576 ok").unwrap();
+        assert!(matches!(r, Request::Respond { id: 1048576, .. }));
+        assert!(Request::parse(Opcode::CommandResponse, b"x ok").is_err());
+        assert_eq!(Request::parse(Opcode::Who, b"").unwrap(), Request::Who(Pattern::all()));
+        assert_eq!(
+            Request::parse(Opcode::Ack, b"0 1"),
+            Err(Reject::ServerOnly(Opcode::Ack))
+        );
+        assert!(matches!(
+            Request::parse(Opcode::Identify, b"a b"),
+            Err(Reject::BadIdentity(_))
+        ));
+    }
+
+    #[test]
+    fn routed_frames_escape_newlines() {
+        let mut v = Vec::new();
+        encode_routed(Opcode::Echo, "a.b", "one\ntwo", &mut v);
+        assert_eq!(v, b"\x08a.b one\x0btwo\n");
+        v.clear();
+        encode_response(42, "x\ny", &mut v);
+        assert_eq!(v, b"\x0542 x\x0by\n");
+    }
+}

@@ -1154,7 +1154,7 @@ async fn read_session(rd: &mut OwnedReadHalf) -> Result<(Token, Vec<u8>), Client
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         let mut start = 0;
-        while let Some((f, n)) = codec::decode(&buf[start..], MAX_FRAME)
+        while let Some((f, n)) = codec::decode_exact(&buf[start..], MAX_FRAME)
             .map_err(|e| ClientError::Protocol(e.to_string()))?
         {
             start += n;
@@ -1188,7 +1188,7 @@ async fn tcp_reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>
     let reason = 'conn: loop {
         let mut start = 0;
         loop {
-            match codec::decode(&buf[start..], MAX_FRAME) {
+            match codec::decode_exact(&buf[start..], MAX_FRAME) {
                 Ok(Some((f, n))) => {
                     shared.on_tcp_frame(f.op, f.data, &mut rs).await;
                     start += n;

@@ -881,7 +881,9 @@ fn faults_leave_well_behaved_shims_whole(io: &str) {
     let t0 = Instant::now();
     // `info`, not the harness's `debug`: a line per connection is what the checks read,
     // and a line per garbage frame would only slow the server down. Hundreds of
-    // connections come from 127.0.0.1 within a second, so the per-source limits are off.
+    // connections come from 127.0.0.1 within a second, so the per-source limits are off;
+    // so are the per-shim rates: this test shows the isolation the hub gives without them
+    // (tests/abuse.rs covers the rates).
     let mut srv = Server::start_level(
         io,
         "info",
@@ -893,6 +895,12 @@ fn faults_leave_well_behaved_shims_whole(io: &str) {
             "--connect-rate-per-source",
             "0",
             "--max-connections-per-source",
+            "0",
+            "--routed-per-sec",
+            "0",
+            "--deliveries-per-sec",
+            "0",
+            "--who-per-sec",
             "0",
         ],
     );

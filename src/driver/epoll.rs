@@ -15,7 +15,6 @@
 use super::tasks::run_core;
 use super::{Datagrams, Listener, Stream};
 use crate::hub::Hub;
-use bytes::Bytes;
 use socket2::SockRef;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -174,9 +173,6 @@ impl Datagrams for UdpSocket {
         }
     }
 
-    async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()> {
-        UdpSocket::send_to(self, &buf, to).await.map(drop)
-    }
     fn fd(&self) -> RawFd {
         self.as_raw_fd()
     }

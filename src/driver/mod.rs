@@ -21,7 +21,6 @@ pub mod uring;
 
 pub use start::{Running, StartError, start};
 
-use bytes::Bytes;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -40,6 +39,11 @@ pub(crate) trait Stream: 'static {
     }
     /// Shuts both directions down (wakes a pending read with end of file).
     fn shutdown(&self);
+    /// Lets every other task of the core run, and the driver do its I/O, before this one
+    /// goes on (between slices of a long read).
+    async fn yield_turn(&self) {
+        tokio::task::yield_now().await
+    }
 }
 
 /// A listening TCP socket.
@@ -54,8 +58,6 @@ pub(crate) trait Listener: 'static {
 pub(crate) trait Datagrams: 'static {
     /// Receives one datagram into the spare capacity of `buf`.
     async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>);
-    /// Sends one datagram, waiting for room in the socket.
-    async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()>;
     /// The descriptor, for a direct non-blocking send.
     fn fd(&self) -> RawFd;
 }

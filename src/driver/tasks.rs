@@ -143,7 +143,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
             if flow != Flow::Continue || off >= n {
                 break flow;
             }
-            tokio::task::yield_now().await;
+            stream.yield_turn().await;
         };
         if let Flow::Close(r) = flow {
             break r;
@@ -157,7 +157,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         if n == cap {
             // More is waiting: let every other connection on this core have its turn
             // first, so a shim that floods cannot starve them.
-            tokio::task::yield_now().await;
+            stream.yield_turn().await;
         } else if buf.capacity() > READ_SMALL {
             // A large buffer goes back to the idle size once the socket is drained, so
             // a shim that went quiet after a burst costs what an idle shim costs.
@@ -369,14 +369,26 @@ fn send_datagrams<U: Datagrams>(
     }
 }
 
-/// Sends queued datagrams, waiting for room in the socket, so that receiving goes on.
+/// Sends queued datagrams, replies first, as the socket has room for them, so that
+/// receiving goes on meanwhile. (A full non-blocking UDP socket answers `WouldBlock`,
+/// which io_uring passes on rather than waiting; so this waits with a short timer.)
 async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<UdpQueue>>) {
     loop {
-        let next = queue.borrow_mut().pop();
-        let Some(d) = next else { break };
-        if let Err(e) = sock.send_to(d.frame, d.to).await {
-            debug!(to = %d.to, error = %e, "udp send failed");
+        {
+            let mut q = queue.borrow_mut();
+            while let Some(d) = q.replies.front().or_else(|| q.deliveries.front()) {
+                match sys::send_to_now(sock.fd(), &d.frame, d.to) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => debug!(to = %d.to, error = %e, "udp send failed"),
+                    Ok(_) => {}
+                }
+                q.pop();
+            }
+            if q.len() == 0 {
+                q.sending = false;
+                return;
+            }
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    queue.borrow_mut().sending = false;
 }

@@ -6,7 +6,6 @@
 use super::tasks::run_core;
 use super::{Datagrams, Listener, Stream};
 use crate::hub::Hub;
-use bytes::Bytes;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -103,6 +102,14 @@ impl Stream for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
     }
+
+    /// tokio-uring submits queued operations only when its thread parks: a task that
+    /// merely yields stays runnable, the thread never parks, and every other connection's
+    /// reads and the UDP receive never reach the kernel. A no-op operation completes only
+    /// after the next submission, so waiting for one lets the ring turn.
+    async fn yield_turn(&self) {
+        let _ = tokio_uring::no_op().await;
+    }
 }
 
 impl Listener for TcpListener {
@@ -120,9 +127,6 @@ impl Datagrams for UdpSocket {
         UdpSocket::recv_from(self, buf).await
     }
 
-    async fn send_to(&self, buf: Bytes, to: SocketAddr) -> io::Result<()> {
-        UdpSocket::send_to(self, buf, to).await.0.map(drop)
-    }
     fn fd(&self) -> RawFd {
         self.as_raw_fd()
     }

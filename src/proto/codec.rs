@@ -35,16 +35,30 @@ pub enum CodecError {
 /// (`0D 0A` is a Who).
 #[inline]
 pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, CodecError> {
+    decode_with(buf, max, true)
+}
+
+/// Reads the next frame the server sent (for clients): as [`decode`], but a 0x0D is data
+/// wherever it stands, since the server never ends a frame with CRLF.
+#[inline]
+pub fn decode_exact(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, CodecError> {
+    decode_with(buf, max, false)
+}
+
+#[inline]
+fn decode_with(
+    buf: &[u8],
+    max: usize,
+    crlf: bool,
+) -> Result<Option<(Frame<'_>, usize)>, CodecError> {
     let window = &buf[..buf.len().min(max)];
     match memchr::memchr(NEWLINE, window) {
         Some(0) => Ok(Some((Frame { op: 0, data: &[] }, 1))),
-        Some(end) => Ok(Some((
-            Frame {
-                op: buf[0],
-                data: strip_cr(&buf[1..end]),
-            },
-            end + 1,
-        ))),
+        Some(end) => {
+            let data = &buf[1..end];
+            let data = if crlf { strip_cr(data) } else { data };
+            Ok(Some((Frame { op: buf[0], data }, end + 1)))
+        }
         None if buf.len() >= max => Err(CodecError::TooLong { max }),
         None => Ok(None),
     }

@@ -191,9 +191,12 @@ impl Token {
         }
     }
 
-    /// True when no byte of `bytes` is 0x0A or 0x0B.
+    /// True when no byte of `bytes` is 0x0A, 0x0B or 0x0D: a token survives any framing a
+    /// client may read it with, a line reader that strips CRLF included.
     pub fn is_frame_safe(bytes: &[u8]) -> bool {
-        !bytes.iter().any(|&b| b == NEWLINE || b == ALT_NEWLINE)
+        !bytes
+            .iter()
+            .any(|&b| b == NEWLINE || b == ALT_NEWLINE || b == CR)
     }
 
     /// Reads a token from exactly 16 bytes.

@@ -95,7 +95,7 @@ impl Default for Config {
             write_deadline: Duration::from_secs(10),
             routed_per_sec: 200,
             deliveries_per_sec: 20_000,
-            who_per_sec: 5,
+            who_per_sec: 20,
             udp_queue: 4096,
             udp_queue_per_dest: 64,
             udp_quit_per_sec: 4,
@@ -302,7 +302,7 @@ pub struct Args {
     /// [default: 20000]
     #[arg(long, value_name = "N")]
     pub deliveries_per_sec: Option<u32>,
-    /// Who requests per second from one shim, 0 for no limit [default: 5]
+    /// Who requests per second from one shim, 0 for no limit [default: 20]
     #[arg(long, value_name = "N")]
     pub who_per_sec: Option<u32>,
     /// Datagrams queued per core while the UDP socket is full [default: 4096]

@@ -577,7 +577,9 @@ fn udp_routing(io: &str) {
 
 fn echo_order_under_load(io: &str) {
     const N: usize = 5000;
-    let srv = Server::start(io, &[]);
+    // Thousands of frames a second from one shim: past the default per-shim rates, which
+    // this test is not about (tests/abuse.rs is).
+    let srv = Server::start(io, &["--routed-per-sec", "0", "--deliveries-per-sec", "0"]);
     let mut tx = shim(&srv, "load.tx");
     let tx_core = core_of(&srv, &tx);
     // Two receivers, one per core where the connect log line says which core serves a
@@ -634,7 +636,17 @@ fn echo_order_under_load(io: &str) {
 }
 
 fn slow_consumer_is_cut_off_and_others_keep_receiving(io: &str) {
-    let srv = Server::start(io, &["--outbound-limit", "65536"]);
+    let srv = Server::start(
+        io,
+        &[
+            "--outbound-limit",
+            "65536",
+            "--routed-per-sec",
+            "0",
+            "--deliveries-per-sec",
+            "0",
+        ],
+    );
     let mut slow = shim(&srv, "sub.slow");
     let mut fast = shim(&srv, "sub.fast");
     let mut tx = shim(&srv, "pub.tx");

@@ -83,7 +83,7 @@ impl Connection {
             return (Flow::Close(reason), data.len());
         }
         let now_ms = hub.ms(now);
-        self.out.now_ms = now_ms;
+        self.out.begin(hub, now_ms);
         self.shim.touch(now_ms);
         let c = hub.config();
         let (max, limit) = (c.max_frame, c.outbound_limit);

@@ -109,7 +109,7 @@ pub fn on_datagram(
     now: Instant,
     out: &mut Outgoing,
 ) {
-    out.now_ms = hub.ms(now);
+    out.begin(hub, hub.ms(now));
     let frame = match decode_datagram(dgram, hub.config().max_frame) {
         Ok(f) => f,
         Err(_) => {

@@ -9,6 +9,7 @@
 
 use super::Hub;
 use super::shim::{CloseReason, Shim};
+use crate::config::Config;
 use crate::metrics::{Dir, Latency, Transport};
 use crate::proto::reject::{Rate, Reject};
 use bytes::Bytes;
@@ -87,6 +88,8 @@ pub struct Outgoing {
     tally: Vec<(Transport, u8, u64, u64)>,
     /// The time the slice is handled at, hub milliseconds.
     pub(crate) now_ms: u64,
+    /// `outbound_limit`, read once per slice rather than once per delivery.
+    limit: usize,
 }
 
 impl Default for Outgoing {
@@ -99,11 +102,18 @@ impl Default for Outgoing {
             latencies: Vec::new(),
             tally: Vec::new(),
             now_ms: 0,
+            limit: Config::default().outbound_limit,
         }
     }
 }
 
 impl Outgoing {
+    /// Starts a slice handled at `now_ms` under the hub's current settings.
+    pub(crate) fn begin(&mut self, hub: &Hub, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.limit = hub.config().outbound_limit;
+    }
+
     /// Whether this slice queued as much as one slice may.
     pub(crate) fn slice_full(&self, limit: usize) -> bool {
         self.queued >= SLICE_BYTES.min(limit / 4).max(1)
@@ -275,11 +285,10 @@ impl Hub {
             });
             return Some(Transport::Udp);
         }
-        let c = self.config();
         let limit = match route {
             Route::Session => usize::MAX,
-            Route::Listing => c.outbound_limit.max(frame.len()),
-            _ => c.outbound_limit,
+            Route::Listing => out.limit.max(frame.len()),
+            _ => out.limit,
         };
         match to.outbox.push(limit, frame, out.now_ms) {
             super::outbox::Pushed::Queued { first, pending } => {
@@ -292,7 +301,7 @@ impl Hub {
                 if first {
                     out.flush.push(to.clone());
                 }
-                let high = c.outbound_limit / 4;
+                let high = out.limit / 4;
                 if pending >= high && pending - frame.len() < high {
                     out.congested.push(to.clone());
                 }

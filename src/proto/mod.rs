@@ -1,7 +1,7 @@
 //! The wire, with no state: what the server, the client library and the tests share.
 //!
 //! Every frame on the wire is `| 1 byte opcode | data | 0x0A |`. Data never contains
-//! 0x0A; text that needs a line break carries 0x0B instead (see [`escape_newlines`]).
+//! 0x0A; text that needs a line break carries 0x0B instead (see [`request::push_text`]).
 //! The server passes data bytes through unchanged.
 //!
 //! This file holds the opcodes, the frame, the session token and the frame encoder;
@@ -154,15 +154,7 @@ pub fn encoded(op: Opcode, data: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Replaces every `\n` in `text` with the 0x0B byte that stands for it on the wire.
-pub fn escape_newlines(text: &str) -> String {
-    text.replace('\n', "\u{0B}")
-}
 
-/// Replaces every 0x0B byte in wire text with `\n`.
-pub fn unescape_newlines(text: &str) -> String {
-    text.replace('\u{0B}', "\n")
-}
 
 /// A session token: 16 random bytes (a UUID v4), none of which is 0x0A or 0x0B.
 ///
@@ -251,11 +243,4 @@ mod tests {
         assert_eq!(encoded(Opcode::Quit, b""), vec![0x03, 0x0A]);
     }
 
-    #[test]
-    fn newline_escape_round_trips() {
-        let s = "line one\nline two";
-        let e = escape_newlines(s);
-        assert!(!e.contains('\n'));
-        assert_eq!(unescape_newlines(&e), s);
-    }
 }

@@ -5,7 +5,7 @@
 //! works on the typed value; the client library encodes with [`encode_routed`] and
 //! [`encode_response`], so both sides agree on one grammar.
 
-use super::identity::{IdentityError, check_identity};
+use super::identity::check_identity;
 use super::pattern::Pattern;
 use super::reject::{Reject, Shape};
 use super::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token};
@@ -108,11 +108,6 @@ impl<'a> Request<'a> {
 
 fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Checks an identity as [`Request::parse`] will (for clients, before sending).
-pub fn identity_error(label: &str) -> Option<IdentityError> {
-    check_identity(label.as_bytes()).err()
 }
 
 /// Appends `text` with each `\n` written as 0x0B (no allocation: fixed up in place).

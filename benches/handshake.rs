@@ -15,7 +15,9 @@
 //! Settings (flag or environment): `--serial` / `VELIUM_BENCH_SERIAL` (3000 samples),
 //! `--warmup` / `VELIUM_BENCH_WARMUP` (300), `--n` / `VELIUM_BENCH_N` (10000),
 //! `--c` / `VELIUM_BENCH_C` (100), `--rounds` / `VELIUM_BENCH_ROUNDS` (3),
-//! `VELIUM_BENCH_ONLY=uring,epoll,floor,nats,mosquitto`.
+//! `VELIUM_BENCH_ONLY=uring,epoll,before,floor,nats,mosquitto`;
+//! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds rows for that earlier build
+//! (velium-before io_uring, key `before`) and after-vs-before ratios.
 
 mod common;
 
@@ -28,11 +30,14 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 /// Every subject, velium io_uring through the client library first (the ratio base).
-const SUBJECTS: [Subject; 7] = [
+/// The baseline's rows (velium-before) run only when `VELIUM_BENCH_BASELINE` is set.
+const SUBJECTS: [Subject; 9] = [
     Subject::client(System::VeliumUring),
     Subject::client(System::VeliumEpoll),
+    Subject::client(System::VeliumBefore),
     Subject::raw(System::VeliumUring),
     Subject::raw(System::VeliumEpoll),
+    Subject::raw(System::VeliumBefore),
     Subject::raw(System::Floor),
     Subject::raw(System::Nats),
     Subject::raw(System::Mosquitto),

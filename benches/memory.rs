@@ -11,20 +11,26 @@
 //!
 //! Settings (flag or environment): `--n` / `VELIUM_BENCH_N` (10000), `--fleet` /
 //! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100),
-//! `VELIUM_BENCH_ONLY=uring,epoll,floor,nats,mosquitto`.
+//! `VELIUM_BENCH_ONLY=uring,epoll,before,floor,nats,mosquitto`;
+//! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds an idle row for that earlier build
+//! (velium-before io_uring, key `before`) and the after-vs-before ratio.
 
 mod common;
 
 use common::{
     Conn, Hist, LatRow, QUIET, Server, System, Via, banner, cap_connections, floor, fmt_bytes,
-    part, print_latency_table, ratio, runtime, selected, setting, storm, target,
+    part, print_after_vs_before, print_latency_table, ratio, runtime, selected, setting, storm,
+    target,
 };
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SYSTEMS: [System; 5] = [
+/// The idle-shim systems; the baseline (velium-before) only when `VELIUM_BENCH_BASELINE` is
+/// set.
+const SYSTEMS: [System; 6] = [
     System::VeliumUring,
     System::VeliumEpoll,
+    System::VeliumBefore,
     System::Floor,
     System::Nats,
     System::Mosquitto,
@@ -112,6 +118,15 @@ fn main() {
             rows.first().map_or("-", |r| r.system.name())
         );
         println!();
+        print_after_vs_before(
+            "RSS per idle connection",
+            &rows
+                .iter()
+                .map(|r| (r.system.name().to_string(), r.per_conn()))
+                .collect::<Vec<_>>(),
+            fmt_bytes,
+            "less",
+        );
     }
 
     // ----- (b) fleet -----

@@ -21,14 +21,16 @@
 //!
 //! Settings (flag or environment): `--receivers` (1000), `--messages` (10000), `--payload`
 //! (64), `--window` (1024), `--rate` (2000), `--seconds` (5), `--rounds` (3), each also as
-//! `VELIUM_BENCH_<NAME>`; `VELIUM_BENCH_ONLY=uring,epoll,nats`.
+//! `VELIUM_BENCH_<NAME>`; `VELIUM_BENCH_ONLY=uring,epoll,before,nats`;
+//! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds rows for that earlier build
+//! (velium-before io_uring, key `before`) and after-vs-before ratios.
 
 mod common;
 
 use common::{
     Conn, CpuMeter, Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections,
-    connect_from, find_row, floor, fmt_cpu, fmt_rate, nats_handshake, part, print_latency_table,
-    ratio, runtime, selected, setting, storm, target, velium_identify,
+    connect_from, find_row, floor, fmt_cpu, fmt_rate, nats_handshake, part, print_after_vs_before,
+    print_latency_table, ratio, runtime, selected, setting, storm, target, velium_identify,
 };
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -40,21 +42,27 @@ use tokio::sync::Notify;
 use velium_server::client::{Client, Event};
 
 /// The fan-out subjects, velium io_uring raw first (the ratio base): raw against raw.
-const FAN_SUBJECTS: [Subject; 4] = [
+/// The baseline's rows (velium-before) run only when `VELIUM_BENCH_BASELINE` is set.
+const FAN_SUBJECTS: [Subject; 6] = [
     Subject::raw(System::VeliumUring),
     Subject::raw(System::VeliumEpoll),
+    Subject::raw(System::VeliumBefore),
     Subject::raw(System::Nats),
     Subject::client(System::VeliumUring),
+    Subject::client(System::VeliumBefore),
 ];
 
 /// The round-trip subjects, velium io_uring through the client library first.
 /// (subject, same core): the last two rows put both velium shims on ONE core, as a
-/// diagnostic of what the cross-core hand-off costs.
-const RTT_SUBJECTS: [(Subject, bool); 7] = [
+/// diagnostic of what the cross-core hand-off costs. The baseline (velium-before) has no
+/// SAME-core rows.
+const RTT_SUBJECTS: [(Subject, bool); 9] = [
     (Subject::client(System::VeliumUring), false),
     (Subject::client(System::VeliumEpoll), false),
+    (Subject::client(System::VeliumBefore), false),
     (Subject::raw(System::VeliumUring), false),
     (Subject::raw(System::VeliumEpoll), false),
+    (Subject::raw(System::VeliumBefore), false),
     (Subject::raw(System::Nats), false),
     (Subject::raw(System::VeliumUring), true),
     (Subject::raw(System::VeliumEpoll), true),
@@ -161,6 +169,16 @@ fn main() {
             fan_rows.first().map_or("-".into(), |r| r.0.name())
         );
         println!();
+        print_after_vs_before(
+            "fan-out deliveries/s of the median round",
+            &fan_rows
+                .iter()
+                .zip(&medians)
+                .filter_map(|(r, m)| Some((r.0.name(), m.as_ref()?.rate)))
+                .collect::<Vec<_>>(),
+            fmt_rate,
+            "more",
+        );
     }
 
     // ----- (b) round trip -----

@@ -99,6 +99,8 @@ impl Soaked {
             // The whole fleet comes from four loopback addresses.
             .args(["--connect-rate-per-source", "0"])
             .args(["--max-connections-per-source", "0"])
+            // Nor per-shim rate limits, in the builds that have them.
+            .args(common::shim_limit_args(&common::current_velium()))
             .args(common::velium_extra_args())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

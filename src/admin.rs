@@ -6,9 +6,9 @@
 //! under a read lock) is shared state the cores only publish. It is off unless configured,
 //! and the examples bind it to 127.0.0.1: it lists every shim and can reload the settings.
 
-use crate::proto::Opcode;
 use crate::hub::Hub;
 use crate::metrics::{Dir, Latency, Transport};
+use crate::proto::Opcode;
 use crate::proto::pattern::Pattern;
 use serde::Serialize;
 use std::fmt::Write as _;

@@ -51,7 +51,7 @@ pub struct Config {
     pub outbound_limit: usize,
     /// Queued output that makes no progress for this long marks a slow consumer.
     pub write_deadline: Duration,
-    /// Command, Echo, CommandResponse and Who frames one shim may route per second (and
+    /// Command, Echo and Who frames one shim may route per second (and
     /// burst); 0: no limit.
     pub routed_per_sec: u32,
     /// Shims reached plus Who entries listed per second for one shim's requests; 0: no
@@ -294,7 +294,7 @@ pub struct Args {
     /// 10s [default: 10s]
     #[arg(long, value_name = "DURATION")]
     pub write_deadline: Option<String>,
-    /// Command, Echo, CommandResponse and Who frames one shim may route per second, 0 for
+    /// Command, Echo and Who frames one shim may route per second, 0 for
     /// no limit [default: 200]
     #[arg(long, value_name = "N")]
     pub routed_per_sec: Option<u32>,
@@ -444,7 +444,11 @@ impl Config {
             }
             c.outbound_limit = v;
         }
-        if let Some(v) = args.write_deadline.as_ref().or(file.write_deadline.as_ref()) {
+        if let Some(v) = args
+            .write_deadline
+            .as_ref()
+            .or(file.write_deadline.as_ref())
+        {
             c.write_deadline = parse_duration("write_deadline", v)?;
         }
         if let Some(v) = args.routed_per_sec.or(file.routed_per_sec) {
@@ -457,7 +461,11 @@ impl Config {
             c.who_per_sec = v;
         }
         for (key, v, dst) in [
-            ("udp_queue", args.udp_queue.or(file.udp_queue), &mut c.udp_queue),
+            (
+                "udp_queue",
+                args.udp_queue.or(file.udp_queue),
+                &mut c.udp_queue,
+            ),
             (
                 "udp_queue_per_dest",
                 args.udp_queue_per_dest.or(file.udp_queue_per_dest),

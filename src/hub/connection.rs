@@ -176,8 +176,7 @@ impl Connection {
             return Flow::Continue;
         }
         // The secret guards the first Identify; a rename is the same session.
-        if op == Opcode::Identify && !identified && !self.authed && hub.config().secret.is_some()
-        {
+        if op == Opcode::Identify && !identified && !self.authed && hub.config().secret.is_some() {
             return self.refuse_auth(hub, Reject::AuthRequired);
         }
         let request = match Request::parse(op, frame.data) {
@@ -194,7 +193,12 @@ impl Connection {
             Ok(Request::Ping(data)) => {
                 let mut f = Vec::with_capacity(data.len() + 2);
                 reply::pong(data, &mut f);
-                hub.send(&self.shim, Route::Reply(Via::Tcp), &Bytes::from(f), &mut self.out);
+                hub.send(
+                    &self.shim,
+                    Route::Reply(Via::Tcp),
+                    &Bytes::from(f),
+                    &mut self.out,
+                );
             }
             Ok(Request::Auth(secret)) => {
                 // Without a secret the frame is ignored (and proves nothing, should a
@@ -211,12 +215,7 @@ impl Connection {
                     self.out.time(Latency::Handshake, self.accepted);
                 }
             }
-            Ok(Request::Route {
-                op,
-                target,
-                target_text,
-                text,
-            }) => hub.fan_out(&self.shim, op, &target, target_text, text, Via::Tcp, &mut self.out),
+            Ok(Request::Route(r)) => hub.fan_out(&self.shim, &r, Via::Tcp, &mut self.out),
             Ok(Request::Respond { id, id_text, text }) => {
                 hub.respond(&self.shim, id, id_text, text, Via::Tcp, &mut self.out)
             }
@@ -322,7 +321,10 @@ mod tests {
         assert_eq!(al.partial.capacity(), 3);
         assert_eq!(out(&bob).len(), 1000 * b"\x08a.al x\n".len() + 18);
         feed(&mut al, &h, b"c\n", now);
-        assert!(al.partial.capacity() == 0, "the joined frame's buffer is given back");
+        assert!(
+            al.partial.capacity() == 0,
+            "the joined frame's buffer is given back"
+        );
     }
 
     #[test]
@@ -337,7 +339,11 @@ mod tests {
             feed(&mut c, &h, b"\x03\n\x01peq.z.other\n", now),
             Flow::Close(CloseReason::Quit)
         );
-        assert_eq!(&*c.shim().identity(), "peq.z.bob", "input after Quit is not handled");
+        assert_eq!(
+            &*c.shim().identity(),
+            "peq.z.bob",
+            "input after Quit is not handled"
+        );
     }
 
     #[test]
@@ -426,8 +432,7 @@ mod tests {
         assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
         feed(&mut c, &h, b"\x01c.d\n", t0 + Duration::from_millis(1001));
         let mut n = 0;
-        h.router
-            .for_each_match(&Pattern::all(), |_| n += 1);
+        h.router.for_each_match(&Pattern::all(), |_| n += 1);
         assert_eq!((n, h.table.len()), (0, 0));
     }
 
@@ -443,8 +448,7 @@ mod tests {
         assert!(h.table.by_token(&tok).is_none());
         assert!(h.table.by_udp(&"127.0.0.1:9".parse().unwrap()).is_none());
         let mut n = 0;
-        h.router
-            .for_each_match(&Pattern::all(), |_| n += 1);
+        h.router.for_each_match(&Pattern::all(), |_| n += 1);
         assert_eq!(n, 0);
     }
 }

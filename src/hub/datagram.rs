@@ -75,13 +75,7 @@ impl QuitLimiter {
     }
 }
 
-fn answer_quit(
-    hub: &Hub,
-    lim: &mut QuitLimiter,
-    src: SocketAddr,
-    len: usize,
-    out: &mut Outgoing,
-) {
+fn answer_quit(hub: &Hub, lim: &mut QuitLimiter, src: SocketAddr, len: usize, out: &mut Outgoing) {
     // Never answer with more bytes than arrived.
     if len < QUIT.len() {
         return;
@@ -165,12 +159,7 @@ pub fn on_datagram(
             reply::pong(data, &mut f);
             hub.send(&shim, answer, &Bytes::from(f), out);
         }
-        Ok(Request::Route {
-            op,
-            target,
-            target_text,
-            text,
-        }) => hub.fan_out(&shim, op, &target, target_text, text, via, out),
+        Ok(Request::Route(r)) => hub.fan_out(&shim, &r, via, out),
         Ok(Request::Respond { id, id_text, text }) => {
             hub.respond(&shim, id, id_text, text, via, out)
         }
@@ -233,7 +222,10 @@ mod tests {
         let other: SocketAddr = "127.0.0.1:7004".parse().unwrap();
         let bind = &bind_frame(&c.shim().token)[..17];
         on_datagram(&h, &mut lim, other, bind, Instant::now(), &mut out);
-        assert_eq!(h.table.by_udp(&other).map(|s| s.serial), Some(c.shim().serial));
+        assert_eq!(
+            h.table.by_udp(&other).map(|s| s.serial),
+            Some(c.shim().serial)
+        );
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! an Ack, or an Error saying why not.
 
 use super::Hub;
-use super::send::{Outgoing, Route, Via};
+use super::send::{Outgoing, Route, Via, Work};
 use super::shim::{Shim, serial_of_command_id};
 use crate::metrics::{Counters, Transport};
 use crate::proto::pattern::Pattern;
 use crate::proto::reject::Reject;
+use crate::proto::request::Routed;
 use crate::proto::{Opcode, reply};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -20,16 +21,13 @@ use tracing::debug;
 
 impl Hub {
     /// A Command or Echo from `sender` to the shims `target` names.
-    pub(crate) fn fan_out(
-        &self,
-        sender: &Arc<Shim>,
-        op: Opcode,
-        target: &Pattern,
-        target_text: &[u8],
-        text: &[u8],
-        via: Via,
-        out: &mut Outgoing,
-    ) {
+    pub(crate) fn fan_out(&self, sender: &Arc<Shim>, r: &Routed<'_>, via: Via, out: &mut Outgoing) {
+        let Routed {
+            op,
+            ref target,
+            target_text,
+            text,
+        } = *r;
         let answer = Route::Reply(via);
         let identity = sender.identity();
         if op == Opcode::Command && !self.config().may_command(&identity, target) {
@@ -37,7 +35,7 @@ impl Hub {
             let r = Reject::NotPermitted(lossy(target_text));
             return self.refuse(sender, answer, &r, out);
         }
-        if let Err(r) = self.allow_route(sender, false, out.now_ms) {
+        if let Err(r) = self.allow_route(sender, Work::FanOut, out.now_ms) {
             return self.refuse(sender, answer, &r, out);
         }
         let id = (op == Opcode::Command).then(|| sender.next_command_id());
@@ -74,7 +72,7 @@ impl Hub {
         via: Via,
         out: &mut Outgoing,
     ) {
-        if let Err(r) = self.allow_route(responder, false, out.now_ms) {
+        if let Err(r) = self.allow_route(responder, Work::Response, out.now_ms) {
             return self.refuse(responder, Route::Reply(via), &r, out);
         }
         let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
@@ -100,7 +98,7 @@ impl Hub {
         if via != Via::Tcp {
             return self.refuse(sender, Route::Reply(via), &Reject::WhoOverUdp, out);
         }
-        if let Err(r) = self.allow_route(sender, true, out.now_ms) {
+        if let Err(r) = self.allow_route(sender, Work::Who, out.now_ms) {
             return self.refuse(sender, Route::Reply(via), &r, out);
         }
         let mut listing = Vec::new();
@@ -118,7 +116,10 @@ impl Hub {
         let entries = listing.len();
         reply::ack(0, n, &mut listing);
         let ack = listing.len() - entries;
-        if self.send(sender, Route::Listing, &Bytes::from(listing), out).is_some() {
+        if self
+            .send(sender, Route::Listing, &Bytes::from(listing), out)
+            .is_some()
+        {
             out.count(Transport::Tcp, Opcode::WhoEntry as u8, n, entries);
             out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
             sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);

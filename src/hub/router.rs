@@ -172,8 +172,6 @@ mod tests {
         assert_eq!(matched(&r, "*.nektulos.*"), [0]);
     }
 
-
-
     proptest! {
         /// The trie finds exactly the identities that direct comparison finds.
         #[test]

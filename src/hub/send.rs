@@ -158,6 +158,17 @@ impl Outgoing {
     }
 }
 
+/// What a routed request is, for the rates it counts in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// A Command or Echo.
+    FanOut,
+    /// A CommandResponse.
+    Response,
+    /// A Who.
+    Who,
+}
+
 /// Token buckets in thousandths of a token: `rate` tokens a second, up to `rate` held.
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
@@ -201,22 +212,23 @@ impl Hub {
     /// Checks the sender's rates before a routed request is carried out: one routed frame
     /// (and one Who), and deliveries while the bucket is not in debt. A request is charged
     /// its deliveries afterwards with [`Hub::charge_deliveries`], so one Command to a
-    /// fleet larger than a second's worth still goes, and the next waits.
-    pub(crate) fn allow_route(&self, sender: &Shim, who: bool, now_ms: u64) -> Result<(), Reject> {
+    /// fleet larger than a second's worth still goes, and the next waits. A
+    /// CommandResponse counts in deliveries only: it answers a Command that was itself
+    /// limited at its sender, and costs one delivery.
+    pub(crate) fn allow_route(&self, sender: &Shim, work: Work, now_ms: u64) -> Result<(), Reject> {
         let c = self.config();
         let mut b = sender.buckets.lock();
-        let refused = if c.routed_per_sec > 0 && {
+        let routed = work != Work::Response && c.routed_per_sec > 0;
+        let who = work == Work::Who && c.who_per_sec > 0;
+        let refused = if routed && {
             b.routed.refill(c.routed_per_sec, now_ms);
             b.routed.milli < 1000
         } {
             Some(Reject::RateLimited(Rate::Routed, c.routed_per_sec))
-        } else if who
-            && c.who_per_sec > 0
-            && {
-                b.who.refill(c.who_per_sec, now_ms);
-                b.who.milli < 1000
-            }
-        {
+        } else if who && {
+            b.who.refill(c.who_per_sec, now_ms);
+            b.who.milli < 1000
+        } {
             Some(Reject::RateLimited(Rate::Who, c.who_per_sec))
         } else if c.deliveries_per_sec > 0 && {
             b.deliveries.refill(c.deliveries_per_sec, now_ms);
@@ -228,7 +240,9 @@ impl Hub {
         };
         match refused {
             None => {
-                b.routed.milli -= 1000;
+                if routed {
+                    b.routed.milli -= 1000;
+                }
                 if who {
                     b.who.milli -= 1000;
                 }
@@ -338,7 +352,8 @@ impl Hub {
             (self.metrics).frames(Dir::Out, t, op, frames, bytes as usize);
         }
         for (which, since) in out.latencies.drain(..) {
-            self.metrics.record(core, which, now.saturating_duration_since(since));
+            self.metrics
+                .record(core, which, now.saturating_duration_since(since));
         }
         out.queued = 0;
         if out.datagrams.is_empty() && out.flush.is_empty() && out.congested.is_empty() {

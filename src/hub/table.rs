@@ -5,8 +5,8 @@
 //! cores only meet on a lock when they touch the same shard at the same moment: there is
 //! no global lock on the handshake or the datagram path.
 
-use crate::proto::Token;
 use super::shim::Shim;
+use crate::proto::Token;
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -154,8 +154,6 @@ pub fn encoded(op: Opcode, data: &[u8]) -> Vec<u8> {
     v
 }
 
-
-
 /// A session token: 16 random bytes (a UUID v4), none of which is 0x0A or 0x0B.
 ///
 /// The token is sent raw inside a newline-terminated frame, so a byte equal to 0x0A would
@@ -242,5 +240,4 @@ mod tests {
         assert_eq!(encoded(Opcode::Ping, b"hi"), vec![0x06, b'h', b'i', 0x0A]);
         assert_eq!(encoded(Opcode::Quit, b""), vec![0x03, 0x0A]);
     }
-
 }

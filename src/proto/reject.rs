@@ -141,7 +141,7 @@ pub enum Shape {
 /// A per-shim rate a request went past.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rate {
-    /// Command, Echo, CommandResponse and Who frames per second.
+    /// Command, Echo and Who frames per second.
     Routed,
     /// Shims reached and Who entries listed per second.
     Deliveries,
@@ -291,7 +291,10 @@ mod tests {
 
     #[test]
     fn texts_are_the_documented_ones() {
-        assert_eq!(Reject::UnknownOpcode(0x42).frame(), b"\x09unknown opcode 0x42\n");
+        assert_eq!(
+            Reject::UnknownOpcode(0x42).frame(),
+            b"\x09unknown opcode 0x42\n"
+        );
         assert_eq!(
             Reject::RateLimited(Rate::Routed, 200).text(),
             "rate limit: more than 200 routed frames per second"

@@ -23,16 +23,7 @@ pub enum Request<'a> {
     /// 0x03: the session is over.
     Quit,
     /// 0x04 or 0x08: deliver `text` to every shim `target` names.
-    Route {
-        /// Command (answered, with an id) or Echo.
-        op: Opcode,
-        /// Who it is for.
-        target: Pattern,
-        /// The raw target, for messages.
-        target_text: &'a [u8],
-        /// The text, passed through.
-        text: &'a [u8],
-    },
+    Route(Routed<'a>),
     /// 0x05: an answer to the Command with this id.
     Respond {
         /// The correlation id.
@@ -50,6 +41,19 @@ pub enum Request<'a> {
     Who(Pattern),
     /// 0x0F: the shared secret.
     Auth(&'a [u8]),
+}
+
+/// A Command or an Echo.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routed<'a> {
+    /// Command (answered, with an id) or Echo.
+    pub op: Opcode,
+    /// Who it is for.
+    pub target: Pattern,
+    /// The raw target, for messages.
+    pub target_text: &'a [u8],
+    /// The text, passed through.
+    pub text: &'a [u8],
 }
 
 /// Whether a frame with this opcode may come before the first Identify.
@@ -76,12 +80,12 @@ impl<'a> Request<'a> {
                 let (target_text, text) = (&data[..sp], &data[sp + 1..]);
                 let target = Pattern::parse(target_text)
                     .map_err(|e| Reject::BadTarget(lossy(target_text), e))?;
-                Request::Route {
+                Request::Route(Routed {
                     op,
                     target,
                     target_text,
                     text,
-                }
+                })
             }
             Opcode::CommandResponse => {
                 let (id_text, text) = match memchr::memchr(SP, data) {
@@ -97,9 +101,9 @@ impl<'a> Request<'a> {
             Opcode::Ping => Request::Ping(data),
             Opcode::Pong => Request::Pong,
             Opcode::Who if data.is_empty() => Request::Who(Pattern::all()),
-            Opcode::Who => Request::Who(
-                Pattern::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?,
-            ),
+            Opcode::Who => {
+                Request::Who(Pattern::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?)
+            }
             Opcode::Auth => Request::Auth(data),
             Opcode::Error | Opcode::Ack | Opcode::WhoEntry => return Err(Reject::ServerOnly(op)),
         })
@@ -148,7 +152,7 @@ mod tests {
     #[test]
     fn parses_each_request_once() {
         let r = Request::parse(Opcode::Command, b"peq.* /sit down").unwrap();
-        let Request::Route { target, text, .. } = r else {
+        let Request::Route(Routed { target, text, .. }) = r else {
             panic!("{r:?}")
         };
         assert_eq!((target.segs.len(), text), (2, &b"/sit down"[..]));
@@ -159,7 +163,10 @@ mod tests {
         let r = Request::parse(Opcode::CommandResponse, b"1048576 ok").unwrap();
         assert!(matches!(r, Request::Respond { id: 1048576, .. }));
         assert!(Request::parse(Opcode::CommandResponse, b"x ok").is_err());
-        assert_eq!(Request::parse(Opcode::Who, b"").unwrap(), Request::Who(Pattern::all()));
+        assert_eq!(
+            Request::parse(Opcode::Who, b"").unwrap(),
+            Request::Who(Pattern::all())
+        );
         assert_eq!(
             Request::parse(Opcode::Ack, b"0 1"),
             Err(Reject::ServerOnly(Opcode::Ack))

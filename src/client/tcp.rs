@@ -1,0 +1,520 @@
+//! The TCP side and the state a client shares with its tasks: the connection and its
+//! handshake, the writer that keeps the waiter queue and the byte stream in step, the
+//! reader that hands replies to their waiters and deliveries to the events, and the
+//! keep-alive.
+
+use super::error::{ClientError, server_error};
+use super::events::{EventQueue, SenderCache, delivery_event};
+use super::pending::{Pending, PongWaiter, Reply, resolve_pong};
+use super::socket::{Connect, connect_from};
+use super::text::{check_data, lossy, wire_text};
+use super::udp::UdpShared;
+use super::{ClientOptions, Event, MAX_FRAME, Transport, WhoEntry};
+use crate::proto::reply::{parse_who_entry, push_u64};
+use crate::proto::{Opcode, Token, codec, encode};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{Notify, OnceCell, oneshot};
+
+/// How much the TCP reader asks the kernel for per read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Queued events past which the TCP reader yields to other tasks after a read.
+const YIELD_BACKLOG: usize = 64;
+/// Ping data the keep-alive uses.
+const KEEPALIVE_DATA: &[u8] = b"velium-keepalive";
+
+#[derive(Default)]
+struct Waiting {
+    /// Set by the reader when the connection ends, under this lock, so no request can
+    /// queue a waiter that nobody will ever answer.
+    closed: bool,
+    replies: VecDeque<Pending>,
+    pongs: Vec<PongWaiter>,
+}
+
+/// The TCP write half and the buffer frames are encoded into.
+struct Writer {
+    half: OwnedWriteHalf,
+    buf: Vec<u8>,
+    /// How much of `buf` is written. Progress is recorded after each write call, so a send
+    /// whose future is dropped mid-write leaves its remaining bytes for the next send to
+    /// write first, and the stream never holds half a frame followed by another frame.
+    done: usize,
+}
+
+impl Writer {
+    async fn flush(&mut self) -> io::Result<()> {
+        while self.done < self.buf.len() {
+            let n = self.half.write(&self.buf[self.done..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.done += n;
+        }
+        self.buf.clear();
+        self.done = 0;
+        if self.buf.capacity() > 64 * 1024 {
+            self.buf.shrink_to(4096);
+        }
+        Ok(())
+    }
+}
+
+/// What a client shares with its reader, keep-alive and UDP tasks.
+pub(super) struct Shared {
+    pub(super) addr: SocketAddr,
+    pub(super) identity: parking_lot::RwLock<Arc<str>>,
+    writer: tokio::sync::Mutex<Writer>,
+    waiting: parking_lot::Mutex<Waiting>,
+    pub(super) udp: OnceCell<Arc<UdpShared>>,
+    pub(super) events: Arc<EventQueue>,
+    /// Wakes the reader to end the connection (keep-alive failure, write error).
+    shutdown: Notify,
+    shutdown_reason: parking_lot::Mutex<Option<String>>,
+    closed: AtomicBool,
+    nonce: AtomicU64,
+    pub(super) options: ClientOptions,
+}
+
+impl Shared {
+    /// The state of a session whose handshake is done.
+    pub(super) fn new(
+        addr: SocketAddr,
+        identity: &str,
+        writer: OwnedWriteHalf,
+        options: ClientOptions,
+    ) -> Shared {
+        Shared {
+            addr,
+            identity: parking_lot::RwLock::new(Arc::from(identity)),
+            writer: tokio::sync::Mutex::new(Writer {
+                half: writer,
+                buf: Vec::with_capacity(256),
+                done: 0,
+            }),
+            waiting: parking_lot::Mutex::new(Waiting::default()),
+            udp: OnceCell::new(),
+            events: Arc::new(EventQueue::default()),
+            shutdown: Notify::new(),
+            shutdown_reason: parking_lot::Mutex::new(None),
+            closed: AtomicBool::new(false),
+            nonce: AtomicU64::new(0),
+            options,
+        }
+    }
+
+    /// Queues the waiters, then encodes and writes one frame with one write call, all
+    /// under the writer lock so that the waiter queue and the byte stream agree.
+    pub(super) async fn send_tcp(
+        &self,
+        reply: Option<Pending>,
+        pong: Option<PongWaiter>,
+        build: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), ClientError> {
+        let mut w = self.writer.lock().await;
+        {
+            let mut q = self.waiting.lock();
+            if q.closed {
+                return Err(ClientError::Closed);
+            }
+            if let Some(r) = reply {
+                q.replies.push_back(r);
+            }
+            if let Some(p) = pong {
+                q.pongs.push(p);
+            }
+        }
+        build(&mut w.buf);
+        w.flush().await.map_err(|e| {
+            self.shut_down(format!("write failed: {e}"));
+            ClientError::Io(e)
+        })
+    }
+
+    pub(super) async fn await_reply(
+        &self,
+        rx: oneshot::Receiver<Reply>,
+    ) -> Result<Reply, ClientError> {
+        match tokio::time::timeout(self.options.request_timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            // The waiter stays queued with its receiver gone: the reply, when it comes, is
+            // dropped and the queue stays in step (TCP loses nothing).
+            Err(_) => Err(ClientError::Timeout("the server's reply")),
+        }
+    }
+
+    pub(super) async fn await_ack(
+        &self,
+        rx: oneshot::Receiver<Reply>,
+    ) -> Result<(u64, usize), ClientError> {
+        match self.await_reply(rx).await? {
+            Reply::Ack { id, count, .. } => Ok((id, count)),
+            other => Err(other.into_error()),
+        }
+    }
+
+    pub(super) async fn ping_tcp(&self, data: &[u8]) -> Result<Duration, ClientError> {
+        check_data(data)?;
+        let (tx, rx) = oneshot::channel();
+        let start = Instant::now();
+        self.send_tcp(
+            None,
+            Some(PongWaiter {
+                data: data.to_vec(),
+                tx,
+            }),
+            |b| encode(Opcode::Ping, data, b),
+        )
+        .await?;
+        match tokio::time::timeout(self.options.request_timeout, rx).await {
+            Ok(Ok(at)) => Ok(at.saturating_duration_since(start)),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout("a Pong")),
+        }
+    }
+
+    pub(super) fn bound_udp(&self) -> Result<&UdpShared, ClientError> {
+        match self.udp.get() {
+            Some(u) if u.bound.load(Ordering::Relaxed) => Ok(u),
+            _ => Err(ClientError::NotBound),
+        }
+    }
+
+    /// True once the TCP connection has ended.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Unique ping data, so that concurrent pings never take each other's Pong.
+    pub(super) fn nonce(&self, prefix: &[u8]) -> Vec<u8> {
+        let n = self.nonce.fetch_add(1, Ordering::Relaxed);
+        let mut v = prefix.to_vec();
+        v.push(b'-');
+        push_u64(&mut v, n);
+        v
+    }
+
+    fn shut_down(&self, reason: String) {
+        self.shutdown_reason.lock().get_or_insert(reason);
+        self.shutdown.notify_one();
+    }
+
+    fn emit(&self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// Ends the session: fails every waiting request with `Closed`, stops the UDP reader
+    /// and emits the last event.
+    fn finish(&self, reason: String) {
+        {
+            let mut q = self.waiting.lock();
+            q.closed = true;
+            q.replies.clear();
+            q.pongs.clear();
+        }
+        self.closed.store(true, Ordering::Release);
+        if let Some(udp) = self.udp.get() {
+            udp.stop();
+        }
+        self.emit(Event::Closed { reason });
+    }
+
+    /// Handles one frame from the TCP connection; events go to `rs.batch`.
+    async fn on_tcp_frame(&self, op: u8, data: &[u8], rs: &mut ReaderState) {
+        let Some(op) = Opcode::from_byte(op) else {
+            return;
+        };
+        match op {
+            Opcode::Ack => {
+                let reply = Reply::ack(data, || std::mem::take(&mut rs.who));
+                if let Some(w) = self.waiting.lock().replies.pop_front() {
+                    let _ = w.send(reply);
+                }
+            }
+            Opcode::Error => {
+                rs.who.clear();
+                let message = wire_text(data);
+                match self.waiting.lock().replies.pop_front() {
+                    Some(w) => {
+                        let _ = w.send(Reply::Error(message));
+                    }
+                    None => rs.batch.push(Event::Error {
+                        message,
+                        via: Transport::Tcp,
+                    }),
+                }
+            }
+            Opcode::WhoEntry => {
+                if let Some(e) = who_entry(data) {
+                    rs.who.push(e);
+                }
+            }
+            Opcode::Pong => {
+                resolve_pong(&mut self.waiting.lock().pongs, data, Instant::now());
+            }
+            Opcode::Command | Opcode::Echo | Opcode::CommandResponse => {
+                match delivery_event(op, data, Transport::Tcp, &mut rs.senders) {
+                    Some(ev) => rs.batch.push(ev),
+                    None => rs.batch.push(Event::Error {
+                        message: format!("malformed {} frame from the server", op.name()),
+                        via: Transport::Tcp,
+                    }),
+                }
+            }
+            Opcode::Quit => {
+                rs.quit = true;
+                rs.batch.push(Event::Quit {
+                    via: Transport::Tcp,
+                });
+            }
+            Opcode::Ping => {
+                // The Pong may wait for the writer: deliver what came before first.
+                self.events.push_all(&mut rs.batch);
+                let _ = self
+                    .send_tcp(None, None, |b| encode(Opcode::Pong, data, b))
+                    .await;
+            }
+            Opcode::None | Opcode::Identify | Opcode::Session | Opcode::Who | Opcode::Auth => {}
+        }
+    }
+}
+
+/// A connection whose handshake is done.
+pub(super) struct Opened {
+    /// The session token.
+    pub(super) token: Token,
+    pub(super) reader: OwnedReadHalf,
+    pub(super) writer: OwnedWriteHalf,
+    /// Bytes read past the Session frame, for the reader to start with.
+    pub(super) rest: Vec<u8>,
+}
+
+/// Connects to `addr` (from [`ClientOptions::bind_ip`] if set, with `TCP_NODELAY`),
+/// sends Auth if there is a secret and Identify, and waits for the Session frame.
+pub(super) async fn open(
+    addr: SocketAddr,
+    identity: &str,
+    options: &ClientOptions,
+) -> Result<Opened, ClientError> {
+    let connect = async {
+        match options.bind_ip {
+            Some(ip) => connect_from(ip, addr).await,
+            None => Ok(TcpStream::connect(addr).await?),
+        }
+    };
+    let stream = match tokio::time::timeout(options.connect_timeout, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(Connect::Bind(e))) => return Err(e),
+        Ok(Err(Connect::Io(source))) => {
+            return Err(ClientError::Unreachable { addr, source });
+        }
+        Err(_) => {
+            return Err(ClientError::Unreachable {
+                addr,
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {:?}", options.connect_timeout),
+                ),
+            });
+        }
+    };
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut hello = Vec::with_capacity(identity.len() + 2);
+    if let Some(secret) = &options.secret {
+        encode(Opcode::Auth, secret, &mut hello);
+    }
+    encode(Opcode::Identify, identity.as_bytes(), &mut hello);
+    wr.write_all(&hello).await?;
+    let (token, rest) = tokio::time::timeout(options.connect_timeout, read_session(&mut rd))
+        .await
+        .map_err(|_| ClientError::Timeout("the Session reply to Identify"))??;
+    Ok(Opened {
+        token,
+        reader: rd,
+        writer: wr,
+        rest,
+    })
+}
+
+/// Reads frames until the Session reply; returns the token and any bytes read past it.
+async fn read_session(rd: &mut OwnedReadHalf) -> Result<(Token, Vec<u8>), ClientError> {
+    let mut buf = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let mut start = 0;
+        while let Some((f, n)) = codec::decode_exact(&buf[start..], MAX_FRAME)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            start += n;
+            match f.opcode() {
+                Some(Opcode::Session) => {
+                    let token = Token::from_slice(f.data).ok_or_else(|| {
+                        ClientError::Protocol(format!(
+                            "session token is {} bytes, not 16",
+                            f.data.len()
+                        ))
+                    })?;
+                    buf.drain(..start);
+                    return Ok((token, buf));
+                }
+                Some(Opcode::Error) => return Err(server_error(wire_text(f.data))),
+                Some(Opcode::Quit) => return Err(ClientError::Closed),
+                _ => {}
+            }
+        }
+        buf.drain(..start);
+        buf.reserve(READ_CHUNK);
+        if rd.read_buf(&mut buf).await? == 0 {
+            return Err(ClientError::Closed);
+        }
+    }
+}
+
+/// What the TCP reader carries from one frame to the next.
+#[derive(Default)]
+struct ReaderState {
+    /// WhoEntry frames waiting for the Ack that ends the listing.
+    who: Vec<WhoEntry>,
+    /// The server sent Quit.
+    quit: bool,
+    senders: SenderCache,
+    /// Events from the frames of one read, queued together (one lock, one wake-up).
+    batch: Vec<Event>,
+}
+
+/// The TCP reader task: demultiplexes replies to waiters and deliveries to events.
+pub(super) async fn reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>) {
+    let mut rs = ReaderState::default();
+    let reason = 'conn: loop {
+        let mut start = 0;
+        loop {
+            match codec::decode_exact(&buf[start..], MAX_FRAME) {
+                Ok(Some((f, n))) => {
+                    shared.on_tcp_frame(f.op, f.data, &mut rs).await;
+                    start += n;
+                }
+                Ok(None) => break,
+                Err(e) => break 'conn format!("protocol error: {e}"),
+            }
+        }
+        buf.drain(..start);
+        shared.events.push_all(&mut rs.batch);
+        // Events piling up: let the consumer run before reading more (never waiting for
+        // it: see "Deliveries" in the client documentation), so the queue stays short and
+        // in cache instead of growing by a whole task budget of reads at a time.
+        if shared.events.len() >= YIELD_BACKLOG {
+            tokio::task::yield_now().await;
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) if rs.quit => break "the server sent Quit and closed the connection".into(),
+                Ok(0) => break ClientError::Closed.to_string(),
+                Ok(_) => {}
+                Err(e) => break format!("read failed: {e}"),
+            },
+            _ = shared.shutdown.notified() => {
+                break shared
+                    .shutdown_reason
+                    .lock()
+                    .take()
+                    .unwrap_or_else(|| "closed by the client".into());
+            }
+        }
+    };
+    shared.events.push_all(&mut rs.batch);
+    shared.finish(reason);
+}
+
+/// The keep-alive task: a Ping every `every`, whatever happened to the previous ones (the
+/// server's idle clock counts bytes received, not Pongs sent, so a late Pong must not
+/// delay the next Ping). Liveness is judged on the oldest unanswered Ping: no Pong for it
+/// within `request_timeout` (or `every`, if longer) ends the connection. Each Ping carries
+/// its own data so that a late Pong is never taken for a newer Ping's.
+pub(super) async fn keepalive(shared: Arc<Shared>, every: Duration) {
+    use tokio::sync::oneshot::error::TryRecvError;
+    let limit = shared.options.request_timeout.max(every);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut oldest: Option<(Instant, oneshot::Receiver<Instant>)> = None;
+    loop {
+        tick.tick().await;
+        if let Some((sent, rx)) = &mut oldest {
+            match rx.try_recv() {
+                Ok(_) => oldest = None,
+                Err(TryRecvError::Empty) if sent.elapsed() >= limit => {
+                    shared.shut_down(format!(
+                        "no Pong within {limit:?}: the server is not answering"
+                    ));
+                    return;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Closed) => return,
+            }
+        }
+        let data = shared.nonce(KEEPALIVE_DATA);
+        let waiter = if oldest.is_none() {
+            let (tx, rx) = oneshot::channel();
+            oldest = Some((Instant::now(), rx));
+            Some(PongWaiter {
+                data: data.clone(),
+                tx,
+            })
+        } else {
+            None
+        };
+        if shared
+            .send_tcp(None, waiter, |b| encode(Opcode::Ping, &data, b))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // Keeps any NAT mapping of the UDP channel open; the Pong is not awaited.
+        if let Some(udp) = shared.udp.get()
+            && udp.bound.load(Ordering::Relaxed)
+        {
+            let _ = udp.send(|b| encode(Opcode::Ping, &data, b)).await;
+        }
+    }
+}
+
+/// WhoEntry data as a [`WhoEntry`] (the identity lossy, the time on the server's clock).
+fn who_entry(data: &[u8]) -> Option<WhoEntry> {
+    let (identity, since, udp) = parse_who_entry(data)?;
+    Some(WhoEntry {
+        identity: lossy(identity),
+        since: UNIX_EPOCH + Duration::from_millis(since),
+        udp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_entries_parse() {
+        let e = who_entry(b"peq.a.bob 1700000000123 udp").unwrap();
+        assert_eq!(e.identity, "peq.a.bob");
+        assert_eq!(
+            e.since,
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)
+        );
+        assert!(e.udp);
+        assert!(!who_entry(b"x 5 -").unwrap().udp);
+        assert_eq!(who_entry(b"x 5 tcp"), None);
+        assert_eq!(who_entry(b"x five -"), None);
+        assert_eq!(who_entry(b"x 5"), None);
+    }
+}

@@ -124,11 +124,12 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         other => other,
     };
     let (addr, sockets) = bind_all(config.listen, config.cores)?;
-    let unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     let open_files = sys::raise_open_file_limit();
-    let hub = Hub::with_open_file_limit(config, open_files, Instant::now(), unix_ms);
+    let now = Instant::now();
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let hub = Hub::with_open_file_limit(config, open_files, now, unix);
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for (index, (tcp, udp)) in sockets.into_iter().enumerate() {

@@ -85,9 +85,7 @@ impl Connection {
         let now_ms = hub.ms(now);
         self.out.begin(hub, now_ms);
         self.shim.touch(now_ms);
-        let c = hub.config();
-        let (max, limit) = (c.max_frame, c.outbound_limit);
-        drop(c);
+        let max = hub.config().max_frame;
         let mut used = 0;
         let mut frames = 0;
         if !self.partial.is_empty() {
@@ -115,7 +113,7 @@ impl Connection {
             }
         }
         loop {
-            if frames >= SLICE_FRAMES || self.out.slice_full(limit) {
+            if frames >= SLICE_FRAMES || self.out.slice_full() {
                 return (Flow::Continue, used);
             }
             if !self.shim.outbox.is_open() {

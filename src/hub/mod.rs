@@ -44,7 +44,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use table::Table;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -68,8 +68,8 @@ pub struct Hub {
     /// Counters and histograms.
     pub metrics: Metrics,
     epoch: Instant,
-    /// The Unix time of `epoch`, in milliseconds.
-    epoch_unix_ms: u64,
+    /// The Unix time of `epoch`, in microseconds.
+    epoch_unix_us: u64,
     next_serial: AtomicU64,
     /// Open TCP connections (admitted, not yet ended).
     open: AtomicUsize,
@@ -85,16 +85,16 @@ pub struct Hub {
 impl Hub {
     /// A hub with no shims and no open-file limit of its own (tests, fuzzing).
     pub fn new(config: Config) -> Arc<Hub> {
-        Hub::with_open_file_limit(config, usize::MAX, Instant::now(), 0)
+        Hub::with_open_file_limit(config, usize::MAX, Instant::now(), Duration::ZERO)
     }
 
     /// A hub whose connections fit under `open_files` descriptors, started at `now`, which
-    /// is `unix_ms` on the wall clock (both read by the driver).
+    /// is `unix` (since the Unix epoch) on the wall clock; both read by the driver.
     pub fn with_open_file_limit(
         config: Config,
         open_files: usize,
         now: Instant,
-        unix_ms: u64,
+        unix: Duration,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             metrics: Metrics::new(config.cores),
@@ -102,7 +102,7 @@ impl Hub {
             table: Table::default(),
             router: Router::default(),
             epoch: now,
-            epoch_unix_ms: unix_ms,
+            epoch_unix_us: unix.as_micros() as u64,
             next_serial: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             sources: DashMap::new(),
@@ -157,7 +157,7 @@ impl Hub {
 
     /// The instant `ms` hub milliseconds after the start (the inverse of [`Hub::ms`]).
     pub fn instant(&self, ms: u64) -> Instant {
-        self.epoch + std::time::Duration::from_millis(ms)
+        self.epoch + Duration::from_millis(ms)
     }
 
     /// The counters.
@@ -168,16 +168,11 @@ impl Hub {
     /// A new, unidentified shim for a connection just accepted from `peer` on `core`.
     pub fn accept(&self, core: usize, peer: SocketAddr, now: Instant) -> Arc<Shim> {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let now_ms = self.ms(now);
+        let since = now.saturating_duration_since(self.epoch);
+        let unix_ms = (self.epoch_unix_us + since.as_micros() as u64) / 1000;
         Counters::bump(&self.counters().accepted);
         info!(conn = serial, core, %peer, "connect");
-        Arc::new(Shim::new(
-            serial,
-            core,
-            peer,
-            now_ms,
-            self.epoch_unix_ms + now_ms,
-        ))
+        Arc::new(Shim::new(serial, core, peer, self.ms(now), unix_ms))
     }
 
     /// Applies an Identify: registers the shim (queueing its Session) or renames it.

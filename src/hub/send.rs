@@ -63,9 +63,9 @@ pub struct Datagram {
     pub class: Class,
 }
 
-/// Bytes one slice of input may queue for others before the driver flushes (at most; a
-/// smaller outbound limit lowers it).
-const SLICE_BYTES: usize = 64 * 1024;
+/// Bytes one slice of input may queue, for all its recipients together, before the
+/// driver flushes.
+const SLICE_BYTES: usize = 4 * 1024 * 1024;
 /// Frames one slice may handle before the driver flushes and lets other connections run.
 pub(crate) const SLICE_FRAMES: usize = 256;
 /// A recipient whose output moved within this window still counts as reading.
@@ -109,14 +109,19 @@ impl Default for Outgoing {
 
 impl Outgoing {
     /// Starts a slice handled at `now_ms` under the hub's current settings.
+    /// (What the previous slice congested has been waited for by then.)
     pub(crate) fn begin(&mut self, hub: &Hub, now_ms: u64) {
+        self.congested.clear();
+        self.queued = 0;
         self.now_ms = now_ms;
         self.limit = hub.config().outbound_limit;
     }
 
-    /// Whether this slice queued as much as one slice may.
-    pub(crate) fn slice_full(&self, limit: usize) -> bool {
-        self.queued >= SLICE_BYTES.min(limit / 4).max(1)
+    /// Whether this slice queued as much as one slice may: a recipient's queue passed a
+    /// quarter of the outbound limit (so no recipient gets much more than that from one
+    /// slice, however wide the fan-out), or the slice's total passed [`SLICE_BYTES`].
+    pub(crate) fn slice_full(&self) -> bool {
+        !self.congested.is_empty() || self.queued >= SLICE_BYTES
     }
 
     /// Whether nothing is left to carry out.

@@ -61,7 +61,10 @@ impl Input<'_> {
     }
 
     fn frame(&mut self) -> Piece {
-        let (op, body) = match self.byte() % 21 {
+        // One byte picks the kind (modulo 21) and, in its top values, a CRLF line end.
+        let kind = self.byte();
+        let crlf = kind >= 231;
+        let (op, body) = match kind % 21 {
             0..=3 => (0x01, Body::Name(self.target())),
             4..=8 => {
                 let op = if self.flag() { 0x04 } else { 0x08 };
@@ -101,7 +104,7 @@ impl Input<'_> {
                 (op, Body::Bytes(self.bytes(20)))
             }
         };
-        Piece::Frame { op, body }
+        Piece::Frame { op, body, crlf }
     }
 
     fn piece(&mut self) -> Piece {
@@ -113,27 +116,47 @@ impl Input<'_> {
     }
 
     fn settings(&mut self) -> Settings {
+        // Read in this order (a struct literal's fields are read as written).
+        let max_frame = 20 + usize::from(self.byte()) % 77;
+        let identify_ms = 10 + u64::from(self.u16()) % 2991;
+        let idle_ms = 10 + u64::from(self.u16()) % 4991;
+        let outbound_limit = 1024 + usize::from(self.u16()) % 513;
+        let udp_quit_per_sec = u32::from(self.byte() % 5);
+        let max_connections = usize::from(self.byte() % 9);
+        let per_source = usize::from(self.byte() % 4);
+        let connect_rate = u32::from(self.byte() % 6);
+        // One byte: the secret (modulo 4) and, above it, the write deadline (0, as in
+        // inputs written before it existed, keeps the default 10 s).
+        let secret = self.byte();
+        // One byte: whether there are rules (modulo 4) and, above it, the per-shim rates
+        // (0, as in inputs written before they existed, lifts them).
+        let rules_byte = self.byte();
+        let rules = if rules_byte.is_multiple_of(4) {
+            (0..1 + self.byte() % 2)
+                .map(|_| {
+                    let from = self.target();
+                    let to = (0..1 + self.byte() % 2).map(|_| self.target()).collect();
+                    (from, to)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Settings {
-            max_frame: 20 + usize::from(self.byte()) % 77,
-            identify_ms: 10 + u64::from(self.u16()) % 2991,
-            idle_ms: 10 + u64::from(self.u16()) % 4991,
-            outbound_limit: 1024 + usize::from(self.u16()) % 513,
-            udp_quit_per_sec: u32::from(self.byte() % 5),
-            max_connections: usize::from(self.byte() % 9),
-            per_source: usize::from(self.byte() % 4),
-            connect_rate: u32::from(self.byte() % 6),
-            secret: self.byte().is_multiple_of(4),
-            rules: if self.byte().is_multiple_of(4) {
-                (0..1 + self.byte() % 2)
-                    .map(|_| {
-                        let from = self.target();
-                        let to = (0..1 + self.byte() % 2).map(|_| self.target()).collect();
-                        (from, to)
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            },
+            max_frame,
+            identify_ms,
+            idle_ms,
+            outbound_limit,
+            write_deadline_ms: [10_000, 50, 500, 3000][usize::from(secret / 4 % 4)],
+            udp_quit_per_sec,
+            max_connections,
+            per_source,
+            connect_rate,
+            routed_per_sec: [0, 3, 0, 6][usize::from(rules_byte / 4 % 4)],
+            deliveries_per_sec: [0, 0, 4, 10][usize::from(rules_byte / 16 % 4)],
+            who_per_sec: [0, 1, 0, 2][usize::from(rules_byte / 64)],
+            secret: secret.is_multiple_of(4),
+            rules,
         }
     }
 
@@ -154,12 +177,19 @@ impl Input<'_> {
             }
             26..=33 => {
                 let source = self.byte();
-                let pieces = if self.byte().is_multiple_of(5) {
+                // One byte: several pieces or one frame (modulo 5) and, in its top values,
+                // a datagram without its final 0x0A.
+                let shape = self.byte();
+                let pieces = if shape.is_multiple_of(5) {
                     (0..self.byte() % 3).map(|_| self.piece()).collect()
                 } else {
                     vec![self.frame()]
                 };
-                Step::Udp { source, pieces }
+                Step::Udp {
+                    source,
+                    pieces,
+                    newline: shape < 205,
+                }
             }
             34..=36 => Step::Read { conn: self.byte() },
             37..=38 => Step::Eof { conn: self.byte() },
@@ -169,10 +199,10 @@ impl Input<'_> {
                 } else {
                     self.u16() % 6000
                 };
-                Step::Advance {
-                    ms,
-                    sweep: self.flag(),
-                }
+                // Odd bytes sweep: 1 (so 0x01, a plain "sweep") twice, enough for a timer
+                // to fire, 3 once; even bytes not at all.
+                let sweeps = [0, 2, 0, 1][usize::from(self.byte() % 4)];
+                Step::Advance { ms, sweeps }
             }
             44 => Step::Reload(self.settings()),
             _ => Step::Shutdown,

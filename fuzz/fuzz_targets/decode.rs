@@ -1,5 +1,5 @@
-//! Fuzzes the TCP frame decoder and the datagram decoder (`codec::decode`,
-//! `codec::decode_datagram`) with the invariants of `tests/harness`.
+//! Fuzzes the TCP frame decoder and the datagram decoder (`proto::codec::decode`,
+//! `proto::codec::decode_datagram`) with the invariants of `tests/harness/decode.rs`.
 //!
 //! Input: two bytes of maximum frame length (little-endian, reduced modulo the stream
 //! length + 2, which covers every distinct case: a larger maximum decodes the same), one

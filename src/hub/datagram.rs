@@ -147,8 +147,13 @@ pub fn on_datagram(
     let Some(op) = frame.opcode() else {
         return hub.refuse(&shim, answer, &Reject::UnknownOpcode(frame.op), out);
     };
-    if matches!(op, Opcode::Identify | Opcode::Auth) {
-        return hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out);
+    match op {
+        Opcode::Identify | Opcode::Auth => {
+            return hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out);
+        }
+        // Whatever its pattern: a listing does not fit a datagram.
+        Opcode::Who => return hub.refuse(&shim, answer, &Reject::WhoOverUdp, out),
+        _ => {}
     }
     match Request::parse(op, frame.data) {
         Err(Reject::ServerOnly(op)) => hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out),
@@ -163,8 +168,7 @@ pub fn on_datagram(
         Ok(Request::Respond { id, id_text, text }) => {
             hub.respond(&shim, id, id_text, text, via, out)
         }
-        Ok(Request::Who(_)) => hub.refuse(&shim, answer, &Reject::WhoOverUdp, out),
-        Ok(Request::Identify(_) | Request::Auth(_) | Request::Bind(_)) => {
+        Ok(Request::Who(_) | Request::Identify(_) | Request::Auth(_) | Request::Bind(_)) => {
             unreachable!("handled above")
         }
     }

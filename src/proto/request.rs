@@ -92,9 +92,8 @@ impl<'a> Request<'a> {
                     Some(sp) => (&data[..sp], &data[sp + 1..]),
                     None => (data, &b""[..]),
                 };
-                let id = std::str::from_utf8(id_text)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
+                // ASCII digits only: no sign, no space.
+                let id = super::reply::parse_u64(id_text)
                     .ok_or(Reject::Malformed(Shape::IdResponse))?;
                 Request::Respond { id, id_text, text }
             }
@@ -163,6 +162,7 @@ mod tests {
         let r = Request::parse(Opcode::CommandResponse, b"1048576 ok").unwrap();
         assert!(matches!(r, Request::Respond { id: 1048576, .. }));
         assert!(Request::parse(Opcode::CommandResponse, b"x ok").is_err());
+        assert!(Request::parse(Opcode::CommandResponse, b"+1048576 ok").is_err());
         assert_eq!(
             Request::parse(Opcode::Who, b"").unwrap(),
             Request::Who(Pattern::all())

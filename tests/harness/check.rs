@@ -1,0 +1,518 @@
+//! The comparisons between the real hub and the model, and the invariants that hold
+//! whatever the model says.
+//!
+//! Apart from the model so that what is checked can be read in one place: after every
+//! step [`World::check`] compares each outbox (state, pending bytes, close reason, the
+//! socket's shutdown), what each reading client received, identities, the session table,
+//! the router, the UDP bindings, the connection count and the counters; the per-call
+//! checks ([`World::check_flush`], [`World::check_datagrams`]) run inside a step.
+//! [`check_reject_texts`] pins the core's refusal texts to `docs/protocol.md` §10, since
+//! the model encodes its refusals with them.
+
+use super::model::Exp;
+use super::scenario::udp_src;
+use super::{SOCKETS, World, fd_of};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use velium_server::hub::Hub;
+use velium_server::hub::send::{Class, Datagram};
+use velium_server::hub::shim::{CloseReason, Shim};
+use velium_server::metrics::{Dir, Latency, Refusal, Transport};
+use velium_server::proto::identity::IdentityError;
+use velium_server::proto::pattern::{Pattern, PatternError, Seg};
+use velium_server::proto::reject::{Rate, Reject, Shape};
+use velium_server::proto::{NEWLINE, Opcode, QUIT};
+
+/// Opcodes the server may send to a client.
+const SERVER_TO_CLIENT: [u8; 10] = [0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0C, 0x0E];
+
+/// Splits bytes sent to a client into frames; they must be whole frames with
+/// server-to-client opcodes (`one`: exactly one frame, as in a datagram).
+fn check_frames(b: &[u8], one: bool) -> Result<Vec<Vec<u8>>, String> {
+    if b.is_empty() {
+        return if one {
+            Err("empty datagram".into())
+        } else {
+            Ok(Vec::new())
+        };
+    }
+    if b[b.len() - 1] != NEWLINE {
+        return Err(format!(
+            "bytes end inside a frame: {:?}",
+            String::from_utf8_lossy(b)
+        ));
+    }
+    let frames: Vec<Vec<u8>> = b
+        .split_inclusive(|&x| x == NEWLINE)
+        .map(<[u8]>::to_vec)
+        .collect();
+    if one && frames.len() != 1 {
+        return Err(format!("a datagram holds {} frames", frames.len()));
+    }
+    for f in &frames {
+        if f.len() < 2 || !SERVER_TO_CLIENT.contains(&f[0]) {
+            return Err(format!(
+                "frame {:?} is not one a server sends",
+                String::from_utf8_lossy(f)
+            ));
+        }
+    }
+    Ok(frames)
+}
+
+/// Bytes the hub counted as sent on `t`, every opcode slot summed.
+fn counted_out(hub: &Hub, t: Transport) -> u64 {
+    (0..=16u8)
+        .map(|op| hub.metrics.traffic(Dir::Out, t, op).1)
+        .sum()
+}
+
+/// The refusal texts the model's Error frames are made of, against `docs/protocol.md`
+/// §10 (and §3 for the identity texts), word for word.
+pub fn check_reject_texts() {
+    let texts: &[(Reject, &str)] = &[
+        (Reject::IdentifyFirst, "identify first"),
+        (Reject::IdentifyTimeout, "identify timeout"),
+        (Reject::AuthRequired, "authentication required"),
+        (Reject::AuthFailed, "authentication failed"),
+        (
+            Reject::Connection(Refusal::MaxConnections),
+            "too many connections",
+        ),
+        (
+            Reject::Connection(Refusal::PerSource),
+            "too many connections from this address",
+        ),
+        (Reject::Connection(Refusal::Rate), "connecting too fast"),
+        (
+            Reject::NotPermitted("live.>".into()),
+            "command not permitted: live.>",
+        ),
+        (Reject::TooLong(16384), "frame longer than 16384 bytes"),
+        (Reject::UnknownOpcode(0x42), "unknown opcode 0x42"),
+        (Reject::UnknownOpcode(0xAB), "unknown opcode 0xAB"),
+        (
+            Reject::BadIdentity(IdentityError::Empty),
+            "identity is empty",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::TooLong),
+            "identity longer than 64 bytes",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::NotUtf8),
+            "identity is not UTF-8",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::Invisible),
+            "identity holds a space, control or invisible character",
+        ),
+        (
+            Reject::ServerOnly(Opcode::Session),
+            "opcode 0x02 (Session) is sent by the server only",
+        ),
+        (
+            Reject::ServerOnly(Opcode::Ack),
+            "opcode 0x0C (Ack) is sent by the server only",
+        ),
+        (
+            Reject::NotOverUdp(Opcode::Identify),
+            "opcode 0x01 (Identify) is not accepted over UDP",
+        ),
+        (
+            Reject::NotOverUdp(Opcode::WhoEntry),
+            "opcode 0x0E (WhoEntry) is not accepted over UDP",
+        ),
+        (
+            Reject::Malformed(Shape::TargetText),
+            "expected: TARGET SP TEXT",
+        ),
+        (
+            Reject::Malformed(Shape::IdResponse),
+            "expected: ID SP RESPONSE",
+        ),
+        (
+            Reject::BadTarget("+".into(), PatternError::Empty),
+            "bad target +: empty target",
+        ),
+        (
+            Reject::BadTarget("a.>.b".into(), PatternError::RestNotLast),
+            "bad target a.>.b: '>' must be the last segment",
+        ),
+        (
+            Reject::BadTarget("x".into(), PatternError::TooLong),
+            "bad target x: target longer than 255 bytes",
+        ),
+        (
+            Reject::BadTarget("\u{FFFD}".into(), PatternError::NotUtf8),
+            "bad target \u{FFFD}: target is not UTF-8",
+        ),
+        (
+            Reject::NoMatch("peq.nektulos.*".into()),
+            "no shim matches peq.nektulos.*",
+        ),
+        (Reject::WhoOverUdp, "Who is answered over TCP only"),
+        (
+            Reject::RateLimited(Rate::Routed, 200),
+            "rate limit: more than 200 routed frames per second",
+        ),
+        (
+            Reject::RateLimited(Rate::Deliveries, 20000),
+            "rate limit: more than 20000 deliveries per second",
+        ),
+        (
+            Reject::RateLimited(Rate::Who, 20),
+            "rate limit: more than 20 Who per second",
+        ),
+        (
+            Reject::BadPattern("a.>.b".into(), PatternError::RestNotLast),
+            "bad pattern a.>.b: '>' must be the last segment",
+        ),
+    ];
+    for (r, text) in texts {
+        let mut f = vec![Opcode::Error as u8];
+        f.extend_from_slice(text.as_bytes());
+        f.push(NEWLINE);
+        assert_eq!(
+            String::from_utf8_lossy(&r.frame()),
+            String::from_utf8_lossy(&f),
+            "the Error frame of {r:?}"
+        );
+    }
+    assert!(
+        Reject::Connection(Refusal::AllowList).frame().is_empty(),
+        "a source outside the allowed networks is closed without a byte"
+    );
+}
+
+impl World {
+    /// Every shim whose open outbox went from empty to not empty must be listed for a
+    /// flush (a closing one's last frame is its writer's, which the close wakes), and the
+    /// list must be the model's.
+    pub(super) fn check_flush(&self, before: &[usize], flushed: &[Arc<Shim>]) {
+        for (i, b) in before.iter().enumerate() {
+            let k = &self.conns[i];
+            if *b == 0
+                && k.shim.outbox.pending() > 0
+                && k.shim.outbox.is_open()
+                && !flushed.iter().any(|s| Arc::ptr_eq(s, &k.shim))
+            {
+                self.fail(format!(
+                    "conn {i} was queued frames but not listed for a flush"
+                ));
+            }
+        }
+        let mut real: Vec<usize> = flushed.iter().map(|s| self.conn_of(s)).collect();
+        real.sort_unstable();
+        let mut model = self.listed.clone();
+        model.sort_unstable();
+        if real != model {
+            self.fail(format!(
+                "conns {real:?} listed for a flush, expected {model:?}"
+            ));
+        }
+    }
+
+    /// The datagrams one datagram from `src` made the hub send, against the model's, and
+    /// the rules for answering an unbound source. `quits` is how many Quit answers the
+    /// hub counted (sent or withheld).
+    pub(super) fn check_datagrams(
+        &mut self,
+        src: SocketAddr,
+        d: &[u8],
+        was_bound: bool,
+        quit_due: bool,
+        quits: u64,
+        sent: Vec<Datagram>,
+    ) {
+        let mut got: Vec<(SocketAddr, Vec<u8>, Class)> = sent
+            .iter()
+            .map(|g| (g.to, g.frame.to_vec(), g.class))
+            .collect();
+        for (a, b, _) in &got {
+            check_frames(b, true).unwrap_or_else(|e| self.fail(format!("datagram to {a}: {e}")));
+        }
+        if !was_bound {
+            // Never more bytes than arrived, never to anyone else.
+            let total: usize = got.iter().map(|(_, b, _)| b.len()).sum();
+            if got.iter().any(|(a, _, _)| *a != src) || total > d.len() {
+                self.fail(format!("unbound source sent {} bytes got {got:?}", d.len()));
+            }
+        }
+        if quits != u64::from(quit_due) {
+            self.fail(format!("Quit due: {quit_due}, counted {quits}"));
+        }
+        if quit_due {
+            let answered = got
+                .iter()
+                .filter(|(a, b, class)| *a == src && b[..] == QUIT && *class == Class::Reply)
+                .count();
+            if answered > 1 || got.len() != answered {
+                self.fail(format!("expected at most one Quit, got {got:?}"));
+            }
+            let rate = u64::from(self.first.udp_quit_per_sec);
+            let now_ms = self.now_ms();
+            if answered == 1 {
+                let e = self.quits.entry(src).or_insert((now_ms, 0));
+                e.1 += 1;
+                if e.1 > rate + (now_ms - e.0) * rate / 1000 {
+                    let (first, n) = *e;
+                    self.fail(format!(
+                        "{n} Quits to {src} in {} ms at {rate}/s",
+                        now_ms - first
+                    ));
+                }
+            } else if rate > 0 && !self.quits.contains_key(&src) {
+                self.fail(format!("first Quit to {src} withheld at {rate}/s"));
+            }
+            got.clear();
+        }
+        // Datagrams to different addresses may leave in any order.
+        let key = |(a, b, class): &(SocketAddr, Vec<u8>, Class)| {
+            (*a, b.clone(), *class == Class::Delivery)
+        };
+        got.sort_by_key(key);
+        let mut expect = std::mem::take(&mut self.dgrams);
+        expect.sort_by_key(key);
+        if got != expect {
+            self.fail(format!("datagrams {got:?}, expected {expect:?}"));
+        }
+    }
+
+    /// The client of `c` reads everything: what straight sends left in its socket, then
+    /// what the writer takes (and reports written); compared with the model.
+    pub(super) fn drain(&mut self, c: usize) {
+        let mut got = SOCKETS.with(|s| {
+            s.borrow_mut()
+                .get_mut(&fd_of(c))
+                .map(|k| std::mem::take(&mut k.got))
+                .unwrap_or_default()
+        });
+        let mut taken = Vec::new();
+        let state = self.conns[c].shim.outbox.take(&mut taken);
+        let now_ms = self.now_ms();
+        self.conns[c].shim.outbox.wrote(now_ms);
+        got.extend_from_slice(&taken);
+        let (expect, mstate) = self.conns[c].out.take(now_ms);
+        if state != mstate {
+            self.fail(format!(
+                "conn {c}: take() gave {state:?}, expected {mstate:?}"
+            ));
+        }
+        let frames =
+            check_frames(&got, false).unwrap_or_else(|e| self.fail(format!("conn {c}: {e}")));
+        let mut i = 0;
+        for e in &expect {
+            match e {
+                Exp::Frame(f) => {
+                    if frames.get(i) != Some(f) {
+                        self.fail(format!(
+                            "conn {c}: frame {i} is {:?}, expected {:?}\n  got all:      {frames:?}\n  expected all: {expect:?}",
+                            frames.get(i).map(|f| String::from_utf8_lossy(f)),
+                            String::from_utf8_lossy(f)
+                        ));
+                    }
+                    i += 1;
+                }
+                Exp::Listing(entries, a) => {
+                    let n = entries.len();
+                    let mut have: Vec<Vec<u8>> =
+                        frames.get(i..i + n).map(<[_]>::to_vec).unwrap_or_default();
+                    have.sort();
+                    let mut want = entries.clone();
+                    want.sort();
+                    if have != want || frames.get(i + n) != Some(a) {
+                        self.fail(format!(
+                            "conn {c}: Who listing {:?}, expected {want:?} then {a:?}",
+                            frames.get(i..)
+                        ));
+                    }
+                    i += n + 1;
+                }
+            }
+        }
+        if i != frames.len() {
+            self.fail(format!("conn {c}: unexpected frames {:?}", &frames[i..]));
+        }
+        self.conns[c].received.extend(frames);
+    }
+
+    pub(super) fn check(&mut self) {
+        for c in 0..self.conns.len() {
+            if self.conns[c].reads {
+                self.drain(c);
+            }
+        }
+        let hub = self.hub.clone();
+        for (i, k) in self.conns.iter().enumerate() {
+            let ob = &k.shim.outbox;
+            let real = (ob.state(), ob.pending(), ob.reason());
+            let model = (k.out.state, k.out.bytes, k.out.reason);
+            if real != model {
+                self.fail(format!(
+                    "conn {i} outbox (state, bytes, reason) {real:?}, expected {model:?}"
+                ));
+            }
+            let shut = SOCKETS.with(|s| s.borrow().get(&fd_of(i)).is_some_and(|k| k.shut));
+            if shut != k.out.shut {
+                self.fail(format!(
+                    "conn {i}: socket shut down {shut}, expected {}",
+                    k.out.shut
+                ));
+            }
+            if k.shim.is_identified() != k.identified
+                || (k.identified && *k.shim.identity() != *k.identity)
+            {
+                self.fail(format!(
+                    "conn {i} identity {:?}, expected {:?}",
+                    k.shim.identity(),
+                    k.identity
+                ));
+            }
+            let by_token = hub.table.by_token(&k.shim.token);
+            let by_serial = hub.table.by_serial(k.shim.serial);
+            let found = |s: &Option<Arc<Shim>>| s.as_ref().is_some_and(|s| Arc::ptr_eq(s, &k.shim));
+            if found(&by_token) != k.registered() || found(&by_serial) != k.registered() {
+                self.fail(format!(
+                    "conn {i} (registered {}, finished {}, closed {}) is in the table: by token {}, by serial {}",
+                    k.registered(), k.finished, k.closed, found(&by_token), found(&by_serial)
+                ));
+            }
+            if k.shim.udp_addr() != k.udp {
+                self.fail(format!(
+                    "conn {i} UDP address {:?}, expected {:?}",
+                    k.shim.udp_addr(),
+                    k.udp
+                ));
+            }
+            if k.registered() {
+                // Found under its own identity, segment by segment.
+                let lit = Pattern {
+                    segs: k
+                        .identity
+                        .split('.')
+                        .map(|s| Seg::Lit(s.to_ascii_lowercase().into()))
+                        .collect(),
+                    include_self: true,
+                };
+                let mut hit = false;
+                hub.router
+                    .for_each_match(&lit, |s| hit |= Arc::ptr_eq(s, &k.shim));
+                if !hit {
+                    self.fail(format!("conn {i} not routable as {:?}", k.identity));
+                }
+            }
+        }
+        let mut routed = Vec::new();
+        hub.router
+            .for_each_match(&Pattern::all(), |s| routed.push(s.serial));
+        routed.sort_unstable();
+        let mut registered: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|k| k.registered())
+            .map(|k| k.shim.serial)
+            .collect();
+        registered.sort_unstable();
+        if routed != registered || hub.table.len() != registered.len() {
+            self.fail(format!(
+                "router holds serials {routed:?}, table {} shims; registered: {registered:?}",
+                hub.table.len()
+            ));
+        }
+        if hub.table.udp_bound() != self.bindings.len() {
+            self.fail(format!(
+                "{} UDP bindings, expected {}",
+                hub.table.udp_bound(),
+                self.bindings.len()
+            ));
+        }
+        for i in 0..3 {
+            let a = udp_src(i);
+            let real = hub.table.by_udp(&a).map(|s| s.serial);
+            let model = self.bindings.get(&a).map(|&c| self.conns[c].shim.serial);
+            if real != model {
+                self.fail(format!("{a} bound to serial {real:?}, expected {model:?}"));
+            }
+        }
+        if hub.connections() != self.open {
+            self.fail(format!(
+                "{} connections counted, {} open",
+                hub.connections(),
+                self.open
+            ));
+        }
+        self.check_counters();
+    }
+
+    /// The counters the hub keeps, against what the model saw happen: every frame sent
+    /// counted once (so every slice was finished), every delivery and dropped response
+    /// counted.
+    fn check_counters(&self) {
+        let hub = &self.hub;
+        let c = hub.counters();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let m = &self.counts;
+        let pairs = [
+            ("identified", load(&c.identified), m.identified),
+            ("deliveries", load(&c.deliveries), m.deliveries),
+            (
+                "responses_dropped",
+                load(&c.responses_dropped),
+                m.responses_dropped,
+            ),
+            ("slow_consumers", load(&c.slow_consumers), m.slow_consumers),
+            ("TCP bytes out", counted_out(hub, Transport::Tcp), m.tcp_out),
+            ("UDP bytes out", counted_out(hub, Transport::Udp), m.udp_out),
+        ];
+        for (what, got, want) in pairs {
+            if got != want {
+                self.fail(format!("{what}: counted {got}, expected {want}"));
+            }
+        }
+    }
+
+    /// Every handshake and every bind timed once, when its slice was finished (checked
+    /// at the end only: merging the histograms is dear).
+    fn check_latencies(&self) {
+        let m = &self.hub.metrics;
+        let got = (
+            m.merged(Latency::Handshake).len(),
+            m.merged(Latency::UdpBind).len(),
+        );
+        let want = (self.counts.identified, self.counts.binds);
+        if got != want {
+            self.fail(format!(
+                "(handshake, bind) latency samples {got:?}, expected {want:?}"
+            ));
+        }
+    }
+
+    /// Every client hangs up and reads what is left; nothing of them may remain.
+    pub(super) fn end(&mut self) {
+        self.step = usize::MAX;
+        for c in self.open_conns() {
+            self.finish(c, CloseReason::Eof);
+        }
+        for c in 0..self.conns.len() {
+            self.drain(c);
+        }
+        self.check();
+        self.check_latencies();
+        let mut routed = 0;
+        self.hub
+            .router
+            .for_each_match(&Pattern::all(), |_| routed += 1);
+        assert_eq!(
+            (
+                self.hub.table.len(),
+                routed,
+                self.hub.table.udp_bound(),
+                self.hub.connections()
+            ),
+            (0, 0, 0, 0),
+            "shims, routed shims, UDP bindings, connections left after every connection ended"
+        );
+    }
+}

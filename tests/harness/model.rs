@@ -1,0 +1,818 @@
+//! The reference model: what `docs/protocol.md` says the hub does, step by step, kept
+//! beside the real hub by [`World`](super::World).
+//!
+//! Apart from the driving code (`mod.rs`) and the comparisons (`check.rs`) because it is
+//! the part that must not be written from `src/`: it predicts every byte each shim's TCP
+//! outbox receives, every datagram sent (with its queue class), each connection's flow and
+//! slice, the session table, the router, the UDP bindings, the timers (with the two-sweeps
+//! rule), and the counters that follow from them. It decides *which* refusal a frame gets
+//! on its own; only the bytes of an Error frame come from the core's
+//! [`Reject::frame`], whose texts `check.rs` checks against §10 of the protocol.
+//!
+//! The per-shim rates are the token buckets of §8 ("Rate limits per shim"), with rates
+//! kept as first set. Where one [`Connection::on_bytes`] call stops (a slice, §8) is the
+//! hub's choice within the bounds §8 gives, which the model checks rather than predicts
+//! ([`World::model_slice`]), so that tuning the slices does not break the harness.
+//!
+//! [`Connection::on_bytes`]: velium_server::hub::connection::Connection::on_bytes
+
+use super::World;
+use super::pattern::MPat;
+use super::scenario::{SECRET, rules};
+use std::net::SocketAddr;
+use velium_server::hub::connection::Flow;
+use velium_server::hub::outbox::OutState;
+use velium_server::hub::send::Class;
+use velium_server::hub::shim::CloseReason;
+use velium_server::proto::identity::check_identity;
+use velium_server::proto::reject::{Rate, Reject, Shape};
+use velium_server::proto::{CR, NEWLINE, Opcode, QUIT, encoded};
+
+/// Frames one `on_bytes` call handles at most (§8: "at most 256 frames ... at a time").
+pub(super) const SLICE_FRAMES: usize = 256;
+
+/// One expected entry on a TCP outbox.
+#[derive(Clone, Debug)]
+pub(super) enum Exp {
+    /// One frame.
+    Frame(Vec<u8>),
+    /// A Who listing: WhoEntry frames in any order, then the Ack.
+    Listing(Vec<Vec<u8>>, Vec<u8>),
+}
+
+impl Exp {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Exp::Frame(f) => f.len(),
+            Exp::Listing(e, a) => e.iter().map(Vec::len).sum::<usize>() + a.len(),
+        }
+    }
+}
+
+/// The model of one outbox and of the client socket behind it.
+#[derive(Debug)]
+pub(super) struct MOutbox {
+    pub(super) state: OutState,
+    /// Written straight to the socket by a flush, not yet read by the client.
+    pub(super) sent: Vec<Exp>,
+    /// Queued, not yet taken by the writer.
+    pub(super) queued: Vec<Exp>,
+    /// Bytes of `queued`.
+    pub(super) bytes: usize,
+    pub(super) reason: Option<CloseReason>,
+    /// When output last made progress, or last went from idle to busy.
+    pub(super) since_ms: u64,
+    /// The socket was shut down by a cut-off.
+    pub(super) shut: bool,
+}
+
+impl MOutbox {
+    pub(super) fn new() -> MOutbox {
+        MOutbox {
+            state: OutState::Open,
+            sent: Vec::new(),
+            queued: Vec::new(),
+            bytes: 0,
+            reason: None,
+            since_ms: 0,
+            shut: false,
+        }
+    }
+
+    /// Queues `e` at `now_ms`: `Some(first)` when queued (`first`: into an empty queue),
+    /// `None` when closed or when this push passed `limit` and cut the shim off.
+    fn push(&mut self, limit: usize, e: Exp, now_ms: u64) -> Option<bool> {
+        if self.state != OutState::Open {
+            return None;
+        }
+        // The writer never holds bytes between steps, so an empty queue is an idle one.
+        let first = self.bytes == 0;
+        if first {
+            self.since_ms = now_ms;
+        }
+        if self.bytes + e.len() > limit {
+            self.cut(CloseReason::SlowConsumer);
+            return None;
+        }
+        self.bytes += e.len();
+        self.queued.push(e);
+        Some(first)
+    }
+
+    /// Queues a last frame and closes; false (and nothing queued) when not open.
+    fn close(&mut self, reason: CloseReason, last: &[u8]) -> bool {
+        if self.state != OutState::Open {
+            return false;
+        }
+        if !last.is_empty() {
+            self.bytes += last.len();
+            self.queued.push(Exp::Frame(last.to_vec()));
+        }
+        self.state = OutState::Closing;
+        self.reason.get_or_insert(reason);
+        true
+    }
+
+    /// Cuts the shim off: what was queued is dropped and the socket shut down at once.
+    fn cut(&mut self, reason: CloseReason) {
+        self.reason.get_or_insert(reason);
+        if self.state == OutState::Kicked {
+            return;
+        }
+        self.state = OutState::Kicked;
+        self.queued.clear();
+        self.bytes = 0;
+        self.shut = true;
+    }
+
+    /// A flush at `now_ms` into a socket with room for everything.
+    fn flush(&mut self, now_ms: u64) {
+        if self.state == OutState::Open && self.bytes > 0 {
+            self.sent.append(&mut self.queued);
+            self.bytes = 0;
+            self.since_ms = now_ms;
+        }
+    }
+
+    /// The client reads everything at `now_ms`: what a flush sent, then what the writer
+    /// takes and writes; with the state the writer's take saw.
+    pub(super) fn take(&mut self, now_ms: u64) -> (Vec<Exp>, OutState) {
+        let mut q = std::mem::take(&mut self.sent);
+        q.append(&mut self.queued);
+        self.bytes = 0;
+        self.since_ms = now_ms;
+        let s = self.state;
+        if s == OutState::Closing {
+            self.state = OutState::Kicked;
+        }
+        (q, s)
+    }
+
+    fn stalled(&self, now_ms: u64, deadline_ms: u64) -> bool {
+        self.state == OutState::Open
+            && self.bytes > 0
+            && now_ms.saturating_sub(self.since_ms) >= deadline_ms
+    }
+}
+
+/// One per-shim rate (§8 "Rate limits per shim"): a token bucket in thousandths of a
+/// token, `rate` tokens a second, up to one second's worth, starting full. The rate is
+/// fixed for a scenario, so the level depends only on what was taken and when.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MBucket {
+    milli: i64,
+    at_ms: u64,
+}
+
+impl MBucket {
+    fn full(rate: u32, now_ms: u64) -> MBucket {
+        MBucket {
+            milli: i64::from(rate) * 1000,
+            at_ms: now_ms,
+        }
+    }
+
+    /// The level at `now_ms`.
+    fn level(&mut self, rate: u32, now_ms: u64) -> i64 {
+        let gained = (now_ms - self.at_ms) as i64 * i64::from(rate);
+        self.milli = (self.milli + gained).min(i64::from(rate) * 1000);
+        self.at_ms = now_ms;
+        self.milli
+    }
+}
+
+/// A shim's three buckets.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MRates {
+    routed: MBucket,
+    who: MBucket,
+    deliveries: MBucket,
+}
+
+/// What a routed request counts as.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Work {
+    FanOut,
+    Response,
+    Who,
+}
+
+/// What the current slice did to its recipients' queues.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct MSlice {
+    /// A queue reached a quarter of the outbound limit from below.
+    pub(super) reached: bool,
+    /// A queue went past a quarter of the outbound limit from below.
+    pub(super) passed: bool,
+}
+
+/// The transport a request came in on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum MVia {
+    Tcp,
+    Udp(SocketAddr),
+}
+
+/// What the model counts that the hub's counters and histograms must agree with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct MCounts {
+    /// Shims registered (first Identify), each a handshake latency sample.
+    pub(super) identified: u64,
+    /// Successful UDP binds (rebinds and repeats included), each a bind latency sample.
+    pub(super) binds: u64,
+    /// Routed frames handed to a shim.
+    pub(super) deliveries: u64,
+    /// CommandResponses whose Command's sender had gone or would not take it.
+    pub(super) responses_dropped: u64,
+    /// Shims closed as slow consumers.
+    pub(super) slow_consumers: u64,
+    /// Bytes of frames queued on TCP outboxes (last frames included).
+    pub(super) tcp_out: u64,
+    /// Bytes of datagrams sent, Quit answers to unbound sources left out.
+    pub(super) udp_out: u64,
+}
+
+pub(super) fn ack(id: u64, n: u64) -> Vec<u8> {
+    encoded(Opcode::Ack, format!("{id} {n}").as_bytes())
+}
+
+fn refusal(r: Reject) -> Vec<u8> {
+    r.frame()
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Splits a TCP frame (without its 0x0A) into opcode and data; a lone 0x0A is the empty
+/// None frame, and a 0x0D ending the data is the CR of a CRLF line end.
+fn split_frame(f: &[u8]) -> (u8, &[u8]) {
+    match f.split_first() {
+        None => (0, &[]),
+        Some((&op, data)) => (op, data.strip_suffix(&[CR]).unwrap_or(data)),
+    }
+}
+
+impl World {
+    // --- TCP input ------------------------------------------------------------------
+
+    /// The model of one `on_bytes` call: the flow and how many bytes of `data` it took.
+    ///
+    /// Where a slice ends is the hub's to choose (`stop`: the bytes the real call took,
+    /// when it stopped before the end of `data` to let the driver carry out what it
+    /// produced), within what §8 promises, which the model checks: a slice ends at the
+    /// end of a frame, after at least one frame and at most [`SLICE_FRAMES`]; before that
+    /// only once a recipient's queue reached a quarter of the outbound limit in it, and
+    /// no later than the frame that took one past it. What the frames produce is compared
+    /// in full either way.
+    pub(super) fn model_slice(
+        &mut self,
+        c: usize,
+        data: &[u8],
+        stop: Option<usize>,
+    ) -> (Flow, usize) {
+        let now_ms = self.now_ms();
+        let max = self.settings.max_frame;
+        let conn = &mut self.conns[c];
+        if conn.closed || conn.out.state != OutState::Open {
+            // A timer, a cut-off or the shutdown closed the connection while these bytes
+            // were on their way: they are dropped, and the reader ends with the reason
+            // that stands.
+            let r = *conn.out.reason.get_or_insert(CloseReason::Eof);
+            return (Flow::Close(r), data.len());
+        }
+        conn.last_seen_ms = now_ms;
+        self.slice = MSlice::default();
+        // The unfinished frame kept from earlier reads, then this read.
+        let held = conn.rx.len();
+        let mut rx = std::mem::take(&mut conn.rx);
+        rx.extend_from_slice(data);
+        let stop = stop.map(|n| held + n);
+        let mut at = 0;
+        let mut last = 0;
+        let mut frames = 0;
+        loop {
+            if let Some(stop) = stop {
+                if at > stop {
+                    self.fail(format!(
+                        "a slice of conn {c} ended at byte {stop}, inside the frame at {last}..{at}"
+                    ));
+                }
+                if at == stop {
+                    if frames == 0 {
+                        self.fail(format!("a slice of conn {c} ended before any frame"));
+                    }
+                    if frames < SLICE_FRAMES && !self.slice.reached {
+                        self.fail(format!(
+                            "a slice of conn {c} ended after {frames} frames, no queue at a quarter of the limit"
+                        ));
+                    }
+                    // The driver carries the slice out and hands in the rest.
+                    return (Flow::Continue, at - held);
+                }
+            }
+            if stop.is_none() && self.slice.passed && at < rx.len() {
+                self.fail(format!(
+                    "a slice of conn {c} went on after a queue passed a quarter of the limit"
+                ));
+            }
+            if self.conns[c].out.state != OutState::Open {
+                // This connection's own replies cut it off.
+                let r = *self.conns[c].out.reason.get_or_insert(CloseReason::Eof);
+                return (Flow::Close(r), data.len());
+            }
+            match rx[at..].iter().position(|&b| b == NEWLINE) {
+                Some(p) if p < max => {
+                    if frames == SLICE_FRAMES {
+                        self.fail(format!(
+                            "a slice of conn {c} went on past {SLICE_FRAMES} frames"
+                        ));
+                    }
+                    let (op, body) = split_frame(&rx[at..at + p]);
+                    let body = body.to_vec();
+                    last = at;
+                    at += p + 1;
+                    frames += 1;
+                    if let Flow::Close(r) = self.model_frame(c, op, &body) {
+                        return (Flow::Close(r), data.len());
+                    }
+                }
+                _ if rx.len() - at >= max => {
+                    self.close_out(c, CloseReason::Oversized, &refusal(Reject::TooLong(max)));
+                    return (Flow::Close(CloseReason::Oversized), data.len());
+                }
+                _ => {
+                    self.conns[c].rx = rx[at..].to_vec();
+                    return (Flow::Continue, data.len());
+                }
+            }
+        }
+    }
+
+    /// Queues `e` for `c` under `limit`; records the flush listing and the slice's bytes.
+    fn push(&mut self, c: usize, limit: usize, e: Exp) -> bool {
+        let now_ms = self.now_ms();
+        let len = e.len();
+        match self.conns[c].out.push(limit, e, now_ms) {
+            Some(first) => {
+                if first {
+                    self.listed.push(c);
+                }
+                let (after, high) = (self.conns[c].out.bytes, self.settings.outbound_limit / 4);
+                if after - len < high {
+                    self.slice.reached |= after >= high;
+                    self.slice.passed |= after > high;
+                }
+                self.counts.tcp_out += len as u64;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn push_self(&mut self, c: usize, f: Vec<u8>) {
+        let limit = self.settings.outbound_limit;
+        self.push(c, limit, Exp::Frame(f));
+    }
+
+    /// Closes `c`'s outbox with a last frame (the hub's `send_last`).
+    pub(super) fn close_out(&mut self, c: usize, reason: CloseReason, last: &[u8]) {
+        if self.conns[c].out.close(reason, last) {
+            self.counts.tcp_out += last.len() as u64;
+        }
+    }
+
+    fn refuse_auth(&mut self, c: usize, r: Reject) -> Flow {
+        self.close_out(c, CloseReason::AuthFailed, &refusal(r));
+        Flow::Close(CloseReason::AuthFailed)
+    }
+
+    fn model_frame(&mut self, c: usize, op: u8, data: &[u8]) -> Flow {
+        let Some(known) = Opcode::from_byte(op) else {
+            self.push_self(c, refusal(Reject::UnknownOpcode(op)));
+            return Flow::Continue;
+        };
+        let before_identify = matches!(
+            known,
+            Opcode::None | Opcode::Identify | Opcode::Ping | Opcode::Quit | Opcode::Auth
+        );
+        if !self.conns[c].identified && !before_identify {
+            self.push_self(c, refusal(Reject::IdentifyFirst));
+            return Flow::Continue;
+        }
+        match known {
+            Opcode::None | Opcode::Pong => {}
+            Opcode::Quit => {
+                self.close_out(c, CloseReason::Quit, &[]);
+                return Flow::Close(CloseReason::Quit);
+            }
+            Opcode::Ping => self.push_self(c, encoded(Opcode::Pong, data)),
+            // Auth counts only against a secret; the secret guards the first Identify,
+            // not a rename.
+            Opcode::Auth => {
+                if self.settings.secret {
+                    if data != SECRET {
+                        return self.refuse_auth(c, Reject::AuthFailed);
+                    }
+                    self.conns[c].authed = true;
+                }
+            }
+            Opcode::Identify
+                if !self.conns[c].authed && !self.conns[c].identified && self.settings.secret =>
+            {
+                return self.refuse_auth(c, Reject::AuthRequired);
+            }
+            Opcode::Identify => match check_identity(data) {
+                Ok(label) => {
+                    let conn = &mut self.conns[c];
+                    conn.identity = label.to_string();
+                    if !conn.identified {
+                        conn.identified = true;
+                        self.counts.identified += 1;
+                        let f = encoded(Opcode::Session, &conn.shim.token.0);
+                        self.push(c, usize::MAX, Exp::Frame(f));
+                    }
+                }
+                Err(why) => self.push_self(c, refusal(Reject::BadIdentity(why))),
+            },
+            Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
+                self.route(c, known, data, MVia::Tcp);
+            }
+            Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry => {
+                self.push_self(c, refusal(Reject::ServerOnly(known)));
+            }
+        }
+        Flow::Continue
+    }
+
+    // --- Rates ----------------------------------------------------------------------
+
+    /// Full buckets for a connection accepted at `now_ms`.
+    pub(super) fn new_rates(&self, now_ms: u64) -> MRates {
+        let f = &self.first;
+        MRates {
+            routed: MBucket::full(f.routed_per_sec, now_ms),
+            who: MBucket::full(f.who_per_sec, now_ms),
+            deliveries: MBucket::full(f.deliveries_per_sec, now_ms),
+        }
+    }
+
+    /// Whether `c`'s buckets allow a request of kind `work` now (taking its routed and
+    /// Who tokens), or the refusal: a Command, Echo or Who needs a routed token, a Who a
+    /// Who token, and any of them, a CommandResponse too, deliveries not in debt.
+    fn allow(&mut self, c: usize, work: Work) -> Result<(), Reject> {
+        let (r, d, w) = (
+            self.first.routed_per_sec,
+            self.first.deliveries_per_sec,
+            self.first.who_per_sec,
+        );
+        let now_ms = self.now_ms();
+        let b = &mut self.conns[c].rates;
+        let routed = work != Work::Response && r > 0;
+        let who = work == Work::Who && w > 0;
+        if routed && b.routed.level(r, now_ms) < 1000 {
+            return Err(Reject::RateLimited(Rate::Routed, r));
+        }
+        if who && b.who.level(w, now_ms) < 1000 {
+            return Err(Reject::RateLimited(Rate::Who, w));
+        }
+        if d > 0 && b.deliveries.level(d, now_ms) <= 0 {
+            return Err(Reject::RateLimited(Rate::Deliveries, d));
+        }
+        if routed {
+            b.routed.milli -= 1000;
+        }
+        if who {
+            b.who.milli -= 1000;
+        }
+        Ok(())
+    }
+
+    /// Charges `n` deliveries to `c` (a bucket may go into debt).
+    fn charge(&mut self, c: usize, n: u64) {
+        if self.first.deliveries_per_sec > 0 {
+            self.conns[c].rates.deliveries.milli -= n as i64 * 1000;
+        }
+    }
+
+    // --- Routing --------------------------------------------------------------------
+
+    fn reply(&mut self, c: usize, via: MVia, f: Vec<u8>) {
+        match via {
+            MVia::Tcp => self.push_self(c, f),
+            MVia::Udp(a) => {
+                self.counts.udp_out += f.len() as u64;
+                self.dgrams.push((a, f, Class::Reply));
+            }
+        }
+    }
+
+    fn deliver(&mut self, to: usize, via: MVia, f: &[u8]) -> bool {
+        if let MVia::Udp(_) = via
+            && let Some(a) = self.conns[to].udp
+        {
+            self.counts.udp_out += f.len() as u64;
+            self.dgrams.push((a, f.to_vec(), Class::Delivery));
+            return true;
+        }
+        let limit = self.settings.outbound_limit;
+        self.push(to, limit, Exp::Frame(f.to_vec()))
+    }
+
+    fn matching(&self, p: &MPat) -> Vec<usize> {
+        (0..self.conns.len())
+            .filter(|&i| self.conns[i].registered() && p.matches(&self.conns[i].identity))
+            .collect()
+    }
+
+    fn route(&mut self, c: usize, op: Opcode, data: &[u8], via: MVia) {
+        match op {
+            Opcode::Command | Opcode::Echo => self.fan_out(c, op, data, via),
+            Opcode::CommandResponse => self.respond(c, data, via),
+            _ => self.who(c, data, via),
+        }
+    }
+
+    fn fan_out(&mut self, c: usize, op: Opcode, data: &[u8], via: MVia) {
+        let Some(sp) = data.iter().position(|&b| b == b' ') else {
+            return self.reply(c, via, refusal(Reject::Malformed(Shape::TargetText)));
+        };
+        let (target, text) = (&data[..sp], &data[sp + 1..]);
+        let p = match MPat::parse(target) {
+            Ok(p) => p,
+            Err(e) => return self.reply(c, via, refusal(Reject::BadTarget(lossy(target), e))),
+        };
+        let identity = self.conns[c].identity.clone();
+        if op == Opcode::Command {
+            let rules = rules(&self.settings);
+            let allowed = rules.is_empty()
+                || rules.iter().any(|(from, to)| {
+                    MPat::parse(from).unwrap().matches(&identity)
+                        && to.iter().any(|t| MPat::parse(t).unwrap().covers(&p))
+                });
+            if !allowed {
+                return self.reply(c, via, refusal(Reject::NotPermitted(lossy(target))));
+            }
+        }
+        if let Err(r) = self.allow(c, Work::FanOut) {
+            return self.reply(c, via, refusal(r));
+        }
+        let id = if op == Opcode::Command {
+            let conn = &mut self.conns[c];
+            let id = (conn.shim.serial << 20) | (conn.seq & 0xFFFFF);
+            conn.seq += 1;
+            self.command_ids.push(id);
+            id
+        } else {
+            0
+        };
+        let mut d = identity.into_bytes();
+        d.push(b' ');
+        if op == Opcode::Command {
+            d.extend_from_slice(format!("{id} ").as_bytes());
+        }
+        d.extend_from_slice(text);
+        let f = encoded(op, &d);
+        let mut reached = 0;
+        for to in self.matching(&p) {
+            if (p.include_self || to != c) && self.deliver(to, via, &f) {
+                reached += 1;
+            }
+        }
+        if reached == 0 {
+            return self.reply(c, via, refusal(Reject::NoMatch(lossy(target))));
+        }
+        self.charge(c, reached);
+        self.counts.deliveries += reached;
+        self.reply(c, via, ack(id, reached));
+    }
+
+    fn respond(&mut self, c: usize, data: &[u8], via: MVia) {
+        let (id_txt, text) = match data.iter().position(|&b| b == b' ') {
+            Some(sp) => (&data[..sp], &data[sp + 1..]),
+            None => (data, &[][..]),
+        };
+        // §7: an id is ASCII digits (no sign), at most a u64.
+        let digits = !id_txt.is_empty() && id_txt.iter().all(u8::is_ascii_digit);
+        let Some(id) = std::str::from_utf8(id_txt)
+            .ok()
+            .filter(|_| digits)
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return self.reply(c, via, refusal(Reject::Malformed(Shape::IdResponse)));
+        };
+        if let Err(r) = self.allow(c, Work::Response) {
+            return self.reply(c, via, refusal(r));
+        }
+        let serial = id >> 20;
+        let Some(to) = (0..self.conns.len())
+            .find(|&i| self.conns[i].registered() && self.conns[i].shim.serial == serial)
+        else {
+            self.counts.responses_dropped += 1;
+            return;
+        };
+        let mut d = id_txt.to_vec();
+        d.push(b' ');
+        d.extend_from_slice(self.conns[c].identity.as_bytes());
+        d.push(b' ');
+        d.extend_from_slice(text);
+        let f = encoded(Opcode::CommandResponse, &d);
+        if self.deliver(to, via, &f) {
+            self.charge(c, 1);
+            self.counts.deliveries += 1;
+        } else {
+            self.counts.responses_dropped += 1;
+        }
+    }
+
+    fn who(&mut self, c: usize, data: &[u8], via: MVia) {
+        // §4: any Who over UDP, whatever its pattern.
+        if via != MVia::Tcp {
+            return self.reply(c, via, refusal(Reject::WhoOverUdp));
+        }
+        let p = if data.is_empty() {
+            MPat::all()
+        } else {
+            match MPat::parse(data) {
+                Ok(p) => p,
+                Err(e) => return self.reply(c, via, refusal(Reject::BadPattern(lossy(data), e))),
+            }
+        };
+        if let Err(r) = self.allow(c, Work::Who) {
+            return self.reply(c, via, refusal(r));
+        }
+        let entries: Vec<Vec<u8>> = self
+            .matching(&p)
+            .into_iter()
+            .map(|i| {
+                let k = &self.conns[i];
+                let udp = if k.udp.is_some() { "udp" } else { "-" };
+                let d = format!("{} {} {udp}", k.identity, k.shim.connected_unix_ms);
+                encoded(Opcode::WhoEntry, d.as_bytes())
+            })
+            .collect();
+        // Each entry listed is a delivery, whether or not the listing is queued.
+        self.charge(c, entries.len() as u64);
+        let a = ack(0, entries.len() as u64);
+        let e = Exp::Listing(entries, a);
+        // One listing may pass the outbound limit when it is alone in the queue.
+        let limit = self.settings.outbound_limit.max(e.len());
+        self.push(c, limit, e);
+    }
+
+    // --- UDP ------------------------------------------------------------------------
+
+    /// The model of `on_datagram`; returns whether a rate-limited Quit answer is due.
+    pub(super) fn model_datagram(&mut self, src: SocketAddr, d: &[u8]) -> bool {
+        let bound = self.bindings.get(&src).copied();
+        // A datagram is one frame: an opcode, then data, then an optional 0x0A.
+        let lf = d.last() == Some(&NEWLINE);
+        let body = if lf { &d[..d.len() - 1] } else { d };
+        // Never an answer larger than the datagram.
+        let quit_due = d.len() >= QUIT.len();
+        if d.len() > self.settings.max_frame || body.is_empty() || body.contains(&NEWLINE) {
+            return bound.is_none() && quit_due;
+        }
+        let op = body[0];
+        let data = match &body[1..] {
+            // A CR before the 0x0A ends the line with it.
+            [rest @ .., CR] if lf => rest,
+            all => all,
+        };
+        let now_ms = self.now_ms();
+        if op == Opcode::Session as u8 {
+            let Some(c) = (0..self.conns.len())
+                .find(|&i| self.conns[i].registered() && self.conns[i].shim.token.0[..] == *data)
+            else {
+                return quit_due;
+            };
+            self.bind(c, src);
+            self.conns[c].last_seen_ms = now_ms;
+            self.counts.binds += 1;
+            return false;
+        }
+        let Some(c) = bound else {
+            return quit_due;
+        };
+        self.conns[c].last_seen_ms = now_ms;
+        let via = MVia::Udp(src);
+        let Some(known) = Opcode::from_byte(op) else {
+            self.reply(c, via, refusal(Reject::UnknownOpcode(op)));
+            return false;
+        };
+        match known {
+            Opcode::None | Opcode::Pong | Opcode::Quit => {}
+            Opcode::Ping => self.reply(c, via, encoded(Opcode::Pong, data)),
+            Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
+                self.route(c, known, data, via)
+            }
+            _ => self.reply(c, via, refusal(Reject::NotOverUdp(known))),
+        }
+        false
+    }
+
+    fn bind(&mut self, c: usize, src: SocketAddr) {
+        if self.conns[c].udp == Some(src) {
+            return;
+        }
+        if let Some(from) = self.conns[c].udp
+            && self.bindings.get(&from) == Some(&c)
+        {
+            self.bindings.remove(&from);
+        }
+        self.conns[c].udp = Some(src);
+        if let Some(other) = self.bindings.insert(src, c)
+            && other != c
+            && self.conns[other].udp == Some(src)
+        {
+            self.conns[other].udp = None;
+        }
+    }
+
+    // --- Outboxes, timers, closing --------------------------------------------------
+
+    /// A flush of `c` after a slice or a datagram: a client that reads takes everything at
+    /// once; one that does not has a full socket, and its bytes wait for the writer.
+    pub(super) fn model_flush(&mut self, c: usize) {
+        let now_ms = self.now_ms();
+        let conn = &mut self.conns[c];
+        if conn.reads && !conn.finished {
+            conn.out.flush(now_ms);
+        }
+    }
+
+    /// Which timer of `c` has run out at `now_ms`, if any: the identify deadline, then
+    /// the write deadline (output queued with no progress), then the idle timeout.
+    pub(super) fn due(&self, c: usize, now_ms: u64) -> Option<CloseReason> {
+        let k = &self.conns[c];
+        let s = &self.settings;
+        if !k.identified && now_ms - k.accepted_ms >= s.identify_ms {
+            Some(CloseReason::IdentifyTimeout)
+        } else if k.out.stalled(now_ms, s.write_deadline_ms) {
+            Some(CloseReason::SlowConsumer)
+        } else if now_ms - k.last_seen_ms >= s.idle_ms {
+            Some(CloseReason::Idle)
+        } else {
+            None
+        }
+    }
+
+    /// One sweep of `c`: a timer fires when it is found run out on two sweeps in a row.
+    pub(super) fn model_sweep(&mut self, c: usize) {
+        if self.conns[c].out.state != OutState::Open {
+            return;
+        }
+        let now_ms = self.now_ms();
+        match self.due(c, now_ms) {
+            Some(r) if self.conns[c].flagged => self.model_expire(c, r),
+            Some(_) => self.conns[c].flagged = true,
+            None => self.conns[c].flagged = false,
+        }
+    }
+
+    fn model_expire(&mut self, c: usize, r: CloseReason) {
+        match r {
+            CloseReason::IdentifyTimeout => {
+                self.close_out(c, r, &refusal(Reject::IdentifyTimeout));
+            }
+            CloseReason::SlowConsumer => self.conns[c].out.cut(r),
+            _ => self.close_out(c, r, &QUIT),
+        }
+        self.hub_close(c, r);
+    }
+
+    /// The shutdown: Quit to every connection still open.
+    pub(super) fn model_shutdown(&mut self) {
+        for c in self.open_conns() {
+            self.close_out(c, CloseReason::Shutdown, &QUIT);
+        }
+    }
+
+    /// The end of a connection's reader: the reason that stands.
+    pub(super) fn model_finish(&mut self, c: usize, reason: CloseReason) -> CloseReason {
+        let conn = &mut self.conns[c];
+        let stands = *conn.out.reason.get_or_insert(reason);
+        conn.out.close(stands, &[]);
+        conn.finished = true;
+        self.hub_close(c, stands);
+        stands
+    }
+
+    /// The hub forgets `c` (the first close only).
+    pub(super) fn hub_close(&mut self, c: usize, reason: CloseReason) {
+        let conn = &mut self.conns[c];
+        if conn.closed {
+            return;
+        }
+        conn.closed = true;
+        if reason == CloseReason::SlowConsumer {
+            self.counts.slow_consumers += 1;
+        }
+        if conn.identified
+            && let Some(a) = conn.udp.take()
+            && self.bindings.get(&a) == Some(&c)
+        {
+            self.bindings.remove(&a);
+        }
+    }
+}

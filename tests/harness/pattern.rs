@@ -1,0 +1,90 @@
+//! The model's target patterns, written from `docs/protocol.md` §6 and not from
+//! `src/proto/pattern.rs` or `src/hub/router.rs`, so that the model and the hub do not
+//! share a mistake. Only the error values are the core's ([`PatternError`]), so that the
+//! model's refusals are encoded by the core's [`Reject`](velium_server::proto::reject::Reject)
+//! like the hub's.
+
+use velium_server::proto::pattern::PatternError;
+
+#[derive(Clone, Debug, PartialEq)]
+enum MSeg {
+    Lit(String),
+    One,
+    Rest,
+}
+
+/// A target pattern as the model reads it.
+#[derive(Clone, Debug)]
+pub(super) struct MPat {
+    segs: Vec<MSeg>,
+    pub(super) include_self: bool,
+}
+
+fn lower(seg: &[u8]) -> String {
+    String::from_utf8_lossy(seg).to_ascii_lowercase()
+}
+
+impl MPat {
+    pub(super) fn parse(t: &[u8]) -> Result<MPat, PatternError> {
+        let (include_self, body) = match t.first() {
+            Some(b'+') => (true, &t[1..]),
+            _ => (false, t),
+        };
+        if body.is_empty() {
+            return Err(PatternError::Empty);
+        }
+        if body.len() > 255 {
+            return Err(PatternError::TooLong);
+        }
+        if std::str::from_utf8(body).is_err() {
+            return Err(PatternError::NotUtf8);
+        }
+        let parts: Vec<&[u8]> = body.split(|&b| b == b'.').collect();
+        let mut segs = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            segs.push(match *p {
+                b"*" => MSeg::One,
+                b">" if i + 1 == parts.len() => MSeg::Rest,
+                b">" => return Err(PatternError::RestNotLast),
+                lit => MSeg::Lit(lower(lit)),
+            });
+        }
+        Ok(MPat { segs, include_self })
+    }
+
+    pub(super) fn all() -> MPat {
+        MPat {
+            segs: vec![MSeg::Rest],
+            include_self: true,
+        }
+    }
+
+    pub(super) fn matches(&self, identity: &str) -> bool {
+        let parts: Vec<String> = identity.split('.').map(|p| lower(p.as_bytes())).collect();
+        fn go(segs: &[MSeg], parts: &[String]) -> bool {
+            match (segs.first(), parts.first()) {
+                (None, None) => true,
+                (Some(MSeg::Rest), Some(_)) => true,
+                (Some(MSeg::One), Some(_)) => go(&segs[1..], &parts[1..]),
+                (Some(MSeg::Lit(l)), Some(p)) if l == p => go(&segs[1..], &parts[1..]),
+                _ => false,
+            }
+        }
+        go(&self.segs, &parts)
+    }
+
+    /// Whether every identity `q` matches is matched by `self`.
+    pub(super) fn covers(&self, q: &MPat) -> bool {
+        fn go(p: &[MSeg], q: &[MSeg]) -> bool {
+            match (p.first(), q.first()) {
+                (Some(MSeg::Rest), Some(_)) => true,
+                (None, None) => true,
+                (_, Some(MSeg::Rest)) | (None, Some(_)) | (Some(_), None) => false,
+                (Some(MSeg::One), Some(_)) => go(&p[1..], &q[1..]),
+                (Some(MSeg::Lit(a)), Some(MSeg::Lit(b))) if a == b => go(&p[1..], &q[1..]),
+                (Some(MSeg::Lit(_)), Some(_)) => false,
+            }
+        }
+        go(&self.segs, &q.segs)
+    }
+}

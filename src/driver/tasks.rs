@@ -4,16 +4,14 @@
 
 use super::{Datagrams, Listener, Stream, sys};
 use crate::hub::connection::{Connection, Flow};
-use crate::hub::datagram::{self, QuitLimiter};
+use crate::hub::datagram::{self, QuitLimiter, SendQueue};
 use crate::hub::outbox::OutState;
-use crate::hub::send::{Class, Datagram};
 use crate::hub::shim::{CloseReason, Shim};
 use crate::hub::{Hub, Outgoing};
 use crate::metrics::Counters;
 use crate::proto::reject::Reject;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -32,7 +30,7 @@ pub(crate) struct Core {
 /// Read buffer size for a quiet connection: small, so that an idle shim costs little.
 const READ_SMALL: usize = 512;
 /// Read buffer size a busy connection grows to.
-const READ_LARGE: usize = 64 * 1024;
+const READ_LARGE: usize = 16 * 1024;
 /// How long a closing connection may take to flush its last frame before it is cut.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// The longest a producer waits, per slice, for the recipients it congested to drain.
@@ -226,7 +224,7 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
             }
         }
         buf.clear();
-        if buf.capacity() > READ_SMALL * 8 {
+        if buf.capacity() > READ_SMALL * 2 {
             buf = Vec::new();
         }
         shim.outbox.wrote(hub.ms(Instant::now()));
@@ -254,48 +252,11 @@ async fn sweep(core: Rc<Core>) {
     }
 }
 
-/// Datagrams waiting for room in the core's UDP socket: replies first, each queue in
-/// order, bounded per core and per destination.
-#[derive(Default)]
-struct UdpQueue {
-    replies: VecDeque<Datagram>,
-    deliveries: VecDeque<Datagram>,
-    per_dest: HashMap<SocketAddr, usize>,
-    sending: bool,
-}
-
-impl UdpQueue {
-    fn len(&self) -> usize {
-        self.replies.len() + self.deliveries.len()
-    }
-
-    fn pop(&mut self) -> Option<Datagram> {
-        let d = self
-            .replies
-            .pop_front()
-            .or_else(|| self.deliveries.pop_front())?;
-        if let Some(n) = self.per_dest.get_mut(&d.to) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_dest.remove(&d.to);
-            }
-        }
-        if self.len() == 0 {
-            // Give back what a burst grew.
-            *self = UdpQueue {
-                sending: self.sending,
-                ..UdpQueue::default()
-            };
-        }
-        Some(d)
-    }
-}
-
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let hub = core.hub.clone();
     let mut lim = QuitLimiter::new(hub.config().udp_quit_per_sec);
     let mut out = Outgoing::default();
-    let queue: Rc<RefCell<UdpQueue>> = Rc::default();
+    let queue: Rc<RefCell<SendQueue>> = Rc::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let (res, b) = sock.recv_from(buf).await;
@@ -321,11 +282,12 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
 }
 
 /// Sends what a datagram produced: straight from the socket while nothing waits ahead of
-/// it, else into the bounded queue (dropped and counted when full), drained by a task.
+/// it, else into the core's bounded queue (dropped and counted when full), drained by a
+/// task.
 fn send_datagrams<U: Datagrams>(
     core: &Rc<Core>,
     sock: &Rc<U>,
-    queue: &Rc<RefCell<UdpQueue>>,
+    queue: &Rc<RefCell<SendQueue>>,
     out: &mut Outgoing,
 ) {
     if out.datagrams.is_empty() {
@@ -338,11 +300,7 @@ fn send_datagrams<U: Datagrams>(
     };
     let mut q = queue.borrow_mut();
     for d in out.datagrams.drain(..) {
-        let ahead = match d.class {
-            Class::Reply => !q.replies.is_empty(),
-            Class::Delivery => q.len() > 0,
-        };
-        if !ahead {
+        if !q.is_ahead_of(&d) {
             match sys::send_to_now(sock.fd(), &d.frame, d.to) {
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -352,18 +310,11 @@ fn send_datagrams<U: Datagrams>(
                 }
             }
         }
-        let queued_for = q.per_dest.get(&d.to).copied().unwrap_or(0);
-        if q.len() >= max || queued_for >= per_dest {
+        if !q.offer(d, max, per_dest) {
             Counters::bump(&hub.counters().udp_dropped);
-            continue;
-        }
-        *q.per_dest.entry(d.to).or_insert(0) += 1;
-        match d.class {
-            Class::Reply => q.replies.push_back(d),
-            Class::Delivery => q.deliveries.push_back(d),
         }
     }
-    if q.len() > 0 && !q.sending {
+    if !q.is_empty() && !q.sending {
         q.sending = true;
         tokio::task::spawn_local(drain_udp(sock.clone(), queue.clone()));
     }
@@ -372,11 +323,11 @@ fn send_datagrams<U: Datagrams>(
 /// Sends queued datagrams, replies first, as the socket has room for them, so that
 /// receiving goes on meanwhile. (A full non-blocking UDP socket answers `WouldBlock`,
 /// which io_uring passes on rather than waiting; so this waits with a short timer.)
-async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<UdpQueue>>) {
+async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<SendQueue>>) {
     loop {
         {
             let mut q = queue.borrow_mut();
-            while let Some(d) = q.replies.front().or_else(|| q.deliveries.front()) {
+            while let Some(d) = q.front() {
                 match sys::send_to_now(sock.fd(), &d.frame, d.to) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => debug!(to = %d.to, error = %e, "udp send failed"),
@@ -384,7 +335,7 @@ async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<UdpQueue>>) {
                 }
                 q.pop();
             }
-            if q.len() == 0 {
+            if q.is_empty() {
                 q.sending = false;
                 return;
             }

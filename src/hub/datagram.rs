@@ -15,7 +15,7 @@ use crate::proto::reject::Reject;
 use crate::proto::request::Request;
 use crate::proto::{Opcode, QUIT, Token, reply};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -72,6 +72,81 @@ impl QuitLimiter {
         }
         *tokens -= 1;
         true
+    }
+}
+
+/// Datagrams waiting for room in a core's UDP socket: replies to a shim's own requests in
+/// a queue of their own that is sent first, so a quiet shim's Pong or Ack is never stuck
+/// behind a fan-out to others; each queue in order; bounded per core and per destination.
+/// The driver sends from it; when it is full, a datagram is dropped (UDP is best effort).
+#[derive(Default)]
+pub struct SendQueue {
+    replies: VecDeque<Datagram>,
+    deliveries: VecDeque<Datagram>,
+    per_dest: HashMap<SocketAddr, usize>,
+    /// Whether the driver has a task draining it.
+    pub sending: bool,
+}
+
+impl SendQueue {
+    /// Datagrams waiting.
+    pub fn len(&self) -> usize {
+        self.replies.len() + self.deliveries.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether something waits that `d` must not overtake (a reply waits only behind
+    /// replies).
+    pub fn is_ahead_of(&self, d: &Datagram) -> bool {
+        match d.class {
+            Class::Reply => !self.replies.is_empty(),
+            Class::Delivery => !self.is_empty(),
+        }
+    }
+
+    /// Queues `d` unless `max` datagrams wait in all, or `per_dest` for its address;
+    /// false when it was dropped.
+    pub fn offer(&mut self, d: Datagram, max: usize, per_dest: usize) -> bool {
+        let n = self.per_dest.get(&d.to).copied().unwrap_or(0);
+        if self.len() >= max || n >= per_dest {
+            return false;
+        }
+        self.per_dest.insert(d.to, n + 1);
+        match d.class {
+            Class::Reply => self.replies.push_back(d),
+            Class::Delivery => self.deliveries.push_back(d),
+        }
+        true
+    }
+
+    /// The next datagram to send.
+    pub fn front(&self) -> Option<&Datagram> {
+        self.replies.front().or_else(|| self.deliveries.front())
+    }
+
+    /// Takes the next datagram; once the queue is empty, what a burst grew is given back.
+    pub fn pop(&mut self) -> Option<Datagram> {
+        let d = self
+            .replies
+            .pop_front()
+            .or_else(|| self.deliveries.pop_front())?;
+        if let Some(n) = self.per_dest.get_mut(&d.to) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_dest.remove(&d.to);
+            }
+        }
+        if self.is_empty() {
+            *self = SendQueue {
+                sending: self.sending,
+                ..SendQueue::default()
+            };
+        }
+        Some(d)
     }
 }
 
@@ -270,6 +345,34 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.datagrams.len(), 1);
+    }
+
+    #[test]
+    fn send_queue_is_bounded_and_replies_go_first() {
+        let d = |port: u16, class: Class| Datagram {
+            to: SocketAddr::from(([127, 0, 0, 1], port)),
+            frame: Bytes::from_static(b"\x07\n"),
+            class,
+        };
+        let mut q = SendQueue::default();
+        for _ in 0..3 {
+            assert!(q.offer(d(1, Class::Delivery), 5, 3));
+        }
+        assert!(!q.offer(d(1, Class::Delivery), 5, 3), "3 per destination");
+        assert!(q.offer(d(2, Class::Delivery), 5, 3));
+        assert!(
+            !q.is_ahead_of(&d(3, Class::Reply)),
+            "a reply overtakes deliveries"
+        );
+        assert!(q.offer(d(3, Class::Reply), 5, 3));
+        assert!(!q.offer(d(4, Class::Reply), 5, 3), "5 in all");
+        assert!(q.is_ahead_of(&d(4, Class::Reply)));
+        assert_eq!(q.pop().map(|x| x.to.port()), Some(3), "the reply first");
+        let order: Vec<u16> = std::iter::from_fn(|| q.pop())
+            .map(|x| x.to.port())
+            .collect();
+        assert_eq!(order, [1, 1, 1, 2]);
+        assert!(q.is_empty() && q.per_dest.capacity() == 0 && q.deliveries.capacity() == 0);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct SocketOps {
 }
 
 /// Capacity an emptied queue may keep; a larger one is given back.
-const IDLE_CAPACITY: usize = 4 * 1024;
+const IDLE_CAPACITY: usize = 1024;
 
 /// Where the outbound side of a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -93,8 +93,8 @@ impl<'a> Request<'a> {
                     None => (data, &b""[..]),
                 };
                 // ASCII digits only: no sign, no space.
-                let id = super::reply::parse_u64(id_text)
-                    .ok_or(Reject::Malformed(Shape::IdResponse))?;
+                let id =
+                    super::reply::parse_u64(id_text).ok_or(Reject::Malformed(Shape::IdResponse))?;
                 Request::Respond { id, id_text, text }
             }
             Opcode::Ping => Request::Ping(data),

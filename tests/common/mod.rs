@@ -453,3 +453,23 @@ impl Udp {
         self.expect_frame(0x07, data);
     }
 }
+
+impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident set size (VmRSS in /proc/PID/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib_of(self.pid()).expect("VmRSS of the server")
+    }
+}
+
+/// The resident set size of process `pid` (VmRSS in /proc/PID/status), in KiB; `None`
+/// when the process is gone.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

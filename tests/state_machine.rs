@@ -434,7 +434,7 @@ fn a_client_that_does_not_read_is_cut_at_the_write_deadline() {
 /// client gets is the same as from many small reads.
 #[test]
 fn a_long_read_is_handled_in_slices() {
-    let pings: Vec<Piece> = (0..300u16)
+    let pings: Vec<Piece> = (0..3000u16)
         .map(|i| piece_of(0x06, Body::Bytes(i.to_string().into_bytes()), i % 7 == 0))
         .collect();
     let mut settings = plain_settings();
@@ -444,8 +444,8 @@ fn a_long_read_is_handled_in_slices() {
         steps: vec![client(true), read_on(0, pings, 0)],
     });
     let got = &r.conns[0].0;
-    assert_eq!(got.len(), 300);
-    assert_eq!(got[299], b"\x07299\n");
+    assert_eq!(got.len(), 3000);
+    assert_eq!(got[2999], b"\x072999\n");
 }
 
 /// A graceful shutdown sends Quit to every connection, identified or not, and refuses

@@ -124,6 +124,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         other => other,
     };
     let (addr, sockets) = bind_all(config.listen, config.cores)?;
+    sys::tune_allocator();
     let open_files = sys::raise_open_file_limit();
     let now = Instant::now();
     let unix = SystemTime::now()

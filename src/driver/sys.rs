@@ -129,3 +129,17 @@ pub fn raise_open_file_limit() -> usize {
     }
     usize::try_from(r.rlim_cur).unwrap_or(usize::MAX)
 }
+
+/// Has glibc's allocator give buffers of 64 KiB and more straight back to the system when
+/// they are freed (mmap), instead of raising its threshold after the first such free and
+/// keeping them in the heap: a burst's read and queue buffers then leave no memory behind.
+/// Busy connections keep their large buffers, so this costs a map and an unmap per burst,
+/// not per read.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it is called once at start, before
+    // the cores allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
+}

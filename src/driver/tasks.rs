@@ -7,8 +7,8 @@ use crate::hub::connection::{Connection, Flow};
 use crate::hub::datagram::{self, QuitLimiter, SendQueue};
 use crate::hub::outbox::OutState;
 use crate::hub::shim::{CloseReason, Shim};
+use crate::hub::timers::CLOSE_LINGER;
 use crate::hub::{Hub, Outgoing};
-use crate::metrics::Counters;
 use crate::proto::reject::Reject;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
@@ -16,6 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
@@ -30,9 +31,10 @@ pub(crate) struct Core {
 /// Read buffer size for a quiet connection: small, so that an idle shim costs little.
 const READ_SMALL: usize = 512;
 /// Read buffer size a busy connection grows to.
-const READ_LARGE: usize = 16 * 1024;
-/// How long a closing connection may take to flush its last frame before it is cut.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+const READ_LARGE: usize = 64 * 1024;
+/// Bytes the writer hands the socket at a time: progress is recorded after each, for the
+/// write deadline and for producers waiting on this connection.
+const WRITE_CHUNK: usize = 64 * 1024;
 /// The longest a producer waits, per slice, for the recipients it congested to drain.
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 
@@ -149,8 +151,10 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         let cap = buf.capacity();
         buf.clear();
         if n == cap && cap < READ_LARGE {
-            // Grow for a busy connection.
-            buf = Vec::with_capacity((cap * 4).min(READ_LARGE));
+            // Grow for a busy connection, in one step: a buffer this large is mapped from
+            // the system and given back whole when the connection goes quiet
+            // (`sys::tune_allocator`), where intermediate sizes would fragment the heap.
+            buf = Vec::with_capacity(READ_LARGE);
         }
         if n == cap {
             // More is waiting: let every other connection on this core have its turn
@@ -210,12 +214,33 @@ async fn carry_out(core: &Core, out: &mut Outgoing) {
 /// of a closing connection; then shuts the socket down.
 async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
     let mut buf = Vec::new();
+    let mut chunk = Vec::new();
     loop {
         let state = shim.outbox.take(&mut buf);
         let wrote = !buf.is_empty() && state != OutState::Kicked;
         if wrote {
-            let (res, b) = stream.write_all(buf).await;
-            buf = b;
+            let res = if buf.len() <= WRITE_CHUNK {
+                let (res, b) = stream.write_all(buf).await;
+                buf = b;
+                res
+            } else {
+                // In chunks, so that a large backlog to a slow but steady reader shows
+                // progress as it goes.
+                let mut res = Ok(());
+                for part in buf.chunks(WRITE_CHUNK) {
+                    chunk.clear();
+                    chunk.extend_from_slice(part);
+                    let (r, c) = stream.write_all(chunk).await;
+                    chunk = c;
+                    if r.is_err() {
+                        res = r;
+                        break;
+                    }
+                    shim.outbox.progress(part.len(), hub.ms(Instant::now()));
+                }
+                chunk = Vec::new();
+                res
+            };
             if let Err(e) = res {
                 debug!(conn = shim.serial, error = %e, "write failed");
                 shim.outbox.cut(CloseReason::IoError);
@@ -310,9 +335,8 @@ fn send_datagrams<U: Datagrams>(
                 }
             }
         }
-        if !q.offer(d, max, per_dest) {
-            Counters::bump(&hub.counters().udp_dropped);
-        }
+        let dropped = q.offer(d, max, per_dest) as u64;
+        (hub.counters().udp_dropped).fetch_add(dropped, Ordering::Relaxed);
     }
     if !q.is_empty() && !q.sending {
         q.sending = true;

@@ -108,19 +108,38 @@ impl SendQueue {
         }
     }
 
-    /// Queues `d` unless `max` datagrams wait in all, or `per_dest` for its address;
-    /// false when it was dropped.
-    pub fn offer(&mut self, d: Datagram, max: usize, per_dest: usize) -> bool {
+    /// Queues `d` unless `per_dest` datagrams wait for its address, or `max` in all (a
+    /// reply then takes the place of the oldest delivery). Returns how many datagrams
+    /// were dropped: `d`, or the delivery it replaced.
+    pub fn offer(&mut self, d: Datagram, max: usize, per_dest: usize) -> usize {
         let n = self.per_dest.get(&d.to).copied().unwrap_or(0);
-        if self.len() >= max || n >= per_dest {
-            return false;
+        if n >= per_dest {
+            return 1;
+        }
+        let mut dropped = 0;
+        if self.len() >= max {
+            if d.class == Class::Delivery || self.deliveries.is_empty() {
+                return 1;
+            }
+            let old = self.deliveries.pop_front().expect("not empty");
+            self.forget(old.to);
+            dropped = 1;
         }
         self.per_dest.insert(d.to, n + 1);
         match d.class {
             Class::Reply => self.replies.push_back(d),
             Class::Delivery => self.deliveries.push_back(d),
         }
-        true
+        dropped
+    }
+
+    fn forget(&mut self, to: SocketAddr) {
+        if let Some(n) = self.per_dest.get_mut(&to) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_dest.remove(&to);
+            }
+        }
     }
 
     /// The next datagram to send.
@@ -134,12 +153,7 @@ impl SendQueue {
             .replies
             .pop_front()
             .or_else(|| self.deliveries.pop_front())?;
-        if let Some(n) = self.per_dest.get_mut(&d.to) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_dest.remove(&d.to);
-            }
-        }
+        self.forget(d.to);
         if self.is_empty() {
             *self = SendQueue {
                 sending: self.sending,
@@ -215,6 +229,10 @@ pub fn on_datagram(
     let Some(shim) = hub.table.by_udp(&src) else {
         return answer_quit(hub, lim, src, dgram.len(), out);
     };
+    if !shim.outbox.is_open() {
+        // Cut off or closing (its reader will remove it): none of its input is handled.
+        return;
+    }
     shim.touch(out.now_ms);
     shim.frames_in.fetch_add(1, Ordering::Relaxed);
     let via = Via::Udp(src);
@@ -356,22 +374,28 @@ mod tests {
         };
         let mut q = SendQueue::default();
         for _ in 0..3 {
-            assert!(q.offer(d(1, Class::Delivery), 5, 3));
+            assert_eq!(q.offer(d(1, Class::Delivery), 5, 3), 0);
         }
-        assert!(!q.offer(d(1, Class::Delivery), 5, 3), "3 per destination");
-        assert!(q.offer(d(2, Class::Delivery), 5, 3));
+        assert_eq!(q.offer(d(1, Class::Delivery), 5, 3), 1, "3 per destination");
+        assert_eq!(q.offer(d(2, Class::Delivery), 5, 3), 0);
         assert!(
             !q.is_ahead_of(&d(3, Class::Reply)),
             "a reply overtakes deliveries"
         );
-        assert!(q.offer(d(3, Class::Reply), 5, 3));
-        assert!(!q.offer(d(4, Class::Reply), 5, 3), "5 in all");
+        assert_eq!(q.offer(d(3, Class::Reply), 5, 3), 0);
+        assert_eq!(q.offer(d(5, Class::Delivery), 5, 3), 1, "5 in all");
+        assert_eq!(
+            q.offer(d(4, Class::Reply), 5, 3),
+            1,
+            "a reply replaces a delivery"
+        );
         assert!(q.is_ahead_of(&d(4, Class::Reply)));
-        assert_eq!(q.pop().map(|x| x.to.port()), Some(3), "the reply first");
+        assert_eq!(q.pop().map(|x| x.to.port()), Some(3), "replies first");
+        assert_eq!(q.pop().map(|x| x.to.port()), Some(4));
         let order: Vec<u16> = std::iter::from_fn(|| q.pop())
             .map(|x| x.to.port())
             .collect();
-        assert_eq!(order, [1, 1, 1, 2]);
+        assert_eq!(order, [1, 1, 2], "the oldest delivery made room");
         assert!(q.is_empty() && q.per_dest.capacity() == 0 && q.deliveries.capacity() == 0);
     }
 

@@ -49,6 +49,10 @@ struct Inner {
     /// The writer task holds bytes taken from `buf` and is writing them: a direct send
     /// now would overtake them.
     writing: bool,
+    /// How many of the bytes the writer took are not written yet.
+    in_flight: usize,
+    /// The socket was shut down by a cut: nothing can be written any more.
+    shut: bool,
     state: OutState,
     reason: Option<CloseReason>,
     /// When output last made progress, or when the queue last went from idle to busy
@@ -62,6 +66,11 @@ struct Inner {
 impl Inner {
     fn busy(&self) -> bool {
         !self.buf.is_empty() || self.writing
+    }
+
+    /// Bytes queued and not yet handed to the kernel, the writer's included.
+    fn pending(&self) -> usize {
+        self.buf.len() + self.in_flight
     }
 
     fn shrink(&mut self) {
@@ -102,6 +111,8 @@ impl Default for Outbox {
             inner: Mutex::new(Inner {
                 buf: Vec::new(),
                 writing: false,
+                in_flight: 0,
+                shut: false,
                 state: OutState::Open,
                 reason: None,
                 since_ms: 0,
@@ -125,7 +136,7 @@ impl Outbox {
         if !g.busy() {
             g.since_ms = now_ms;
         }
-        if g.buf.len() + bytes.len() > limit {
+        if g.pending() + bytes.len() > limit {
             self.cut_locked(&mut g, CloseReason::SlowConsumer);
             drop(g);
             self.notify.notify_one();
@@ -134,7 +145,7 @@ impl Outbox {
         g.buf.extend_from_slice(bytes);
         Pushed::Queued {
             first,
-            pending: g.buf.len(),
+            pending: g.pending(),
         }
     }
 
@@ -203,14 +214,16 @@ impl Outbox {
 
     fn cut_locked(&self, g: &mut Inner, reason: CloseReason) {
         g.reason.get_or_insert(reason);
-        if g.state == OutState::Kicked {
-            return;
-        }
         g.state = OutState::Kicked;
         self.open.store(false, Ordering::Release);
         g.buf = Vec::new();
-        if let Some((fd, ops)) = g.socket {
+        // Even after the writer took a closing connection's last frame: a writer parked on
+        // a peer that stopped reading must be woken, or it would hold the socket for ever.
+        if !g.shut
+            && let Some((fd, ops)) = g.socket
+        {
             (ops.shutdown)(fd);
+            g.shut = true;
         }
     }
 
@@ -232,6 +245,7 @@ impl Outbox {
         let mut g = self.inner.lock();
         std::mem::swap(&mut g.buf, out);
         g.writing = !out.is_empty();
+        g.in_flight = out.len();
         if g.state == OutState::Closing {
             // The final frame is in `out`; after it is written the writer shuts down.
             g.state = OutState::Kicked;
@@ -240,10 +254,19 @@ impl Outbox {
         g.state
     }
 
+    /// The writer wrote `n` more of the bytes it took, at `now_ms` (progress, for the write
+    /// deadline and for the producers waiting on this queue).
+    pub fn progress(&self, n: usize, now_ms: u64) {
+        let mut g = self.inner.lock();
+        g.in_flight = g.in_flight.saturating_sub(n);
+        g.since_ms = now_ms;
+    }
+
     /// The writer finished writing what it took, at `now_ms`.
     pub fn wrote(&self, now_ms: u64) {
         let mut g = self.inner.lock();
         g.writing = false;
+        g.in_flight = 0;
         g.since_ms = now_ms;
         g.shrink();
     }
@@ -278,10 +301,11 @@ impl Outbox {
         self.inner.lock().buf.len()
     }
 
-    /// Whether output has waited, with no progress, for `deadline_ms` at `now_ms`.
+    /// Whether output has waited, with no progress, for `deadline_ms` at `now_ms` (and the
+    /// socket is not shut down yet).
     pub fn stalled(&self, now_ms: u64, deadline_ms: u64) -> bool {
         let g = self.inner.lock();
-        g.state == OutState::Open && g.busy() && now_ms.saturating_sub(g.since_ms) >= deadline_ms
+        !g.shut && g.busy() && now_ms.saturating_sub(g.since_ms) >= deadline_ms
     }
 
     /// Pending bytes, and whether the queue made progress within `window_ms` of `now_ms`
@@ -289,7 +313,7 @@ impl Outbox {
     pub fn draining(&self, now_ms: u64, window_ms: u64) -> (usize, bool) {
         let g = self.inner.lock();
         let active = g.state == OutState::Open && now_ms.saturating_sub(g.since_ms) < window_ms;
-        (g.buf.len(), active)
+        (g.pending(), active)
     }
 }
 

@@ -29,13 +29,13 @@ impl Hub {
             text,
         } = *r;
         let answer = Route::Reply(via);
+        if let Err(r) = self.allow_route(sender, Work::FanOut, out.now_ms) {
+            return self.refuse(sender, answer, &r, out);
+        }
         let identity = sender.identity();
         if op == Opcode::Command && !self.config().may_command(&identity, target) {
             debug!(conn = sender.serial, identity = %identity, "command not permitted");
             let r = Reject::NotPermitted(lossy(target_text));
-            return self.refuse(sender, answer, &r, out);
-        }
-        if let Err(r) = self.allow_route(sender, Work::FanOut, out.now_ms) {
             return self.refuse(sender, answer, &r, out);
         }
         let id = (op == Opcode::Command).then(|| sender.next_command_id());
@@ -73,7 +73,12 @@ impl Hub {
         out: &mut Outgoing,
     ) {
         if let Err(r) = self.allow_route(responder, Work::Response, out.now_ms) {
-            return self.refuse(responder, Route::Reply(via), &r, out);
+            // Dropped, counted and logged, but not answered: a CommandResponse is owed no
+            // answer, and an Error here would be taken for the answer to the responder's
+            // own oldest request.
+            self.metrics.reject(&r);
+            Counters::bump(&self.counters().responses_dropped);
+            return;
         }
         let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
             Counters::bump(&self.counters().responses_dropped);

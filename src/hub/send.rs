@@ -67,9 +67,11 @@ pub struct Datagram {
 /// driver flushes.
 const SLICE_BYTES: usize = 4 * 1024 * 1024;
 /// Frames one slice may handle before the driver flushes and lets other connections run.
-pub(crate) const SLICE_FRAMES: usize = 256;
+pub(crate) const SLICE_FRAMES: usize = 1024;
 /// A recipient whose output moved within this window still counts as reading.
 const DRAINING_MS: u64 = 100;
+/// Congested recipients one slice remembers (one is enough to end it).
+const MAX_CONGESTED: usize = 64;
 
 /// What handling a slice of input produced, for the driver to carry out afterwards.
 #[derive(Debug)]
@@ -184,9 +186,12 @@ struct Bucket {
 impl Bucket {
     fn refill(&mut self, rate: u32, now_ms: u64) {
         let cap = i64::from(rate) * 1000;
-        let gained = now_ms.saturating_sub(self.at_ms) as i64 * i64::from(rate);
-        self.milli = (self.milli.saturating_add(gained)).min(cap);
-        self.at_ms = now_ms;
+        // The clock never runs back (the TCP and UDP sides of a shim may be served by two
+        // cores with slightly different times), and the arithmetic saturates.
+        let dt = now_ms.saturating_sub(self.at_ms) as i64;
+        let gained = dt.saturating_mul(i64::from(rate));
+        self.milli = self.milli.saturating_add(gained).min(cap);
+        self.at_ms = self.at_ms.max(now_ms);
     }
 }
 
@@ -295,6 +300,9 @@ impl Hub {
             _ => None,
         };
         if let Some((addr, class)) = udp {
+            if !to.outbox.is_open() {
+                return None;
+            }
             to.frames_out.fetch_add(1, Ordering::Relaxed);
             out.count(Transport::Udp, frame[0], 1, frame.len());
             out.datagrams.push(Datagram {
@@ -320,8 +328,12 @@ impl Hub {
                 if first {
                     out.flush.push(to.clone());
                 }
-                let high = out.limit / 4;
-                if pending >= high && pending - frame.len() < high {
+                // Past a quarter of the limit (crossing it now, or already past it from
+                // before): the slice ends after this frame and the producer waits for it.
+                if pending >= out.limit / 4
+                    && out.congested.len() < MAX_CONGESTED
+                    && !out.congested.iter().any(|s| Arc::ptr_eq(s, to))
+                {
                     out.congested.push(to.clone());
                 }
                 Some(Transport::Tcp)
@@ -353,10 +365,11 @@ impl Hub {
     /// Ends a slice: adds its counts to the metrics and records its latencies at `now`
     /// (after the driver flushed it), on core `core`.
     pub fn finish(&self, core: usize, out: &mut Outgoing, now: Instant) {
-        for (t, op, frames, bytes) in out.tally.drain(..) {
+        // Taken, not drained: an idle connection keeps no allocation for them.
+        for (t, op, frames, bytes) in std::mem::take(&mut out.tally) {
             (self.metrics).frames(Dir::Out, t, op, frames, bytes as usize);
         }
-        for (which, since) in out.latencies.drain(..) {
+        for (which, since) in std::mem::take(&mut out.latencies) {
             self.metrics
                 .record(core, which, now.saturating_duration_since(since));
         }

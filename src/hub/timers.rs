@@ -15,6 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::debug;
 
+/// How long a closing connection may take to write its last frames before it is cut.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
 impl Hub {
     /// How often the sweeper runs: a tenth of the shortest timeout, within 5-250 ms.
     pub fn sweep_every(&self) -> Duration {
@@ -68,8 +71,17 @@ impl Hub {
     /// One sweep of one connection. A timer must be found run out on two sweeps in a row
     /// (`flagged` remembers the first): after a stall of this core, frames already
     /// received but not yet read get one tick to count.
+    ///
+    /// A connection already closing that has made no progress writing its last frames for
+    /// [`CLOSE_LINGER`] is cut: its peer stopped reading, and would otherwise hold the
+    /// socket, the task and its admission slot for ever.
     pub fn sweep(&self, shim: &Shim, flagged: &Cell<bool>, now: Instant) {
         if shim.outbox.state() != OutState::Open {
+            let linger = CLOSE_LINGER.as_millis() as u64;
+            if shim.outbox.stalled(self.ms(now), linger) {
+                let reason = shim.outbox.settle_reason(CloseReason::IoError);
+                shim.outbox.cut(reason);
+            }
             return;
         }
         match self.expired(shim, now) {

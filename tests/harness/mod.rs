@@ -517,12 +517,16 @@ impl World {
         }
     }
 
-    /// One run of the sweeper over every connection.
+    /// One run of the sweeper over every connection the core still serves (a finished
+    /// one has left the driver's list).
     fn sweep(&mut self) {
         let now = self.now();
         let now_ms = self.now_ms();
         for c in 0..self.conns.len() {
             let k = &self.conns[c];
+            if k.finished {
+                continue;
+            }
             if k.out.state == OutState::Open {
                 let expired = self.hub.expired(&k.shim, now);
                 let due = self.due(c, now_ms);

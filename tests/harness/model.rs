@@ -24,12 +24,13 @@ use velium_server::hub::connection::Flow;
 use velium_server::hub::outbox::OutState;
 use velium_server::hub::send::Class;
 use velium_server::hub::shim::CloseReason;
+use velium_server::hub::timers::CLOSE_LINGER;
 use velium_server::proto::identity::check_identity;
 use velium_server::proto::reject::{Rate, Reject, Shape};
 use velium_server::proto::{CR, NEWLINE, Opcode, QUIT, encoded};
 
-/// Frames one `on_bytes` call handles at most (§8: "at most 256 frames ... at a time").
-pub(super) const SLICE_FRAMES: usize = 256;
+/// Frames one `on_bytes` call handles at most (§8: "at most 1024 frames at a time").
+pub(super) const SLICE_FRAMES: usize = 1024;
 
 /// One expected entry on a TCP outbox.
 #[derive(Clone, Debug)]
@@ -113,12 +114,10 @@ impl MOutbox {
         true
     }
 
-    /// Cuts the shim off: what was queued is dropped and the socket shut down at once.
+    /// Cuts the shim off: what was queued is dropped and the socket shut down at once
+    /// (even after the writer took a closing connection's last frame).
     fn cut(&mut self, reason: CloseReason) {
         self.reason.get_or_insert(reason);
-        if self.state == OutState::Kicked {
-            return;
-        }
         self.state = OutState::Kicked;
         self.queued.clear();
         self.bytes = 0;
@@ -148,10 +147,9 @@ impl MOutbox {
         (q, s)
     }
 
+    /// Output waiting, with no progress, for `deadline_ms`, on a socket not shut down.
     fn stalled(&self, now_ms: u64, deadline_ms: u64) -> bool {
-        self.state == OutState::Open
-            && self.bytes > 0
-            && now_ms.saturating_sub(self.since_ms) >= deadline_ms
+        !self.shut && self.bytes > 0 && now_ms.saturating_sub(self.since_ms) >= deadline_ms
     }
 }
 
@@ -200,9 +198,10 @@ enum Work {
 /// What the current slice did to its recipients' queues.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct MSlice {
-    /// A queue reached a quarter of the outbound limit from below.
+    /// A queue pushed to in this slice is at a quarter of the outbound limit or more: the
+    /// slice may end.
     pub(super) reached: bool,
-    /// A queue went past a quarter of the outbound limit from below.
+    /// The same: the slice must end at this frame's end.
     pub(super) passed: bool,
 }
 
@@ -359,10 +358,11 @@ impl World {
                     self.listed.push(c);
                 }
                 let (after, high) = (self.conns[c].out.bytes, self.settings.outbound_limit / 4);
-                if after - len < high {
-                    self.slice.reached |= after >= high;
-                    self.slice.passed |= after > high;
-                }
+                // §8: the slice ends once a recipient's queue is past a quarter of the
+                // limit, whether this push took it there or it was there already.
+                let _ = len;
+                self.slice.reached |= after >= high;
+                self.slice.passed |= after >= high;
                 self.counts.tcp_out += len as u64;
                 true
             }
@@ -511,6 +511,9 @@ impl World {
         if let MVia::Udp(_) = via
             && let Some(a) = self.conns[to].udp
         {
+            if self.conns[to].out.state != OutState::Open {
+                return false;
+            }
             self.counts.udp_out += f.len() as u64;
             self.dgrams.push((a, f.to_vec(), Class::Delivery));
             return true;
@@ -542,6 +545,10 @@ impl World {
             Ok(p) => p,
             Err(e) => return self.reply(c, via, refusal(Reject::BadTarget(lossy(target), e))),
         };
+        // The rates first: a Command the rules refuse still counts as routed.
+        if let Err(r) = self.allow(c, Work::FanOut) {
+            return self.reply(c, via, refusal(r));
+        }
         let identity = self.conns[c].identity.clone();
         if op == Opcode::Command {
             let rules = rules(&self.settings);
@@ -553,9 +560,6 @@ impl World {
             if !allowed {
                 return self.reply(c, via, refusal(Reject::NotPermitted(lossy(target))));
             }
-        }
-        if let Err(r) = self.allow(c, Work::FanOut) {
-            return self.reply(c, via, refusal(r));
         }
         let id = if op == Opcode::Command {
             let conn = &mut self.conns[c];
@@ -601,8 +605,10 @@ impl World {
         else {
             return self.reply(c, via, refusal(Reject::Malformed(Shape::IdResponse)));
         };
-        if let Err(r) = self.allow(c, Work::Response) {
-            return self.reply(c, via, refusal(r));
+        if self.allow(c, Work::Response).is_err() {
+            // Dropped and counted, not answered (§8).
+            self.counts.responses_dropped += 1;
+            return;
         }
         let serial = id >> 20;
         let Some(to) = (0..self.conns.len())
@@ -694,6 +700,10 @@ impl World {
         let Some(c) = bound else {
             return quit_due;
         };
+        if self.conns[c].out.state != OutState::Open {
+            // Cut off or closing: none of its input is handled.
+            return false;
+        }
         self.conns[c].last_seen_ms = now_ms;
         let via = MVia::Udp(src);
         let Some(known) = Opcode::from_byte(op) else {
@@ -759,10 +769,17 @@ impl World {
 
     /// One sweep of `c`: a timer fires when it is found run out on two sweeps in a row.
     pub(super) fn model_sweep(&mut self, c: usize) {
+        let now_ms = self.now_ms();
         if self.conns[c].out.state != OutState::Open {
+            // A closing connection whose last frames made no progress for the linger time
+            // is cut.
+            let out = &mut self.conns[c].out;
+            if out.stalled(now_ms, CLOSE_LINGER.as_millis() as u64) {
+                let r = *out.reason.get_or_insert(CloseReason::IoError);
+                out.cut(r);
+            }
             return;
         }
-        let now_ms = self.now_ms();
         match self.due(c, now_ms) {
             Some(r) if self.conns[c].flagged => self.model_expire(c, r),
             Some(_) => self.conns[c].flagged = true,

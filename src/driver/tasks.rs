@@ -8,7 +8,7 @@ use crate::hub::datagram::{self, QuitLimiter, SendQueue};
 use crate::hub::outbox::OutState;
 use crate::hub::shim::{CloseReason, Shim};
 use crate::hub::timers::CLOSE_LINGER;
-use crate::hub::{Hub, Outgoing};
+use crate::hub::{Effects, Hub};
 use crate::proto::reject::Reject;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
@@ -26,11 +26,35 @@ pub(crate) struct Core {
     pub index: usize,
     /// This core's connections, for the sweeper, each with its two-sweeps flag.
     conns: RefCell<Slab<(Arc<Shim>, Cell<bool>)>>,
+    /// Large read buffers not in use, kept for the next busy connection.
+    buffers: RefCell<Vec<Vec<u8>>>,
+}
+
+/// Large read buffers a core keeps between uses.
+const SPARE_BUFFERS: usize = 4;
+
+impl Core {
+    /// A large, empty read buffer.
+    fn take_buffer(&self) -> Vec<u8> {
+        self.buffers
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(READ_LARGE))
+    }
+
+    /// Gives a large read buffer back (kept if few are spare, else freed).
+    fn give_buffer(&self, mut b: Vec<u8>) {
+        let mut spare = self.buffers.borrow_mut();
+        if spare.len() < SPARE_BUFFERS && b.capacity() == READ_LARGE {
+            b.clear();
+            spare.push(b);
+        }
+    }
 }
 
 /// Read buffer size for a quiet connection: small, so that an idle shim costs little.
 const READ_SMALL: usize = 512;
-/// Read buffer size a busy connection grows to.
+/// Read buffer size of a busy connection (from the core's spare buffers).
 const READ_LARGE: usize = 64 * 1024;
 /// Bytes the writer hands the socket at a time: progress is recorded after each, for the
 /// write deadline and for producers waiting on this connection.
@@ -49,6 +73,7 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
         hub,
         index,
         conns: RefCell::new(Slab::new()),
+        buffers: RefCell::new(Vec::new()),
     });
     tokio::task::spawn_local(sweep(core.clone()));
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
@@ -109,10 +134,14 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         .insert((shim.clone(), Cell::new(false)));
     let writer = tokio::task::spawn_local(write_loop(hub.clone(), stream.clone(), shim.clone()));
 
-    let mut buf = Vec::with_capacity(READ_SMALL);
+    // A connection waits for input with a small buffer of its own, so that an idle shim
+    // costs little; a read that fills it takes the rest of what is waiting at once into
+    // one of the core's large buffers, so that a busy connection is handled in large
+    // batches (a fan-out then costs one send per recipient per batch).
+    let mut small = Vec::with_capacity(READ_SMALL);
     // The Identify usually arrives right behind the connect: read it at once if it is
     // there, which saves the handshake one trip through the driver.
-    let mut ready = match stream.try_read_now(&mut buf) {
+    let mut ready = match stream.try_read_now(&mut small) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
         res => Some(res),
     };
@@ -120,8 +149,8 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         let res = match ready.take() {
             Some(res) => res,
             None => {
-                let (res, b) = stream.read(buf).await;
-                buf = b;
+                let (res, b) = stream.read(small).await;
+                small = b;
                 res
             }
         };
@@ -133,45 +162,46 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
                 break CloseReason::IoError;
             }
         };
-        // One slice at a time: carry out what it produced (and let the recipients it
-        // congested drain) before the next, and let the core's other tasks run between.
-        let mut off = 0;
-        let flow = loop {
-            let (flow, used) = conn.on_bytes(&hub, &buf[off..n], Instant::now());
-            off += used;
-            carry_out(&core, conn.outgoing()).await;
-            if flow != Flow::Continue || off >= n {
-                break flow;
+        if n < small.capacity() {
+            let flow = handle(&core, &mut conn, &*stream, &small[..n]).await;
+            small.clear();
+            if let Flow::Close(r) = flow {
+                break r;
             }
-            stream.yield_turn().await;
-        };
-        if let Flow::Close(r) = flow {
-            break r;
+            continue;
         }
-        let cap = buf.capacity();
-        buf.clear();
-        if n == cap && cap < READ_LARGE {
-            // Grow for a busy connection, in one step: a buffer this large is mapped from
-            // the system and given back whole when the connection goes quiet
-            // (`sys::tune_allocator`), where intermediate sizes would fragment the heap.
-            buf = Vec::with_capacity(READ_LARGE);
-        }
-        if n == cap {
+        let mut big = core.take_buffer();
+        big.extend_from_slice(&small[..n]);
+        small.clear();
+        let end = loop {
+            let mut end = None;
+            match stream.try_read_now(&mut big) {
+                Ok(0) => end = Some(CloseReason::Eof),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(conn = shim.serial, error = %e, "read failed");
+                    end = Some(CloseReason::IoError);
+                }
+            }
+            let full = big.len() == big.capacity();
+            let flow = handle(&core, &mut conn, &*stream, &big).await;
+            big.clear();
+            if let Flow::Close(r) = flow {
+                break Some(r);
+            }
+            if end.is_some() || !full {
+                break end;
+            }
             // More is waiting: let every other connection on this core have its turn
             // first, so a shim that floods cannot starve them.
             stream.yield_turn().await;
-        } else if buf.capacity() > READ_SMALL {
-            // A large buffer goes back to the idle size once the socket is drained, so
-            // a shim that went quiet after a burst costs what an idle shim costs.
-            match stream.try_read_now(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    buf = Vec::with_capacity(READ_SMALL)
-                }
-                res => ready = Some(res),
-            }
+        };
+        core.give_buffer(big);
+        if let Some(r) = end {
+            break r;
         }
     };
-    drop(buf);
     let reason = conn.finish(&hub, reason);
     let mut writer = writer;
     if tokio::time::timeout(CLOSE_LINGER, &mut writer)
@@ -186,10 +216,26 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     hub.release(peer.ip());
 }
 
+/// Handles bytes read from a connection, one slice at a time: carries out what each slice
+/// produced (and lets the recipients it congested drain) before the next, and lets the
+/// core's other tasks run between.
+async fn handle<S: Stream>(core: &Core, conn: &mut Connection, stream: &S, data: &[u8]) -> Flow {
+    let mut off = 0;
+    loop {
+        let (flow, used) = conn.on_bytes(&core.hub, &data[off..], Instant::now());
+        off += used;
+        carry_out(core, conn.effects()).await;
+        if flow != Flow::Continue || off >= data.len() {
+            return flow;
+        }
+        stream.yield_turn().await;
+    }
+}
+
 /// Carries out what a slice of TCP input produced: flushes each listed outbox once,
 /// hands the counts and latencies to the hub, and waits while the hub says the
 /// recipients this producer filled are still draining.
-async fn carry_out(core: &Core, out: &mut Outgoing) {
+async fn carry_out(core: &Core, out: &mut Effects) {
     let hub = &core.hub;
     let now = Instant::now();
     let now_ms = hub.ms(now);
@@ -280,7 +326,7 @@ async fn sweep(core: Rc<Core>) {
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let hub = core.hub.clone();
     let mut lim = QuitLimiter::new(hub.config().udp_quit_per_sec);
-    let mut out = Outgoing::default();
+    let mut out = Effects::default();
     let queue: Rc<RefCell<SendQueue>> = Rc::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
@@ -313,7 +359,7 @@ fn send_datagrams<U: Datagrams>(
     core: &Rc<Core>,
     sock: &Rc<U>,
     queue: &Rc<RefCell<SendQueue>>,
-    out: &mut Outgoing,
+    out: &mut Effects,
 ) {
     if out.datagrams.is_empty() {
         return;

@@ -2,7 +2,7 @@
 //!
 //! A [`Connection`] takes the bytes a read returned and the time, and answers with what the
 //! driver must do next; replies and deliveries go out through the hub's send path into an
-//! [`Outgoing`] the driver carries out. It does no I/O, so every protocol rule is tested
+//! [`Effects`] the driver carries out. It does no I/O, so every protocol rule is tested
 //! here without a socket, and both drivers share it.
 //!
 //! Work per call is bounded: [`Connection::on_bytes`] handles at most one slice of the
@@ -10,7 +10,7 @@
 //! the driver flushes, lets the recipients drain, and hands in the rest. So one write of
 //! many frames never turns into a burst the hub queues for everyone at once.
 
-use super::send::{Outgoing, Route, SLICE_FRAMES, Via};
+use super::send::{Effects, Route, SLICE_FRAMES, Via};
 use super::shim::{CloseReason, Shim};
 use super::{Hub, Identified};
 use crate::metrics::{Latency, Refusal, Transport};
@@ -43,8 +43,8 @@ pub struct Connection {
     /// When the connection was accepted, for the handshake latency.
     accepted: Instant,
     /// What the frames handled so far produced: the driver carries it out after each
-    /// slice ([`Connection::outgoing`]).
-    out: Outgoing,
+    /// slice ([`Connection::effects`]).
+    out: Effects,
 }
 
 impl Connection {
@@ -55,7 +55,7 @@ impl Connection {
             partial: Vec::new(),
             authed: false,
             accepted: now,
-            out: Outgoing::default(),
+            out: Effects::default(),
         }
     }
 
@@ -65,13 +65,13 @@ impl Connection {
     }
 
     /// What the last slice produced: outboxes to flush (this one's included), datagrams.
-    pub fn outgoing(&mut self) -> &mut Outgoing {
+    pub fn effects(&mut self) -> &mut Effects {
         &mut self.out
     }
 
     /// Handles one slice of `data` (bytes read from the socket) at `now`. Returns what to
     /// do next and how many bytes were taken: fewer than `data.len()` when the slice is
-    /// full, in which case the driver carries out [`Connection::outgoing`] and calls again
+    /// full, in which case the driver carries out [`Connection::effects`] and calls again
     /// with the rest. An unfinished frame at the end is kept; bytes after a close are not
     /// handled.
     pub fn on_bytes(&mut self, hub: &Hub, data: &[u8], now: Instant) -> (Flow, usize) {
@@ -229,7 +229,7 @@ impl Connection {
         let reason = self.shim.outbox.settle_reason(reason);
         // Make sure the writer stops, whatever the reader saw.
         self.shim.outbox.close(reason, &[]);
-        hub.close(&self.shim, reason);
+        hub.remove(&self.shim, reason);
         reason
     }
 }
@@ -248,7 +248,7 @@ mod tests {
         loop {
             let (flow, used) = c.on_bytes(h, &data[off..], now);
             off += used;
-            h.finish(0, c.outgoing(), now);
+            h.finish(0, c.effects(), now);
             if flow != Flow::Continue || off >= data.len() {
                 return flow;
             }

@@ -7,7 +7,7 @@
 //! to reflect or amplify traffic. Cheapest checks first.
 
 use super::Hub;
-use super::send::{Class, Datagram, Outgoing, Route, Via};
+use super::send::{Class, Datagram, Effects, Route, Via};
 use super::table::BindOutcome;
 use crate::metrics::{Counters, Dir, ErrorKind, Latency, Transport};
 use crate::proto::codec::decode_datagram;
@@ -164,7 +164,7 @@ impl SendQueue {
     }
 }
 
-fn answer_quit(hub: &Hub, lim: &mut QuitLimiter, src: SocketAddr, len: usize, out: &mut Outgoing) {
+fn answer_quit(hub: &Hub, lim: &mut QuitLimiter, src: SocketAddr, len: usize, out: &mut Effects) {
     // Never answer with more bytes than arrived.
     if len < QUIT.len() {
         return;
@@ -190,7 +190,7 @@ pub fn on_datagram(
     src: SocketAddr,
     dgram: &[u8],
     now: Instant,
-    out: &mut Outgoing,
+    out: &mut Effects,
 ) {
     out.begin(hub, hub.ms(now));
     let frame = match decode_datagram(dgram, hub.config().max_frame) {
@@ -281,7 +281,7 @@ mod tests {
         let now = Instant::now();
         let mut c = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), now);
         c.on_bytes(&h, b"\x01peq.a.bob\n", now);
-        h.finish(0, c.outgoing(), now);
+        h.finish(0, c.effects(), now);
         (h, c, QuitLimiter::new(3))
     }
 
@@ -296,7 +296,7 @@ mod tests {
     fn bind_then_ping() {
         let (h, c, mut lim) = setup();
         let src: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        let mut out = Outgoing::default();
+        let mut out = Effects::default();
         on_datagram(
             &h,
             &mut lim,
@@ -329,7 +329,7 @@ mod tests {
     fn unbound_sources_get_small_rate_limited_quits() {
         let (h, _c, mut lim) = setup();
         let src: SocketAddr = "127.0.0.1:7001".parse().unwrap();
-        let mut out = Outgoing::default();
+        let mut out = Effects::default();
         let now = Instant::now();
         for _ in 0..10 {
             on_datagram(&h, &mut lim, src, b"\x06x\n", now, &mut out);

@@ -28,7 +28,7 @@ pub mod shim;
 pub mod table;
 pub mod timers;
 
-pub use send::{Outgoing, Route, Via};
+pub use send::{Effects, Route, Via};
 
 use crate::config::Config;
 use crate::metrics::{Counters, Dir, Metrics, Transport};
@@ -176,7 +176,7 @@ impl Hub {
     }
 
     /// Applies an Identify: registers the shim (queueing its Session) or renames it.
-    pub fn identify(&self, shim: &Arc<Shim>, label: &str, out: &mut Outgoing) -> Identified {
+    pub fn identify(&self, shim: &Arc<Shim>, label: &str, out: &mut Effects) -> Identified {
         let label: Arc<str> = Arc::from(label);
         if shim.is_identified() {
             let old = shim.set_identity(label.clone());
@@ -200,7 +200,7 @@ impl Hub {
 
     /// Removes a shim whose connection ended, logging the close line. Only the first call
     /// for a shim does anything, so a timer and the connection's reader may both call it.
-    pub fn close(&self, shim: &Shim, reason: CloseReason) {
+    pub fn remove(&self, shim: &Shim, reason: CloseReason) {
         if !shim.mark_closed() {
             return;
         }

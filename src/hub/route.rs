@@ -7,7 +7,7 @@
 //! an Ack, or an Error saying why not.
 
 use super::Hub;
-use super::send::{Outgoing, Route, Via, Work};
+use super::send::{Effects, Route, Via, Work};
 use super::shim::{Shim, serial_of_command_id};
 use crate::metrics::{Counters, Transport};
 use crate::proto::pattern::Pattern;
@@ -21,7 +21,7 @@ use tracing::debug;
 
 impl Hub {
     /// A Command or Echo from `sender` to the shims `target` names.
-    pub(crate) fn fan_out(&self, sender: &Arc<Shim>, r: &Routed<'_>, via: Via, out: &mut Outgoing) {
+    pub(crate) fn fan_out(&self, sender: &Arc<Shim>, r: &Routed<'_>, via: Via, out: &mut Effects) {
         let Routed {
             op,
             ref target,
@@ -70,7 +70,7 @@ impl Hub {
         id_text: &[u8],
         text: &[u8],
         via: Via,
-        out: &mut Outgoing,
+        out: &mut Effects,
     ) {
         if let Err(r) = self.allow_route(responder, Work::Response, out.now_ms) {
             // Dropped, counted and logged, but not answered: a CommandResponse is owed no
@@ -99,7 +99,7 @@ impl Hub {
 
     /// Who over TCP: one WhoEntry per shim `pattern` names, then `Ack 0 COUNT`, queued as
     /// one listing.
-    pub(crate) fn who(&self, sender: &Arc<Shim>, pattern: &Pattern, via: Via, out: &mut Outgoing) {
+    pub(crate) fn who(&self, sender: &Arc<Shim>, pattern: &Pattern, via: Via, out: &mut Effects) {
         if via != Via::Tcp {
             return self.refuse(sender, Route::Reply(via), &Reject::WhoOverUdp, out);
         }

@@ -3,7 +3,7 @@
 //! the limits on what one shim may make the hub send: the outbound limit, the per-shim
 //! routing rates, and the bound on one slice of input.
 //!
-//! What a slice of input produced is gathered in an [`Outgoing`]: the outboxes to flush
+//! What a slice of input produced is gathered in an [`Effects`]: the outboxes to flush
 //! and the datagrams to send, which the driver carries out once the slice is handled, and
 //! the traffic counts, added to the metrics once per slice rather than once per frame.
 
@@ -65,7 +65,7 @@ pub struct Datagram {
 
 /// Bytes one slice of input may queue, for all its recipients together, before the
 /// driver flushes.
-const SLICE_BYTES: usize = 4 * 1024 * 1024;
+const SLICE_BYTES: usize = 64 * 1024 * 1024;
 /// Frames one slice may handle before the driver flushes and lets other connections run.
 pub(crate) const SLICE_FRAMES: usize = 1024;
 /// A recipient whose output moved within this window still counts as reading.
@@ -75,7 +75,7 @@ const MAX_CONGESTED: usize = 64;
 
 /// What handling a slice of input produced, for the driver to carry out afterwards.
 #[derive(Debug)]
-pub struct Outgoing {
+pub struct Effects {
     /// Datagrams to send from the listening UDP socket.
     pub datagrams: Vec<Datagram>,
     /// Shims whose outbox went from empty to not empty: each is flushed once.
@@ -94,9 +94,9 @@ pub struct Outgoing {
     limit: usize,
 }
 
-impl Default for Outgoing {
+impl Default for Effects {
     fn default() -> Self {
-        Outgoing {
+        Effects {
             datagrams: Vec::new(),
             flush: Vec::new(),
             congested: Vec::new(),
@@ -109,7 +109,7 @@ impl Default for Outgoing {
     }
 }
 
-impl Outgoing {
+impl Effects {
     /// Starts a slice handled at `now_ms` under the hub's current settings.
     /// (What the previous slice congested has been waited for by then.)
     pub(crate) fn begin(&mut self, hub: &Hub, now_ms: u64) {
@@ -292,7 +292,7 @@ impl Hub {
         to: &Arc<Shim>,
         route: Route,
         frame: &Bytes,
-        out: &mut Outgoing,
+        out: &mut Effects,
     ) -> Option<Transport> {
         let udp = match route {
             Route::Reply(Via::Udp(addr)) => Some((addr, Class::Reply)),
@@ -347,7 +347,7 @@ impl Hub {
     }
 
     /// Sends the Error frame of `reject` to `to` on `route`, counting the refusal.
-    pub fn refuse(&self, to: &Arc<Shim>, route: Route, reject: &Reject, out: &mut Outgoing) {
+    pub fn refuse(&self, to: &Arc<Shim>, route: Route, reject: &Reject, out: &mut Effects) {
         self.metrics.reject(reject);
         self.send(to, route, &Bytes::from(reject.frame()), out);
     }
@@ -364,7 +364,7 @@ impl Hub {
 
     /// Ends a slice: adds its counts to the metrics and records its latencies at `now`
     /// (after the driver flushed it), on core `core`.
-    pub fn finish(&self, core: usize, out: &mut Outgoing, now: Instant) {
+    pub fn finish(&self, core: usize, out: &mut Effects, now: Instant) {
         // Taken, not drained: an idle connection keeps no allocation for them.
         for (t, op, frames, bytes) in std::mem::take(&mut out.tally) {
             (self.metrics).frames(Dir::Out, t, op, frames, bytes as usize);
@@ -384,7 +384,7 @@ impl Hub {
     /// A recipient that stopped reading is not waited for (it is cut off at the outbound
     /// limit or the write deadline instead), so a stuck shim never stalls its senders for
     /// long; one that reads promptly is never cut because of one producer's burst.
-    pub fn congested(&self, out: &mut Outgoing, now_ms: u64) -> bool {
+    pub fn congested(&self, out: &mut Effects, now_ms: u64) -> bool {
         let low = self.config().outbound_limit / 8;
         out.congested.retain(|s| {
             let (pending, draining) = s.outbox.draining(now_ms, DRAINING_MS);

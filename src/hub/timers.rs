@@ -58,7 +58,7 @@ impl Hub {
             CloseReason::SlowConsumer => shim.outbox.cut(reason),
             _ => self.send_last(shim, reason, &QUIT),
         }
-        self.close(shim, reason);
+        self.remove(shim, reason);
     }
 
     /// Checks the timers and expires the connection if one ran out; true if it did.

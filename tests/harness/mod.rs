@@ -61,7 +61,7 @@ use velium_server::hub::datagram::{self, QuitLimiter};
 use velium_server::hub::outbox::{OutState, SocketOps};
 use velium_server::hub::send::Class;
 use velium_server::hub::shim::Shim;
-use velium_server::hub::{Hub, Outgoing};
+use velium_server::hub::{Effects, Hub};
 use velium_server::metrics::Refusal;
 use velium_server::proto::{CR, NEWLINE};
 
@@ -138,7 +138,7 @@ struct Conn {
     authed: bool,
     identified: bool,
     identity: String,
-    /// `Hub::close` has run for it (by a timer or `finish`).
+    /// `Hub::remove` has run for it (by a timer or `finish`).
     closed: bool,
     seq: u64,
     accepted_ms: u64,
@@ -164,8 +164,8 @@ impl Conn {
 pub struct World {
     hub: Arc<Hub>,
     lim: QuitLimiter,
-    /// The UDP loop's `Outgoing`, kept across datagrams as the driver keeps it.
-    udp_out: Outgoing,
+    /// The UDP loop's `Effects`, kept across datagrams as the driver keeps it.
+    udp_out: Effects,
     t0: Instant,
     elapsed_ms: u64,
     first: Settings,
@@ -226,7 +226,7 @@ impl World {
         let hub = Hub::new(config(s, s));
         World {
             lim: QuitLimiter::new(s.udp_quit_per_sec),
-            udp_out: Outgoing::default(),
+            udp_out: Effects::default(),
             hub,
             t0: Instant::now(),
             elapsed_ms: 0,
@@ -568,7 +568,7 @@ impl World {
                     data.len()
                 ));
             }
-            let out = self.conns[c].real.outgoing();
+            let out = self.conns[c].real.effects();
             if !out.datagrams.is_empty() {
                 let d = format!("{:?}", out.datagrams);
                 self.fail(format!("TCP input produced datagrams: {d}"));
@@ -579,7 +579,7 @@ impl World {
             // passes here) stop waiting for congested recipients at once.
             let hub = self.hub.clone();
             let now_ms = hub.ms(now);
-            let out = self.conns[c].real.outgoing();
+            let out = self.conns[c].real.effects();
             for shim in out.flush.drain(..) {
                 shim.outbox.flush(now_ms);
             }

@@ -795,7 +795,7 @@ impl World {
             CloseReason::SlowConsumer => self.conns[c].out.cut(r),
             _ => self.close_out(c, r, &QUIT),
         }
-        self.hub_close(c, r);
+        self.hub_remove(c, r);
     }
 
     /// The shutdown: Quit to every connection still open.
@@ -811,12 +811,12 @@ impl World {
         let stands = *conn.out.reason.get_or_insert(reason);
         conn.out.close(stands, &[]);
         conn.finished = true;
-        self.hub_close(c, stands);
+        self.hub_remove(c, stands);
         stands
     }
 
     /// The hub forgets `c` (the first close only).
-    pub(super) fn hub_close(&mut self, c: usize, reason: CloseReason) {
+    pub(super) fn hub_remove(&mut self, c: usize, reason: CloseReason) {
         let conn = &mut self.conns[c];
         if conn.closed {
             return;

@@ -23,8 +23,9 @@ mod common;
 
 use common::{
     CpuMeter, Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections,
-    client_connect, connect_from, find_row, floor, part, print_latency_table, ratio, raw_handshake,
-    runtime, selected, setting, source_ip, storm, target, udp_bind_confirm, udp_to,
+    client_connect, connect_from, find_row, floor, open_fds, part, print_latency_table, ratio,
+    raw_handshake, runtime, selected, setting, settle_fds, source_ip, storm, target,
+    udp_bind_confirm, udp_to,
 };
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -276,6 +277,7 @@ fn run_storms(
         bench_cpu: f64,
     }
     let mut accs: Vec<Acc> = Vec::new();
+    let base_fds = open_fds();
     for round in 0..rounds {
         for &subject in subjects {
             if !selected(subject.system) {
@@ -321,6 +323,7 @@ fn run_storms(
             a.bench_cpu += bench_cpu;
             drop(r.conns);
             drop(server);
+            settle_fds(rt, base_fds);
         }
     }
     accs.into_iter()

@@ -76,3 +76,21 @@ impl CpuMeter {
 pub fn fmt_cpu(share: f64) -> String {
     format!("{:.0}%", share * 100.0)
 }
+
+/// Descriptors this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Runs `rt` until this process is back to at most `base` open descriptors (plus a few),
+/// or 10 s have passed: a storm's client-library sessions close their sockets in tasks of
+/// the runtime, so they must be driven before the next system's storm opens as many
+/// again under the same descriptor limit.
+pub fn settle_fds(rt: &tokio::runtime::Runtime, base: usize) {
+    rt.block_on(async {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while open_fds() > base + 64 && std::time::Instant::now() < end {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+}

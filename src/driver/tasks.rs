@@ -162,46 +162,23 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
                 break CloseReason::IoError;
             }
         };
-        if n < small.capacity() {
+        let end = if n < small.capacity() {
             let flow = handle(&core, &mut conn, &*stream, &small[..n]).await;
-            small.clear();
-            if let Flow::Close(r) = flow {
-                break r;
+            match flow {
+                Flow::Close(r) => Some(r),
+                Flow::Continue => None,
             }
-            continue;
-        }
-        let mut big = core.take_buffer();
-        big.extend_from_slice(&small[..n]);
-        small.clear();
-        let end = loop {
-            let mut end = None;
-            match stream.try_read_now(&mut big) {
-                Ok(0) => end = Some(CloseReason::Eof),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    debug!(conn = shim.serial, error = %e, "read failed");
-                    end = Some(CloseReason::IoError);
-                }
-            }
-            let full = big.len() == big.capacity();
-            let flow = handle(&core, &mut conn, &*stream, &big).await;
-            big.clear();
-            if let Flow::Close(r) = flow {
-                break Some(r);
-            }
-            if end.is_some() || !full {
-                break end;
-            }
-            // More is waiting: let every other connection on this core have its turn
-            // first, so a shim that floods cannot starve them.
-            stream.yield_turn().await;
+        } else {
+            // Boxed: the task of an idle connection is sized for waiting, not for this.
+            Box::pin(burst(&core, &mut conn, &*stream, &small[..n])).await
         };
-        core.give_buffer(big);
+        small.clear();
+        conn.rest();
         if let Some(r) = end {
             break r;
         }
     };
+
     let reason = conn.finish(&hub, reason);
     let mut writer = writer;
     if tokio::time::timeout(CLOSE_LINGER, &mut writer)
@@ -214,6 +191,45 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     core.conns.borrow_mut().remove(key);
     shim.outbox.detach();
     hub.release(peer.ip());
+}
+
+/// Handles a read that filled the small buffer: takes the rest of what is waiting into one
+/// of the core's large buffers, again and again while the reads come back full (with a
+/// turn for the core's other tasks between). Returns why the connection ends, if it does.
+async fn burst<S: Stream>(
+    core: &Core,
+    conn: &mut Connection,
+    stream: &S,
+    head: &[u8],
+) -> Option<CloseReason> {
+    let mut big = core.take_buffer();
+    big.extend_from_slice(head);
+    let end = loop {
+        let mut end = None;
+        match stream.try_read_now(&mut big) {
+            Ok(0) => end = Some(CloseReason::Eof),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                debug!(conn = conn.shim().serial, error = %e, "read failed");
+                end = Some(CloseReason::IoError);
+            }
+        }
+        let full = big.len() == big.capacity();
+        let flow = handle(core, conn, stream, &big).await;
+        big.clear();
+        if let Flow::Close(r) = flow {
+            break Some(r);
+        }
+        if end.is_some() || !full {
+            break end;
+        }
+        // More is waiting: let every other connection on this core have its turn
+        // first, so a shim that floods cannot starve them.
+        stream.yield_turn().await;
+    };
+    core.give_buffer(big);
+    end
 }
 
 /// Handles bytes read from a connection, one slice at a time: carries out what each slice
@@ -245,22 +261,27 @@ async fn carry_out(core: &Core, out: &mut Effects) {
     debug_assert!(out.datagrams.is_empty(), "TCP input is answered over TCP");
     hub.finish(core.index, out, now);
     if hub.congested(out, now_ms) {
-        let start = Instant::now();
-        while start.elapsed() < MAX_PAUSE {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            if !hub.congested(out, hub.ms(Instant::now())) {
-                break;
-            }
-        }
-        out.release_congested();
+        Box::pin(wait_drained(hub, out)).await;
     }
+}
+
+/// Waits while the hub says the recipients a slice congested are still draining, at most
+/// [`MAX_PAUSE`].
+async fn wait_drained(hub: &Hub, out: &mut Effects) {
+    let start = Instant::now();
+    while start.elapsed() < MAX_PAUSE {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if !hub.congested(out, hub.ms(Instant::now())) {
+            break;
+        }
+    }
+    out.release_congested();
 }
 
 /// Writes what a flush could not send at once (the socket was full), and the last frame
 /// of a closing connection; then shuts the socket down.
 async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
     let mut buf = Vec::new();
-    let mut chunk = Vec::new();
     loop {
         let state = shim.outbox.take(&mut buf);
         let wrote = !buf.is_empty() && state != OutState::Kicked;
@@ -270,22 +291,7 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
                 buf = b;
                 res
             } else {
-                // In chunks, so that a large backlog to a slow but steady reader shows
-                // progress as it goes.
-                let mut res = Ok(());
-                for part in buf.chunks(WRITE_CHUNK) {
-                    chunk.clear();
-                    chunk.extend_from_slice(part);
-                    let (r, c) = stream.write_all(chunk).await;
-                    chunk = c;
-                    if r.is_err() {
-                        res = r;
-                        break;
-                    }
-                    shim.outbox.progress(part.len(), hub.ms(Instant::now()));
-                }
-                chunk = Vec::new();
-                res
+                Box::pin(write_chunks(&hub, &*stream, &shim, &buf)).await
             };
             if let Err(e) = res {
                 debug!(conn = shim.serial, error = %e, "write failed");
@@ -310,6 +316,21 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
             shim.outbox.wait().await;
         }
     }
+}
+
+/// Writes a large backlog in chunks, so that a slow but steady reader shows progress as it
+/// goes (for the write deadline, and for the producers waiting on it).
+async fn write_chunks<S: Stream>(hub: &Hub, stream: &S, shim: &Shim, buf: &[u8]) -> io::Result<()> {
+    let mut chunk = Vec::with_capacity(WRITE_CHUNK);
+    for part in buf.chunks(WRITE_CHUNK) {
+        chunk.clear();
+        chunk.extend_from_slice(part);
+        let (r, c) = stream.write_all(chunk).await;
+        chunk = c;
+        r?;
+        shim.outbox.progress(part.len(), hub.ms(Instant::now()));
+    }
+    Ok(())
 }
 
 async fn sweep(core: Rc<Core>) {

@@ -33,6 +33,11 @@ pub enum Flow {
     Close(CloseReason),
 }
 
+/// The effects of the input in hand, made when first needed.
+fn fx(out: &mut Option<Box<Effects>>) -> &mut Effects {
+    out.get_or_insert_with(Box::default)
+}
+
 /// One TCP connection's protocol state.
 pub struct Connection {
     shim: Arc<Shim>,
@@ -43,8 +48,9 @@ pub struct Connection {
     /// When the connection was accepted, for the handshake latency.
     accepted: Instant,
     /// What the frames handled so far produced: the driver carries it out after each
-    /// slice ([`Connection::effects`]).
-    out: Effects,
+    /// slice ([`Connection::effects`]). Only while input is being handled: an idle
+    /// connection holds none ([`Connection::rest`]).
+    out: Option<Box<Effects>>,
 }
 
 impl Connection {
@@ -55,7 +61,7 @@ impl Connection {
             partial: Vec::new(),
             authed: false,
             accepted: now,
-            out: Effects::default(),
+            out: None,
         }
     }
 
@@ -66,7 +72,14 @@ impl Connection {
 
     /// What the last slice produced: outboxes to flush (this one's included), datagrams.
     pub fn effects(&mut self) -> &mut Effects {
-        &mut self.out
+        fx(&mut self.out)
+    }
+
+    /// The connection has no input in hand: what carrying it out needed is given back.
+    pub fn rest(&mut self) {
+        if self.out.as_ref().is_some_and(|o| o.is_empty()) {
+            self.out = None;
+        }
     }
 
     /// Handles one slice of `data` (bytes read from the socket) at `now`. Returns what to
@@ -83,7 +96,7 @@ impl Connection {
             return (Flow::Close(reason), data.len());
         }
         let now_ms = hub.ms(now);
-        self.out.begin(hub, now_ms);
+        fx(&mut self.out).begin(hub, now_ms);
         self.shim.touch(now_ms);
         let max = hub.config().max_frame;
         let mut used = 0;
@@ -113,7 +126,7 @@ impl Connection {
             }
         }
         loop {
-            if frames >= SLICE_FRAMES || self.out.slice_full() {
+            if frames >= SLICE_FRAMES || fx(&mut self.out).slice_full() {
                 return (Flow::Continue, used);
             }
             if !self.shim.outbox.is_open() {
@@ -151,12 +164,12 @@ impl Connection {
     }
 
     fn refuse(&mut self, hub: &Hub, r: Reject) {
-        hub.refuse(&self.shim, Route::Reply(Via::Tcp), &r, &mut self.out);
+        hub.refuse(&self.shim, Route::Reply(Via::Tcp), &r, fx(&mut self.out));
     }
 
     /// Refuses the connection for a missing or wrong secret: an Error frame, then close.
-    fn refuse_auth(&self, hub: &Hub, r: Reject) -> Flow {
-        let now = hub.instant(self.out.now_ms);
+    fn refuse_auth(&mut self, hub: &Hub, r: Reject) -> Flow {
+        let now = hub.instant(fx(&mut self.out).now_ms);
         hub.refused(self.shim.peer.ip(), Refusal::Auth, now);
         hub.send_last(&self.shim, CloseReason::AuthFailed, &r.frame());
         Flow::Close(CloseReason::AuthFailed)
@@ -195,7 +208,7 @@ impl Connection {
                     &self.shim,
                     Route::Reply(Via::Tcp),
                     &Bytes::from(f),
-                    &mut self.out,
+                    fx(&mut self.out),
                 );
             }
             Ok(Request::Auth(secret)) => {
@@ -209,15 +222,15 @@ impl Connection {
                 }
             }
             Ok(Request::Identify(label)) => {
-                if hub.identify(&self.shim, label, &mut self.out) == Identified::Registered {
-                    self.out.time(Latency::Handshake, self.accepted);
+                if hub.identify(&self.shim, label, fx(&mut self.out)) == Identified::Registered {
+                    fx(&mut self.out).time(Latency::Handshake, self.accepted);
                 }
             }
-            Ok(Request::Route(r)) => hub.fan_out(&self.shim, &r, Via::Tcp, &mut self.out),
+            Ok(Request::Route(r)) => hub.fan_out(&self.shim, &r, Via::Tcp, fx(&mut self.out)),
             Ok(Request::Respond { id, id_text, text }) => {
-                hub.respond(&self.shim, id, id_text, text, Via::Tcp, &mut self.out)
+                hub.respond(&self.shim, id, id_text, text, Via::Tcp, fx(&mut self.out))
             }
-            Ok(Request::Who(pattern)) => hub.who(&self.shim, &pattern, Via::Tcp, &mut self.out),
+            Ok(Request::Who(pattern)) => hub.who(&self.shim, &pattern, Via::Tcp, fx(&mut self.out)),
         }
         Flow::Continue
     }

@@ -330,9 +330,12 @@ impl Hub {
                 }
                 // Past a quarter of the limit (crossing it now, or already past it from
                 // before): the slice ends after this frame and the producer waits for it.
+                // (A recipient that stopped reading is not waited for, so it ends no slice:
+                // it is cut off at the limit or the write deadline instead.)
                 if pending >= out.limit / 4
                     && out.congested.len() < MAX_CONGESTED
                     && !out.congested.iter().any(|s| Arc::ptr_eq(s, to))
+                    && to.outbox.draining(out.now_ms, DRAINING_MS).1
                 {
                     out.congested.push(to.clone());
                 }

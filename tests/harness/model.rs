@@ -359,10 +359,14 @@ impl World {
                 }
                 let (after, high) = (self.conns[c].out.bytes, self.settings.outbound_limit / 4);
                 // §8: the slice ends once a recipient's queue is past a quarter of the
-                // limit, whether this push took it there or it was there already.
+                // limit, whether this push took it there or it was there already, while
+                // that recipient is still draining (its output moved within 100 ms).
                 let _ = len;
-                self.slice.reached |= after >= high;
-                self.slice.passed |= after >= high;
+                let out = &self.conns[c].out;
+                let draining =
+                    out.state == OutState::Open && now_ms.saturating_sub(out.since_ms) < 100;
+                self.slice.reached |= after >= high && draining;
+                self.slice.passed |= after >= high && draining;
                 self.counts.tcp_out += len as u64;
                 true
             }

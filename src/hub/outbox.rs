@@ -30,8 +30,16 @@ pub struct SocketOps {
     pub shutdown: fn(RawFd),
 }
 
-/// Capacity an emptied queue may keep; a larger one is given back.
+/// Capacity an emptied queue keeps: a larger one is given back as it drains, unless it is
+/// at least [`MAPPED_CAPACITY`].
 const IDLE_CAPACITY: usize = 1024;
+/// A queue buffer this large is mapped from the system rather than taken from the heap
+/// (`driver/sys.rs` `tune_allocator`): a busy recipient keeps it from one flush to the
+/// next (mapping and faulting it in again for every batch of a fan-out would cost more
+/// than the batch), and the sweeper gives it back whole once the queue is idle
+/// ([`Outbox::trim`]). Smaller ones go back to the heap as they drain, where the next
+/// batch finds them again.
+const MAPPED_CAPACITY: usize = 64 * 1024;
 
 /// Where the outbound side of a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +82,8 @@ impl Inner {
     }
 
     fn shrink(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > IDLE_CAPACITY {
+        let cap = self.buf.capacity();
+        if self.buf.is_empty() && cap > IDLE_CAPACITY && cap < MAPPED_CAPACITY {
             self.buf = Vec::new();
         }
     }
@@ -271,6 +280,15 @@ impl Outbox {
         g.shrink();
     }
 
+    /// Gives back the buffer of a queue that has nothing queued and no write in flight (the
+    /// sweeper calls it, so that a shim that went quiet keeps no large buffer).
+    pub fn trim(&self) {
+        let mut g = self.inner.lock();
+        if !g.writing && g.buf.is_empty() && g.buf.capacity() > IDLE_CAPACITY {
+            g.buf = Vec::new();
+        }
+    }
+
     /// Waits until something was queued or the state changed.
     pub async fn wait(&self) {
         self.notify.notified().await;
@@ -397,6 +415,18 @@ mod tests {
         assert!(o.stalled(1010, 1000), "bytes held by the writer count too");
         o.wrote(1020);
         assert!(!o.stalled(5000, 1000), "nothing pending");
+        // A queue drained by a flush keeps a mapped-size buffer until the sweeper trims it.
+        o.push(1 << 20, &[0u8; 100_000], 5000);
+        {
+            let mut g = o.inner.lock();
+            g.buf.clear();
+            g.shrink();
+        }
+        assert!(
+            o.inner.lock().buf.capacity() >= MAPPED_CAPACITY,
+            "kept while busy"
+        );
+        o.trim();
         assert!(o.inner.lock().buf.capacity() <= IDLE_CAPACITY);
     }
 

@@ -68,7 +68,8 @@ impl Hub {
             .is_some()
     }
 
-    /// One sweep of one connection. A timer must be found run out on two sweeps in a row
+    /// One sweep of one connection: its timers, and an idle queue's large buffer given back.
+    /// A timer must be found run out on two sweeps in a row
     /// (`flagged` remembers the first): after a stall of this core, frames already
     /// received but not yet read get one tick to count.
     ///
@@ -87,7 +88,10 @@ impl Hub {
         match self.expired(shim, now) {
             Some(reason) if flagged.get() => self.expire(shim, reason),
             Some(_) => flagged.set(true),
-            None => flagged.set(false),
+            None => {
+                flagged.set(false);
+                shim.outbox.trim();
+            }
         }
     }
 

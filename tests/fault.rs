@@ -164,43 +164,6 @@ impl Counter {
     }
 }
 
-/// Sends `request` datagrams (again every 200 ms) until a datagram satisfying `ok`
-/// arrives; other datagrams are skipped. For exchanges a check relies on, since loopback
-/// drops datagrams when a socket buffer is full.
-fn udp_until(u: &Udp, request: &[&[u8]], ok: impl Fn(&[u8]) -> bool, what: &str) {
-    let end = Instant::now() + DEADLINE;
-    u.s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut b = [0u8; 65536];
-    'send: while Instant::now() < end {
-        for r in request {
-            u.send_raw(r);
-        }
-        loop {
-            match u.s.recv_from(&mut b) {
-                Ok((n, from)) if from == u.server && ok(&b[..n]) => {
-                    u.s.set_read_timeout(Some(DEADLINE)).unwrap();
-                    return;
-                }
-                Ok(_) => {}
-                Err(_) => continue 'send,
-            }
-        }
-    }
-    panic!("no UDP answer: {what}");
-}
-
-/// Binds `token` from `u` and confirms it with a Ping, retrying both.
-fn udp_bind(u: &Udp, token: &[u8; 16]) {
-    let ping = frame(0x06, b"bound?");
-    udp_until(
-        u,
-        &[&frame(0x02, token), &ping],
-        |d| d == frame(0x07, b"bound?"),
-        "bind confirmed",
-    );
-}
-
 /// The opcodes a server sends over TCP.
 fn from_server(op: u8) -> bool {
     matches!(

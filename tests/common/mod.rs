@@ -473,3 +473,39 @@ pub fn rss_kib_of(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Sends `request` (again every 100 ms, since loopback drops datagrams when a socket buffer
+/// is full) until a datagram `ok` accepts arrives; other datagrams are skipped.
+pub fn udp_until(u: &Udp, request: &[&[u8]], ok: impl Fn(&[u8]) -> bool, what: &str) {
+    let end = Instant::now() + DEADLINE;
+    u.s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut b = vec![0u8; 65536];
+    'send: while Instant::now() < end {
+        for r in request {
+            u.send_raw(r);
+        }
+        loop {
+            match u.s.recv_from(&mut b) {
+                Ok((n, from)) if from == u.server && ok(&b[..n]) => {
+                    u.s.set_read_timeout(Some(DEADLINE)).unwrap();
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => continue 'send,
+            }
+        }
+    }
+    panic!("no UDP answer: {what}");
+}
+
+/// Binds `token` from `u` with the 18-byte bind and confirms it with a Ping, retrying
+/// both.
+pub fn udp_bind(u: &Udp, token: &[u8; 16]) {
+    udp_until(
+        u,
+        &[&frame(0x02, token), &frame(0x06, b"bound?")],
+        |d| d == frame(0x07, b"bound?"),
+        &format!("bind confirmed for the token {token:02X?}"),
+    );
+}

@@ -113,27 +113,10 @@ pub fn part(name: &str) -> bool {
     }
 }
 
-/// The soft RLIMIT_NOFILE, raised to the hard limit first when it is lower.
+/// The soft RLIMIT_NOFILE, raised to the hard limit first when it is lower (as the server
+/// raises its own).
 pub fn nofile_limit() -> u64 {
-    unsafe {
-        let mut r = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 1024;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                r.rlim_cur = r.rlim_max;
-            }
-        }
-        r.rlim_cur
-    }
+    velium_server::driver::sys::raise_open_file_limit() as u64
 }
 
 /// Caps a number of connections held at once to what the descriptor limit allows, keeping

@@ -244,6 +244,12 @@ pub fn render(hub: &Hub) -> String {
         &one(get(&c.udp_dropped)),
     );
     metric(
+        "velium_identities_replaced_total",
+        "counter",
+        "Connections closed because a newer connection took their identity (duplicate_identity).",
+        &one(get(&c.replaced)),
+    );
+    metric(
         "velium_slow_consumers_total",
         "counter",
         "Shims cut off for passing outbound_limit.",

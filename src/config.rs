@@ -7,9 +7,11 @@ use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
@@ -24,6 +26,22 @@ pub enum IoMode {
     Epoll,
     /// io_uring when the kernel allows it, else epoll (with one warning).
     Auto,
+}
+
+/// What happens when a shim asks for an identity another live shim holds (compared
+/// ignoring ASCII case): two shims never hold the same identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DuplicateIdentity {
+    /// The newcomer wins: the older connection is sent Quit and closed (a client that
+    /// reconnected before the hub noticed its old connection died).
+    Replace,
+    /// The newcomer is answered `Error "identity in use"`.
+    Refuse,
+    /// Replace when the newcomer holds the same credential as the holder (the same
+    /// `[[user]]`, or both the shared secret or none on a hub without users); refuse
+    /// otherwise. The default.
+    SameCredential,
 }
 
 /// The server's effective settings.
@@ -73,10 +91,17 @@ pub struct Config {
     pub connect_rate_per_source: u32,
     /// Networks connections and datagrams are accepted from; empty: everywhere.
     pub allow_networks: Vec<IpNet>,
-    /// The shared secret a client presents in an Auth frame before Identify.
+    /// The shared secret a client presents in an Auth frame before Identify (only on a
+    /// hub without users).
     pub secret: Option<Secret>,
-    /// Who may send Commands to whom; empty: everyone, anywhere.
-    pub command_rules: Vec<CommandRule>,
+    /// The users, by name: each with its secret and what it may do. Empty: the hub has
+    /// no users, and every client may take any identity and address anyone.
+    pub users: BTreeMap<Arc<str>, Arc<User>>,
+    /// What a second claim on a held identity does.
+    pub duplicate_identity: DuplicateIdentity,
+    /// Commands each shim may still answer: a CommandResponse is forwarded only when its
+    /// id is one of the last `answer_window` Commands the responder was sent.
+    pub answer_window: usize,
 }
 
 impl Default for Config {
@@ -104,7 +129,9 @@ impl Default for Config {
             connect_rate_per_source: 100,
             allow_networks: Vec::new(),
             secret: None,
-            command_rules: Vec::new(),
+            users: BTreeMap::new(),
+            duplicate_identity: DuplicateIdentity::SameCredential,
+            answer_window: 256,
         }
     }
 }
@@ -133,24 +160,59 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// One command permission: senders whose identity matches `from` may send Commands whose
-/// target is covered by one of `to`.
+/// A user: a credential, and what a client holding it may be and do.
+///
+/// Every check is decided by the user the connection authenticated as, never by the
+/// identity it picked: the identity itself must be one the user may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CommandRule {
-    /// Which senders.
-    pub from: Pattern,
-    /// Which targets they may address.
-    pub to: Vec<Pattern>,
+pub struct User {
+    /// The name the client presents in Auth (`NAME SP SECRET`).
+    pub name: Arc<str>,
+    /// The user's own secret.
+    pub secret: Secret,
+    /// Identities it may Identify and rename as.
+    pub identities: Vec<Pattern>,
+    /// Targets it may send Commands to (a target must be covered by one of them).
+    pub commands: Vec<Pattern>,
+    /// Targets it may send Echoes to; by default its `commands`.
+    pub echoes: Vec<Pattern>,
+    /// Identities Who lists to it; by default its `commands` and `identities`.
+    pub who: Vec<Pattern>,
+}
+
+impl User {
+    /// Whether the user may take `identity`.
+    pub fn may_be(&self, identity: &str) -> bool {
+        self.identities.iter().any(|p| p.matches(identity))
+    }
+
+    /// Whether the user may send a Command to `target`: some pattern of `commands` covers
+    /// every identity the target could name, so the decision never depends on which shims
+    /// happen to be connected.
+    pub fn may_command(&self, target: &Pattern) -> bool {
+        self.commands.iter().any(|p| p.covers(target))
+    }
+
+    /// Whether the user may send an Echo to `target` (as [`User::may_command`]).
+    pub fn may_echo(&self, target: &Pattern) -> bool {
+        self.echoes.iter().any(|p| p.covers(target))
+    }
+
+    /// Whether Who lists `identity` to the user.
+    pub fn sees(&self, identity: &str) -> bool {
+        self.who.iter().any(|p| p.matches(identity))
+    }
+
+    /// Whether Who lists everything to the user (no filter to apply).
+    pub fn sees_all(&self) -> bool {
+        self.who.iter().any(|p| p.segs == [crate::proto::pattern::Seg::Rest])
+    }
 }
 
 impl Config {
-    /// Whether a Command from `identity` to `target` is allowed by the rules.
-    pub fn may_command(&self, identity: &str, target: &Pattern) -> bool {
-        self.command_rules.is_empty()
-            || self
-                .command_rules
-                .iter()
-                .any(|r| r.from.matches(identity) && r.to.iter().any(|t| t.covers(target)))
+    /// Whether a client must authenticate (Auth) before its first Identify.
+    pub fn requires_auth(&self) -> bool {
+        self.secret.is_some() || !self.users.is_empty()
     }
 
     /// Whether connections and datagrams from `ip` are accepted.
@@ -193,7 +255,9 @@ impl Config {
             connect_rate_per_source,
             allow_networks,
             secret,
-            command_rules
+            users,
+            duplicate_identity,
+            answer_window
         );
         (live, restart)
     }
@@ -331,6 +395,12 @@ pub struct Args {
     /// the VELIUM_SECRET environment variable also sets it]
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
+    /// What a claim on an identity another shim holds does [default: same-credential]
+    #[arg(long, value_name = "POLICY")]
+    pub duplicate_identity: Option<DuplicateIdentity>,
+    /// Recent Commands per shim that it may still answer [default: 256]
+    #[arg(long, value_name = "N")]
+    pub answer_window: Option<usize>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -359,15 +429,24 @@ struct FileConfig {
     connect_rate_per_source: Option<u32>,
     allow_networks: Option<Vec<String>>,
     secret_file: Option<PathBuf>,
+    duplicate_identity: Option<DuplicateIdentity>,
+    answer_window: Option<usize>,
     #[serde(default)]
-    command_rule: Vec<FileRule>,
+    user: Vec<FileUser>,
+    /// No longer accepted: it keyed permissions on a name the client chooses.
+    command_rule: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileRule {
-    from: String,
-    to: Vec<String>,
+struct FileUser {
+    name: String,
+    secret_file: PathBuf,
+    identities: Vec<String>,
+    #[serde(default)]
+    commands: Vec<String>,
+    echoes: Option<Vec<String>>,
+    who: Option<Vec<String>>,
 }
 
 impl Config {
@@ -518,22 +597,96 @@ impl Config {
         } else if let Some(v) = std::env::var_os("VELIUM_SECRET") {
             c.secret = Some(secret_from(v.as_encoded_bytes(), "VELIUM_SECRET")?);
         }
-        c.command_rules = file
-            .command_rule
-            .iter()
-            .map(|r| {
-                Ok(CommandRule {
-                    from: parse_pattern("command_rule from", &r.from)?,
-                    to: r
-                        .to
-                        .iter()
-                        .map(|t| parse_pattern("command_rule to", t))
-                        .collect::<Result<_, _>>()?,
-                })
-            })
-            .collect::<Result<_, _>>()?;
+        if file.command_rule.is_some() {
+            return Err(ConfigError::Invalid(
+                "[[command_rule]] is no longer supported (it trusted the name a client picks): \
+                 give each client a [[user]] with a secret_file, the identities it may take and \
+                 the commands it may send (the old `to` patterns), and set the client's secret \
+                 to \"NAME SECRET\"; see deploy/velium-server.toml"
+                    .into(),
+            ));
+        }
+        if let Some(v) = args.duplicate_identity.or(file.duplicate_identity) {
+            c.duplicate_identity = v;
+        }
+        if let Some(v) = args.answer_window.or(file.answer_window) {
+            if !(1..=4096).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "answer_window must be between 1 and 4096, got {v}"
+                )));
+            }
+            c.answer_window = v;
+        }
+        for u in &file.user {
+            let user = load_user(u)?;
+            if c.users.insert(user.name.clone(), Arc::new(user)).is_some() {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[user]] entries are named {:?}",
+                    u.name
+                )));
+            }
+        }
+        if !c.users.is_empty() && c.secret.is_some() {
+            return Err(ConfigError::Invalid(
+                "a shared secret (secret_file or VELIUM_SECRET) cannot be combined with [[user]]: \
+                 give the clients that use it a [[user]] of their own and set their secret to \
+                 \"NAME SECRET\""
+                    .into(),
+            ));
+        }
         Ok(c)
     }
+}
+
+/// One `[[user]]` entry, checked, with its secret read.
+fn load_user(u: &FileUser) -> Result<User, ConfigError> {
+    let what = format!("[[user]] {:?}", u.name);
+    crate::proto::identity::check_identity(u.name.as_bytes())
+        .map_err(|e| ConfigError::Invalid(format!("bad {what} name: {e}")))?;
+    let text = std::fs::read(&u.secret_file).map_err(|source| ConfigError::Read {
+        path: u.secret_file.clone(),
+        source,
+    })?;
+    let secret = secret_from(
+        &text,
+        &format!("{what} secret file {}", u.secret_file.display()),
+    )?;
+    let patterns = |key: &str, list: &[String]| -> Result<Vec<Pattern>, ConfigError> {
+        list.iter()
+            .map(|v| {
+                let p = parse_pattern(&format!("{what} {key}"), v)?;
+                if p.include_self {
+                    return Err(ConfigError::Invalid(format!(
+                        "bad {what} {key} pattern {v:?}: a leading '+' means nothing here"
+                    )));
+                }
+                Ok(p)
+            })
+            .collect()
+    };
+    let identities = patterns("identities", &u.identities)?;
+    if identities.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{what} has no identities: it could never identify"
+        )));
+    }
+    let commands = patterns("commands", &u.commands)?;
+    let echoes = match &u.echoes {
+        Some(list) => patterns("echoes", list)?,
+        None => commands.clone(),
+    };
+    let who = match &u.who {
+        Some(list) => patterns("who", list)?,
+        None => commands.iter().chain(&identities).cloned().collect(),
+    };
+    Ok(User {
+        name: Arc::from(u.name.as_str()),
+        secret,
+        identities,
+        commands,
+        echoes,
+        who,
+    })
 }
 
 /// The secret in `raw` (a file or variable), without its trailing line break.
@@ -593,7 +746,9 @@ mod tests {
     fn with_file(toml: &str) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!("velium-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{}.toml", toml.len()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("{n}.toml"));
         std::fs::write(&path, toml).unwrap();
         Config::load(&Args {
             config: Some(path),
@@ -633,28 +788,55 @@ mod tests {
         assert!(with_file("identify_timeout = \"soon\"\n").is_err());
         let e = with_file("allow_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
-        assert!(with_file("[[command_rule]]\nfrom = \"a.>.b\"\nto = [\">\"]\n").is_err());
-        assert!(with_file("[[command_rule]]\nfrom = \">\"\n").is_err());
     }
 
     #[test]
     fn access_rules() {
-        let c = with_file(
+        let dir = std::env::temp_dir().join(format!("velium-users-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("ops.secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let c = with_file(&format!(
             "allow_networks = [\"10.0.0.0/8\", \"127.0.0.1\"]\n\
-             [[command_rule]]\nfrom = \"ops.>\"\nto = [\">\"]\n\
-             [[command_rule]]\nfrom = \"peq.*.*\"\nto = [\"peq.>\"]\n",
-        )
+             [[user]]\nname = \"ops\"\nsecret_file = {secret:?}\n\
+             identities = [\"ops.>\"]\ncommands = [\"peq.>\"]\n",
+        ))
         .unwrap();
         assert!(c.allows("10.1.2.3".parse().unwrap()));
         assert!(c.allows("127.0.0.1".parse().unwrap()));
         assert!(c.allows("::ffff:10.0.0.1".parse().unwrap()));
         assert!(!c.allows("127.0.0.2".parse().unwrap()));
+        assert!(c.requires_auth());
         let p = |s: &str| Pattern::parse(s.as_bytes()).unwrap();
-        assert!(c.may_command("ops.alice", &p("live.>")));
-        assert!(c.may_command("peq.ecommons.bob", &p("+peq.*.bob")));
-        assert!(!c.may_command("peq.ecommons.bob", &p(">")));
-        assert!(!c.may_command("guest", &p("peq.x.y")));
-        assert!(Config::default().may_command("guest", &p(">")));
+        let ops = &c.users["ops"];
+        assert!(ops.secret.verify(b"s3cret"));
+        assert!(ops.may_be("ops.alice") && ops.may_be("OPS.x.y") && !ops.may_be("peq.z.bob"));
+        assert!(ops.may_command(&p("peq.*.bob")) && ops.may_command(&p("+peq.>")));
+        assert!(!ops.may_command(&p(">")));
+        assert!(ops.may_echo(&p("peq.z.*")), "echoes default to commands");
+        assert!(ops.sees("ops.alice") && ops.sees("peq.z.bob") && !ops.sees("live.z.bob"));
+        // The shared secret cannot be combined with users; command rules say how to move.
+        let both = format!(
+            "secret_file = {secret:?}\n[[user]]\nname = \"ops\"\nsecret_file = {secret:?}\nidentities = [\">\"]\n"
+        );
+        assert!(with_file(&both).unwrap_err().to_string().contains("[[user]]"));
+        let e = with_file("[[command_rule]]\nfrom = \"ops.>\"\nto = [\">\"]\n").unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("[[user]]") && !e.contains('\n'), "{e}");
+        let bad = |extra: &str| {
+            with_file(&format!(
+                "[[user]]\nname = \"ops\"\nsecret_file = {secret:?}\n{extra}"
+            ))
+        };
+        assert!(bad("identities = []\n").is_err());
+        assert!(bad("identities = [\"+a\"]\n").is_err());
+        assert!(bad("identities = [\"a.>.b\"]\n").is_err());
+        assert!(bad("identities = [\">\"]\nsecret = \"inline\"\n").is_err());
+        assert!(with_file("answer_window = 0\n").is_err());
+        assert_eq!(
+            with_file("duplicate_identity = \"refuse\"\n").unwrap().duplicate_identity,
+            DuplicateIdentity::Refuse
+        );
     }
 
     #[test]

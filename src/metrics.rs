@@ -37,6 +37,8 @@ pub struct Counters {
     pub udp_dropped: AtomicU64,
     /// Connections still open when a graceful shutdown's deadline passed.
     pub shutdown_cut: AtomicU64,
+    /// Connections closed because a newer one took their identity.
+    pub replaced: AtomicU64,
 }
 
 impl Counters {

@@ -109,20 +109,30 @@ fn broken_copies_are_refused_with_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The full file with every commented-out setting and example uncommented (the secret
-/// file pointed at a scratch file, `cores` at 1).
-fn uncommented(dir: &Path) -> String {
+/// The full file with every commented-out setting and example uncommented (secret files
+/// pointed at a scratch file, `cores` at 1). The hub-wide shared secret cannot be combined
+/// with the `[[user]]` examples: with `shared`, it is kept and the users are left out;
+/// without, the users are kept and it is left out.
+fn uncommented(dir: &Path, shared: bool) -> String {
     let secret = dir.join("secret");
     std::fs::write(&secret, "hunter2\n").unwrap();
     let mut out = String::new();
+    let mut in_user = false;
     for line in read(CONFIGS[0]).lines() {
         let setting = line.strip_prefix('#').filter(|l| {
             let key = l.split(" = ").next().unwrap_or("");
-            l.starts_with("[[command_rule]]")
+            l.starts_with("[[user]]")
                 || (l.contains(" = ")
                     && !key.is_empty()
                     && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
         });
+        if setting.is_some_and(|s| s.starts_with("[[user]]")) {
+            in_user = true;
+        }
+        let top_secret = !in_user && setting.is_some_and(|s| s.starts_with("secret_file = "));
+        if setting.is_some() && if shared { in_user } else { top_secret } {
+            continue;
+        }
         match setting {
             Some(s) if s.starts_with("secret_file = ") => out.push_str(&format!(
                 "secret_file = {:?}\n",
@@ -143,7 +153,11 @@ fn uncommented(dir: &Path) -> String {
 fn documented_values_are_the_defaults() {
     let dir = scratch("defaults");
     let file = dir.join("uncommented.toml");
-    let toml = uncommented(&dir);
+    let shared = dir.join("shared.toml");
+    std::fs::write(&shared, uncommented(&dir, true)).unwrap();
+    let out = check(&shared);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let toml = uncommented(&dir, false);
     std::fs::write(&file, &toml).unwrap();
     let out = check(&file);
     assert_eq!(out.status.code(), Some(0), "{toml}\n{}", text(&out.stderr));
@@ -171,8 +185,23 @@ fn documented_values_are_the_defaults() {
     let admin = c.admin.expect("admin example");
     assert!(admin.ip().is_loopback(), "admin example binds {admin}");
     assert!(d.allow_networks.is_empty() && !c.allow_networks.is_empty());
-    assert!(d.secret.is_none() && c.secret.is_some());
-    assert!(d.command_rules.is_empty() && c.command_rules.len() == 2);
+    assert_eq!(c.duplicate_identity, d.duplicate_identity);
+    assert_eq!(c.answer_window, d.answer_window);
+    let s = Config::load(&Args {
+        config: Some(shared),
+        ..Args::default()
+    })
+    .unwrap();
+    assert!(d.secret.is_none() && s.secret.is_some() && s.users.is_empty());
+    // The worked example: an `ops` user and a `boxer` user.
+    assert!(d.users.is_empty() && c.secret.is_none());
+    let names: Vec<&str> = c.users.keys().map(|k| &**k).collect();
+    assert_eq!(names, ["boxer", "ops"]);
+    let target = |t: &str| velium_server::proto::pattern::Pattern::parse(t.as_bytes()).unwrap();
+    assert!(c.users["ops"].may_command(&target(">")));
+    assert!(c.users["boxer"].may_be("peq.ecommons.cleric"));
+    assert!(!c.users["boxer"].may_be("velium.cli.1"));
+    assert!(!c.users["boxer"].may_command(&target("peq.>")));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -204,7 +233,7 @@ fn every_setting_is_documented() {
             CONFIGS[0]
         );
     }
-    assert!(file.contains("\n#[[command_rule]]\n#from = "));
+    assert!(file.contains("\n#[[user]]\n#name = "));
 }
 
 #[test]

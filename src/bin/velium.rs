@@ -2,11 +2,13 @@
 //!
 //! Operator commands (`send`, `tell`, `who`) connect, do one thing and leave; `shim` is a
 //! stand-in shim that stays connected and answers commands, for trying a hub out and for
-//! tests. `stats`, and `who --admin`, read the hub's admin listener instead. Exit status: 0 on success, 1 when `send` saw fewer responses than shims reached
-//! (or a `shim` lost its connection), 2 when nothing could be done (no shim matches, hub
-//! unreachable, bad arguments). Errors are one line on stderr, prefixed `velium:`.
+//! tests. `stats`, and `who --admin`, read the hub's admin listener instead. Exit status: 0
+//! on success, 1 when fewer shims answered a `send` than it reached (or a `shim` lost its
+//! connection), 2 when nothing could be done (no shim matches, hub unreachable, bad
+//! arguments). Errors are one line on stderr, prefixed `velium:`.
 
 use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -25,10 +27,11 @@ Examples:
   velium send 'peq.*.bob' /loc                   bob, whichever zone he is in
   velium send --timeout 10 'peq.>' /who          every shim on peq, wait up to 10 s
 
-Prints `IDENTITY: RESPONSE` for each response as it arrives (a multi-line response keeps \
-its line breaks). Exit status: 0 once every shim reached has answered, 1 if some did not \
-answer within --timeout (how many is printed on stderr), 2 if no shim matches or the hub \
-cannot be reached.";
+Waits until every shim reached has answered (or --timeout), then prints one line per shim \
+that answered, sorted: `IDENTITY: RESPONSE`, several answers of one shim joined by ` | `, \
+line breaks shown as `\\n`. Exit status: 0 when every shim reached has answered, 1 if some \
+did not answer within --timeout (how many, and who, is printed on stderr: the shims the \
+target lists now that did not answer), 2 if no shim matches or the hub cannot be reached.";
 
 const TELL_EXAMPLES: &str = "\
 Examples:
@@ -84,10 +87,13 @@ struct Cli {
         default_value = "127.0.0.1:12345"
     )]
     server: String,
-    /// File holding the hub's shared secret, if it has one (VELIUM_SECRET may hold the
-    /// secret itself instead)
+    /// File holding the hub's shared secret, or with --user that user's secret
+    /// (VELIUM_SECRET may hold the secret itself instead)
     #[arg(long, global = true, value_name = "FILE", env = "VELIUM_SECRET_FILE")]
     secret_file: Option<std::path::PathBuf>,
+    /// The hub user to authenticate as (a [[user]] of the hub's config); needs its secret
+    #[arg(long, global = true, value_name = "NAME", env = "VELIUM_USER")]
+    user: Option<String>,
     /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
     #[arg(long, global = true, value_name = "ADDR", env = "VELIUM_ADMIN")]
     admin: Option<String>,
@@ -210,8 +216,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     let addr = resolve(&cli.server).await?;
     let options = ClientOptions {
         secret: secret(cli.secret_file.as_deref())?,
+        user: cli.user.clone(),
         ..ClientOptions::default()
     };
+    if options.user.is_some() && options.secret.is_none() {
+        return Err(Fatal(
+            "--user needs the user's secret: give --secret-file FILE (or VELIUM_SECRET)".into(),
+        ));
+    }
     match cli.cmd {
         Cmd::Send {
             op,
@@ -286,16 +298,25 @@ async fn send(
     let client = operator(addr, identity, options).await?;
     let sent = client.command(target, text).await?;
     let deadline = Instant::now() + timeout;
-    let mut answered = 0;
+    // Every answer of each responder, by identity (ignoring case, as the hub compares).
+    let mut answers: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    let note = |answers: &mut BTreeMap<String, (String, Vec<String>)>,
+                r: velium_server::client::Response| {
+        let entry = answers
+            .entry(r.from.to_ascii_lowercase())
+            .or_insert_with(|| (r.from.to_string(), Vec::new()));
+        entry.1.push(r.text);
+    };
     let mut closed = false;
-    while answered < sent.reached {
+    let mut responders = 0;
+    while responders < sent.reached {
         match client
             .next_response(sent.id, deadline.saturating_duration_since(Instant::now()))
             .await
         {
             Ok(r) => {
-                println!("{}: {}", r.from, r.text);
-                answered += 1;
+                note(&mut answers, r);
+                responders = answers.len();
             }
             Err(ClientError::Timeout(_)) => break,
             Err(ClientError::Closed) => {
@@ -305,18 +326,50 @@ async fn send(
             Err(e) => return Err(e.into()),
         }
     }
+    // Further answers already here, from shims that answered more than once.
+    while let Ok(r) = client.next_response(sent.id, Duration::ZERO).await {
+        note(&mut answers, r);
+    }
+    // Who did not answer: the shims the same pattern lists now, less those that did.
+    let mut silent = Vec::new();
+    if answers.len() < sent.reached && !closed {
+        let me = client.identity().to_ascii_lowercase();
+        if let Ok(entries) = client.who(Some(target)).await {
+            silent = entries
+                .iter()
+                .map(|e| e.identity.to_string())
+                .filter(|i| {
+                    let key = i.to_ascii_lowercase();
+                    key != me && !answers.contains_key(&key)
+                })
+                .collect();
+            silent.sort();
+        }
+    }
     if !closed {
         let _ = client.close().await;
     }
-    if answered < sent.reached {
-        let missing = sent.reached - answered;
+    for (identity, texts) in answers.values() {
+        let texts: Vec<String> = texts.iter().map(|t| one_line(t)).collect();
+        println!("{identity}: {}", texts.join(" | "));
+    }
+    if answers.len() < sent.reached {
+        let missing = sent.reached - answers.len();
         let why = if closed {
             "before the server closed the connection".to_string()
         } else {
             format!("within {}", humantime::format_duration(timeout))
         };
+        let mut names = silent.join(", ");
+        if silent.len() < missing {
+            let gone = missing - silent.len();
+            if !names.is_empty() {
+                names.push_str(", and ");
+            }
+            names.push_str(&format!("{gone} no longer connected"));
+        }
         eprintln!(
-            "velium: {missing} of {} shim{} did not answer {why}",
+            "velium: {missing} of {} shim{} did not answer {why}: {names}",
             sent.reached,
             plural(sent.reached)
         );

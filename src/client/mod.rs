@@ -34,7 +34,11 @@
 //! Ack and every Error look alike). So the client pairs them by order: a sender queues a
 //! waiter and writes its frame while holding the writer lock, which makes the waiter queue
 //! and the byte stream agree; the background reader hands each Ack or Error to the oldest
-//! waiter. Pongs are paired by their data instead, since ping data is the caller's.
+//! waiter. Pongs are paired by their data instead, since ping data is the caller's. Two
+//! exceptions: an Error refusing a CommandResponse (its text starts `response refused:`)
+//! answers no request and arrives as an [`Event::Error`]; and a rename, which the server
+//! answers only to refuse it, is followed by a Ping, so that its Pong settles the rename
+//! when no Error came first.
 //!
 //! UDP can lose a request or its reply, which would put a queue out of step for good. So
 //! over UDP a client has at most one request in flight (stop and wait), and after a reply
@@ -89,7 +93,7 @@ pub use error::ClientError;
 use crate::proto::identity::check_identity;
 use crate::proto::request::{encode_response, encode_routed};
 use crate::proto::{NEWLINE, Opcode, Token, encode};
-use pending::Reply;
+use pending::{Pending, PongWaiter, Reply};
 use std::fmt;
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
@@ -245,9 +249,13 @@ pub struct ClientOptions {
     /// `IP_BIND_ADDRESS_NO_PORT`, so that bind(2) does not reserve a port for every
     /// destination at once: connect(2) picks one free for this server only. Default `None`.
     pub bind_ip: Option<IpAddr>,
-    /// The hub's shared secret, sent in an Auth frame before Identify (a hub without a
-    /// secret ignores it). It may not hold the byte 0x0A. Default `None`.
+    /// The hub's shared secret, or with [`ClientOptions::user`] that user's secret, sent in
+    /// an Auth frame before Identify (a hub without credentials ignores it). It may not
+    /// hold the byte 0x0A. Default `None`.
     pub secret: Option<Vec<u8>>,
+    /// The hub user to authenticate as: Auth then carries `USER SP SECRET`. Needs a
+    /// secret; may not hold a space or 0x0A. Default `None`.
+    pub user: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -259,6 +267,7 @@ impl Default for ClientOptions {
             keepalive: Some(Duration::from_secs(10)),
             bind_ip: None,
             secret: None,
+            user: None,
         }
     }
 }
@@ -311,6 +320,21 @@ impl Client {
                 why: "it holds the byte 0x0A".into(),
             });
         }
+        if let Some(user) = &options.user {
+            let why = if user.is_empty() || user.bytes().any(|b| b == b' ' || b == NEWLINE) {
+                Some("it is empty or holds a space or 0x0A")
+            } else if options.secret.is_none() {
+                Some("a user needs its secret")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ClientError::Invalid {
+                    what: "user",
+                    why: why.into(),
+                });
+            }
+        }
         let opened = tcp::open(addr, identity, &options).await?;
         let shared = Arc::new(Shared::new(addr, identity, opened.writer, options));
         let reader = tokio::spawn(tcp::reader(shared.clone(), opened.reader, opened.rest));
@@ -356,21 +380,38 @@ impl Client {
         self.shared.is_closed()
     }
 
-    /// Changes identity (a later Identify). The server does not answer a rename, but it
-    /// handles this connection's frames in order, so every request sent after this call
-    /// returns is routed under the new name.
+    /// Changes identity (a later Identify) and waits until the hub has done it: the
+    /// server answers a rename only to refuse it (`identity not permitted: NAME`,
+    /// `identity in use`), so a Ping follows it, and its Pong with no Error before it
+    /// means the rename was carried out. Every request sent after this call returns is
+    /// routed under the new name.
     pub async fn rename(&self, identity: &str) -> Result<(), ClientError> {
         check_identity(identity.as_bytes()).map_err(|why| ClientError::Invalid {
             what: "identity",
             why: why.to_string(),
         })?;
+        let (tx, rx) = oneshot::channel();
+        let (ptx, _unused) = oneshot::channel();
+        let data = self.shared.nonce(b"velium-rename");
+        let ticket = self.shared.ticket();
+        let pong = PongWaiter {
+            data: data.clone(),
+            tx: ptx,
+            ticket,
+        };
         self.shared
-            .send_tcp(None, None, |b| {
-                encode(Opcode::Identify, identity.as_bytes(), b)
+            .send_tcp_pending(Some(Pending::quiet(tx, ticket)), Some(pong), |b| {
+                encode(Opcode::Identify, identity.as_bytes(), b);
+                encode(Opcode::Ping, &data, b);
             })
             .await?;
-        *self.shared.identity.write() = Arc::from(identity);
-        Ok(())
+        match self.shared.await_reply(rx).await? {
+            Reply::Quiet => {
+                *self.shared.identity.write() = Arc::from(identity);
+                Ok(())
+            }
+            other => Err(other.into_error()),
+        }
     }
 
     /// Sends a Command to every shim `target` matches (not this client, unless the target

@@ -10,7 +10,29 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// A request waiting for its Ack or Error (queued in request order).
-pub(super) type Pending = oneshot::Sender<Reply>;
+pub(super) struct Pending {
+    tx: oneshot::Sender<Reply>,
+    /// Non-zero for a rename: the server answers a rename only when it refuses it, so the
+    /// Ping sent right after it, with the same ticket, tells when it was carried out.
+    pub(super) ticket: u64,
+}
+
+impl Pending {
+    /// A request answered by an Ack or an Error.
+    pub(super) fn new(tx: oneshot::Sender<Reply>) -> Pending {
+        Pending { tx, ticket: 0 }
+    }
+
+    /// A rename, settled by the Pong with `ticket` when no Error came first.
+    pub(super) fn quiet(tx: oneshot::Sender<Reply>, ticket: u64) -> Pending {
+        Pending { tx, ticket }
+    }
+
+    /// Hands the request its reply (dropped if the request was abandoned).
+    pub(super) fn send(self, reply: Reply) {
+        let _ = self.tx.send(reply);
+    }
+}
 
 /// What the reader hands a waiting request.
 #[derive(Debug)]
@@ -28,6 +50,8 @@ pub(super) enum Reply {
     Malformed(String),
     /// Quit over UDP: the channel is unknown to the server.
     Quit,
+    /// No answer came where none means success (a rename).
+    Quiet,
 }
 
 impl Reply {
@@ -51,6 +75,7 @@ impl Reply {
             Reply::Malformed(what) => ClientError::Protocol(what),
             Reply::Quit => ClientError::UdpUnbound,
             Reply::Ack { .. } => ClientError::Protocol("unexpected Ack".into()),
+            Reply::Quiet => ClientError::Protocol("no answer".into()),
         }
     }
 }
@@ -59,19 +84,30 @@ impl Reply {
 pub(super) struct PongWaiter {
     pub(super) data: Vec<u8>,
     pub(super) tx: oneshot::Sender<Instant>,
+    /// The ticket of the rename this Ping follows (0: none); kept even when nobody waits
+    /// for the Pong, since it settles the rename's place in the reply queue.
+    pub(super) ticket: u64,
 }
 
-/// Resolves the oldest live waiter whose data matches; forgets abandoned ones.
-pub(super) fn resolve_pong(waiters: &mut Vec<PongWaiter>, data: &[u8], at: Instant) -> bool {
-    waiters.retain(|w| !w.tx.is_closed());
-    match waiters.iter().position(|w| w.data == data) {
-        Some(i) => {
-            let w = waiters.remove(i);
-            let _ = w.tx.send(at);
-            true
-        }
-        None => false,
+impl PongWaiter {
+    /// A waiter for a plain Ping.
+    pub(super) fn new(data: Vec<u8>, tx: oneshot::Sender<Instant>) -> PongWaiter {
+        PongWaiter { data, tx, ticket: 0 }
     }
+}
+
+/// Resolves the oldest live waiter whose data matches; forgets abandoned ones. Returns
+/// whether one matched, and its ticket.
+pub(super) fn resolve_pong(
+    waiters: &mut Vec<PongWaiter>,
+    data: &[u8],
+    at: Instant,
+) -> Option<u64> {
+    waiters.retain(|w| w.ticket != 0 || !w.tx.is_closed());
+    let i = waiters.iter().position(|w| w.data == data)?;
+    let w = waiters.remove(i);
+    let _ = w.tx.send(at);
+    Some(w.ticket)
 }
 
 #[cfg(test)]
@@ -103,29 +139,20 @@ mod tests {
         let (t1, r1) = oneshot::channel();
         let (t2, mut r2) = oneshot::channel();
         let (t3, r3) = oneshot::channel();
-        ws.push(PongWaiter {
-            data: b"a".to_vec(),
-            tx: t1,
-        });
-        ws.push(PongWaiter {
-            data: b"b".to_vec(),
-            tx: t2,
-        });
-        ws.push(PongWaiter {
-            data: b"b".to_vec(),
-            tx: t3,
-        });
+        ws.push(PongWaiter::new(b"a".to_vec(), t1));
+        ws.push(PongWaiter::new(b"b".to_vec(), t2));
+        ws.push(PongWaiter::new(b"b".to_vec(), t3));
         drop(r1);
         let now = Instant::now();
         assert!(
-            !resolve_pong(&mut ws, b"a", now),
+            resolve_pong(&mut ws, b"a", now).is_none(),
             "abandoned waiter is skipped"
         );
-        assert!(resolve_pong(&mut ws, b"b", now));
+        assert_eq!(resolve_pong(&mut ws, b"b", now), Some(0));
         assert_eq!(r2.try_recv().unwrap(), now);
         assert_eq!(ws.len(), 1);
         drop(r3);
-        assert!(!resolve_pong(&mut ws, b"b", now));
+        assert!(resolve_pong(&mut ws, b"b", now).is_none());
         assert!(ws.is_empty());
     }
 }

@@ -11,6 +11,7 @@ use super::text::{check_data, lossy, wire_text};
 use super::udp::UdpShared;
 use super::{ClientOptions, Event, MAX_FRAME, Transport, WhoEntry};
 use crate::proto::reply::{parse_who_entry, push_u64};
+use crate::proto::reject::answers_no_request;
 use crate::proto::{Opcode, Token, codec, encode};
 use std::collections::VecDeque;
 use std::io;
@@ -114,6 +115,17 @@ impl Shared {
     /// under the writer lock so that the waiter queue and the byte stream agree.
     pub(super) async fn send_tcp(
         &self,
+        reply: Option<oneshot::Sender<Reply>>,
+        pong: Option<PongWaiter>,
+        build: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), ClientError> {
+        self.send_tcp_pending(reply.map(Pending::new), pong, build)
+            .await
+    }
+
+    /// [`Shared::send_tcp`] with the reply waiter made by the caller.
+    pub(super) async fn send_tcp_pending(
+        &self,
         reply: Option<Pending>,
         pong: Option<PongWaiter>,
         build: impl FnOnce(&mut Vec<u8>),
@@ -167,10 +179,7 @@ impl Shared {
         let start = Instant::now();
         self.send_tcp(
             None,
-            Some(PongWaiter {
-                data: data.to_vec(),
-                tx,
-            }),
+            Some(PongWaiter::new(data.to_vec(), tx)),
             |b| encode(Opcode::Ping, data, b),
         )
         .await?;
@@ -191,6 +200,11 @@ impl Shared {
     /// True once the TCP connection has ended.
     pub(super) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// A ticket for a rename: never 0, unique for the session.
+    pub(super) fn ticket(&self) -> u64 {
+        self.nonce.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Unique ping data, so that concurrent pings never take each other's Pong.
@@ -236,16 +250,19 @@ impl Shared {
             Opcode::Ack => {
                 let reply = Reply::ack(data, || std::mem::take(&mut rs.who));
                 if let Some(w) = self.waiting.lock().replies.pop_front() {
-                    let _ = w.send(reply);
+                    w.send(reply);
                 }
             }
+            // An Error refusing a CommandResponse answers no request.
+            Opcode::Error if answers_no_request(data) => rs.batch.push(Event::Error {
+                message: wire_text(data),
+                via: Transport::Tcp,
+            }),
             Opcode::Error => {
                 rs.who.clear();
                 let message = wire_text(data);
                 match self.waiting.lock().replies.pop_front() {
-                    Some(w) => {
-                        let _ = w.send(Reply::Error(message));
-                    }
+                    Some(w) => w.send(Reply::Error(message)),
                     None => rs.batch.push(Event::Error {
                         message,
                         via: Transport::Tcp,
@@ -258,7 +275,15 @@ impl Shared {
                 }
             }
             Opcode::Pong => {
-                resolve_pong(&mut self.waiting.lock().pongs, data, Instant::now());
+                let mut q = self.waiting.lock();
+                // The Ping after a rename: with no Error before it, the rename was done.
+                if let Some(t) = resolve_pong(&mut q.pongs, data, Instant::now())
+                    && t != 0
+                    && q.replies.front().is_some_and(|p| p.ticket == t)
+                    && let Some(w) = q.replies.pop_front()
+                {
+                    w.send(Reply::Quiet);
+                }
             }
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse => {
                 match delivery_event(op, data, Transport::Tcp, &mut rs.senders) {
@@ -329,8 +354,16 @@ pub(super) async fn open(
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
     let mut hello = Vec::with_capacity(identity.len() + 2);
-    if let Some(secret) = &options.secret {
-        encode(Opcode::Auth, secret, &mut hello);
+    match (&options.user, &options.secret) {
+        (Some(user), Some(secret)) => {
+            let mut data = Vec::with_capacity(user.len() + 1 + secret.len());
+            data.extend_from_slice(user.as_bytes());
+            data.push(b' ');
+            data.extend_from_slice(secret);
+            encode(Opcode::Auth, &data, &mut hello);
+        }
+        (None, Some(secret)) => encode(Opcode::Auth, secret, &mut hello),
+        _ => {}
     }
     encode(Opcode::Identify, identity.as_bytes(), &mut hello);
     wr.write_all(&hello).await?;
@@ -466,10 +499,7 @@ pub(super) async fn keepalive(shared: Arc<Shared>, every: Duration) {
         let waiter = if oldest.is_none() {
             let (tx, rx) = oneshot::channel();
             oldest = Some((Instant::now(), rx));
-            Some(PongWaiter {
-                data: data.clone(),
-                tx,
-            })
+            Some(PongWaiter::new(data.clone(), tx))
         } else {
             None
         };

@@ -9,6 +9,7 @@ use super::socket::udp_local;
 use super::tcp::Shared;
 use super::text::wire_text;
 use super::{Event, MAX_FRAME, Transport};
+use crate::proto::reject::answers_no_request;
 use crate::proto::{Opcode, Token, codec, encode};
 use std::io;
 use std::sync::Arc;
@@ -78,10 +79,7 @@ impl UdpShared {
         encode(Opcode::Session, &token.0, &mut bind);
         let nonce = shared.nonce(b"bind");
         let (tx, mut rx) = oneshot::channel();
-        self.pongs.lock().push(PongWaiter {
-            data: nonce.clone(),
-            tx,
-        });
+        self.pongs.lock().push(PongWaiter::new(nonce.clone(), tx));
         let mut saw_quit = false;
         for wait in BIND_WAITS_MS {
             if shared.is_closed() {
@@ -162,10 +160,7 @@ impl UdpShared {
         self.slot.lock().take();
         let nonce = shared.nonce(b"sync");
         let (tx, mut rx) = oneshot::channel();
-        self.pongs.lock().push(PongWaiter {
-            data: nonce.clone(),
-            tx,
-        });
+        self.pongs.lock().push(PongWaiter::new(nonce.clone(), tx));
         for _ in 0..3 {
             self.send(|b| encode(Opcode::Ping, &nonce, b)).await?;
             tokio::select! {
@@ -183,10 +178,7 @@ impl UdpShared {
         timeout: Duration,
     ) -> Result<Duration, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.pongs.lock().push(PongWaiter {
-            data: data.to_vec(),
-            tx,
-        });
+        self.pongs.lock().push(PongWaiter::new(data.to_vec(), tx));
         let start = Instant::now();
         self.send(|b| encode(Opcode::Ping, data, b)).await?;
         match tokio::time::timeout(timeout, rx).await {
@@ -250,6 +242,11 @@ async fn reader(udp: Arc<UdpShared>, events: Arc<EventQueue>) {
                     let _ = w.send(reply);
                 }
             }
+            // An Error refusing a CommandResponse answers no request.
+            Opcode::Error if answers_no_request(f.data) => events.push(Event::Error {
+                message: wire_text(f.data),
+                via: Transport::Udp,
+            }),
             Opcode::Error => {
                 let message = wire_text(f.data);
                 let waiter = udp.slot.lock().take();

@@ -12,6 +12,7 @@
 
 use super::send::{Effects, Route, SLICE_FRAMES, Via};
 use super::shim::{CloseReason, Shim};
+use super::access::Auth;
 use super::{Hub, Identified};
 use crate::metrics::{Latency, Refusal, Transport};
 use crate::proto::codec::{self, CodecError};
@@ -43,7 +44,7 @@ pub struct Connection {
     shim: Arc<Shim>,
     /// The start of a frame that a read cut in two (never more than one frame).
     partial: Vec<u8>,
-    /// Whether the client presented the right shared secret.
+    /// Whether the client presented a valid credential (the shared secret, or a user's).
     authed: bool,
     /// When the connection was accepted, for the handshake latency.
     accepted: Instant,
@@ -186,8 +187,9 @@ impl Connection {
             self.refuse(hub, Reject::IdentifyFirst);
             return Flow::Continue;
         }
-        // The secret guards the first Identify; a rename is the same session.
-        if op == Opcode::Identify && !identified && !self.authed && hub.config().secret.is_some() {
+        // The credential guards the first Identify; a rename is the same session (and is
+        // checked against the same user).
+        if op == Opcode::Identify && !identified && !self.authed && hub.config().requires_auth() {
             return self.refuse_auth(hub, Reject::AuthRequired);
         }
         let request = match Request::parse(op, frame.data) {
@@ -211,19 +213,34 @@ impl Connection {
                     fx(&mut self.out),
                 );
             }
-            Ok(Request::Auth(secret)) => {
-                // Without a secret the frame is ignored (and proves nothing, should a
-                // reload add one before this connection identifies).
-                if let Some(s) = &hub.config().secret {
-                    if !s.verify(secret) {
-                        return self.refuse_auth(hub, Reject::AuthFailed);
-                    }
+            Ok(Request::Auth(data)) => match hub.authenticate(data) {
+                // Without credentials the frame is ignored (and proves nothing, should a
+                // reload add some before this connection identifies).
+                Auth::Ignored => {}
+                Auth::Failed => return self.refuse_auth(hub, Reject::AuthFailed),
+                // Before the first Identify the last valid Auth counts; after it, the
+                // session keeps the user it identified with.
+                Auth::Granted(user) if !identified => {
                     self.authed = true;
+                    self.shim.set_user(user);
                 }
-            }
+                Auth::Granted(_) => {}
+            },
             Ok(Request::Identify(label)) => {
-                if hub.identify(&self.shim, label, fx(&mut self.out)) == Identified::Registered {
-                    fx(&mut self.out).time(Latency::Handshake, self.accepted);
+                match hub.identify(&self.shim, label, fx(&mut self.out)) {
+                    Ok(Identified::Registered) => {
+                        fx(&mut self.out).time(Latency::Handshake, self.accepted)
+                    }
+                    Ok(_) => {}
+                    // The credential it presented is gone (a reload between Auth and
+                    // Identify): refused as a wrong one would have been.
+                    Err(r @ (Reject::AuthRequired | Reject::Revoked(_))) => {
+                        return self.refuse_auth(hub, r);
+                    }
+                    Err(r) => {
+                        hub.log_refusal(&self.shim, &r, fx(&mut self.out).now_ms);
+                        self.refuse(hub, r);
+                    }
                 }
             }
             Ok(Request::Route(r)) => hub.fan_out(&self.shim, &r, Via::Tcp, fx(&mut self.out)),
@@ -378,7 +395,7 @@ mod tests {
         feed(&mut c, &h, b"\x08x hi\n", now);
         assert_eq!(out(&c), b"\x09identify first\n");
         feed(&mut c, &h, b"\x01bad name\n", now);
-        assert!(out(&c).starts_with(b"\x09identity holds"));
+        assert!(out(&c).starts_with(b"\x09identity byte 0x20 at 3: only ASCII"));
         assert_eq!(
             feed(&mut c, &h, b"\x03\n", now),
             Flow::Close(CloseReason::Quit)

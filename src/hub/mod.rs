@@ -8,6 +8,8 @@
 //! - [`route`]: Command, Echo, CommandResponse and Who;
 //! - [`send`]: the one send path, with the outbound limit and the per-shim rates;
 //! - [`timers`]: identify deadline, idle timeout, write deadline, shutdown Quit;
+//! - [`access`]: who may be whom: Auth, the identity a user may take, a second claim on a
+//!   held identity, and the credentials a reload revokes;
 //! - [`admission`]: what is turned away before any protocol work;
 //! - [`table`], [`router`], [`shim`], [`outbox`]: the data they work on.
 //!
@@ -17,6 +19,7 @@
 //! functions the driver attached with it (`driver/sys.rs`); the open-file limit is read by
 //! the driver and handed to [`Hub::with_open_file_limit`].
 
+pub mod access;
 pub mod admission;
 pub mod connection;
 pub mod datagram;
@@ -38,7 +41,8 @@ use arc_swap::{ArcSwap, Guard};
 use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use router::Router;
+use crate::proto::reject::Reject;
+use router::{Claim, Router};
 use shim::{CloseReason, Shim};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +60,9 @@ pub enum Identified {
     Registered,
     /// Later Identify: renamed from the old label.
     Renamed(Arc<str>),
+    /// The connection was closed meanwhile (by a timer, or a newer holder of its
+    /// identity): nothing was done.
+    Closed,
 }
 
 /// The shared state of one server.
@@ -120,10 +127,15 @@ impl Hub {
 
     /// Applies reloaded settings: those that need a restart keep their running values.
     /// Returns the keys that changed and were applied, and those that need a restart.
+    /// Connected shims whose user was removed or changed, or may no longer hold its
+    /// identity, are closed with the reason (see [`Hub::recheck_credentials`]).
     pub fn reload(&self, new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
         let old = self.config.load_full();
         let (live, restart) = old.diff(&new);
         self.config.store(Arc::new(old.reloaded(new)));
+        if live.contains(&"users") {
+            self.recheck_credentials();
+        }
         (live, restart)
     }
 
@@ -175,27 +187,46 @@ impl Hub {
         Arc::new(Shim::new(serial, core, peer, self.ms(now), unix_ms))
     }
 
-    /// Applies an Identify: registers the shim (queueing its Session) or renames it.
-    pub fn identify(&self, shim: &Arc<Shim>, label: &str, out: &mut Effects) -> Identified {
+    /// Applies an Identify: registers the shim (queueing its Session) or renames it, if
+    /// its user may take the identity and nobody else holds it (or the holder is to be
+    /// replaced: it is sent Quit and closed). A refusal changes nothing: an unidentified
+    /// shim stays so, a renaming one keeps its name.
+    pub fn identify(
+        &self,
+        shim: &Arc<Shim>,
+        label: &str,
+        out: &mut Effects,
+    ) -> Result<Identified, Reject> {
+        let policy = self.check_identity_claim(shim, label)?;
         let label: Arc<str> = Arc::from(label);
-        if shim.is_identified() {
-            let old = shim.set_identity(label.clone());
-            self.router.rename(&old, &label, shim);
+        let (claim, old) = (self.router).claim(shim, label.clone(), |h| policy.replaces(h));
+        let displaced = match claim {
+            Claim::Held(displaced) => displaced,
+            Claim::Taken => return Err(Reject::IdentityInUse),
+            Claim::Closed => return Ok(Identified::Closed),
+        };
+        let done = if shim.is_identified() {
             info!(conn = shim.serial, old = %old, new = %label, "rename");
-            return Identified::Renamed(old);
+            Identified::Renamed(old)
+        } else {
+            // Held, but not routed to until identified: the Session goes into the outbox
+            // first, so a frame routed to the shim by another core never reaches the
+            // client ahead of it.
+            let mut f = Vec::with_capacity(18);
+            reply::session(&shim.token, &mut f);
+            self.send(shim, Route::Session, &Bytes::from(f), out);
+            shim.mark_identified();
+            self.table.insert(shim);
+            Counters::bump(&self.counters().identified);
+            let user = shim.user();
+            let user = user.as_ref().map_or("-", |u| &*u.name);
+            info!(conn = shim.serial, identity = %label, user, token = %shim.token, "identify");
+            Identified::Registered
+        };
+        if let Some(holder) = displaced {
+            self.displace(&holder, shim);
         }
-        shim.set_identity(label.clone());
-        // The Session goes into the outbox before the shim can be found: a frame routed to
-        // it by another core must never reach the client ahead of its Session.
-        let mut f = Vec::with_capacity(18);
-        reply::session(&shim.token, &mut f);
-        self.send(shim, Route::Session, &Bytes::from(f), out);
-        shim.mark_identified();
-        self.table.insert(shim);
-        self.router.insert(&label, shim);
-        Counters::bump(&self.counters().identified);
-        info!(conn = shim.serial, identity = %label, token = %shim.token, "identify");
-        Identified::Registered
+        Ok(done)
     }
 
     /// Removes a shim whose connection ended, logging the close line. Only the first call
@@ -206,8 +237,9 @@ impl Hub {
         }
         if shim.is_identified() {
             self.table.remove(shim);
-            self.router.remove(&shim.identity(), shim);
         }
+        // Always: a claim racing this close is either seen here or sees the close.
+        self.router.remove(shim);
         if reason == CloseReason::SlowConsumer {
             Counters::bump(&self.counters().slow_consumers);
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");

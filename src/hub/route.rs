@@ -32,21 +32,43 @@ impl Hub {
         if let Err(r) = self.allow_route(sender, Work::FanOut, out.now_ms) {
             return self.refuse(sender, answer, &r, out);
         }
-        let identity = sender.identity();
-        if op == Opcode::Command && !self.config().may_command(&identity, target) {
-            debug!(conn = sender.serial, identity = %identity, "command not permitted");
-            let r = Reject::NotPermitted(lossy(target_text));
-            return self.refuse(sender, answer, &r, out);
+        let c = self.config();
+        if !c.users.is_empty() {
+            // Decided by the sender's user, never by the name it picked.
+            let user = sender.user();
+            let refused = match op {
+                Opcode::Command if !user.as_ref().is_some_and(|u| u.may_command(target)) => {
+                    Some(Reject::NotPermitted(lossy(target_text)))
+                }
+                Opcode::Echo if !user.as_ref().is_some_and(|u| u.may_echo(target)) => {
+                    Some(Reject::EchoNotPermitted(lossy(target_text)))
+                }
+                _ => None,
+            };
+            if let Some(r) = refused {
+                debug!(conn = sender.serial, identity = %sender.identity(), "{r}");
+                self.log_refusal(sender, &r, out.now_ms);
+                return self.refuse(sender, answer, &r, out);
+            }
         }
+        let identity = sender.identity();
         let id = (op == Opcode::Command).then(|| sender.next_command_id());
         let mut f = Vec::with_capacity(identity.len() + text.len() + 24);
         reply::delivery(op, &identity, id, text, &mut f);
         let frame = Bytes::from(f);
+        let window = c.answer_window;
+        drop(c);
         let mut reached = 0u64;
         self.router.for_each_match(target, |to| {
+            // A shim that holds its identity but has not had its Session yet is not routed
+            // to (`Hub::identify`).
             if (target.include_self || to.serial != sender.serial)
+                && to.is_identified()
                 && self.send(to, Route::Deliver(via), &frame, out).is_some()
             {
+                if let Some(id) = id {
+                    to.expect_answer(id, window);
+                }
                 reached += 1;
             }
         });
@@ -62,7 +84,10 @@ impl Hub {
     }
 
     /// A CommandResponse from `responder`, forwarded to the Command's sender (on UDP when
-    /// it came in on UDP and the sender has a channel). Not answered.
+    /// it came in on UDP and the sender has a channel) when the responder was sent that
+    /// Command, among its last `answer_window`; otherwise refused with an Error whose text
+    /// starts `response refused:` (so a client never takes it for the answer to one of
+    /// its own requests). Not answered when forwarded.
     pub(crate) fn respond(
         &self,
         responder: &Arc<Shim>,
@@ -79,6 +104,11 @@ impl Hub {
             self.metrics.reject(&r);
             Counters::bump(&self.counters().responses_dropped);
             return;
+        }
+        if !responder.may_answer(id) {
+            let r = Reject::NotAnswerable(id, self.config().answer_window);
+            self.log_refusal(responder, &r, out.now_ms);
+            return self.refuse(responder, Route::Reply(via), &r, out);
         }
         let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
             Counters::bump(&self.counters().responses_dropped);
@@ -106,9 +136,27 @@ impl Hub {
         if let Err(r) = self.allow_route(sender, Work::Who, out.now_ms) {
             return self.refuse(sender, Route::Reply(via), &r, out);
         }
+        // On a hub with users, Who lists what the sender's user may see.
+        let view = {
+            let c = self.config();
+            match (c.users.is_empty(), sender.user()) {
+                (true, _) => View::All,
+                (false, Some(u)) if u.sees_all() => View::All,
+                (false, Some(u)) => View::Only(u),
+                (false, None) => View::Nothing,
+            }
+        };
         let mut listing = Vec::new();
         let mut n = 0u64;
         self.router.for_each_match(pattern, |s| {
+            if !s.is_identified() {
+                return;
+            }
+            match &view {
+                View::All => {}
+                View::Only(u) if u.sees(&s.identity()) => {}
+                _ => return,
+            }
             n += 1;
             reply::who_entry(
                 &s.identity(),
@@ -130,6 +178,13 @@ impl Hub {
             sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
         }
     }
+}
+
+/// Which identities a Who lists to its sender.
+enum View {
+    All,
+    Only(Arc<crate::config::User>),
+    Nothing,
 }
 
 fn lossy(b: &[u8]) -> String {

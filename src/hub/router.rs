@@ -1,4 +1,5 @@
-//! The router: the index of identified shims by identity, that patterns are matched on.
+//! The router: the index of identified shims by identity, that patterns are matched on,
+//! and the one place an identity is taken, so that no two live shims hold the same one.
 //!
 //! Identities are kept in a trie keyed by lowercased segment, as nats-server keeps
 //! subjects, so a lookup walks the pattern, not the fleet: an exact identity costs one
@@ -84,6 +85,18 @@ fn key_parts(identity: &str) -> Vec<Box<str>> {
         .collect()
 }
 
+/// What a claim on an identity did.
+#[derive(Debug)]
+pub enum Claim {
+    /// The shim holds the identity now; if it took it from a live shim, that one is
+    /// returned, already out of the index, for the caller to close.
+    Held(Option<Arc<Shim>>),
+    /// Another live shim holds it, and keeps it.
+    Taken,
+    /// The claimant was closed meanwhile: nothing changed.
+    Closed,
+}
+
 /// The index of identified shims by identity.
 #[derive(Default)]
 pub struct Router {
@@ -91,32 +104,56 @@ pub struct Router {
 }
 
 impl Router {
-    /// Adds `shim` under `identity`.
-    pub fn insert(&self, identity: &str, shim: &Arc<Shim>) {
-        let parts = key_parts(identity);
+    /// Makes `label` the identity of `shim`, in the index and on the shim in one step
+    /// (so routing never sees it missing, nor under two names), and takes it from the
+    /// shim holding it (compared ignoring ASCII case) when `replace` says so. A holder
+    /// already closing loses it in any case. A shim renaming to its own identity in
+    /// another letter case keeps its place.
+    pub fn claim(
+        &self,
+        shim: &Arc<Shim>,
+        label: Arc<str>,
+        replace: impl FnOnce(&Shim) -> bool,
+    ) -> (Claim, Arc<str>) {
+        let parts = key_parts(&label);
         let mut root = self.root.write();
-        let mut node = &mut *root;
-        for p in parts {
-            node = node.children.entry(p).or_default();
+        // Checked under the lock that `remove` takes after marking the shim closed:
+        // either this claim is undone by that removal, or it sees the mark.
+        if shim.is_closed() {
+            return (Claim::Closed, shim.identity());
         }
-        node.members.push(shim.clone());
+        let mut node = &mut *root;
+        for p in &parts {
+            node = node.children.entry(p.clone()).or_default();
+        }
+        let mut displaced = None;
+        if let Some(i) = node.members.iter().position(|s| s.serial != shim.serial) {
+            let holder = &node.members[i];
+            let live = holder.outbox.is_open() && !holder.is_closed();
+            if live && !replace(holder) {
+                return (Claim::Taken, shim.identity());
+            }
+            let holder = node.members.swap_remove(i);
+            displaced = live.then_some(holder);
+        }
+        let here = node.members.iter().any(|s| s.serial == shim.serial);
+        if !here {
+            node.members.push(shim.clone());
+        }
+        let old = shim.set_identity(label);
+        if !here && !old.is_empty() {
+            root.remove(&key_parts(&old), shim.serial);
+        }
+        (Claim::Held(displaced), old)
     }
 
-    /// Removes `shim` from under `identity`.
-    pub fn remove(&self, identity: &str, shim: &Shim) {
-        self.root.write().remove(&key_parts(identity), shim.serial);
-    }
-
-    /// Moves `shim` from `old` to `new` in one step, so routing never sees it missing.
-    pub fn rename(&self, old: &str, new: &str, shim: &Arc<Shim>) {
-        let new_parts = key_parts(new);
+    /// Takes `shim` out of the index (nothing if it is not in it).
+    pub fn remove(&self, shim: &Shim) {
         let mut root = self.root.write();
-        root.remove(&key_parts(old), shim.serial);
-        let mut node = &mut *root;
-        for p in new_parts {
-            node = node.children.entry(p).or_default();
+        let identity = shim.identity();
+        if !identity.is_empty() {
+            root.remove(&key_parts(&identity), shim.serial);
         }
-        node.members.push(shim.clone());
     }
 
     /// Calls `f` for every shim whose identity matches `pattern` (the sender included;
@@ -143,6 +180,10 @@ mod tests {
         v
     }
 
+    fn claim(r: &Router, s: &Arc<Shim>, id: &str, replace: bool) -> Claim {
+        r.claim(s, Arc::from(id), |_| replace).0
+    }
+
     #[test]
     fn pattern_forms() {
         let r = Router::default();
@@ -155,7 +196,7 @@ mod tests {
         ];
         let shims: Vec<_> = (0..ids.len() as u64).map(shim).collect();
         for (id, s) in ids.iter().zip(&shims) {
-            r.insert(id, s);
+            assert!(matches!(claim(&r, s, id, false), Claim::Held(None)));
         }
         assert_eq!(matched(&r, "peq.ecommons.bob"), [0]);
         assert_eq!(matched(&r, "PEQ.ECommons.ALICE"), [1]);
@@ -165,27 +206,64 @@ mod tests {
         assert_eq!(matched(&r, ">"), [0, 1, 2, 3, 4]);
         assert_eq!(matched(&r, "*"), [4]);
         assert_eq!(matched(&r, "peq.ecommons"), Vec::<u64>::new());
-        r.rename("peq.ecommons.bob", "peq.nektulos.bobby", &shims[0]);
+        claim(&r, &shims[0], "peq.nektulos.bobby", false);
+        assert_eq!(&*shims[0].identity(), "peq.nektulos.bobby");
         assert_eq!(matched(&r, "peq.ecommons.*"), [1]);
         assert_eq!(matched(&r, "peq.nektulos.*"), [0, 2]);
-        r.remove("PEQ.nektulos.bob", &shims[2]);
+        r.remove(&shims[2]);
         assert_eq!(matched(&r, "*.nektulos.*"), [0]);
     }
 
+    #[test]
+    fn identities_are_exclusive_ignoring_case() {
+        let r = Router::default();
+        let (a, b, c) = (shim(1), shim(2), shim(3));
+        claim(&r, &a, "peq.z.bob", false);
+        assert!(matches!(claim(&r, &b, "PEQ.Z.BOB", false), Claim::Taken));
+        assert_eq!(&*b.identity(), "", "a refused claim changes nothing");
+        claim(&r, &c, "peq.z.carol", false);
+        assert!(matches!(claim(&r, &c, "peq.z.Bob", false), Claim::Taken));
+        assert_eq!(&*c.identity(), "peq.z.carol");
+        // Renaming to one's own identity in another case keeps the place.
+        assert!(matches!(claim(&r, &a, "Peq.Z.Bob", false), Claim::Held(None)));
+        assert_eq!(matched(&r, "peq.z.bob"), [1]);
+        // Replace: the holder leaves the index and is handed back.
+        match claim(&r, &b, "peq.z.bob", true) {
+            Claim::Held(Some(old)) => assert_eq!(old.serial, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(matched(&r, "peq.z.bob"), [2]);
+        // A closed shim claims nothing, and its removal takes it out wherever it is.
+        assert!(b.mark_closed());
+        assert!(matches!(claim(&r, &b, "peq.z.other", false), Claim::Closed));
+        r.remove(&b);
+        assert_eq!(matched(&r, ">"), [3]);
+    }
+
     proptest! {
-        /// The trie finds exactly the identities that direct comparison finds.
+        /// The trie finds exactly the identities that direct comparison finds, and never
+        /// holds two shims under one identity.
         #[test]
         fn trie_agrees_with_direct_matching(
             ids in proptest::collection::vec("[aAbB]{1,2}(\\.[aAbB]{1,2}){0,3}", 1..30),
             pat in "([aAbB]{1,2}|\\*)(\\.([aAbB]{1,2}|\\*)){0,3}(\\.>)?",
         ) {
             let r = Router::default();
+            let mut held: Vec<(u64, String)> = Vec::new();
             for (i, id) in ids.iter().enumerate() {
-                r.insert(id, &shim(i as u64));
+                let taken = held.iter().any(|(_, h)| h.eq_ignore_ascii_case(id));
+                match claim(&r, &shim(i as u64), id, false) {
+                    Claim::Held(None) => {
+                        prop_assert!(!taken);
+                        held.push((i as u64, id.clone()));
+                    }
+                    Claim::Taken => prop_assert!(taken),
+                    other => prop_assert!(false, "{:?}", other),
+                }
             }
             let p = Pattern::parse(pat.as_bytes()).unwrap();
-            let mut expect: Vec<u64> = ids.iter().enumerate()
-                .filter(|(_, id)| p.matches(id)).map(|(i, _)| i as u64).collect();
+            let mut expect: Vec<u64> = held.iter()
+                .filter(|(_, id)| p.matches(id)).map(|(i, _)| *i).collect();
             expect.sort();
             prop_assert_eq!(matched(&r, &pat), expect);
         }

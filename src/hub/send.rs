@@ -260,7 +260,7 @@ impl Hub {
             }
             Some(r) => {
                 drop(b);
-                self.log_rate(sender, &r, now_ms);
+                self.log_refusal(sender, &r, now_ms);
                 Err(r)
             }
         }
@@ -274,13 +274,13 @@ impl Hub {
         }
     }
 
-    /// Logs a shim's rate refusals at most once a minute.
-    fn log_rate(&self, sender: &Shim, r: &Reject, now_ms: u64) {
+    /// Logs a shim's refusals (rates, access rules) at most once a minute.
+    pub(crate) fn log_refusal(&self, sender: &Shim, r: &Reject, now_ms: u64) {
         let last = sender.rate_logged_ms.load(Ordering::Relaxed);
         if last == 0 || now_ms + 1 >= last + 60_000 {
             sender.rate_logged_ms.store(now_ms + 1, Ordering::Relaxed);
             warn!(conn = sender.serial, identity = %sender.identity(), reason = %r,
-                "rate limit (logged once a minute per shim)");
+                "refused (logged once a minute per shim)");
         }
     }
 

@@ -6,8 +6,12 @@
 
 use super::outbox::Outbox;
 use super::send::Buckets;
+use crate::config::User;
 use crate::proto::Token;
+use crate::proto::reject::Revoked;
+use arc_swap::ArcSwapOption;
 use parking_lot::{Mutex, RwLock};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +38,10 @@ pub enum CloseReason {
     Shutdown,
     /// The client did not present the shared secret, or a wrong one.
     AuthFailed,
+    /// A newer connection took the identity (`duplicate_identity`).
+    Replaced,
+    /// A reload removed or changed the connection's credentials.
+    Revoked(Revoked),
 }
 
 impl fmt::Display for CloseReason {
@@ -48,6 +56,8 @@ impl fmt::Display for CloseReason {
             CloseReason::IoError => "io error",
             CloseReason::Shutdown => "server shutdown",
             CloseReason::AuthFailed => "authentication failed",
+            CloseReason::Replaced => "replaced by a newer connection with the same identity",
+            CloseReason::Revoked(why) => return write!(f, "credentials revoked: {}", why.text()),
         })
     }
 }
@@ -87,6 +97,11 @@ pub struct Shim {
     pub(crate) buckets: Mutex<Buckets>,
     /// When this shim's rate refusals were last logged (hub milliseconds + 1; 0: never).
     pub(crate) rate_logged_ms: AtomicU64,
+    /// The user the connection authenticated as (none on a hub without users).
+    user: ArcSwapOption<User>,
+    /// The ids of the last Commands this shim was sent: the ones it may answer
+    /// (`answer_window` of them at most).
+    answerable: Mutex<VecDeque<u64>>,
     /// Everything sent to this shim over TCP.
     pub outbox: Outbox,
 }
@@ -116,6 +131,8 @@ impl Shim {
             next_seq: AtomicU32::new(0),
             buckets: Mutex::new(Buckets::new(now_ms)),
             rate_logged_ms: AtomicU64::new(0),
+            user: ArcSwapOption::empty(),
+            answerable: Mutex::new(VecDeque::new()),
             outbox: Outbox::default(),
         }
     }
@@ -125,8 +142,34 @@ impl Shim {
         self.identity.read().clone()
     }
 
+    /// Sets the identity; only the router calls this, under its lock, so the label and
+    /// the router's index never disagree.
     pub(crate) fn set_identity(&self, label: Arc<str>) -> Arc<str> {
         std::mem::replace(&mut *self.identity.write(), label)
+    }
+
+    /// The user the connection authenticated as.
+    pub fn user(&self) -> Option<Arc<User>> {
+        self.user.load_full()
+    }
+
+    pub(crate) fn set_user(&self, user: Option<Arc<User>>) {
+        self.user.store(user);
+    }
+
+    /// Records that this shim was sent the Command `id`: it may answer it until
+    /// `window` newer Commands have been sent to it.
+    pub(crate) fn expect_answer(&self, id: u64, window: usize) {
+        let mut q = self.answerable.lock();
+        while q.len() >= window {
+            q.pop_front();
+        }
+        q.push_back(id);
+    }
+
+    /// Whether this shim may answer the Command `id`.
+    pub(crate) fn may_answer(&self, id: u64) -> bool {
+        self.answerable.lock().iter().rev().any(|&i| i == id)
     }
 
     /// True once the first Identify was accepted.

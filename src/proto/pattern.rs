@@ -85,21 +85,17 @@ impl Pattern {
 
     /// Whether `identity` matches, by direct comparison (the trie's reference behaviour).
     pub fn matches(&self, identity: &str) -> bool {
-        let parts: Vec<Box<str>> = identity
-            .split('.')
-            .map(|p| lowercase(p.as_bytes()))
-            .collect();
-        let mut i = 0;
+        // No allocation: access checks and Who filters call this once per shim.
+        let mut parts = identity.split('.');
         for seg in &self.segs {
             match seg {
-                Seg::Rest => return i < parts.len(),
-                Seg::One if i < parts.len() => {}
-                Seg::Lit(l) if i < parts.len() && parts[i] == *l => {}
+                Seg::Rest => return parts.next().is_some(),
+                Seg::One if parts.next().is_some() => {}
+                Seg::Lit(l) if parts.next().is_some_and(|p| p.eq_ignore_ascii_case(l)) => {}
                 _ => return false,
             }
-            i += 1;
         }
-        i == parts.len()
+        parts.next().is_none()
     }
 
     /// Whether every identity `other` can match is matched by `self` (the leading `+` of

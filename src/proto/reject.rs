@@ -13,6 +13,16 @@ use super::{Opcode, encode};
 use std::borrow::Cow;
 use std::fmt;
 
+/// How the Error texts that refuse a CommandResponse begin. A CommandResponse is owed no
+/// answer, so such an Error answers none of the client's requests: a client must not
+/// match it to its oldest waiting request ([`answers_no_request`]).
+pub const RESPONSE_REFUSED: &str = "response refused:";
+
+/// Whether an Error frame's data refuses a CommandResponse, and so answers no request.
+pub fn answers_no_request(error_text: &[u8]) -> bool {
+    error_text.starts_with(RESPONSE_REFUSED.as_bytes())
+}
+
 /// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -80,8 +90,16 @@ pub enum Refusal {
     Rate,
     /// Identify without the secret, or a wrong secret.
     Auth,
-    /// A Command the command rules do not permit.
+    /// A Command or Echo the sender's user may not send to that target.
     Permission,
+    /// An Identify or rename as an identity the user may not take.
+    Identity,
+    /// An Identify or rename as an identity another live shim holds (policy `refuse`).
+    IdentityInUse,
+    /// A CommandResponse whose responder was not sent that Command (or not recently).
+    Answer,
+    /// A connection closed because a reload removed or changed its credentials.
+    Revoked,
     /// More routed frames per second than `routed_per_sec`.
     RateRouted,
     /// More deliveries per second than `deliveries_per_sec`.
@@ -92,13 +110,17 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Refusal; 9] = [
+    pub const ALL: [Refusal; 13] = [
         Refusal::AllowList,
         Refusal::MaxConnections,
         Refusal::PerSource,
         Refusal::Rate,
         Refusal::Auth,
         Refusal::Permission,
+        Refusal::Identity,
+        Refusal::IdentityInUse,
+        Refusal::Answer,
+        Refusal::Revoked,
         Refusal::RateRouted,
         Refusal::RateDeliveries,
         Refusal::RateWho,
@@ -113,6 +135,10 @@ impl Refusal {
             Refusal::Rate => "rate",
             Refusal::Auth => "auth",
             Refusal::Permission => "permission",
+            Refusal::Identity => "identity",
+            Refusal::IdentityInUse => "identity_in_use",
+            Refusal::Answer => "answer",
+            Refusal::Revoked => "revoked",
             Refusal::RateRouted => "rate_routed",
             Refusal::RateDeliveries => "rate_deliveries",
             Refusal::RateWho => "rate_who",
@@ -134,8 +160,33 @@ pub enum Metric {
 pub enum Shape {
     /// Command or Echo: `TARGET SP TEXT`.
     TargetText,
-    /// CommandResponse: `ID SP RESPONSE`.
+    /// CommandResponse: `ID SP RESPONSE`, ID a canonical decimal.
     IdResponse,
+}
+
+/// Why a connection's credentials no longer hold after a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    /// Its user is no longer in the configuration.
+    UserRemoved,
+    /// Its user's secret changed.
+    SecretChanged,
+    /// Its user may no longer take its identity.
+    IdentityNotPermitted,
+    /// The hub now has users, and the connection authenticated as none.
+    CredentialsRequired,
+}
+
+impl Revoked {
+    /// The reason, as the Error frame and the close line give it.
+    pub fn text(self) -> &'static str {
+        match self {
+            Revoked::UserRemoved => "user removed",
+            Revoked::SecretChanged => "secret changed",
+            Revoked::IdentityNotPermitted => "identity no longer permitted",
+            Revoked::CredentialsRequired => "credentials now required",
+        }
+    }
 }
 
 /// A per-shim rate a request went past.
@@ -172,8 +223,19 @@ pub enum Reject {
     BadPattern(String, PatternError),
     /// A Command or Echo that matched no shim.
     NoMatch(String),
-    /// A Command the command rules do not permit.
+    /// A Command the sender's user may not send to the target (the target, lossy).
     NotPermitted(String),
+    /// An Echo the sender's user may not send to the target.
+    EchoNotPermitted(String),
+    /// An identity the user may not take.
+    IdentityNotPermitted(String),
+    /// An identity another live shim holds.
+    IdentityInUse,
+    /// A CommandResponse for a Command the responder was not sent, or not among its last
+    /// `answer_window` (the id and the window).
+    NotAnswerable(u64, usize),
+    /// A reload removed or changed the connection's credentials (the connection is closed).
+    Revoked(Revoked),
     /// A rate went past its configured value (per second).
     RateLimited(Rate, u32),
     /// A frame longer than `max_frame` (the connection is closed).
@@ -209,11 +271,21 @@ impl Reject {
             Reject::IdentifyFirst => "identify first".into(),
             Reject::BadIdentity(e) => e.to_string().into(),
             Reject::Malformed(Shape::TargetText) => "expected: TARGET SP TEXT".into(),
-            Reject::Malformed(Shape::IdResponse) => "expected: ID SP RESPONSE".into(),
+            Reject::Malformed(Shape::IdResponse) => {
+                "response refused: ID must be a decimal number with no sign or leading zero".into()
+            }
             Reject::BadTarget(t, e) => format!("bad target {t}: {e}").into(),
             Reject::BadPattern(t, e) => format!("bad pattern {t}: {e}").into(),
             Reject::NoMatch(t) => format!("no shim matches {t}").into(),
             Reject::NotPermitted(t) => format!("command not permitted: {t}").into(),
+            Reject::EchoNotPermitted(t) => format!("echo not permitted: {t}").into(),
+            Reject::IdentityNotPermitted(i) => format!("identity not permitted: {i}").into(),
+            Reject::IdentityInUse => "identity in use".into(),
+            Reject::NotAnswerable(id, n) => {
+                format!("response refused: {id} is not among the last {n} Commands sent to this shim")
+                    .into()
+            }
+            Reject::Revoked(why) => format!("credentials revoked: {}", why.text()).into(),
             Reject::RateLimited(rate, n) => format!(
                 "rate limit: more than {n} {} per second",
                 match rate {
@@ -253,7 +325,13 @@ impl Reject {
             Reject::NoMatch(_) => Metric::Error(E::NoMatch),
             Reject::TooLong(_) => Metric::Error(E::Oversized),
             Reject::IdentifyTimeout => Metric::Error(E::IdentifyTimeout),
-            Reject::NotPermitted(_) => Metric::Refusal(Refusal::Permission),
+            Reject::NotPermitted(_) | Reject::EchoNotPermitted(_) => {
+                Metric::Refusal(Refusal::Permission)
+            }
+            Reject::IdentityNotPermitted(_) => Metric::Refusal(Refusal::Identity),
+            Reject::IdentityInUse => Metric::Refusal(Refusal::IdentityInUse),
+            Reject::NotAnswerable(..) => Metric::Refusal(Refusal::Answer),
+            Reject::Revoked(_) => Metric::Refusal(Refusal::Revoked),
             Reject::RateLimited(Rate::Routed, _) => Metric::Refusal(Refusal::RateRouted),
             Reject::RateLimited(Rate::Deliveries, _) => Metric::Refusal(Refusal::RateDeliveries),
             Reject::RateLimited(Rate::Who, _) => Metric::Refusal(Refusal::RateWho),

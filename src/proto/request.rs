@@ -92,9 +92,9 @@ impl<'a> Request<'a> {
                     Some(sp) => (&data[..sp], &data[sp + 1..]),
                     None => (data, &b""[..]),
                 };
-                // ASCII digits only: no sign, no space.
-                let id =
-                    super::reply::parse_u64(id_text).ok_or(Reject::Malformed(Shape::IdResponse))?;
+                // A canonical decimal only: ASCII digits, no sign, no space, no leading zero
+                // (so one Command has exactly one spelling, the one the hub wrote).
+                let id = parse_canonical_id(id_text).ok_or(Reject::Malformed(Shape::IdResponse))?;
                 Request::Respond { id, id_text, text }
             }
             Opcode::Ping => Request::Ping(data),
@@ -107,6 +107,14 @@ impl<'a> Request<'a> {
             Opcode::Error | Opcode::Ack | Opcode::WhoEntry => return Err(Reject::ServerOnly(op)),
         })
     }
+}
+
+/// A correlation id as the hub writes it: decimal digits with no leading zero, in range.
+pub fn parse_canonical_id(text: &[u8]) -> Option<u64> {
+    if text.len() > 1 && text[0] == b'0' {
+        return None;
+    }
+    super::reply::parse_u64(text)
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -163,6 +171,10 @@ mod tests {
         assert!(matches!(r, Request::Respond { id: 1048576, .. }));
         assert!(Request::parse(Opcode::CommandResponse, b"x ok").is_err());
         assert!(Request::parse(Opcode::CommandResponse, b"+1048576 ok").is_err());
+        assert!(Request::parse(Opcode::CommandResponse, b"0001048576 ok").is_err());
+        assert!(Request::parse(Opcode::CommandResponse, b"18446744073709551616 ok").is_err());
+        assert!(Request::parse(Opcode::CommandResponse, b" 1 ok").is_err());
+        assert!(Request::parse(Opcode::CommandResponse, b"0 ok").is_ok());
         assert_eq!(
             Request::parse(Opcode::Who, b"").unwrap(),
             Request::Who(Pattern::all())

@@ -79,6 +79,8 @@ fn handle(hub: &Hub, reload: &Reload, req: Request) {
 #[derive(Serialize)]
 struct ShimInfo {
     identity: String,
+    /// The `[[user]]` it authenticated as (null on a hub without users).
+    user: Option<String>,
     peer: String,
     core: u16,
     connected_unix_ms: u64,
@@ -98,8 +100,12 @@ fn shims(hub: &Hub, query: &str) -> Result<String, String> {
     };
     let mut list = Vec::new();
     hub.router.for_each_match(&pattern, |s| {
+        if !s.is_identified() {
+            return;
+        }
         list.push(ShimInfo {
             identity: s.identity().to_string(),
+            user: s.user().map(|u| u.name.to_string()),
             peer: s.peer.to_string(),
             core: s.core,
             connected_unix_ms: s.connected_unix_ms,

@@ -146,7 +146,10 @@ impl Hub {
             }
         }
         if revoked > 0 {
-            warn!(connections = revoked, "reload revoked credentials; connections closed");
+            warn!(
+                connections = revoked,
+                "reload revoked credentials; connections closed"
+            );
         }
     }
 
@@ -160,5 +163,153 @@ impl Hub {
             "credentials revoked");
         self.send_last(shim, CloseReason::Revoked(why), &r.frame());
         self.remove(shim, CloseReason::Revoked(why));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::hub::connection::{Connection, Flow};
+    use crate::proto::pattern::Pattern;
+    use std::time::Instant;
+
+    fn user(name: &str, identities: &[&str], commands: &[&str]) -> (Arc<str>, Arc<User>) {
+        let p = |v: &[&str]| -> Vec<Pattern> {
+            v.iter()
+                .map(|s| Pattern::parse(s.as_bytes()).unwrap())
+                .collect()
+        };
+        let u = User {
+            name: Arc::from(name),
+            secret: Secret::new(format!("{name}-secret").as_bytes()),
+            identities: p(identities),
+            commands: p(commands),
+            echoes: p(commands),
+            who: p(&[">"]),
+        };
+        (u.name.clone(), Arc::new(u))
+    }
+
+    fn config() -> Config {
+        Config {
+            users: [
+                user("ops", &["velium.cli.>", "ops.>"], &[">"]),
+                user("boxer", &["peq.*.*"], &["peq.z.mallory"]),
+                user("guest", &["peq.>"], &[]),
+            ]
+            .into_iter()
+            .collect(),
+            ..Config::default()
+        }
+    }
+
+    /// Feeds `data` and returns what the connection was sent.
+    fn feed(hub: &Hub, c: &mut Connection, data: &[u8]) -> (Flow, Vec<u8>) {
+        let now = Instant::now();
+        let (flow, used) = c.on_bytes(hub, data, now);
+        assert_eq!(used, data.len());
+        hub.finish(0, c.effects(), now);
+        let mut out = Vec::new();
+        c.shim().outbox.take(&mut out);
+        c.shim().outbox.wrote(0);
+        (flow, out)
+    }
+
+    fn connect(hub: &Hub) -> Connection {
+        Connection::accept(hub, 0, "127.0.0.1:9".parse().unwrap(), Instant::now())
+    }
+
+    #[test]
+    fn auth_names_a_user_and_its_secret() {
+        let hub = Hub::new(config());
+        assert!(
+            matches!(hub.authenticate(b"ops ops-secret"), Auth::Granted(Some(u)) if &*u.name == "ops")
+        );
+        assert_eq!(hub.authenticate(b"ops boxer-secret"), Auth::Failed);
+        assert_eq!(hub.authenticate(b"nobody ops-secret"), Auth::Failed);
+        assert_eq!(hub.authenticate(b"ops-secret"), Auth::Failed);
+        assert_eq!(
+            Hub::new(Config::default()).authenticate(b"x"),
+            Auth::Ignored
+        );
+    }
+
+    #[test]
+    fn identities_are_the_users_and_exclusive() {
+        let hub = Hub::new(config());
+        let mut mallory = connect(&hub);
+        let (_, out) = feed(
+            &hub,
+            &mut mallory,
+            b"\x0fboxer boxer-secret\n\x01peq.z.mallory\n",
+        );
+        assert_eq!(out[0], 0x02, "Session");
+        // The rename from the issue: out of the user's identities.
+        let (_, out) = feed(&hub, &mut mallory, b"\x01velium.cli.1\n");
+        assert_eq!(out, b"\x09identity not permitted: velium.cli.1\n");
+        assert_eq!(&*mallory.shim().identity(), "peq.z.mallory");
+        // Another user may not take a held name, in any case (same-credential policy).
+        let mut ops = connect(&hub);
+        feed(&hub, &mut ops, b"\x0fops ops-secret\n\x01ops.one\n");
+        let (_, out) = feed(&hub, &mut ops, b"\x01ops.ONE\n");
+        assert!(out.is_empty(), "renaming to one's own name in another case");
+        let mut guest = connect(&hub);
+        let (_, out) = feed(
+            &hub,
+            &mut guest,
+            b"\x0fguest guest-secret\n\x01PEQ.Z.MALLORY\n",
+        );
+        assert_eq!(out, b"\x09identity in use\n");
+        assert!(!guest.shim().is_identified());
+        let mut other = connect(&hub);
+        feed(&hub, &mut other, b"\x0fboxer boxer-secret\n");
+        // The same user replaces the holder: Quit, closed, out of routing.
+        let (_, out) = feed(&hub, &mut other, b"\x01peq.z.mallory\n");
+        assert_eq!(out[0], 0x02);
+        let (flow, out) = feed(&hub, &mut mallory, b"\x06p\n");
+        assert!(
+            matches!(flow, Flow::Close(CloseReason::Replaced)),
+            "{flow:?}"
+        );
+        assert_eq!(out, QUIT);
+        assert!(mallory.shim().is_closed());
+        assert_eq!(
+            hub.counters()
+                .replaced
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_reload_revokes_what_no_longer_holds() {
+        let hub = Hub::new(config());
+        let mut boxer = connect(&hub);
+        feed(&hub, &mut boxer, b"\x0fboxer boxer-secret\n\x01peq.z.bob\n");
+        let mut ops = connect(&hub);
+        feed(&hub, &mut ops, b"\x0fops ops-secret\n\x01ops.one\n");
+        let mut next = config();
+        next.users.remove("boxer");
+        let (live, _) = hub.reload(next);
+        assert!(live.contains(&"users"));
+        let (flow, out) = feed(&hub, &mut boxer, b"\x06p\n");
+        assert_eq!(out, b"\x09credentials revoked: user removed\n");
+        assert!(matches!(
+            flow,
+            Flow::Close(CloseReason::Revoked(Revoked::UserRemoved))
+        ));
+        let (flow, out) = feed(&hub, &mut ops, b"\x06p\n");
+        assert_eq!((flow, out), (Flow::Continue, b"\x07p\n".to_vec()));
+        // Narrowed identities: the ops shim no longer may be `ops.one`.
+        let mut next = config();
+        let (name, narrowed) = user("ops", &["velium.cli.>"], &[">"]);
+        next.users.insert(name, narrowed);
+        hub.reload(next);
+        let (_, out) = feed(&hub, &mut ops, b"\x06p\n");
+        assert_eq!(
+            out,
+            b"\x09credentials revoked: identity no longer permitted\n"
+        );
     }
 }

@@ -205,7 +205,9 @@ impl User {
 
     /// Whether Who lists everything to the user (no filter to apply).
     pub fn sees_all(&self) -> bool {
-        self.who.iter().any(|p| p.segs == [crate::proto::pattern::Seg::Rest])
+        self.who
+            .iter()
+            .any(|p| p.segs == [crate::proto::pattern::Seg::Rest])
     }
 }
 
@@ -819,7 +821,12 @@ mod tests {
         let both = format!(
             "secret_file = {secret:?}\n[[user]]\nname = \"ops\"\nsecret_file = {secret:?}\nidentities = [\">\"]\n"
         );
-        assert!(with_file(&both).unwrap_err().to_string().contains("[[user]]"));
+        assert!(
+            with_file(&both)
+                .unwrap_err()
+                .to_string()
+                .contains("[[user]]")
+        );
         let e = with_file("[[command_rule]]\nfrom = \"ops.>\"\nto = [\">\"]\n").unwrap_err();
         let e = e.to_string();
         assert!(e.contains("[[user]]") && !e.contains('\n'), "{e}");
@@ -834,7 +841,9 @@ mod tests {
         assert!(bad("identities = [\">\"]\nsecret = \"inline\"\n").is_err());
         assert!(with_file("answer_window = 0\n").is_err());
         assert_eq!(
-            with_file("duplicate_identity = \"refuse\"\n").unwrap().duplicate_identity,
+            with_file("duplicate_identity = \"refuse\"\n")
+                .unwrap()
+                .duplicate_identity,
             DuplicateIdentity::Refuse
         );
     }

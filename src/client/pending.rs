@@ -92,17 +92,17 @@ pub(super) struct PongWaiter {
 impl PongWaiter {
     /// A waiter for a plain Ping.
     pub(super) fn new(data: Vec<u8>, tx: oneshot::Sender<Instant>) -> PongWaiter {
-        PongWaiter { data, tx, ticket: 0 }
+        PongWaiter {
+            data,
+            tx,
+            ticket: 0,
+        }
     }
 }
 
 /// Resolves the oldest live waiter whose data matches; forgets abandoned ones. Returns
 /// whether one matched, and its ticket.
-pub(super) fn resolve_pong(
-    waiters: &mut Vec<PongWaiter>,
-    data: &[u8],
-    at: Instant,
-) -> Option<u64> {
+pub(super) fn resolve_pong(waiters: &mut Vec<PongWaiter>, data: &[u8], at: Instant) -> Option<u64> {
     waiters.retain(|w| w.ticket != 0 || !w.tx.is_closed());
     let i = waiters.iter().position(|w| w.data == data)?;
     let w = waiters.remove(i);

@@ -10,8 +10,8 @@ use super::socket::{Connect, connect_from};
 use super::text::{check_data, lossy, wire_text};
 use super::udp::UdpShared;
 use super::{ClientOptions, Event, MAX_FRAME, Transport, WhoEntry};
-use crate::proto::reply::{parse_who_entry, push_u64};
 use crate::proto::reject::answers_no_request;
+use crate::proto::reply::{parse_who_entry, push_u64};
 use crate::proto::{Opcode, Token, codec, encode};
 use std::collections::VecDeque;
 use std::io;
@@ -177,11 +177,9 @@ impl Shared {
         check_data(data)?;
         let (tx, rx) = oneshot::channel();
         let start = Instant::now();
-        self.send_tcp(
-            None,
-            Some(PongWaiter::new(data.to_vec(), tx)),
-            |b| encode(Opcode::Ping, data, b),
-        )
+        self.send_tcp(None, Some(PongWaiter::new(data.to_vec(), tx)), |b| {
+            encode(Opcode::Ping, data, b)
+        })
         .await?;
         match tokio::time::timeout(self.options.request_timeout, rx).await {
             Ok(Ok(at)) => Ok(at.saturating_duration_since(start)),

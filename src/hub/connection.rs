@@ -10,9 +10,9 @@
 //! the driver flushes, lets the recipients drain, and hands in the rest. So one write of
 //! many frames never turns into a burst the hub queues for everyone at once.
 
+use super::access::Auth;
 use super::send::{Effects, Route, SLICE_FRAMES, Via};
 use super::shim::{CloseReason, Shim};
-use super::access::Auth;
 use super::{Hub, Identified};
 use crate::metrics::{Latency, Refusal, Transport};
 use crate::proto::codec::{self, CodecError};

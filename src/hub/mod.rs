@@ -35,13 +35,13 @@ pub use send::{Effects, Route, Via};
 
 use crate::config::Config;
 use crate::metrics::{Counters, Dir, Metrics, Transport};
+use crate::proto::reject::Reject;
 use crate::proto::reply;
 use admission::Source;
 use arc_swap::{ArcSwap, Guard};
 use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use crate::proto::reject::Reject;
 use router::{Claim, Router};
 use shim::{CloseReason, Shim};
 use std::collections::HashMap;

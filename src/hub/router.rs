@@ -225,7 +225,10 @@ mod tests {
         assert!(matches!(claim(&r, &c, "peq.z.Bob", false), Claim::Taken));
         assert_eq!(&*c.identity(), "peq.z.carol");
         // Renaming to one's own identity in another case keeps the place.
-        assert!(matches!(claim(&r, &a, "Peq.Z.Bob", false), Claim::Held(None)));
+        assert!(matches!(
+            claim(&r, &a, "Peq.Z.Bob", false),
+            Claim::Held(None)
+        ));
         assert_eq!(matched(&r, "peq.z.bob"), [1]);
         // Replace: the holder leaves the index and is handed back.
         match claim(&r, &b, "peq.z.bob", true) {

@@ -109,9 +109,20 @@ mod tests {
         assert_eq!(check_identity(b"a."), empty(2));
         assert_eq!(check_identity(b"."), empty(0));
         // Invisible and look-alike characters: the first non-ASCII byte is named.
-        for s in ["peq.z.bob\u{3164}", "\u{115F}bob", "b\u{FFA0}", "\u{061C}", "\u{2800}", "b\u{043E}b"] {
+        for s in [
+            "peq.z.bob\u{3164}",
+            "\u{115F}bob",
+            "b\u{FFA0}",
+            "\u{061C}",
+            "\u{2800}",
+            "b\u{043E}b",
+        ] {
             let at = s.bytes().position(|b| !b.is_ascii()).unwrap();
-            assert_eq!(check_identity(s.as_bytes()), byte(s.as_bytes()[at], at), "{s:?}");
+            assert_eq!(
+                check_identity(s.as_bytes()),
+                byte(s.as_bytes()[at], at),
+                "{s:?}"
+            );
         }
         assert_eq!(
             IdentityError::Byte { byte: b'*', at: 4 }.to_string(),

@@ -281,10 +281,10 @@ impl Reject {
             Reject::EchoNotPermitted(t) => format!("echo not permitted: {t}").into(),
             Reject::IdentityNotPermitted(i) => format!("identity not permitted: {i}").into(),
             Reject::IdentityInUse => "identity in use".into(),
-            Reject::NotAnswerable(id, n) => {
-                format!("response refused: {id} is not among the last {n} Commands sent to this shim")
-                    .into()
-            }
+            Reject::NotAnswerable(id, n) => format!(
+                "response refused: {id} is not among the last {n} Commands sent to this shim"
+            )
+            .into(),
             Reject::Revoked(why) => format!("credentials revoked: {}", why.text()).into(),
             Reject::RateLimited(rate, n) => format!(
                 "rate limit: more than {n} {} per second",

@@ -169,11 +169,16 @@ impl Connection {
     }
 
     /// Refuses the connection for a missing or wrong secret: an Error frame, then close.
+    /// (Or for a credential a reload revoked between Auth and Identify.)
     fn refuse_auth(&mut self, hub: &Hub, r: Reject) -> Flow {
         let now = hub.instant(fx(&mut self.out).now_ms);
-        hub.refused(self.shim.peer.ip(), Refusal::Auth, now);
-        hub.send_last(&self.shim, CloseReason::AuthFailed, &r.frame());
-        Flow::Close(CloseReason::AuthFailed)
+        let (why, reason) = match r {
+            Reject::Revoked(w) => (Refusal::Revoked, CloseReason::Revoked(w)),
+            _ => (Refusal::Auth, CloseReason::AuthFailed),
+        };
+        hub.refused(self.shim.peer.ip(), why, now);
+        hub.send_last(&self.shim, reason, &r.frame());
+        Flow::Close(reason)
     }
 
     fn on_frame(&mut self, hub: &Hub, frame: Frame<'_>) -> Flow {

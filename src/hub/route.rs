@@ -105,8 +105,9 @@ impl Hub {
             Counters::bump(&self.counters().responses_dropped);
             return;
         }
-        if !responder.may_answer(id) {
-            let r = Reject::NotAnswerable(id, self.config().answer_window);
+        let window = self.config().answer_window;
+        if !responder.may_answer(id, window) {
+            let r = Reject::NotAnswerable(id, window);
             self.log_refusal(responder, &r, out.now_ms);
             return self.refuse(responder, Route::Reply(via), &r, out);
         }

@@ -217,7 +217,8 @@ fn cli_send_keeps_multiline_responses_and_hyphen_words() {
         ],
     );
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(run.stdout, "cli.multi: first\nsecond -x\n");
+    // One line per responder: the line break is shown as the two characters `\n`.
+    assert_eq!(run.stdout, "cli.multi: first\\nsecond -x\n");
     // The shim shows it on one line, and names the operator identity given.
     let line = shim.wait_line("command from");
     assert!(line.starts_with("command from op.one (id "), "{line}");
@@ -274,9 +275,10 @@ fn cli_send_reports_shims_that_did_not_answer() {
     let run = velium(srv.addr, &["send", "--timeout", "0.3", "cli.t.*", "/loc"]);
     assert_eq!(run.code, 1, "{run:?}");
     assert_eq!(run.stdout, "cli.t.talker: /loc\n");
+    // Who did not answer is named.
     assert_eq!(
         run.stderr,
-        "velium: 1 of 2 shims did not answer within 300ms\n"
+        "velium: 1 of 2 shims did not answer within 300ms: cli.t.silent\n"
     );
 }
 
@@ -406,11 +408,8 @@ fn cli_stats_and_who_read_the_admin_listener() {
 
 #[test]
 fn cli_presents_the_shared_secret() {
-    let dir = std::env::temp_dir().join(format!("velium-cli-secret-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("secret");
-    std::fs::write(&file, "s3cret\n").unwrap();
-    let file = file.to_str().unwrap();
+    let secret = TempFile::new("secret", "s3cret\n");
+    let file = secret.arg();
     let srv = Server::start("epoll", &["--secret-file", file]);
     let mut shim = ShimProc::start(srv.addr, "cli.sec.one", &["--secret-file", file]);
     let run = velium(
@@ -422,7 +421,6 @@ fn cli_presents_the_shared_secret() {
     let run = velium(srv.addr, &["send", "cli.sec.one", "/sit"]);
     assert_eq!(run.code, 2, "{run:?}");
     assert_eq!(run.stderr, "velium: authentication required\n");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -493,6 +491,139 @@ fn cli_shim_answers_a_udp_command_over_udp() {
             .starts_with("command from lib.udp.sender (id ")
     );
 }
+
+/// A hub with users: `ops` may command anyone, `boxer` may be any character and command
+/// nobody. Returns the server and its config (the secret files are beside it).
+fn users_hub(io: &str) -> (Server, TempFile) {
+    let cfg = users_config(
+        "",
+        &[
+            User::new("ops", "ops-s3cret", &["velium.cli.>"], &[">"]),
+            User::new("boxer", "boxer-s3cret", &["peq.*.*"], &[]),
+        ],
+    );
+    let srv = Server::start(io, &["--config", cfg.arg()]);
+    (srv, cfg)
+}
+
+/// `velium send` counts the shims that answered, not the answers: a shim answering twice
+/// gets one line with both, and a silent one is named.
+fn cli_send_with_a_user_counts_responders(io: &str) {
+    let (srv, cfg) = users_hub(io);
+    let (ops, boxer) = (secret_file(&cfg, "ops"), secret_file(&cfg, "boxer"));
+    let as_ops = ["--user", "ops", "--secret-file", ops.as_str()];
+    let mut once = ShimProc::start(
+        srv.addr,
+        "peq.z.once",
+        &["--user", "boxer", "--secret-file", &boxer],
+    );
+    // A shim that answers twice, in one write (so both answers arrive together).
+    let mut twice = srv.tcp();
+    twice.login("boxer", "boxer-s3cret", "peq.z.twice");
+    let answerer = std::thread::spawn(move || {
+        let (from, id, cmd) = expect_command(&mut twice);
+        assert!(from.starts_with("velium.cli."), "{from}");
+        assert_eq!(cmd, b"/loc");
+        twice.send_raw(
+            &[
+                frame(0x05, format!("{id} first").as_bytes()),
+                frame(0x05, format!("{id} second\x0bline").as_bytes()),
+            ]
+            .concat(),
+        );
+        twice
+    });
+    let run = velium(
+        srv.addr,
+        &[&as_ops[..], &["send", "peq.z.*", "/loc"]].concat(),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.stdout,
+        "peq.z.once: /loc\npeq.z.twice: first | second\\nline\n"
+    );
+    assert_eq!(run.stderr, "");
+    assert!(
+        once.wait_line("/loc")
+            .starts_with("command from velium.cli.")
+    );
+    answerer.join().unwrap().sync(b"answered");
+    // A shim that never answers: exit 1, and it is named.
+    let mut silent = srv.tcp();
+    silent.login("boxer", "boxer-s3cret", "peq.y.silent");
+    let _talker = ShimProc::start(
+        srv.addr,
+        "peq.y.talker",
+        &["--user", "boxer", "--secret-file", &boxer],
+    );
+    let run = velium(
+        srv.addr,
+        &[&as_ops[..], &["send", "--timeout", "2", "peq.y.*", "/loc"]].concat(),
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.stdout, "peq.y.talker: /loc\n");
+    assert_eq!(
+        run.stderr,
+        "velium: 1 of 2 shims did not answer within 2s: peq.y.silent\n"
+    );
+    assert!(expect_command(&mut silent).0.starts_with("velium.cli."));
+}
+
+/// Without the user, or as a user that may not: exit 2 and the hub's reason.
+fn cli_needs_a_user_that_may(io: &str) {
+    let (srv, cfg) = users_hub(io);
+    let boxer = secret_file(&cfg, "boxer");
+    let mut target = srv.tcp();
+    target.login("boxer", "boxer-s3cret", "peq.z.target");
+    let run = velium(srv.addr, &["send", "peq.z.target", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr, "velium: authentication required\n");
+    let run = velium(srv.addr, &["--user", "ops", "send", "peq.z.target", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("--secret-file"), "{run:?}");
+    // boxer may not be an operator tool...
+    let run = velium(
+        srv.addr,
+        &[
+            "--user",
+            "boxer",
+            "--secret-file",
+            &boxer,
+            "send",
+            "peq.z.target",
+            "/sit",
+        ],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr
+            .starts_with("velium: identity not permitted: velium.cli."),
+        "{run:?}"
+    );
+    // ...and as a character, may command nobody.
+    let run = velium(
+        srv.addr,
+        &[
+            "--user",
+            "boxer",
+            "--secret-file",
+            &boxer,
+            "send",
+            "--name",
+            "peq.z.cli",
+            "peq.z.target",
+            "/sit",
+        ],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr, "velium: command not permitted: peq.z.target\n");
+    target.sync(b"nothing reached the target");
+}
+
+drivers!(
+    cli_send_with_a_user_counts_responders,
+    cli_needs_a_user_that_may
+);
 
 // ---------------------------------------------------------------------------------------
 // The client library.

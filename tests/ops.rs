@@ -7,61 +7,14 @@
 mod common;
 use common::*;
 
-use std::path::PathBuf;
 use std::process::Command;
 use velium_server::client::{Client, ClientError, ClientOptions};
-
-/// A file in a fresh temporary directory, removed with the directory on drop.
-struct TempFile {
-    dir: PathBuf,
-    pub path: PathBuf,
-}
-
-impl TempFile {
-    fn new(name: &str, text: &str) -> TempFile {
-        let dir = std::env::temp_dir().join(format!(
-            "velium-ops-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        TempFile { dir, path }
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.path, text).unwrap();
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn admin(io: &str, extra: &[&str]) -> Server {
-    let mut args = vec!["--admin", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    Server::start(io, &args)
-}
 
 // ---------------------------------------------------------------------------------------
 // Admin listener
 
 fn metrics_count_connections_frames_and_latency(io: &str) {
-    let srv = admin(io, &[]);
+    let srv = Server::with_admin(io, &[]);
     assert_eq!(srv.get("/healthz"), (200, "ok\n".into()));
     let mut a = srv.tcp();
     let token = a.identify("peq.ecommons.alice");
@@ -112,7 +65,7 @@ fn metrics_count_connections_frames_and_latency(io: &str) {
 }
 
 fn shims_lists_identity_peer_core_and_udp(io: &str) {
-    let srv = admin(io, &[]);
+    let srv = Server::with_admin(io, &[]);
     let mut a = srv.tcp();
     let token = a.identify("peq.ecommons.alice");
     let mut b = srv.tcp();
@@ -152,7 +105,7 @@ fn shims_lists_identity_peer_core_and_udp(io: &str) {
 // Limits
 
 fn total_connection_limit_refuses_with_an_error(io: &str) {
-    let srv = admin(io, &["--max-connections", "2"]);
+    let srv = Server::with_admin(io, &["--max-connections", "2"]);
     let mut a = srv.tcp();
     a.identify("a");
     let mut b = srv.tcp();
@@ -172,7 +125,7 @@ fn total_connection_limit_refuses_with_an_error(io: &str) {
 }
 
 fn per_source_limits_refuse_with_an_error(io: &str) {
-    let srv = admin(
+    let srv = Server::with_admin(
         io,
         &[
             "--max-connections-per-source",
@@ -196,7 +149,7 @@ fn per_source_limits_refuse_with_an_error(io: &str) {
 
     // Attempts beyond the burst within the second are refused. (Connecting is fast, but
     // a loaded machine may let the bucket refill a little: keep trying past the burst.)
-    let srv = admin(io, &["--connect-rate-per-source", "2"]);
+    let srv = Server::with_admin(io, &["--connect-rate-per-source", "2"]);
     let mut admitted = Vec::new();
     let refusal = (0..20).find_map(|_| {
         let mut c = srv.tcp();
@@ -218,7 +171,7 @@ fn per_source_limits_refuse_with_an_error(io: &str) {
 }
 
 fn sources_outside_the_allowed_networks_are_dropped(io: &str) {
-    let srv = admin(io, &["--allow-network", "10.0.0.0/8"]);
+    let srv = Server::with_admin(io, &["--allow-network", "10.0.0.0/8"]);
     let mut c = srv.tcp();
     assert!(c.expect_closed().is_empty(), "closed without a byte");
     let udp = srv.udp();
@@ -231,7 +184,7 @@ fn sources_outside_the_allowed_networks_are_dropped(io: &str) {
     srv.wait_metric(r#"velium_refused_total{reason="allow_list"}"#, |v| v == 3.0);
     assert_eq!(srv.count_log(&["refused", "allow_list"]), 1);
 
-    let srv = admin(
+    let srv = Server::with_admin(
         io,
         &[
             "--allow-network",
@@ -248,7 +201,7 @@ fn sources_outside_the_allowed_networks_are_dropped(io: &str) {
 
 fn the_secret_is_required_before_identify(io: &str) {
     let secret = TempFile::new("secret", "open sesame\n");
-    let srv = admin(io, &["--secret-file", secret.arg()]);
+    let srv = Server::with_admin(io, &["--secret-file", secret.arg()]);
     let mut good = srv.tcp();
     good.send(0x0F, b"open sesame");
     good.identify("good");
@@ -298,7 +251,7 @@ fn the_secret_is_required_before_identify(io: &str) {
 // Shutdown and reload
 
 fn sigterm_sends_quit_to_every_connection_and_exits_zero(io: &str) {
-    let mut srv = admin(io, &["--shutdown-timeout", "5s"]);
+    let mut srv = Server::with_admin(io, &["--shutdown-timeout", "5s"]);
     let mut a = srv.tcp();
     a.identify("a");
     let mut pending = srv.tcp();

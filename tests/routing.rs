@@ -8,7 +8,7 @@
 
 mod common;
 use common::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -27,42 +27,6 @@ fn bound_shim(srv: &Server, name: &str) -> (Tcp, Udp) {
     let u = srv.udp();
     u.bind_confirmed(&token);
     (c, u)
-}
-
-fn text(d: &[u8]) -> String {
-    String::from_utf8(d.to_vec()).expect("UTF-8 frame data")
-}
-
-/// Splits `data` at its first space.
-fn split2(data: &[u8]) -> (String, Vec<u8>) {
-    let sp = data.iter().position(|&b| b == b' ').expect("a space");
-    (text(&data[..sp]), data[sp + 1..].to_vec())
-}
-
-/// Reads a delivered Command: (sender, id, command text).
-fn expect_command(c: &mut Tcp) -> (String, String, Vec<u8>) {
-    command_of(&c.expect(0x04))
-}
-
-fn command_of(data: &[u8]) -> (String, String, Vec<u8>) {
-    let (sender, rest) = split2(data);
-    let (id, cmd) = split2(&rest);
-    assert!(
-        !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
-        "id {id:?}"
-    );
-    assert!(id.parse::<u64>().unwrap() != 0, "an id is never 0");
-    (sender, id, cmd)
-}
-
-/// Reads an Ack: (id, count).
-fn expect_ack(c: &mut Tcp) -> (String, u64) {
-    ack_of(&c.expect(0x0C))
-}
-
-fn ack_of(data: &[u8]) -> (String, u64) {
-    let (id, count) = split2(data);
-    (id, text(&count).parse().expect("a decimal count"))
 }
 
 /// Parses a UDP datagram as one frame.
@@ -123,12 +87,14 @@ fn command_reaches_its_target_and_responses_return(io: &str) {
     // An empty response.
     bob.send(0x05, id.as_bytes());
     alice.expect_frame(0x05, format!("{id} peq.ecommons.bob ").as_bytes());
-    // The ID is forwarded exactly as the responder wrote it.
+    // The ID must be written as the hub wrote it: a padded one is refused and not
+    // forwarded.
     bob.send(0x05, format!("00{id} padded").as_bytes());
-    alice.expect_frame(0x05, format!("00{id} peq.ecommons.bob padded").as_bytes());
-    // A CommandResponse gets no Ack: the responder's next frame is its Pong.
+    assert_eq!(text(&bob.expect(0x09)), NON_CANONICAL_ID);
+    // A forwarded CommandResponse gets no Ack: the responder's next frame is its Pong.
     bob.sync(b"no ack for a response");
-    // Each Command gets a new id.
+    // Each Command gets a new id. Its Ack is alice's next frame: the padded response,
+    // handled before bob's Pong and so before this Command, reached her nothing.
     alice.send(0x04, b"peq.ecommons.bob /second");
     let (_, id2, _) = expect_command(&mut bob);
     assert_ne!(id, id2);
@@ -154,7 +120,7 @@ fn target_pattern_forms(io: &str) {
         "live.ecommons.bob",
         "peq",
         "peq.ecommons.bob.pet",
-        "héros.zone.x",
+        "He_ros-2.zone.x",
     ];
     let mut rx: Vec<Tcp> = names.iter().map(|n| shim(&srv, n)).collect();
     let mut tx = shim(&srv, "ctl");
@@ -172,8 +138,8 @@ fn target_pattern_forms(io: &str) {
         ("*.ecommons.>", &[0, 1, 3, 5]),
         ("*", &[4]),
         (">", &[0, 1, 2, 3, 4, 5, 6]),
-        ("héros.ZONE.X", &[6]),
-        ("HéROS.zone.x", &[6]),
+        ("he_ros-2.ZONE.X", &[6]),
+        ("HE_ROS-2.*.x", &[6]),
     ];
     let no_match = [
         "peq.ecommons",
@@ -181,7 +147,9 @@ fn target_pattern_forms(io: &str) {
         "peq.ecommons.bob.pet.>",
         "peq.*",
         "*.*.*.*.*",
-        "HÉROS.zone.x",
+        // Identities are ASCII: a target with other letters names none, and '_' is not '-'.
+        "héros.zone.x",
+        "he-ros-2.zone.x",
         "ctl",
         "peq.ecommons.bo",
     ];
@@ -285,13 +253,18 @@ fn sender_is_left_out_unless_plus(io: &str) {
     a.send(0x08, b"grp.b marker");
     a.expect_frame(0x0C, b"0 1");
     b.expect_frame(0x08, b"grp.a marker");
-    // An identity that begins with '+' is targeted exactly with "++".
-    let mut p = shim(&srv, "+plus");
-    b.send(0x08, b"+plus hi");
-    assert_eq!(b.expect_error("no shim"), "no shim matches +plus");
+    // No identity holds a '+', so a target's leading '+' is never part of a name: "++plus"
+    // names the identity "+plus", which nobody can take.
+    let mut p = srv.tcp();
+    p.send(0x01, b"+plus");
+    assert_eq!(p.expect_error("identity"), identity_byte_error(b'+', 0));
+    p.identify("plus");
     b.send(0x08, b"++plus hi");
+    assert_eq!(b.expect_error("no shim"), "no shim matches ++plus");
+    b.send(0x08, b"+plus hi");
     b.expect_frame(0x0C, b"0 1");
     p.expect_frame(0x08, b"grp.b hi");
+    p.sync(b"nothing else");
 }
 
 fn responses_reach_their_own_sender(io: &str) {
@@ -413,7 +386,7 @@ fn responses_to_a_departed_sender_are_dropped(io: &str) {
 fn malformed_requests_get_one_error_each_in_order(io: &str) {
     let srv = Server::start(io, &[]);
     let mut c = shim(&srv, "ctl.errors");
-    let _t = shim(&srv, "t.x");
+    let mut t = shim(&srv, "t.x");
     let long = "a".repeat(256);
     let max = "a".repeat(255);
     let cases: Vec<(u8, Vec<u8>, String)> = vec![
@@ -465,10 +438,24 @@ fn malformed_requests_get_one_error_each_in_order(io: &str) {
             b"\xff.x hi".to_vec(),
             "bad target \u{FFFD}.x: target is not UTF-8".into(),
         ),
-        (0x05, b"abc x".to_vec(), "expected: ID SP RESPONSE".into()),
-        (0x05, b"".to_vec(), "expected: ID SP RESPONSE".into()),
-        (0x05, b"-1 x".to_vec(), "expected: ID SP RESPONSE".into()),
-        (0x05, b" x".to_vec(), "expected: ID SP RESPONSE".into()),
+        (0x05, b"abc x".to_vec(), NON_CANONICAL_ID.into()),
+        (0x05, b"".to_vec(), NON_CANONICAL_ID.into()),
+        (0x05, b"-1 x".to_vec(), NON_CANONICAL_ID.into()),
+        (0x05, b" x".to_vec(), NON_CANONICAL_ID.into()),
+        (0x05, b"+1 x".to_vec(), NON_CANONICAL_ID.into()),
+        (0x05, b"01 x".to_vec(), NON_CANONICAL_ID.into()),
+        (
+            0x05,
+            b"18446744073709551616 x".to_vec(),
+            NON_CANONICAL_ID.into(),
+        ),
+        // Canonical, but never sent to this shim (0 is never an id at all).
+        (0x05, b"0 x".to_vec(), not_answerable("0", 256)),
+        (
+            0x05,
+            b"18446744073709551615 x".to_vec(),
+            not_answerable("18446744073709551615", 256),
+        ),
         (
             0x0D,
             b"a.>.b".to_vec(),
@@ -488,9 +475,14 @@ fn malformed_requests_get_one_error_each_in_order(io: &str) {
         assert_eq!(&got, err, "for {:?}", String::from_utf8_lossy(data));
         c.expect_frame(0x0C, b"0 1");
     }
-    // A response to an id no live shim sent is dropped silently.
+    // A response to an id this shim was never sent is refused, and nobody gets it.
     c.send(0x05, b"999999999999 nobody asked");
+    assert_eq!(text(&c.expect(0x09)), not_answerable("999999999999", 256));
     c.sync(b"still usable");
+    for _ in &cases {
+        t.expect_frame(0x08, b"ctl.errors ok");
+    }
+    t.sync(b"nothing reached t.x but the Echoes");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -560,7 +552,7 @@ fn udp_routing(io: &str) {
     ua.send(0x08, b"notarget");
     assert_eq!(udp_expect(&ua, 0x09), b"expected: TARGET SP TEXT");
     ua.send(0x05, b"xyz");
-    assert_eq!(udp_expect(&ua, 0x09), b"expected: ID SP RESPONSE");
+    assert_eq!(udp_expect(&ua, 0x09), NON_CANONICAL_ID.as_bytes());
     ua.send(0x0D, b"");
     assert_eq!(udp_expect(&ua, 0x09), b"Who is answered over TCP only");
     // Nothing leaked anywhere else.
@@ -605,8 +597,9 @@ fn echo_order_under_load(io: &str) {
     );
     let readers: Vec<_> = receivers
         .into_iter()
-        .map(|mut rx| {
-            rx.identify("load.rx");
+        .enumerate()
+        .map(|(k, mut rx)| {
+            rx.identify(&format!("load.rx.r{k}"));
             thread::spawn(move || {
                 for i in 0..N {
                     rx.expect_frame(0x08, format!("load.tx {i:05}").as_bytes());
@@ -625,7 +618,7 @@ fn echo_order_under_load(io: &str) {
     });
     let mut wire = Vec::with_capacity(N * 20);
     for i in 0..N {
-        wire.extend(frame(0x08, format!("load.rx {i:05}").as_bytes()));
+        wire.extend(frame(0x08, format!("load.rx.* {i:05}").as_bytes()));
     }
     tx.send_raw(&wire);
     for r in readers {
@@ -719,34 +712,8 @@ fn slow_consumer_is_cut_off_and_others_keep_receiving(io: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Who and duplicate identities
+// Who and a second holder of an identity
 // ---------------------------------------------------------------------------------------
-
-/// Sends Who `pattern` and returns identity -> (since-ms, udp flag), checking the count.
-fn who(c: &mut Tcp, pattern: &str) -> BTreeMap<String, Vec<(u64, String)>> {
-    c.send(0x0D, pattern.as_bytes());
-    let mut out: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
-    let mut n = 0;
-    loop {
-        match c.recv() {
-            (0x0E, d) => {
-                let e = text(&d);
-                let f: Vec<&str> = e.split(' ').collect();
-                assert_eq!(f.len(), 3, "{e}");
-                assert!(f[2] == "udp" || f[2] == "-", "{e}");
-                out.entry(f[0].to_string())
-                    .or_default()
-                    .push((f[1].parse().unwrap(), f[2].to_string()));
-                n += 1;
-            }
-            (0x0C, d) => {
-                assert_eq!(text(&d), format!("0 {n}"), "the Ack counts the entries");
-                return out;
-            }
-            (op, d) => panic!("in a Who listing: 0x{op:02X} {:?}", text(&d)),
-        }
-    }
-}
 
 fn who_lists_identified_shims(io: &str) {
     let srv = Server::start(io, &[]);
@@ -803,43 +770,56 @@ fn who_lists_identified_shims(io: &str) {
     alice.expect_frame(0x07, b"after");
 }
 
-fn duplicate_identities_both_receive(io: &str) {
+/// On an open hub (the default policy, same-credential: every client holds the same,
+/// none) a second holder of an identity replaces the first, in any letter case, on
+/// Identify and on rename: the older connection is sent Quit and closed, and from then on
+/// the name reaches the newcomer alone.
+fn a_second_holder_of_an_identity_replaces_the_first(io: &str) {
     let srv = Server::start(io, &[]);
     let mut d1 = shim(&srv, "dup.x");
-    let mut d2 = shim(&srv, "dup.x");
     let mut tx = shim(&srv, "dup.tx");
-    tx.send(0x08, b"dup.x hi");
-    tx.expect_frame(0x0C, b"0 2");
-    d1.expect_frame(0x08, b"dup.tx hi");
-    d2.expect_frame(0x08, b"dup.tx hi");
-    // A Command: both get the same id; both answers reach the sender.
-    tx.send(0x04, b"DUP.X /go");
-    let (id, n) = expect_ack(&mut tx);
-    assert_eq!(n, 2);
-    for (d, name) in [(&mut d1, "one"), (&mut d2, "two")] {
-        let (from, got, _) = expect_command(d);
-        assert_eq!((from.as_str(), got.as_str()), ("dup.tx", id.as_str()));
-        d.send(0x05, format!("{id} {name}").as_bytes());
-    }
-    let mut answers = vec![text(&tx.expect(0x05)), text(&tx.expect(0x05))];
-    answers.sort();
+    tx.send(0x04, b"dup.x /first");
+    let (id1, n) = expect_ack(&mut tx);
+    assert_eq!(n, 1);
+    assert_eq!(expect_command(&mut d1).1, id1);
+    let mut d2 = shim(&srv, "DUP.X");
     assert_eq!(
-        answers,
-        [format!("{id} dup.x one"), format!("{id} dup.x two")]
+        d1.expect_closed(),
+        vec![(0x03, Vec::new())],
+        "Quit, then EOF"
     );
-    // Both are listed.
-    assert_eq!(who(&mut tx, "dup.x")["dup.x"].len(), 2);
-    // Self-exclusion is by connection, not by name: d1 reaches its twin only.
-    d1.send(0x08, b"dup.x twin");
-    d1.expect_frame(0x0C, b"0 1");
-    d2.expect_frame(0x08, b"dup.x twin");
-    // One leaves; the other still receives.
-    drop(d2);
-    srv.wait_log(&["close", "identity=dup.x reason=eof"]);
+    srv.wait_log(&[
+        "close",
+        "identity=dup.x reason=replaced by a newer connection with the same identity",
+    ]);
+    tx.send(0x08, b"dup.x hi");
+    tx.expect_frame(0x0C, b"0 1");
+    d2.expect_frame(0x08, b"dup.tx hi");
+    // One entry, in the newcomer's letter case.
+    let listed = who(&mut tx, "dup.x");
+    assert_eq!(listed.keys().collect::<Vec<_>>(), ["DUP.X"]);
+    assert_eq!(listed["DUP.X"].len(), 1);
+    // A Command reaches the newcomer alone; its answer names it.
+    tx.send(0x04, b"dup.x /go");
+    let (id, n) = expect_ack(&mut tx);
+    assert_eq!(n, 1);
+    let (from, got, _) = expect_command(&mut d2);
+    assert_eq!((from.as_str(), got.as_str()), ("dup.tx", id.as_str()));
+    d2.send(0x05, format!("{id} two").as_bytes());
+    tx.expect_frame(0x05, format!("{id} DUP.X two").as_bytes());
+    // The name did not bring the old holder's Commands with it.
+    d2.send(0x05, format!("{id1} stolen").as_bytes());
+    assert_eq!(text(&d2.expect(0x09)), not_answerable(&id1, 256));
+    // A rename onto a held name replaces its holder the same way.
+    let mut d3 = shim(&srv, "dup.y");
+    d3.send(0x01, b"Dup.X");
+    d3.sync(b"renamed");
+    assert_eq!(d2.expect_closed(), vec![(0x03, Vec::new())]);
     tx.send(0x08, b"dup.x bye");
     tx.expect_frame(0x0C, b"0 1");
-    d1.expect_frame(0x08, b"dup.tx bye");
-    d1.sync(b"d1");
+    d3.expect_frame(0x08, b"dup.tx bye");
+    d3.sync(b"d3");
+    tx.sync(b"tx: the refused answer reached nobody");
 }
 
 /// A socket reader that throws everything away until the connection ends.
@@ -917,5 +897,5 @@ drivers!(
     echo_order_under_load,
     slow_consumer_is_cut_off_and_others_keep_receiving,
     who_lists_identified_shims,
-    duplicate_identities_both_receive,
+    a_second_holder_of_an_identity_replaces_the_first,
 );

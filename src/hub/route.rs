@@ -62,14 +62,15 @@ impl Hub {
         self.router.for_each_match(target, |to| {
             // A shim that holds its identity but has not had its Session yet is not routed
             // to (`Hub::identify`).
-            if (target.include_self || to.serial != sender.serial)
-                && to.is_identified()
-                && self.send(to, Route::Deliver(via), &frame, out).is_some()
-            {
+            if (target.include_self || to.serial != sender.serial) && to.is_identified() {
+                // Recorded before the frame is queued: once queued, another core's flush
+                // may write it out, and the target answer it, at any moment.
                 if let Some(id) = id {
                     to.expect_answer(id, window);
                 }
-                reached += 1;
+                if self.send(to, Route::Deliver(via), &frame, out).is_some() {
+                    reached += 1;
+                }
             }
         });
         if reached == 0 {

@@ -170,7 +170,12 @@ impl Shim {
     /// Whether this shim may answer the Command `id`: one of the last `window` it was
     /// sent (the window in force, should a reload have narrowed it).
     pub(crate) fn may_answer(&self, id: u64, window: usize) -> bool {
-        self.answerable.lock().iter().rev().take(window).any(|&i| i == id)
+        self.answerable
+            .lock()
+            .iter()
+            .rev()
+            .take(window)
+            .any(|&i| i == id)
     }
 
     /// True once the first Identify was accepted.

@@ -509,3 +509,244 @@ pub fn udp_bind(u: &Udp, token: &[u8; 16]) {
         &format!("bind confirmed for the token {token:02X?}"),
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Scratch files, users, exact refusal texts
+// ---------------------------------------------------------------------------------------
+
+/// A file in a fresh scratch directory, removed with the directory on drop.
+pub struct TempFile {
+    pub dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl TempFile {
+    /// Writes `text` to `name` in a new directory of its own.
+    pub fn new(name: &str, text: &str) -> TempFile {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "velium-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        TempFile { dir, path }
+    }
+
+    /// Replaces the file's text.
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    /// The path, as a command-line argument.
+    pub fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// Writes `text` to `name` next to the file; returns its path.
+    pub fn sibling(&self, name: &str, text: &str) -> String {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One `[[user]]` of a hub's config file. `echoes` and `who` are left to their defaults
+/// when `None`.
+#[derive(Clone, Copy, Debug)]
+pub struct User<'a> {
+    pub name: &'a str,
+    pub secret: &'a str,
+    pub identities: &'a [&'a str],
+    pub commands: &'a [&'a str],
+    pub echoes: Option<&'a [&'a str]>,
+    pub who: Option<&'a [&'a str]>,
+}
+
+impl<'a> User<'a> {
+    /// A user with its identities and commands; echoes and who by default.
+    pub fn new(
+        name: &'a str,
+        secret: &'a str,
+        identities: &'a [&'a str],
+        commands: &'a [&'a str],
+    ) -> User<'a> {
+        User {
+            name,
+            secret,
+            identities,
+            commands,
+            echoes: None,
+            who: None,
+        }
+    }
+}
+
+fn toml_list(v: &[&str]) -> String {
+    let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// A config file (`users.toml` in its own scratch directory) with `extra` settings
+/// first, then one `[[user]]` per entry, each with its secret in a file of its own
+/// beside it.
+pub fn users_config(extra: &str, users: &[User]) -> TempFile {
+    let cfg = TempFile::new("users.toml", "");
+    cfg.write(&users_toml(&cfg, extra, users));
+    cfg
+}
+
+/// The text of such a config, writing the secret files next to `cfg` (so a test can
+/// rewrite the config for a reload).
+pub fn users_toml(cfg: &TempFile, extra: &str, users: &[User]) -> String {
+    let mut toml = extra.to_string();
+    for u in users {
+        let secret = cfg.sibling(&format!("{}.secret", u.name), &format!("{}\n", u.secret));
+        toml.push_str(&format!(
+            "\n[[user]]\nname = {:?}\nsecret_file = {secret:?}\nidentities = {}\ncommands = {}\n",
+            u.name,
+            toml_list(u.identities),
+            toml_list(u.commands)
+        ));
+        if let Some(e) = u.echoes {
+            toml.push_str(&format!("echoes = {}\n", toml_list(e)));
+        }
+        if let Some(w) = u.who {
+            toml.push_str(&format!("who = {}\n", toml_list(w)));
+        }
+    }
+    toml
+}
+
+/// The secret file [`users_toml`] wrote for `user` next to `cfg`.
+pub fn secret_file(cfg: &TempFile, user: &str) -> String {
+    cfg.dir
+        .join(format!("{user}.secret"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+impl Server {
+    /// Like [`Server::start`], with the admin listener on an ephemeral port of 127.0.0.1.
+    pub fn with_admin(io: &str, extra: &[&str]) -> Server {
+        let mut args = vec!["--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Server::start(io, &args)
+    }
+}
+
+impl Tcp {
+    /// Authenticates as `user` with `secret` (Auth `USER SP SECRET`), then identifies.
+    pub fn login(&mut self, user: &str, secret: &str, name: &str) -> [u8; 16] {
+        self.send(0x0F, format!("{user} {secret}").as_bytes());
+        self.identify(name)
+    }
+}
+
+/// The Error text for an identity byte outside the grammar (` 'c'` shown for printable
+/// ASCII only).
+pub fn identity_byte_error(byte: u8, at: usize) -> String {
+    let shown = if byte.is_ascii_graphic() {
+        format!(" '{}'", byte as char)
+    } else {
+        String::new()
+    };
+    format!(
+        "identity byte 0x{byte:02X}{shown} at {at}: only ASCII letters, digits, '_', '-' and '.' are allowed"
+    )
+}
+
+/// The Error text for an identity with an empty segment starting at byte `at`.
+pub fn empty_segment_error(at: usize) -> String {
+    format!("identity has an empty segment at byte {at}: segments are joined by single dots")
+}
+
+/// The Error text for a CommandResponse whose id is not written as the hub writes ids.
+pub const NON_CANONICAL_ID: &str =
+    "response refused: ID must be a decimal number with no sign or leading zero";
+
+/// The Error text for a CommandResponse to a Command its sender was not sent (among the
+/// last `window`).
+pub fn not_answerable(id: &str, window: usize) -> String {
+    format!("response refused: {id} is not among the last {window} Commands sent to this shim")
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading routed frames, Acks and Who listings
+// ---------------------------------------------------------------------------------------
+
+/// Frame data as text (it must be UTF-8).
+pub fn text(d: &[u8]) -> String {
+    String::from_utf8(d.to_vec()).expect("UTF-8 frame data")
+}
+
+/// Splits `data` at its first space.
+pub fn split2(data: &[u8]) -> (String, Vec<u8>) {
+    let sp = data.iter().position(|&b| b == b' ').expect("a space");
+    (text(&data[..sp]), data[sp + 1..].to_vec())
+}
+
+/// Reads a delivered Command: (sender, id, command text).
+pub fn expect_command(c: &mut Tcp) -> (String, String, Vec<u8>) {
+    command_of(&c.expect(0x04))
+}
+
+/// Parses the data of a delivered Command: (sender, id, command text).
+pub fn command_of(data: &[u8]) -> (String, String, Vec<u8>) {
+    let (sender, rest) = split2(data);
+    let (id, cmd) = split2(&rest);
+    assert!(
+        !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()),
+        "id {id:?}"
+    );
+    assert!(id.parse::<u64>().unwrap() != 0, "an id is never 0");
+    (sender, id, cmd)
+}
+
+/// Reads an Ack: (id, count).
+pub fn expect_ack(c: &mut Tcp) -> (String, u64) {
+    ack_of(&c.expect(0x0C))
+}
+
+/// Parses the data of an Ack: (id, count).
+pub fn ack_of(data: &[u8]) -> (String, u64) {
+    let (id, count) = split2(data);
+    (id, text(&count).parse().expect("a decimal count"))
+}
+
+/// Sends Who `pattern` and returns identity -> (since-ms, udp flag), checking the count.
+pub fn who(c: &mut Tcp, pattern: &str) -> std::collections::BTreeMap<String, Vec<(u64, String)>> {
+    c.send(0x0D, pattern.as_bytes());
+    let mut out: std::collections::BTreeMap<String, Vec<(u64, String)>> =
+        std::collections::BTreeMap::new();
+    let mut n = 0;
+    loop {
+        match c.recv() {
+            (0x0E, d) => {
+                let e = text(&d);
+                let f: Vec<&str> = e.split(' ').collect();
+                assert_eq!(f.len(), 3, "{e}");
+                assert!(f[2] == "udp" || f[2] == "-", "{e}");
+                out.entry(f[0].to_string())
+                    .or_default()
+                    .push((f[1].parse().unwrap(), f[2].to_string()));
+                n += 1;
+            }
+            (0x0C, d) => {
+                assert_eq!(text(&d), format!("0 {n}"), "the Ack counts the entries");
+                return out;
+            }
+            (op, d) => panic!("in a Who listing: 0x{op:02X} {:?}", text(&d)),
+        }
+    }
+}

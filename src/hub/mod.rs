@@ -199,23 +199,29 @@ impl Hub {
     ) -> Result<Identified, Reject> {
         let policy = self.check_identity_claim(shim, label)?;
         let label: Arc<str> = Arc::from(label);
-        let (claim, old) = (self.router).claim(shim, label.clone(), |h| policy.replaces(h));
+        let registering = !shim.is_identified();
+        // On the first Identify the Session goes into the outbox while the router still
+        // holds the shim out of sight: a frame routed to it by another core never reaches
+        // the client ahead of its Session.
+        let session = || {
+            if registering {
+                let mut f = Vec::with_capacity(18);
+                reply::session(&shim.token, &mut f);
+                self.send(shim, Route::Session, &Bytes::from(f), out);
+                shim.mark_identified();
+            }
+        };
+        let (claim, old) =
+            (self.router).claim(shim, label.clone(), |h| policy.replaces(h), session);
         let displaced = match claim {
             Claim::Held(displaced) => displaced,
             Claim::Taken => return Err(Reject::IdentityInUse),
             Claim::Closed => return Ok(Identified::Closed),
         };
-        let done = if shim.is_identified() {
+        let done = if !registering {
             info!(conn = shim.serial, old = %old, new = %label, "rename");
             Identified::Renamed(old)
         } else {
-            // Held, but not routed to until identified: the Session goes into the outbox
-            // first, so a frame routed to the shim by another core never reaches the
-            // client ahead of it.
-            let mut f = Vec::with_capacity(18);
-            reply::session(&shim.token, &mut f);
-            self.send(shim, Route::Session, &Bytes::from(f), out);
-            shim.mark_identified();
             self.table.insert(shim);
             Counters::bump(&self.counters().identified);
             let user = shim.user();

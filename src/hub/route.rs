@@ -60,9 +60,7 @@ impl Hub {
         drop(c);
         let mut reached = 0u64;
         self.router.for_each_match(target, |to| {
-            // A shim that holds its identity but has not had its Session yet is not routed
-            // to (`Hub::identify`).
-            if (target.include_self || to.serial != sender.serial) && to.is_identified() {
+            if target.include_self || to.serial != sender.serial {
                 // Recorded before the frame is queued: once queued, another core's flush
                 // may write it out, and the target answer it, at any moment.
                 if let Some(id) = id {
@@ -151,9 +149,6 @@ impl Hub {
         let mut listing = Vec::new();
         let mut n = 0u64;
         self.router.for_each_match(pattern, |s| {
-            if !s.is_identified() {
-                return;
-            }
             match &view {
                 View::All => {}
                 View::Only(u) if u.sees(&s.identity()) => {}

@@ -109,11 +109,16 @@ impl Router {
     /// shim holding it (compared ignoring ASCII case) when `replace` says so. A holder
     /// already closing loses it in any case. A shim renaming to its own identity in
     /// another letter case keeps its place.
+    ///
+    /// `first` runs under the lock when the claim succeeds, before the shim can be found by
+    /// any match (the first Identify queues the Session there, so that no frame routed to
+    /// the shim can reach its client ahead of it).
     pub fn claim(
         &self,
         shim: &Arc<Shim>,
         label: Arc<str>,
         replace: impl FnOnce(&Shim) -> bool,
+        first: impl FnOnce(),
     ) -> (Claim, Arc<str>) {
         let parts = key_parts(&label);
         let mut root = self.root.write();
@@ -144,6 +149,7 @@ impl Router {
         if !here && !old.is_empty() {
             root.remove(&key_parts(&old), shim.serial);
         }
+        first();
         (Claim::Held(displaced), old)
     }
 
@@ -181,7 +187,7 @@ mod tests {
     }
 
     fn claim(r: &Router, s: &Arc<Shim>, id: &str, replace: bool) -> Claim {
-        r.claim(s, Arc::from(id), |_| replace).0
+        r.claim(s, Arc::from(id), |_| replace, || {}).0
     }
 
     #[test]

@@ -106,7 +106,12 @@ pub enum Pushed {
     SlowConsumer,
 }
 
-/// A bounded outbound byte queue with a wake-up for its writer.
+/// A bounded outbound byte queue with a wake-up for its writer. Aligned to a cache line:
+/// a fan-out locks and fills one per recipient, and the fields around it in a [`Shim`]
+/// (which change as the shim grows) then never share its lines.
+///
+/// [`Shim`]: super::shim::Shim
+#[repr(align(64))]
 pub struct Outbox {
     inner: Mutex<Inner>,
     /// Mirrors `state == Open`, for checks on every frame without the lock.

@@ -7,12 +7,17 @@
 //! once failed are kept below as fixed regression cases, and a few fixed scenarios pin
 //! the rules the model predicts with the outcome a client sees ([`harness::Report`]):
 //! CRLF line ends, datagrams without their 0x0A, the two-sweeps timer rule, the write
-//! deadline, slices, the shutdown Quit.
+//! deadline, slices, the shutdown Quit; and who may be whom: users and their Auth, the
+//! identity grammar, one live shim per identity, answers only from targets, Who by the
+//! user's patterns, and what a reload revokes.
+//!
+//! `PROPTEST_CASES=20000 cargo test --test state_machine` searches further.
 
 mod harness;
 
 use harness::{
-    Body, CloseReason, Piece, Scenario, Settings, Step, check_decode, check_reject_texts, name, run,
+    Body, CloseReason, DuplicateIdentity, Piece, Scenario, Settings, Step, UserSpec, check_decode,
+    check_reject_texts, label, name, run,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -33,13 +38,69 @@ fn text() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-/// Indices into `harness::SEGMENTS`.
+/// Segment choices for `harness::name` and `harness::label`.
 fn parts() -> impl Strategy<Value = Vec<u8>> {
     vec(any::<u8>(), 1..4)
 }
 
 fn target() -> impl Strategy<Value = Vec<u8>> {
     (parts(), prop::bool::weighted(0.2)).prop_map(|(p, plus)| name(&p, plus))
+}
+
+/// What an Identify asks for: any name (often outside the grammar: empty segments, `*`,
+/// `>`, `+`, a space, non-ASCII bytes, too long), a valid one, one of a user's
+/// identities, or any bytes.
+fn identity() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        3 => parts().prop_map(|p| Body::Name(name(&p, false))),
+        3 => parts().prop_map(|p| Body::Name(label(&p))),
+        3 => (any::<u8>(), any::<u8>()).prop_map(|(user, pick)| Body::As { user, pick }),
+        1 => vec(any::<u8>(), 0..70).prop_map(Body::Name),
+    ]
+}
+
+/// A pattern of a user's settings: most often made of [`label`] segments (and so
+/// matching the identities clients take), with a wildcard last or first.
+fn user_pattern() -> impl Strategy<Value = Vec<u8>> {
+    let with = |p: Vec<u8>, tail: &'static [u8]| {
+        let mut v = label(&p);
+        v.extend_from_slice(tail);
+        v
+    };
+    prop_oneof![
+        2 => (parts(), prop::bool::weighted(0.05)).prop_map(|(p, plus)| name(&p, plus)),
+        1 => Just(b">".to_vec()),
+        2 => parts().prop_map(move |p| with(p, b".>")),
+        2 => parts().prop_map(move |p| with(p, b".*")),
+        1 => parts().prop_map(|p| label(&p)),
+        1 => parts().prop_map(|p| {
+            let mut v = b"*.".to_vec();
+            v.extend_from_slice(&label(&p));
+            v
+        }),
+    ]
+}
+
+fn user() -> impl Strategy<Value = UserSpec> {
+    let list = |n| vec(user_pattern(), 0..n);
+    (
+        0u8..3,
+        any::<u8>(),
+        vec(user_pattern(), 1..3),
+        list(3),
+        proptest::option::weighted(0.3, list(3)),
+        proptest::option::weighted(0.4, list(3)),
+    )
+        .prop_map(
+            |(name, secret, identities, commands, echoes, who)| UserSpec {
+                name,
+                secret,
+                identities,
+                commands,
+                echoes,
+                who,
+            },
+        )
 }
 
 /// One frame, most often with data that fits its opcode; now and then ended by CRLF.
@@ -54,13 +115,21 @@ fn frame() -> impl Strategy<Value = Piece> {
 fn op_and_body() -> impl Strategy<Value = (u8, Body)> {
     let f = |op: u8, body: Body| (op, body);
     prop_oneof![
-        4 => target().prop_map(move |t| f(0x01, Body::Name(t))),
-        5 => (prop_oneof![Just(0x04u8), Just(0x08u8)], target(), text())
+        4 => identity().prop_map(move |b| f(0x01, b)),
+        3 => (prop_oneof![Just(0x04u8), Just(0x08u8)], target(), text())
             .prop_map(move |(op, target, text)| f(op, Body::Routed { target, text })),
-        2 => (any::<u8>(), text()).prop_map(move |(pick, text)| f(0x05, Body::Response { pick, text })),
-        2 => prop_oneof![target(), Just(Vec::new())].prop_map(move |t| f(0x0D, Body::Name(t))),
+        4 => (prop_oneof![Just(0x04u8), Just(0x08u8)], any::<u8>(), any::<u8>(), text())
+            .prop_map(move |(op, pick, how, text)| f(op, Body::At { pick, how, text: Some(text) })),
+        3 => (any::<u8>(), any::<u8>(), text())
+            .prop_map(move |(pick, form, text)| f(0x05, Body::Response { pick, form, text })),
+        2 => prop_oneof![
+            target().prop_map(Body::Name),
+            Just(Body::Name(Vec::new())),
+            (any::<u8>(), any::<u8>()).prop_map(|(pick, how)| Body::At { pick, how, text: None }),
+        ]
+        .prop_map(move |b| f(0x0D, b)),
         2 => text().prop_map(move |t| f(0x06, Body::Bytes(t))),
-        1 => any::<bool>().prop_map(move |right| f(0x0F, Body::Secret(right))),
+        2 => (any::<u8>(), any::<u8>()).prop_map(move |(user, key)| f(0x0F, Body::Auth { user, key })),
         2 => any::<u8>().prop_map(move |n| f(0x02, Body::Token(n))),
         3 => (prop_oneof![0u8..=0x10, any::<u8>()], vec(any::<u8>(), 0..20))
             .prop_map(move |(op, b)| f(op, Body::Bytes(b))),
@@ -91,10 +160,15 @@ fn settings() -> impl Strategy<Value = Settings> {
         ),
         (0u32..=4, 0usize..=8, 0usize..=3, 0u32..=5),
         prop::bool::weighted(0.25),
-        prop_oneof![
-            3 => Just(Vec::new()),
-            1 => vec((target(), vec(target(), 1..3)), 1..3),
-        ],
+        (
+            prop_oneof![1 => Just(Vec::new()), 1 => vec(user(), 1..4)],
+            prop_oneof![
+                Just(DuplicateIdentity::SameCredential),
+                Just(DuplicateIdentity::Replace),
+                Just(DuplicateIdentity::Refuse),
+            ],
+            prop_oneof![1 => Just(256usize), 3 => 1usize..=4],
+        ),
         // The per-shim rates: most often lifted, else low enough to be reached.
         prop_oneof![
             2 => Just((0, 0, 0)),
@@ -106,7 +180,7 @@ fn settings() -> impl Strategy<Value = Settings> {
                 (max_frame, identify_ms, idle_ms, outbound_limit, write_deadline_ms),
                 (udp_quit_per_sec, max_connections, per_source, connect_rate),
                 secret,
-                rules,
+                (users, duplicate, answer_window),
                 (routed_per_sec, deliveries_per_sec, who_per_sec),
             )| Settings {
                 max_frame,
@@ -122,7 +196,9 @@ fn settings() -> impl Strategy<Value = Settings> {
                 deliveries_per_sec,
                 who_per_sec,
                 secret,
-                rules,
+                users,
+                duplicate,
+                answer_window,
             },
         )
 }
@@ -134,7 +210,7 @@ fn connect() -> impl Strategy<Value = Step> {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => connect(),
+        3 => connect(),
         20 => (any::<u8>(), vec(piece(), 1..4), any::<u16>())
             .prop_map(|(conn, pieces, split)| Step::Tcp { conn, pieces, split }),
         8 => (
@@ -156,17 +232,21 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// A client that does the handshake by the book: Auth (harmless without a secret) and
-/// Identify in one read, and most often a UDP bind from its own source; so that most
+/// A client that does the handshake by the book: Auth with the credential the hub wants
+/// (harmless without one) and Identify as an identity its user may take (or any valid
+/// one) in one read, and most often a UDP bind from its own source; so that most
 /// scenarios have identified shims, and bound ones, for the steps after.
 fn handshake() -> impl Strategy<Value = Vec<Step>> {
     (
-        any::<u8>(),
-        parts(),
+        (any::<u8>(), any::<u8>()),
+        prop_oneof![
+            parts().prop_map(|p| Body::Name(label(&p))),
+            any::<u8>().prop_map(|pick| Body::As { user: 0, pick }),
+        ],
         any::<u16>(),
         prop::bool::weighted(0.7),
     )
-        .prop_map(|(conn, name_parts, split, bind)| {
+        .prop_map(|((conn, user), name, split, bind)| {
             let frame = |op, body| Piece::Frame {
                 op,
                 body,
@@ -175,8 +255,14 @@ fn handshake() -> impl Strategy<Value = Vec<Step>> {
             let mut steps = vec![Step::Tcp {
                 conn,
                 pieces: vec![
-                    frame(0x0F, Body::Secret(true)),
-                    frame(0x01, Body::Name(name(&name_parts, false))),
+                    frame(0x0F, Body::Auth { user, key: 0 }),
+                    frame(
+                        0x01,
+                        match name {
+                            Body::As { pick, .. } => Body::As { user, pick },
+                            other => other,
+                        },
+                    ),
                 ],
                 split,
             }];
@@ -194,19 +280,58 @@ fn handshake() -> impl Strategy<Value = Vec<Step>> {
 fn scenario() -> impl Strategy<Value = Scenario> {
     (
         settings(),
-        vec(connect(), 1..4),
-        vec(handshake(), 0..4),
-        vec(step(), 0..48),
+        vec((connect(), handshake()), 1..6),
+        0usize..3,
+        // Now and then one more connection doing its handshake, so that names are claimed
+        // again (renames, newcomers, replaced holders) all along.
+        vec(
+            prop_oneof![
+                8 => step().prop_map(|s| vec![s]),
+                1 => (any::<u8>(), prop::bool::weighted(0.8), handshake()).prop_map(
+                    |(source, reads, mut h)| {
+                        let Step::Tcp { pieces, .. } = h.remove(0) else {
+                            unreachable!("a handshake starts with its read")
+                        };
+                        let mut v = vec![Step::Join { source, reads, pieces }];
+                        v.append(&mut h);
+                        v
+                    }
+                ),
+            ],
+            0..44,
+        ),
     )
-        .prop_map(|(settings, mut steps, handshakes, more)| {
-            steps.extend(handshakes.into_iter().flatten());
-            steps.extend(more);
+        .prop_map(|(settings, mut connects, idle, more)| {
+            // Connections, most of which do their handshake at once: the k-th on the k-th
+            // (while they are all open), so that several shims are identified together.
+            let handshakes = (connects.len() - idle.min(connects.len() - 1)).min(4);
+            let mut steps: Vec<Step> = connects.iter().map(|(c, _)| c.clone()).collect();
+            for (k, (_, mut h)) in connects.drain(..).take(handshakes).enumerate() {
+                if let Step::Tcp { conn, .. } = &mut h[0] {
+                    *conn = k as u8;
+                }
+                steps.extend(h);
+            }
+            steps.extend(more.into_iter().flatten());
             Scenario { settings, steps }
         })
 }
 
+/// 300 cases of each property, or `PROPTEST_CASES` (to search further by hand).
+fn cases() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(cases())]
 
     /// Both decoders: frames within the maximum, ending at a 0x0A, re-encoding to the
     /// bytes consumed, independent of how the stream is cut into reads.
@@ -238,7 +363,9 @@ fn plain_settings() -> Settings {
         deliveries_per_sec: 0,
         who_per_sec: 0,
         secret: false,
-        rules: Vec::new(),
+        users: Vec::new(),
+        duplicate: DuplicateIdentity::SameCredential,
+        answer_window: 256,
     }
 }
 
@@ -467,4 +594,496 @@ fn shutdown_quits_every_connection() {
         assert_eq!(got.last().map(Vec::as_slice), Some(&b"\x03\n"[..]));
         assert_eq!(*reason, Some(CloseReason::Shutdown));
     }
+}
+
+// --- Who may be whom ---------------------------------------------------------------
+
+fn bytes(op: u8, data: &[u8]) -> Piece {
+    piece_of(op, Body::Bytes(data.to_vec()), false)
+}
+
+fn say(conn: u8, frames: &[(u8, &[u8])]) -> Step {
+    read_on(
+        conn,
+        frames.iter().map(|(op, d)| bytes(*op, d)).collect(),
+        0,
+    )
+}
+
+fn spec(name: u8, secret: u8, identities: &[&str], commands: &[&str]) -> UserSpec {
+    let list = |v: &[&str]| v.iter().map(|s| s.as_bytes().to_vec()).collect();
+    UserSpec {
+        name,
+        secret,
+        identities: list(identities),
+        commands: list(commands),
+        echoes: None,
+        who: None,
+    }
+}
+
+/// ops (`s3cret`): may be `ops.>`, may command everyone; boxer (`two words`): may be
+/// `peq.*.*`, may command `peq.z.mallory`; guest (`x`): may be `peq.>`, may command
+/// nobody, sees `peq.z.*`.
+fn with_users() -> Settings {
+    let mut guest = spec(2, 2, &["peq.>"], &[]);
+    guest.who = Some(vec![b"peq.z.*".to_vec()]);
+    Settings {
+        users: vec![
+            spec(0, 0, &["ops.>"], &[">"]),
+            spec(1, 1, &["peq.*.*"], &["peq.z.mallory"]),
+            guest,
+        ],
+        ..plain_settings()
+    }
+}
+
+fn error(text: &str) -> Vec<u8> {
+    let mut f = vec![0x09];
+    f.extend_from_slice(text.as_bytes());
+    f.push(0x0A);
+    f
+}
+
+/// Auth `NAME SP SECRET`: a wrong secret, an unknown name and a bare secret fail and
+/// close; no Auth before Identify is refused and closes; a user takes only its identities;
+/// an Auth after Identify is ignored when valid and closes when not; Commands and Echoes
+/// go by the user's patterns, decided by the user and not by the name.
+#[test]
+fn users_authenticate_by_name_and_secret() {
+    let r = run(&Scenario {
+        settings: with_users(),
+        steps: vec![
+            client(true),
+            say(0, &[(0x0F, b"ops s3cret"), (0x01, b"ops.one")]),
+            client(true),
+            say(1, &[(0x0F, b"ops two words")]),
+            client(true),
+            say(1, &[(0x0F, b"nobody s3cret")]),
+            client(true),
+            say(1, &[(0x0F, b"s3cret")]),
+            client(true),
+            say(1, &[(0x01, b"peq.z.bob")]),
+            client(true),
+            say(
+                1,
+                &[
+                    (0x0F, b"boxer two words"),
+                    (0x01, b"ops.x"),
+                    (0x01, b"peq.z.mallory"),
+                    // Valid, after Identify: changes nothing (still boxer).
+                    (0x0F, b"ops s3cret"),
+                    (0x01, b"ops.y"),
+                    (0x08, b"ops.one hi"),
+                    (0x04, b"peq.z.* hi"),
+                ],
+            ),
+            say(0, &[(0x04, b"peq.z.mallory /sit")]),
+            say(1, &[(0x0F, b"boxer wrong")]),
+        ],
+    });
+    let failed = (
+        vec![error("authentication failed")],
+        Some(CloseReason::AuthFailed),
+    );
+    assert_eq!(r.conns[1], failed);
+    assert_eq!(r.conns[2], failed);
+    assert_eq!(r.conns[3], failed, "a bare secret names no user");
+    assert_eq!(
+        r.conns[4],
+        (
+            vec![error("authentication required")],
+            Some(CloseReason::AuthFailed)
+        )
+    );
+    let boxer = &r.conns[5].0;
+    assert_eq!(boxer[0], error("identity not permitted: ops.x"));
+    assert_eq!(boxer[1][0], 0x02, "Session");
+    assert_eq!(boxer[2], error("identity not permitted: ops.y"));
+    assert_eq!(boxer[3], error("echo not permitted: ops.one"));
+    assert_eq!(boxer[4], error("command not permitted: peq.z.*"));
+    assert_eq!(boxer[5], b"\x04ops.one 1048576 /sit\n");
+    assert_eq!(boxer[6], error("authentication failed"));
+    assert_eq!(r.conns[5].1, Some(CloseReason::AuthFailed));
+    assert_eq!(r.conns[0].0[1], b"\x0C1048576 1\n");
+}
+
+/// Who lists only what the user's `who` patterns match; by default its commands and
+/// identities.
+#[test]
+fn who_lists_what_the_user_may_see() {
+    let r = run(&Scenario {
+        settings: with_users(),
+        steps: vec![
+            client(true),
+            client(true),
+            client(true),
+            say(0, &[(0x0F, b"ops s3cret"), (0x01, b"ops.one")]),
+            say(1, &[(0x0F, b"guest x"), (0x01, b"peq.z.bob")]),
+            say(2, &[(0x0F, b"guest x"), (0x01, b"peq.y.al")]),
+            say(2, &[(0x0D, b"")]),
+            say(0, &[(0x0D, b"")]),
+        ],
+    });
+    let guest = &r.conns[2].0;
+    assert_eq!(guest.len(), 3, "{guest:?}");
+    assert!(guest[1].starts_with(b"\x0Epeq.z.bob "));
+    assert_eq!(guest[2], b"\x0C0 1\n");
+    assert_eq!(r.conns[0].0.last().unwrap(), b"\x0C0 3\n");
+}
+
+/// The identity grammar, with the texts of §3.
+#[test]
+fn identities_keep_to_the_grammar() {
+    let long = "a".repeat(65);
+    let max = format!("{}.b", "a".repeat(62));
+    let bad: [(&[u8], &str); 9] = [
+        (b"", "identity is empty"),
+        (long.as_bytes(), "identity longer than 64 bytes"),
+        (
+            b"a..b",
+            "identity has an empty segment at byte 2: segments are joined by single dots",
+        ),
+        (
+            b".a",
+            "identity has an empty segment at byte 0: segments are joined by single dots",
+        ),
+        (
+            b"a.",
+            "identity has an empty segment at byte 2: segments are joined by single dots",
+        ),
+        (
+            b"two words",
+            "identity byte 0x20 at 3: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            b"peq.*",
+            "identity byte 0x2A '*' at 4: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            b"+bob",
+            "identity byte 0x2B '+' at 0: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            "b\u{43E}b".as_bytes(),
+            "identity byte 0xD0 at 1: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+    ];
+    let mut steps = vec![client(true)];
+    steps.extend(bad.iter().map(|(label, _)| say(0, &[(0x01, label)])));
+    steps.push(say(0, &[(0x01, max.as_bytes()), (0x01, b"x.y_-9.Z")]));
+    let r = run(&Scenario {
+        settings: Settings {
+            max_frame: 200,
+            ..plain_settings()
+        },
+        steps,
+    });
+    let got = &r.conns[0].0;
+    for (i, (_, text)) in bad.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(&got[i]),
+            String::from_utf8_lossy(&error(text))
+        );
+    }
+    assert_eq!(got[bad.len()][0], 0x02, "a 64-byte identity is one");
+    assert_eq!(got.len(), bad.len() + 1, "and a rename gets no reply");
+}
+
+/// Two live shims never hold one identity, compared ignoring case: `replace` (and
+/// `same-credential` on a hub without users) sends the holder Quit and closes it;
+/// `refuse` answers the newcomer `identity in use`, also on a rename; a rename to one's
+/// own identity in another case is allowed.
+#[test]
+fn one_live_shim_per_identity() {
+    for (policy, replaced) in [
+        (DuplicateIdentity::Replace, true),
+        (DuplicateIdentity::SameCredential, true),
+        (DuplicateIdentity::Refuse, false),
+    ] {
+        let r = run(&Scenario {
+            settings: Settings {
+                duplicate: policy,
+                ..plain_settings()
+            },
+            steps: vec![
+                client(true),
+                client(true),
+                identify(0, "peq.z.bob"),
+                identify(1, "peq.z.al"),
+                say(0, &[(0x01, b"Peq.Z.Bob")]),
+                say(1, &[(0x01, b"PEQ.z.BOB")]),
+                say(1, &[(0x0D, b"")]),
+            ],
+        });
+        let (bob, al) = (&r.conns[0], &r.conns[1]);
+        if replaced {
+            assert_eq!(bob.0.last().unwrap(), b"\x03\n", "{policy:?}");
+            assert_eq!(bob.1, Some(CloseReason::Replaced));
+            assert!(al.0[1].starts_with(b"\x0EPEQ.z.BOB "), "{:?}", al.0);
+        } else {
+            assert_eq!(al.0[1], error("identity in use"));
+            assert!(
+                al.0[2].starts_with(b"\x0EPeq.Z.Bob ") || al.0[3].starts_with(b"\x0EPeq.Z.Bob ")
+            );
+            assert_eq!(bob.1, Some(CloseReason::Eof));
+        }
+    }
+    // With users, the same credential is the same user: boxer replaces boxer, guest is
+    // refused.
+    let r = run(&Scenario {
+        settings: with_users(),
+        steps: vec![
+            client(true),
+            client(true),
+            client(true),
+            say(0, &[(0x0F, b"boxer two words"), (0x01, b"peq.z.bob")]),
+            say(1, &[(0x0F, b"guest x"), (0x01, b"peq.Z.bob")]),
+            say(2, &[(0x0F, b"boxer two words"), (0x01, b"peq.z.BOB")]),
+        ],
+    });
+    assert_eq!(r.conns[1].0, [error("identity in use")]);
+    assert_eq!(r.conns[0].0.last().unwrap(), b"\x03\n");
+    assert_eq!(r.conns[0].1, Some(CloseReason::Replaced));
+    assert_eq!(r.conns[2].0[0][0], 0x02);
+}
+
+/// A CommandResponse is forwarded only from a shim that was sent the Command, among the
+/// last `answer_window`; every answer within it is; others are refused with an Error
+/// that starts `response refused:`; an id must be a canonical decimal.
+#[test]
+fn answers_only_from_targets() {
+    let r = run(&Scenario {
+        settings: Settings {
+            answer_window: 2,
+            ..plain_settings()
+        },
+        steps: vec![
+            client(true),
+            client(true),
+            client(true),
+            identify(0, "peq.a.bob"),
+            identify(1, "peq.a.al"),
+            identify(2, "peq.b.eve"),
+            // Ids 1048576, 1048577 and 1048578 (bob is the first connection, serial 1).
+            say(
+                0,
+                &[
+                    (0x04, b"peq.a.al one"),
+                    (0x04, b"peq.a.al two"),
+                    (0x04, b"peq.a.al three"),
+                ],
+            ),
+            say(
+                1,
+                &[
+                    (0x05, b"1048576 late"),
+                    (0x05, b"1048577 ok"),
+                    (0x05, b"1048578 ok"),
+                    (0x05, b"1048578 again"),
+                    (0x05, b"01048578 zero"),
+                    (0x05, b"0 none"),
+                    (0x05, b"+1048578 sign"),
+                ],
+            ),
+            say(2, &[(0x05, b"1048578 forged")]),
+        ],
+    });
+    let al = &r.conns[1].0;
+    let not_among = |id: &str| {
+        error(&format!(
+            "response refused: {id} is not among the last 2 Commands sent to this shim"
+        ))
+    };
+    let malformed =
+        error("response refused: ID must be a decimal number with no sign or leading zero");
+    assert_eq!(
+        al[4..],
+        [
+            not_among("1048576"),
+            malformed.clone(),
+            not_among("0"),
+            malformed
+        ]
+    );
+    assert_eq!(r.conns[2].0[1..], [not_among("1048578")]);
+    let bob = &r.conns[0].0;
+    assert_eq!(
+        bob[4..],
+        [
+            b"\x051048577 peq.a.al ok\n".to_vec(),
+            b"\x051048578 peq.a.al ok\n".to_vec(),
+            b"\x051048578 peq.a.al again\n".to_vec(),
+        ]
+    );
+}
+
+/// A reload re-checks every identified shim: a removed user, a changed secret, an
+/// identity no longer permitted, a hub that now has users; the others keep their
+/// connection. A connection that authenticated but has not identified is checked when
+/// it identifies.
+#[test]
+fn a_reload_revokes_what_no_longer_holds() {
+    let mut next = with_users();
+    next.users[0].secret = 3;
+    next.users[1] = spec(1, 1, &["peq.*.*"], &[]);
+    next.users[2].identities = vec![b"peq.y.>".to_vec()];
+    let r = run(&Scenario {
+        settings: with_users(),
+        steps: vec![
+            client(true),
+            client(true),
+            client(true),
+            client(true),
+            client(true),
+            say(0, &[(0x0F, b"ops s3cret"), (0x01, b"ops.one")]),
+            say(1, &[(0x0F, b"boxer two words"), (0x01, b"peq.z.bob")]),
+            say(2, &[(0x0F, b"guest x"), (0x01, b"peq.z.al")]),
+            say(3, &[(0x0F, b"guest x"), (0x01, b"peq.y.al")]),
+            say(4, &[(0x0F, b"ops s3cret")]),
+            Step::Reload(next.clone()),
+            say(4, &[(0x01, b"ops.two")]),
+            say(1, &[(0x06, b"still")]),
+            Step::Reload(Settings {
+                users: vec![next.users[1].clone()],
+                ..next
+            }),
+        ],
+    });
+    let revoked = |why| {
+        (
+            vec![error(&format!("credentials revoked: {}", why))],
+            Some(CloseReason::Revoked(why_of(why))),
+        )
+    };
+    assert_eq!(r.conns[0].0[1..], revoked("secret changed").0);
+    assert_eq!(r.conns[0].1, revoked("secret changed").1);
+    assert_eq!(r.conns[2].0[1..], revoked("identity no longer permitted").0);
+    // Still permitted at the first reload; the second removes guest.
+    assert_eq!(r.conns[3].0[1..], revoked("user removed").0);
+    assert_eq!(r.conns[3].1, revoked("user removed").1);
+    assert_eq!(r.conns[4], revoked("secret changed"));
+    assert_eq!(
+        r.conns[1].0[1], b"\x07still\n",
+        "boxer keeps its connection"
+    );
+    assert_eq!(r.conns[1].1, Some(CloseReason::Eof));
+    // An open hub that now has users.
+    let r = run(&Scenario {
+        settings: plain_settings(),
+        steps: vec![
+            client(true),
+            client(true),
+            identify(0, "peq.z.bob"),
+            Step::Reload(with_users()),
+            say(1, &[(0x0F, b"guest x"), (0x01, b"peq.z.bob")]),
+        ],
+    });
+    assert_eq!(r.conns[0].0[1..], revoked("credentials now required").0);
+    assert_eq!(r.conns[0].1, revoked("credentials now required").1);
+    assert_eq!(r.conns[1].0[0][0], 0x02, "the name is free again");
+}
+
+/// A reload that revokes a shim whose connection is already closing (here after the
+/// shutdown's Quit) queues nothing for it, so it must count nothing as sent.
+#[test]
+fn revoking_a_closing_connection_counts_nothing_sent() {
+    use std::time::Instant;
+    use velium_server::config::{Config, Secret, User};
+    use velium_server::hub::Hub;
+    use velium_server::hub::connection::Connection;
+    use velium_server::metrics::{Dir, Transport};
+    use velium_server::proto::pattern::Pattern;
+
+    let hub = Hub::new(Config::default());
+    let now = Instant::now();
+    let mut c = Connection::accept(&hub, 0, "127.0.0.1:9".parse().unwrap(), now);
+    let _ = c.on_bytes(&hub, b"\x01peq.z.bob\n", now);
+    hub.finish(0, c.effects(), now);
+    let mut session = Vec::new();
+    c.shim().outbox.take(&mut session);
+    c.shim().outbox.wrote(0);
+    assert_eq!(session[0], 0x02);
+    hub.quit_all([c.shim().clone()].iter());
+    let errors = || hub.metrics.traffic(Dir::Out, Transport::Tcp, 0x09);
+    let before = errors();
+    let ops = User {
+        name: "ops".into(),
+        secret: Secret::new(b"s3cret"),
+        identities: vec![Pattern::parse(b"ops.>").unwrap()],
+        commands: Vec::new(),
+        echoes: Vec::new(),
+        who: Vec::new(),
+    };
+    let mut next = Config::default();
+    next.users.insert(ops.name.clone(), ops.into());
+    hub.reload(next);
+    assert!(c.shim().is_closed(), "revoked");
+    let mut queued = Vec::new();
+    c.shim().outbox.take(&mut queued);
+    assert_eq!(queued, b"\x03\n", "only the Quit was sent");
+    assert_eq!(errors(), before, "an Error counted as sent that was not");
+}
+
+fn why_of(text: &str) -> velium_server::proto::reject::Revoked {
+    use velium_server::proto::reject::Revoked;
+    [
+        Revoked::UserRemoved,
+        Revoked::SecretChanged,
+        Revoked::IdentityNotPermitted,
+        Revoked::CredentialsRequired,
+    ]
+    .into_iter()
+    .find(|w| w.text() == text)
+    .unwrap()
+}
+
+/// On a hub without users, `same-credential` replaces (every newcomer holds the same
+/// credential), also when the holder authenticated as a user before a reload took the
+/// users away.
+#[test]
+fn same_credential_replaces_on_a_hub_without_users() {
+    let r = run(&Scenario {
+        settings: with_users(),
+        steps: vec![
+            client(true),
+            client(true),
+            say(0, &[(0x0F, b"boxer two words")]),
+            Step::Reload(plain_settings()),
+            identify(0, "peq.z.bob"),
+            identify(1, "peq.z.bob"),
+        ],
+    });
+    assert_eq!(r.conns[0].1, Some(CloseReason::Replaced));
+    assert_eq!(r.conns[1].0[0][0], 0x02, "Session");
+}
+
+/// A holder whose connection is already closing (here cut off as a slow consumer, its
+/// reader not yet ended) loses its identity to a newcomer with nothing sent to it, even
+/// under `refuse`.
+#[test]
+fn a_closing_holder_loses_its_identity_quietly() {
+    let echo = piece_of(
+        0x08,
+        Body::Bytes(format!("peq.a.bob {}", "x".repeat(40)).into_bytes()),
+        false,
+    );
+    let r = run(&Scenario {
+        settings: Settings {
+            duplicate: DuplicateIdentity::Refuse,
+            ..plain_settings()
+        },
+        steps: vec![
+            client(true),
+            client(false),
+            identify(0, "peq.a.al"),
+            identify(1, "peq.a.bob"),
+            read_on(0, vec![echo; 30], 0),
+            say(0, &[(0x01, b"PEQ.a.bob"), (0x0D, b"")]),
+        ],
+    });
+    assert_eq!(r.conns[1], (Vec::new(), Some(CloseReason::SlowConsumer)));
+    let al = &r.conns[0].0;
+    assert!(al[al.len() - 2].starts_with(b"\x0EPEQ.a.bob "), "{al:?}");
+    assert_eq!(al[al.len() - 1], b"\x0C0 1\n");
 }

@@ -1,16 +1,21 @@
 //! Fuzzes the connection state machine with the hub, UDP datagrams, timers, reloads and
-//! shutdown, against the reference model in `tests/harness`.
+//! shutdown, users and their Auth frames, renames and exclusive identities, against the
+//! reference model in `tests/harness`.
 //!
 //! The input is read as a [`Scenario`] by [`Input`], one byte per choice (a byte past the
 //! end reads as 0), so that every input is valid and small changes to it make small
 //! changes to the scenario. The choices and their weights are those of the proptest
-//! generators in `tests/state_machine.rs`.
+//! generators in `tests/state_machine.rs`. After every step the harness also checks what
+//! holds whatever the model says: no two live identified shims hold one identity ignoring
+//! ASCII case; every identified shim's identity keeps to the grammar; on a hub with
+//! users, every identified shim's user may take its identity; every CommandResponse a
+//! client is sent comes from a shim that was sent that Command.
 #![no_main]
 
 #[path = "../../tests/harness/mod.rs"]
 mod harness;
 
-use harness::{Body, Piece, Scenario, Settings, Step, name};
+use harness::{Body, DuplicateIdentity, Piece, Scenario, Settings, Step, UserSpec, label, name};
 use libfuzzer_sys::fuzz_target;
 
 /// Steps in one scenario at most.
@@ -56,45 +61,128 @@ impl Input<'_> {
         name(&self.parts(), plus)
     }
 
+    /// A valid identity.
+    fn label(&mut self) -> Vec<u8> {
+        label(&self.parts())
+    }
+
+    /// What an Identify asks for: any name, a valid one, one of a user's identities, or
+    /// any bytes (up to 70: past the 64 an identity may have).
+    fn identity(&mut self) -> Body {
+        match self.byte() % 4 {
+            0 => Body::Name(self.target()),
+            1 => Body::Name(self.label()),
+            2 => Body::As {
+                user: self.byte(),
+                pick: self.byte(),
+            },
+            _ => Body::Name(self.bytes(70)),
+        }
+    }
+
+    /// A target made from a held identity (`Body::At`), with a text or not.
+    fn at(&mut self, text: bool) -> Body {
+        Body::At {
+            pick: self.byte(),
+            how: self.byte(),
+            text: text.then(|| self.text()),
+        }
+    }
+
+    /// A pattern of a user's settings: most often of valid segments.
+    fn pattern(&mut self) -> Vec<u8> {
+        let with = |mut v: Vec<u8>, tail: &[u8]| {
+            v.extend_from_slice(tail);
+            v
+        };
+        match self.byte() % 6 {
+            0 => self.target(),
+            1 => b">".to_vec(),
+            2 => with(self.label(), b".>"),
+            3 => with(self.label(), b".*"),
+            4 => self.label(),
+            _ => with(b"*.".to_vec(), &self.label()),
+        }
+    }
+
+    fn patterns(&mut self, n: u8) -> Vec<Vec<u8>> {
+        (0..n).map(|_| self.pattern()).collect()
+    }
+
+    /// A list the configuration may leave out (`None`: its default).
+    fn optional(&mut self) -> Option<Vec<Vec<u8>>> {
+        let b = self.byte();
+        b.is_multiple_of(3).then(|| self.patterns(b / 3 % 3))
+    }
+
+    fn user(&mut self) -> UserSpec {
+        // Read in this order (a struct literal's fields are read as written).
+        let name = self.byte();
+        let secret = self.byte();
+        let n = 1 + self.byte() % 2;
+        let identities = self.patterns(n);
+        let n = self.byte() % 3;
+        let commands = self.patterns(n);
+        UserSpec {
+            name,
+            secret,
+            identities,
+            commands,
+            echoes: self.optional(),
+            who: self.optional(),
+        }
+    }
+
     fn text(&mut self) -> Vec<u8> {
         self.bytes(12)
     }
 
     fn frame(&mut self) -> Piece {
-        // One byte picks the kind (modulo 21) and, in its top values, a CRLF line end.
+        // One byte picks the kind (modulo 23) and, in its top values, a CRLF line end.
         let kind = self.byte();
         let crlf = kind >= 231;
-        let (op, body) = match kind % 21 {
-            0..=3 => (0x01, Body::Name(self.target())),
+        let (op, body) = match kind % 23 {
+            0..=3 => (0x01, self.identity()),
             4..=8 => {
                 let op = if self.flag() { 0x04 } else { 0x08 };
-                let target = self.target();
-                (
-                    op,
-                    Body::Routed {
-                        target,
-                        text: self.text(),
-                    },
-                )
+                if self.flag() {
+                    (op, self.at(true))
+                } else {
+                    let target = self.target();
+                    (
+                        op,
+                        Body::Routed {
+                            target,
+                            text: self.text(),
+                        },
+                    )
+                }
             }
-            9..=10 => (
+            9..=11 => (
                 0x05,
                 Body::Response {
                     pick: self.byte(),
+                    form: self.byte(),
                     text: self.text(),
                 },
             ),
-            11..=12 => (
+            12..=13 => (
                 0x0D,
-                Body::Name(if self.flag() {
-                    self.target()
-                } else {
-                    Vec::new()
-                }),
+                match self.byte() % 3 {
+                    0 => Body::Name(self.target()),
+                    1 => Body::Name(Vec::new()),
+                    _ => self.at(false),
+                },
             ),
-            13..=14 => (0x06, Body::Bytes(self.text())),
-            15 => (0x0F, Body::Secret(self.flag())),
-            16..=17 => (0x02, Body::Token(self.byte())),
+            14..=15 => (0x06, Body::Bytes(self.text())),
+            16..=17 => (
+                0x0F,
+                Body::Auth {
+                    user: self.byte(),
+                    key: self.byte(),
+                },
+            ),
+            18..=19 => (0x02, Body::Token(self.byte())),
             _ => {
                 let op = if self.flag() {
                     self.byte() % 0x11
@@ -128,20 +216,17 @@ impl Input<'_> {
         // One byte: the secret (modulo 4) and, above it, the write deadline (0, as in
         // inputs written before it existed, keeps the default 10 s).
         let secret = self.byte();
-        // One byte: whether there are rules (modulo 4) and, above it, the per-shim rates
-        // (0, as in inputs written before they existed, lifts them).
-        let rules_byte = self.byte();
-        let rules = if rules_byte.is_multiple_of(4) {
-            (0..1 + self.byte() % 2)
-                .map(|_| {
-                    let from = self.target();
-                    let to = (0..1 + self.byte() % 2).map(|_| self.target()).collect();
-                    (from, to)
-                })
-                .collect()
+        // One byte: whether there are users (modulo 4) and, above it, the per-shim rates
+        // (0 lifts them).
+        let users_byte = self.byte();
+        let users = if users_byte.is_multiple_of(4) {
+            (0..1 + self.byte() % 3).map(|_| self.user()).collect()
         } else {
             Vec::new()
         };
+        // One byte: `duplicate_identity` (modulo 3; 0 the default) and the answer window
+        // (0 the default 256).
+        let access = self.byte();
         Settings {
             max_frame,
             identify_ms,
@@ -152,16 +237,22 @@ impl Input<'_> {
             max_connections,
             per_source,
             connect_rate,
-            routed_per_sec: [0, 3, 0, 6][usize::from(rules_byte / 4 % 4)],
-            deliveries_per_sec: [0, 0, 4, 10][usize::from(rules_byte / 16 % 4)],
-            who_per_sec: [0, 1, 0, 2][usize::from(rules_byte / 64)],
+            routed_per_sec: [0, 3, 0, 6][usize::from(users_byte / 4 % 4)],
+            deliveries_per_sec: [0, 0, 4, 10][usize::from(users_byte / 16 % 4)],
+            who_per_sec: [0, 1, 0, 2][usize::from(users_byte / 64)],
             secret: secret.is_multiple_of(4),
-            rules,
+            users,
+            duplicate: [
+                DuplicateIdentity::SameCredential,
+                DuplicateIdentity::Replace,
+                DuplicateIdentity::Refuse,
+            ][usize::from(access % 3)],
+            answer_window: [256, 1, 2, 4][usize::from(access / 3 % 4)],
         }
     }
 
     fn step(&mut self) -> Step {
-        match self.byte() % 46 {
+        match self.byte() % 48 {
             0..=5 => Step::Connect {
                 source: self.byte(),
                 reads: !self.byte().is_multiple_of(5),
@@ -205,7 +296,33 @@ impl Input<'_> {
                 Step::Advance { ms, sweeps }
             }
             44 => Step::Reload(self.settings()),
-            _ => Step::Shutdown,
+            45 => Step::Shutdown,
+            // A client that connects and at once says Auth and Identify: most often the
+            // credential the hub wants and an identity its user may take.
+            _ => {
+                let source = self.byte();
+                let reads = !self.byte().is_multiple_of(5);
+                let user = self.byte();
+                let key = self.byte();
+                let name = if self.flag() {
+                    Body::As {
+                        user,
+                        pick: self.byte(),
+                    }
+                } else {
+                    Body::Name(self.label())
+                };
+                let frame = |op, body| Piece::Frame {
+                    op,
+                    body,
+                    crlf: false,
+                };
+                Step::Join {
+                    source,
+                    reads,
+                    pieces: vec![frame(0x0F, Body::Auth { user, key }), frame(0x01, name)],
+                }
+            }
         }
     }
 

@@ -84,6 +84,9 @@ impl Hub {
     pub(crate) fn check_identity_claim(&self, shim: &Shim, label: &str) -> Result<Policy, Reject> {
         let c = self.config();
         let user = if c.users.is_empty() {
+            // A user presented before a reload took the users away no longer counts, for
+            // this claim or for a later one on the same identity.
+            shim.set_user(None);
             None
         } else {
             let presented = shim.user().ok_or(Reject::AuthRequired)?;

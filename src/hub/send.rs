@@ -358,7 +358,8 @@ impl Hub {
     /// Queues `to`'s last frame (a Quit or an Error, or nothing) and closes its outbox for
     /// `reason`: the writer flushes it and shuts the socket down.
     pub fn send_last(&self, to: &Shim, reason: CloseReason, last: &[u8]) {
-        if !last.is_empty() {
+        // (A connection already closing takes no more frames: none is counted.)
+        if !last.is_empty() && to.outbox.is_open() {
             to.frames_out.fetch_add(1, Ordering::Relaxed);
             (self.metrics).frame(Dir::Out, Transport::Tcp, last[0], last.len());
         }

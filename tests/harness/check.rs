@@ -3,25 +3,30 @@
 //!
 //! Apart from the model so that what is checked can be read in one place: after every
 //! step [`World::check`] compares each outbox (state, pending bytes, close reason, the
-//! socket's shutdown), what each reading client received, identities, the session table,
-//! the router, the UDP bindings, the connection count and the counters; the per-call
-//! checks ([`World::check_flush`], [`World::check_datagrams`]) run inside a step.
+//! socket's shutdown), what each reading client received, identities and users, the
+//! session table, the router, the UDP bindings, the connection count and the counters
+//! (refusals by reason and replaced identities among them), and checks what holds on any
+//! hub ([`World::check_access`]); the per-call checks ([`World::check_flush`],
+//! [`World::check_datagrams`]) run inside a step, and every CommandResponse a client is
+//! sent is checked to come from a shim that was sent the Command.
 //! [`check_reject_texts`] pins the core's refusal texts to `docs/protocol.md` §10, since
 //! the model encodes its refusals with them.
 
 use super::model::Exp;
+use super::pattern::check_label;
 use super::scenario::udp_src;
 use super::{SOCKETS, World, fd_of};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use velium_server::config::Secret;
 use velium_server::hub::Hub;
 use velium_server::hub::send::{Class, Datagram};
 use velium_server::hub::shim::{CloseReason, Shim};
 use velium_server::metrics::{Dir, Latency, Refusal, Transport};
 use velium_server::proto::identity::IdentityError;
 use velium_server::proto::pattern::{Pattern, PatternError, Seg};
-use velium_server::proto::reject::{Rate, Reject, Shape};
+use velium_server::proto::reject::{Rate, Reject, Revoked, Shape, answers_no_request};
 use velium_server::proto::{NEWLINE, Opcode, QUIT};
 
 /// Opcodes the server may send to a client.
@@ -59,6 +64,14 @@ fn check_frames(b: &[u8], one: bool) -> Result<Vec<Vec<u8>>, String> {
         }
     }
     Ok(frames)
+}
+
+/// Refusals the hub counted for `why`.
+fn refused(hub: &Hub, why: Refusal) -> u64 {
+    hub.metrics
+        .refusals()
+        .find(|(r, _)| *r == why)
+        .map_or(0, |(_, n)| n)
 }
 
 /// Bytes the hub counted as sent on `t`, every opcode slot summed.
@@ -101,12 +114,57 @@ pub fn check_reject_texts() {
             "identity longer than 64 bytes",
         ),
         (
-            Reject::BadIdentity(IdentityError::NotUtf8),
-            "identity is not UTF-8",
+            Reject::BadIdentity(IdentityError::EmptySegment { at: 2 }),
+            "identity has an empty segment at byte 2: segments are joined by single dots",
         ),
         (
-            Reject::BadIdentity(IdentityError::Invisible),
-            "identity holds a space, control or invisible character",
+            Reject::BadIdentity(IdentityError::Byte { byte: b' ', at: 3 }),
+            "identity byte 0x20 at 3: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::Byte { byte: b'*', at: 4 }),
+            "identity byte 0x2A '*' at 4: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::Byte { byte: 0xE3, at: 9 }),
+            "identity byte 0xE3 at 9: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::Byte { byte: 0x7F, at: 0 }),
+            "identity byte 0x7F at 0: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            Reject::BadIdentity(IdentityError::Byte { byte: b'~', at: 1 }),
+            "identity byte 0x7E '~' at 1: only ASCII letters, digits, '_', '-' and '.' are allowed",
+        ),
+        (
+            Reject::IdentityNotPermitted("velium.cli.1".into()),
+            "identity not permitted: velium.cli.1",
+        ),
+        (Reject::IdentityInUse, "identity in use"),
+        (
+            Reject::EchoNotPermitted("peq.>".into()),
+            "echo not permitted: peq.>",
+        ),
+        (
+            Reject::NotAnswerable(1048576, 256),
+            "response refused: 1048576 is not among the last 256 Commands sent to this shim",
+        ),
+        (
+            Reject::Revoked(Revoked::UserRemoved),
+            "credentials revoked: user removed",
+        ),
+        (
+            Reject::Revoked(Revoked::SecretChanged),
+            "credentials revoked: secret changed",
+        ),
+        (
+            Reject::Revoked(Revoked::IdentityNotPermitted),
+            "credentials revoked: identity no longer permitted",
+        ),
+        (
+            Reject::Revoked(Revoked::CredentialsRequired),
+            "credentials revoked: credentials now required",
         ),
         (
             Reject::ServerOnly(Opcode::Session),
@@ -130,7 +188,7 @@ pub fn check_reject_texts() {
         ),
         (
             Reject::Malformed(Shape::IdResponse),
-            "expected: ID SP RESPONSE",
+            "response refused: ID must be a decimal number with no sign or leading zero",
         ),
         (
             Reject::BadTarget("+".into(), PatternError::Empty),
@@ -171,6 +229,11 @@ pub fn check_reject_texts() {
         ),
     ];
     for (r, text) in texts {
+        assert_eq!(
+            answers_no_request(text.as_bytes()),
+            text.starts_with("response refused:"),
+            "{text}"
+        );
         let mut f = vec![Opcode::Error as u8];
         f.extend_from_slice(text.as_bytes());
         f.push(NEWLINE);
@@ -273,6 +336,9 @@ impl World {
             (*a, b.clone(), *class == Class::Delivery)
         };
         got.sort_by_key(key);
+        for (_, b, _) in &got {
+            self.check_answer(b);
+        }
         let mut expect = std::mem::take(&mut self.dgrams);
         expect.sort_by_key(key);
         if got != expect {
@@ -335,6 +401,9 @@ impl World {
         if i != frames.len() {
             self.fail(format!("conn {c}: unexpected frames {:?}", &frames[i..]));
         }
+        for f in &frames {
+            self.check_answer(f);
+        }
         self.conns[c].received.extend(frames);
     }
 
@@ -386,7 +455,14 @@ impl World {
                     k.udp
                 ));
             }
-            if k.registered() {
+            if k.shim.user().map(|u| u.name.to_string()) != k.user.map(|(n, _)| n.to_string()) {
+                self.fail(format!(
+                    "conn {i} user {:?}, expected {:?}",
+                    k.shim.user().map(|u| u.name.clone()),
+                    k.user.map(|(n, _)| n)
+                ));
+            }
+            if k.routed {
                 // Found under its own identity, segment by segment.
                 let lit = Pattern {
                     segs: k
@@ -408,19 +484,21 @@ impl World {
         hub.router
             .for_each_match(&Pattern::all(), |s| routed.push(s.serial));
         routed.sort_unstable();
-        let mut registered: Vec<u64> = self
+        let mut holding: Vec<u64> = self
             .conns
             .iter()
-            .filter(|k| k.registered())
+            .filter(|k| k.routed)
             .map(|k| k.shim.serial)
             .collect();
-        registered.sort_unstable();
-        if routed != registered || hub.table.len() != registered.len() {
+        holding.sort_unstable();
+        let registered = self.conns.iter().filter(|k| k.registered()).count();
+        if routed != holding || hub.table.len() != registered {
             self.fail(format!(
-                "router holds serials {routed:?}, table {} shims; registered: {registered:?}",
+                "router holds serials {routed:?}, table {} shims; expected {holding:?} and {registered}",
                 hub.table.len()
             ));
         }
+        self.check_access();
         if hub.table.udp_bound() != self.bindings.len() {
             self.fail(format!(
                 "{} UDP bindings, expected {}",
@@ -446,6 +524,74 @@ impl World {
         self.check_counters();
     }
 
+    /// What holds on any hub whatever the model says: no two live identified shims hold
+    /// one identity (ignoring ASCII case); every identified shim's identity keeps to the
+    /// grammar (the model's, `pattern.rs`); on a hub with users, every shim in the table
+    /// has a user of the settings in force, and that user may take its identity.
+    fn check_access(&self) {
+        let hub = &self.hub;
+        let users_hub = !hub.config().users.is_empty();
+        let mut live: Vec<(usize, Arc<str>)> = Vec::new();
+        for (i, k) in self.conns.iter().enumerate() {
+            let s = &k.shim;
+            if !s.is_identified() {
+                continue;
+            }
+            let id = s.identity();
+            if let Err(e) = check_label(id.as_bytes()) {
+                self.fail(format!("conn {i} holds the identity {id:?}: {e}"));
+            }
+            if s.is_closed() {
+                continue;
+            }
+            if s.outbox.is_open() {
+                if let Some((j, _)) = live.iter().find(|(_, o)| o.eq_ignore_ascii_case(&id)) {
+                    self.fail(format!("conns {j} and {i} both hold {id:?}"));
+                }
+                live.push((i, id.clone()));
+            }
+            if users_hub {
+                let Some(u) = s.user() else {
+                    self.fail(format!("conn {i} is identified as {id:?} with no user"));
+                };
+                let Some(m) = self.user(&u.name) else {
+                    self.fail(format!(
+                        "conn {i} holds {id:?} as user {}, not one of the hub's",
+                        u.name
+                    ));
+                };
+                if u.secret != Secret::new(m.secret) || !m.may_be(&id) {
+                    self.fail(format!(
+                        "conn {i} holds {id:?} as user {}, whose secret changed or who may not be it",
+                        u.name
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A CommandResponse a client was sent (`05 ID SP RESPONDER SP TEXT`) comes from a
+    /// connection that held the identity RESPONDER and was sent the Command ID.
+    fn check_answer(&self, f: &[u8]) {
+        if f.first() != Some(&(Opcode::CommandResponse as u8)) {
+            return;
+        }
+        let mut fields = f[1..].splitn(3, |&b| b == b' ');
+        let (id, who) = (fields.next().unwrap_or(&[]), fields.next().unwrap_or(&[]));
+        let id: Option<u64> = std::str::from_utf8(id).ok().and_then(|t| t.parse().ok());
+        let sent = id.is_some_and(|id| {
+            self.conns
+                .iter()
+                .any(|k| k.delivered.contains(&id) && k.names.iter().any(|n| n.as_bytes() == who))
+        });
+        if !sent {
+            self.fail(format!(
+                "an answer {:?} forwarded from a shim that was not sent its Command",
+                String::from_utf8_lossy(f)
+            ));
+        }
+    }
+
     /// The counters the hub keeps, against what the model saw happen: every frame sent
     /// counted once (so every slice was finished), every delivery and dropped response
     /// counted.
@@ -465,6 +611,25 @@ impl World {
             ("slow_consumers", load(&c.slow_consumers), m.slow_consumers),
             ("TCP bytes out", counted_out(hub, Transport::Tcp), m.tcp_out),
             ("UDP bytes out", counted_out(hub, Transport::Udp), m.udp_out),
+            ("identities replaced", load(&c.replaced), m.replaced),
+            ("refused auth", refused(hub, Refusal::Auth), m.auth),
+            (
+                "refused permission",
+                refused(hub, Refusal::Permission),
+                m.permission,
+            ),
+            (
+                "refused identity",
+                refused(hub, Refusal::Identity),
+                m.identity,
+            ),
+            (
+                "refused identity_in_use",
+                refused(hub, Refusal::IdentityInUse),
+                m.in_use,
+            ),
+            ("refused answer", refused(hub, Refusal::Answer), m.answer),
+            ("refused revoked", refused(hub, Refusal::Revoked), m.revoked),
         ];
         for (what, got, want) in pairs {
             if got != want {

@@ -20,7 +20,9 @@
 //! Next to it runs a model written from `docs/protocol.md` (`model.rs`). Anything the two
 //! disagree on, and any broken invariant (`check.rs`: a frame cut in two, a
 //! client-to-server opcode sent to a client, a dead shim still routable, an amplified UDP
-//! answer, a counter off), panics with the step number and what differed.
+//! answer, a counter off, two live shims under one identity, an identity outside the
+//! grammar or its user's patterns, an answer from a shim that was not sent the Command),
+//! panics with the step number and what differed.
 //!
 //! The parts, each in its own file so that one can be read without the others:
 //!
@@ -28,7 +30,7 @@
 //!   settings for it;
 //! - `decode.rs`: the decoders against their definitions (all the `decode` fuzz target
 //!   needs);
-//! - `pattern.rs`: the model's own target patterns;
+//! - `pattern.rs`: the model's own identity grammar and target patterns;
 //! - `model.rs`: the model;
 //! - `check.rs`: the comparisons and invariants;
 //! - this file: the real hub and the model side by side, and the driving of both.
@@ -43,13 +45,17 @@ mod scenario;
 
 pub use check::check_reject_texts;
 pub use decode::check_decode;
-pub use scenario::{Body, MAX_CONNS, Piece, SECRET, SEGMENTS, Scenario, Settings, Step, name};
+pub use scenario::{
+    Body, COMMON, LABEL, MAX_CONNS, ODD, Piece, SECRET, SECRETS, Scenario, Settings, Step, USERS,
+    UserSpec, label, name,
+};
+pub use velium_server::config::DuplicateIdentity;
 pub use velium_server::hub::shim::CloseReason;
 
-use model::{MCounts, MOutbox, MRates, MSlice};
-use scenario::{config, tcp_ip, udp_src};
+use model::{MCounts, MOutbox, MRates, MSlice, MUser, model_users};
+use scenario::{UserDef, config, shared_secret, tcp_ip, udp_src, users};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
@@ -135,9 +141,22 @@ struct Conn {
     // The model:
     /// An unfinished frame kept between reads.
     rx: Vec<u8>,
+    /// A valid Auth came before the first Identify.
     authed: bool,
+    /// The user it authenticated as (name and the secret it presented): the last valid
+    /// Auth before the first Identify.
+    user: Option<(&'static str, &'static [u8])>,
     identified: bool,
     identity: String,
+    /// Holds its identity in the router (it loses it when closed, or when another shim
+    /// takes it while it is closing).
+    routed: bool,
+    /// Every identity it held, for the check of forwarded answers.
+    names: Vec<String>,
+    /// The ids of the Commands it may answer: the last `answer_window` sent to it.
+    answerable: VecDeque<u64>,
+    /// The ids of every Command it was sent.
+    delivered: Vec<u64>,
     /// `Hub::remove` has run for it (by a timer or `finish`).
     closed: bool,
     seq: u64,
@@ -170,6 +189,8 @@ pub struct World {
     elapsed_ms: u64,
     first: Settings,
     settings: Settings,
+    /// The users of `settings`, as the model reads them.
+    users: Vec<MUser>,
     conns: Vec<Conn>,
     bindings: HashMap<SocketAddr, usize>,
     open: usize,
@@ -232,6 +253,7 @@ impl World {
             elapsed_ms: 0,
             first: s.clone(),
             settings: s.clone(),
+            users: model_users(s),
             conns: Vec::new(),
             bindings: HashMap::new(),
             open: 0,
@@ -274,7 +296,20 @@ impl World {
             .unwrap_or_else(|| self.fail(format!("{shim:?} is no connection of this hub")))
     }
 
-    fn piece_bytes(&self, p: &Piece, out: &mut Vec<u8>) {
+    /// The user a [`Body::Auth`] or [`Body::As`] with `user` stands for: `USERS[user % 3]`
+    /// when the hub has it, else the hub's `user % n`-th; none on a hub without users.
+    fn pick_user(&self, user: u8) -> Option<UserDef> {
+        let all = users(&self.settings);
+        let want = USERS[usize::from(user) % USERS.len()];
+        all.iter()
+            .find(|d| d.name == want)
+            .or_else(|| all.get(usize::from(user) % all.len().max(1)))
+            .cloned()
+    }
+
+    /// The bytes of `p`, sent by connection `from` (when known: a TCP read, or a datagram
+    /// from a bound address).
+    fn piece_bytes(&self, p: &Piece, from: Option<usize>, out: &mut Vec<u8>) {
         match p {
             Piece::Raw(b) => out.extend_from_slice(b),
             Piece::Frame { op, body, crlf } => {
@@ -287,18 +322,93 @@ impl World {
                 };
                 match body {
                     Body::Bytes(b) | Body::Name(b) => out.extend(strip(b)),
+                    Body::As { user, pick } => {
+                        let mut k = usize::from(*pick);
+                        let mut seg = |two: &mut bool| {
+                            k = k * 5 + 1;
+                            *two = k % 2 == 0;
+                            LABEL[k / 3 % LABEL.len()].as_bytes()
+                        };
+                        let mut two = false;
+                        let id = match self.pick_user(*user) {
+                            None => label(&[*pick, *pick / 3, *pick / 9][..1 + *pick as usize % 3]),
+                            Some(d) => {
+                                let p = &d.identities[usize::from(*pick) % d.identities.len()];
+                                let mut v = Vec::new();
+                                for (i, part) in p.split(|&b| b == b'.').enumerate() {
+                                    if i > 0 {
+                                        v.push(b'.');
+                                    }
+                                    match part {
+                                        b"*" => v.extend_from_slice(seg(&mut two)),
+                                        b">" => {
+                                            v.extend_from_slice(seg(&mut two));
+                                            if two {
+                                                v.push(b'.');
+                                                v.extend_from_slice(seg(&mut two));
+                                            }
+                                        }
+                                        lit => v.extend_from_slice(lit),
+                                    }
+                                }
+                                v
+                            }
+                        };
+                        out.extend(strip(&id));
+                    }
+                    Body::At { pick, how, text } => {
+                        let held: Vec<&str> = self
+                            .conns
+                            .iter()
+                            .filter(|k| k.routed)
+                            .map(|k| k.identity.as_str())
+                            .collect();
+                        let id = match held.len() {
+                            0 => String::from_utf8(label(&[*pick])).expect("ASCII"),
+                            n => held[usize::from(*pick) % n].to_string(),
+                        };
+                        let (first, rest) = id.split_once('.').unwrap_or((&id, ""));
+                        let head = id.rsplit_once('.').map_or("", |(head, _)| head);
+                        let target = match how % 8 {
+                            0 | 1 => id.clone(),
+                            2 => id.to_ascii_uppercase(),
+                            3 if head.is_empty() => "*".into(),
+                            3 => format!("{head}.*"),
+                            4 => format!("{first}.>"),
+                            5 => ">".into(),
+                            6 => format!("+{id}"),
+                            _ if rest.is_empty() => "*".into(),
+                            _ => format!("*.{rest}"),
+                        };
+                        out.extend_from_slice(target.as_bytes());
+                        if let Some(text) = text {
+                            out.push(b' ');
+                            out.extend(strip(text));
+                        }
+                    }
                     Body::Routed { target, text } => {
                         out.extend(strip(target));
                         out.push(b' ');
                         out.extend(strip(text));
                     }
-                    Body::Response { pick, text } => {
-                        let id = if self.command_ids.is_empty() {
-                            u64::from(*pick)
-                        } else {
-                            self.command_ids[*pick as usize % self.command_ids.len()]
+                    Body::Response { pick, form, text } => {
+                        let mine = from
+                            .map(|c| &self.conns[c].delivered)
+                            .filter(|d| !d.is_empty() && (*form / 8).is_multiple_of(2));
+                        let ids = mine.unwrap_or(&self.command_ids);
+                        // The latest first, so that small windows are hit and missed.
+                        let id = match ids.len() {
+                            0 => u64::from(*pick),
+                            n => ids[n - 1 - usize::from(*pick) % n],
                         };
-                        out.extend_from_slice(id.to_string().as_bytes());
+                        let written = match form % 8 {
+                            0..=3 => id.to_string(),
+                            4 => format!("0{id}"),
+                            5 => "0".to_string(),
+                            6 => format!("+{id}"),
+                            _ => format!("{}{}", u64::MAX, id % 10),
+                        };
+                        out.extend_from_slice(written.as_bytes());
                         out.push(b' ');
                         out.extend(strip(text));
                     }
@@ -312,8 +422,28 @@ impl World {
                             (live_n, _) => out.extend_from_slice(&live[n % live_n].shim.token.0),
                         }
                     }
-                    Body::Secret(right) => {
-                        out.extend_from_slice(if *right { SECRET } else { b"wrong" })
+                    Body::Auth { user, key } => {
+                        let named = |name: &str, secret: &[u8]| {
+                            let mut v = name.as_bytes().to_vec();
+                            v.push(b' ');
+                            v.extend_from_slice(secret);
+                            v
+                        };
+                        let u = usize::from(*user);
+                        let other = SECRETS[usize::from(*key) / 8 % SECRETS.len()];
+                        let data = match key % 8 {
+                            0..=3 if shared_secret(&self.settings) => SECRET.to_vec(),
+                            0..=3 => match self.pick_user(*user) {
+                                Some(d) => named(d.name, d.secret),
+                                None => named(USERS[u % USERS.len()], SECRETS[u % SECRETS.len()]),
+                            },
+                            4 => named(USERS[u % USERS.len()], other),
+                            5 if u % 2 == 0 => other.to_vec(),
+                            5 => SECRET.to_vec(),
+                            6 => named("nobody", SECRET),
+                            _ => named(USERS[u % USERS.len()], b"wrong"),
+                        };
+                        out.extend(strip(&data));
                     }
                 }
                 if *crlf {
@@ -327,6 +457,25 @@ impl World {
     fn apply(&mut self, step: &Step) {
         match step {
             Step::Connect { source, reads } => self.connect(tcp_ip(*source), *reads),
+            Step::Join {
+                source,
+                reads,
+                pieces,
+            } => {
+                let n = self.conns.len();
+                self.connect(tcp_ip(*source), *reads);
+                if self.conns.len() > n {
+                    let mut bytes = Vec::new();
+                    for p in pieces {
+                        self.piece_bytes(p, Some(n), &mut bytes);
+                    }
+                    if !bytes.is_empty()
+                        && let Flow::Close(r) = self.read(n, &bytes)
+                    {
+                        self.finish(n, r);
+                    }
+                }
+            }
             Step::Tcp {
                 conn,
                 pieces,
@@ -339,7 +488,7 @@ impl World {
                 let c = open[*conn as usize % open.len()];
                 let mut bytes = Vec::new();
                 for p in pieces {
-                    self.piece_bytes(p, &mut bytes);
+                    self.piece_bytes(p, Some(c), &mut bytes);
                 }
                 let at = *split as usize % (bytes.len() + 1);
                 for chunk in [&bytes[..at], &bytes[at..]] {
@@ -357,14 +506,16 @@ impl World {
                 pieces,
                 newline,
             } => {
+                let src = udp_src(*source);
+                let from = self.bindings.get(&src).copied();
                 let mut bytes = Vec::new();
                 for p in pieces {
-                    self.piece_bytes(p, &mut bytes);
+                    self.piece_bytes(p, from, &mut bytes);
                 }
                 if !newline && bytes.last() == Some(&NEWLINE) {
                     bytes.pop();
                 }
-                self.datagram(udp_src(*source), &bytes);
+                self.datagram(src, &bytes);
             }
             Step::Read { conn } => {
                 if !self.conns.is_empty() {
@@ -386,7 +537,7 @@ impl World {
             }
             Step::Reload(s) => {
                 self.hub.reload(config(s, &self.first));
-                self.settings = s.clone();
+                self.model_reload(s);
             }
             Step::Shutdown => {
                 if !self.shutting_down {
@@ -488,8 +639,13 @@ impl World {
             finished: false,
             rx: Vec::new(),
             authed: false,
+            user: None,
             identified: false,
             identity: String::new(),
+            routed: false,
+            names: Vec::new(),
+            answerable: VecDeque::new(),
+            delivered: Vec::new(),
             closed: false,
             seq: 0,
             accepted_ms: now_ms,

@@ -9,6 +9,13 @@
 //! on its own; only the bytes of an Error frame come from the core's
 //! [`Reject::frame`], whose texts `check.rs` checks against §10 of the protocol.
 //!
+//! Who may be whom (§3 "Step 1b", "Step 2", "Renaming", "One shim per identity"; §7
+//! "Users", "Command and CommandResponse"): the Auth forms, the identity grammar (the
+//! model's own, `pattern.rs`), the identities a user may take, one live shim per identity
+//! ignoring case under each `duplicate_identity` policy (the holder that is replaced sent
+//! Quit and closed; one already closing losing its name without a word), what a user may
+//! address and list, the answer window, and the credentials a reload revokes.
+//!
 //! The per-shim rates are the token buckets of §8 ("Rate limits per shim"), with rates
 //! kept as first set. Where one [`Connection::on_bytes`] call stops (a slice, §8) is the
 //! hub's choice within the bounds §8 gives, which the model checks rather than predicts
@@ -17,16 +24,16 @@
 //! [`Connection::on_bytes`]: velium_server::hub::connection::Connection::on_bytes
 
 use super::World;
-use super::pattern::MPat;
-use super::scenario::{SECRET, rules};
+use super::pattern::{MPat, check_label};
+use super::scenario::{SECRET, Settings, shared_secret, users};
 use std::net::SocketAddr;
+use velium_server::config::DuplicateIdentity;
 use velium_server::hub::connection::Flow;
 use velium_server::hub::outbox::OutState;
 use velium_server::hub::send::Class;
 use velium_server::hub::shim::CloseReason;
 use velium_server::hub::timers::CLOSE_LINGER;
-use velium_server::proto::identity::check_identity;
-use velium_server::proto::reject::{Rate, Reject, Shape};
+use velium_server::proto::reject::{Rate, Reject, Revoked, Shape};
 use velium_server::proto::{CR, NEWLINE, Opcode, QUIT, encoded};
 
 /// Frames one `on_bytes` call handles at most (§8: "at most 1024 frames at a time").
@@ -229,6 +236,65 @@ pub(super) struct MCounts {
     pub(super) tcp_out: u64,
     /// Bytes of datagrams sent, Quit answers to unbound sources left out.
     pub(super) udp_out: u64,
+    /// Holders of an identity closed because a newer connection took it.
+    pub(super) replaced: u64,
+    /// Refusals counted by reason: `auth` (a wrong credential, or none where one is
+    /// needed), `permission`, `identity`, `identity_in_use`, `answer`, `revoked`.
+    pub(super) auth: u64,
+    pub(super) permission: u64,
+    pub(super) identity: u64,
+    pub(super) in_use: u64,
+    pub(super) answer: u64,
+    pub(super) revoked: u64,
+}
+
+/// A user as the model reads the settings: its secret and its patterns.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct MUser {
+    pub(super) name: &'static str,
+    pub(super) secret: &'static [u8],
+    pub(super) identities: Vec<MPat>,
+    pub(super) commands: Vec<MPat>,
+    pub(super) echoes: Vec<MPat>,
+    pub(super) who: Vec<MPat>,
+}
+
+impl MUser {
+    /// Whether the user may take `identity` (§3).
+    pub(super) fn may_be(&self, identity: &str) -> bool {
+        self.identities.iter().any(|p| p.matches(identity))
+    }
+}
+
+/// The users of `s`, by name (the order the hub compares them in on a reload).
+pub(super) fn model_users(s: &Settings) -> Vec<MUser> {
+    let parse = |v: &[Vec<u8>]| -> Vec<MPat> {
+        v.iter()
+            .map(|t| MPat::parse(t).expect("users() keeps parsable patterns"))
+            .collect()
+    };
+    let mut v: Vec<MUser> = users(s)
+        .into_iter()
+        .map(|u| MUser {
+            name: u.name,
+            secret: u.secret,
+            identities: parse(&u.identities),
+            commands: parse(&u.commands),
+            echoes: parse(&u.echoes),
+            who: parse(&u.who),
+        })
+        .collect();
+    v.sort_by_key(|u| u.name);
+    v
+}
+
+/// What an Auth frame proves (§3 "Step 1b").
+enum MAuth {
+    /// The hub has no credentials.
+    Ignored,
+    /// The shared secret (`None`) or a user's name and secret.
+    Granted(Option<(&'static str, &'static [u8])>),
+    Failed,
 }
 
 pub(super) fn ack(id: u64, n: u64) -> Vec<u8> {
@@ -386,9 +452,157 @@ impl World {
         }
     }
 
+    /// Refuses the connection for its credential: the Error, then the close. A credential
+    /// a reload revoked between Auth and Identify counts as revoked.
     fn refuse_auth(&mut self, c: usize, r: Reject) -> Flow {
-        self.close_out(c, CloseReason::AuthFailed, &refusal(r));
-        Flow::Close(CloseReason::AuthFailed)
+        let reason = match r {
+            Reject::Revoked(why) => {
+                self.counts.revoked += 1;
+                CloseReason::Revoked(why)
+            }
+            _ => {
+                self.counts.auth += 1;
+                CloseReason::AuthFailed
+            }
+        };
+        self.close_out(c, reason, &refusal(r));
+        Flow::Close(reason)
+    }
+
+    pub(super) fn user(&self, name: &str) -> Option<&MUser> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The user a connection authenticated as, as the settings in force have it.
+    fn user_of(&self, c: usize) -> Option<&MUser> {
+        self.conns[c].user.and_then(|(n, _)| self.user(n))
+    }
+
+    /// §3 "Step 1b": on a hub with a shared secret, the data is the secret; on a hub with
+    /// users, `NAME SP SECRET` (a bare secret names no user).
+    fn authenticate(&self, data: &[u8]) -> MAuth {
+        if shared_secret(&self.settings) {
+            return if data == SECRET {
+                MAuth::Granted(None)
+            } else {
+                MAuth::Failed
+            };
+        }
+        if self.users.is_empty() {
+            return MAuth::Ignored;
+        }
+        let (name, secret) = match data.iter().position(|&b| b == b' ') {
+            Some(sp) => (&data[..sp], &data[sp + 1..]),
+            None => (data, &[][..]),
+        };
+        match self.users.iter().find(|u| u.name.as_bytes() == name) {
+            Some(u) if u.secret == secret => MAuth::Granted(Some((u.name, u.secret))),
+            _ => MAuth::Failed,
+        }
+    }
+
+    /// An Identify (first or rename) of `label`, which keeps to the grammar: the user's
+    /// identities (§3), then one live shim per identity (§3 "One shim per identity").
+    fn claim(&mut self, c: usize, label: &str) -> Flow {
+        let users_hub = !self.users.is_empty();
+        let mine = if users_hub {
+            let Some((name, secret)) = self.conns[c].user else {
+                return self.refuse_auth(c, Reject::AuthRequired);
+            };
+            let Some(u) = self.user(name) else {
+                return self.refuse_auth(c, Reject::Revoked(Revoked::UserRemoved));
+            };
+            if u.secret != secret {
+                return self.refuse_auth(c, Reject::Revoked(Revoked::SecretChanged));
+            }
+            if !u.may_be(label) {
+                self.counts.identity += 1;
+                self.push_self(c, refusal(Reject::IdentityNotPermitted(label.into())));
+                return Flow::Continue;
+            }
+            Some(name)
+        } else {
+            // A user presented before a reload took the users away no longer counts.
+            self.conns[c].user = None;
+            None
+        };
+        let holder = (0..self.conns.len()).find(|&h| {
+            h != c && self.conns[h].routed && self.conns[h].identity.eq_ignore_ascii_case(label)
+        });
+        let mut displaced = None;
+        if let Some(h) = holder {
+            let k = &self.conns[h];
+            let live = k.out.state == OutState::Open && !k.closed;
+            // Same credential: the same user; on a hub without users, always.
+            let replaces = match self.settings.duplicate {
+                DuplicateIdentity::Replace => true,
+                DuplicateIdentity::Refuse => false,
+                DuplicateIdentity::SameCredential if !users_hub => true,
+                DuplicateIdentity::SameCredential => k.user.map(|(n, _)| n) == mine,
+            };
+            if live && !replaces {
+                self.counts.in_use += 1;
+                self.push_self(c, refusal(Reject::IdentityInUse));
+                return Flow::Continue;
+            }
+            // A holder already closing loses the name without a word.
+            self.conns[h].routed = false;
+            displaced = live.then_some(h);
+        }
+        let conn = &mut self.conns[c];
+        conn.identity = label.to_string();
+        conn.routed = true;
+        if !conn.names.iter().any(|n| n == label) {
+            conn.names.push(label.to_string());
+        }
+        if !conn.identified {
+            conn.identified = true;
+            self.counts.identified += 1;
+            let f = encoded(Opcode::Session, &conn.shim.token.0);
+            self.push(c, usize::MAX, Exp::Frame(f));
+        }
+        if let Some(h) = displaced {
+            self.counts.replaced += 1;
+            self.close_out(h, CloseReason::Replaced, &QUIT);
+            self.hub_remove(h, CloseReason::Replaced);
+        }
+        Flow::Continue
+    }
+
+    /// A reload to `s`: when the users changed, every shim in the table whose credentials
+    /// no longer hold is sent `credentials revoked: REASON` and closed (§3 "Step 1b").
+    pub(super) fn model_reload(&mut self, s: &Settings) {
+        self.settings = s.clone();
+        let users = model_users(s);
+        if users == self.users {
+            return;
+        }
+        self.users = users;
+        for c in 0..self.conns.len() {
+            if !self.conns[c].registered() {
+                continue;
+            }
+            let why = match (self.users.is_empty(), self.conns[c].user) {
+                (true, None) => None,
+                (true, Some(_)) => Some(Revoked::UserRemoved),
+                (false, None) => Some(Revoked::CredentialsRequired),
+                (false, Some((name, secret))) => match self.user(name) {
+                    None => Some(Revoked::UserRemoved),
+                    Some(u) if u.secret != secret => Some(Revoked::SecretChanged),
+                    Some(u) if !u.may_be(&self.conns[c].identity) => {
+                        Some(Revoked::IdentityNotPermitted)
+                    }
+                    Some(_) => None,
+                },
+            };
+            if let Some(why) = why {
+                self.counts.revoked += 1;
+                let reason = CloseReason::Revoked(why);
+                let last = refusal(Reject::Revoked(why));
+                self.close_out(c, reason, &last);
+                self.hub_remove(c, reason);
+            }
+        }
     }
 
     fn model_frame(&mut self, c: usize, op: u8, data: &[u8]) -> Flow {
@@ -411,32 +625,28 @@ impl World {
                 return Flow::Close(CloseReason::Quit);
             }
             Opcode::Ping => self.push_self(c, encoded(Opcode::Pong, data)),
-            // Auth counts only against a secret; the secret guards the first Identify,
-            // not a rename.
-            Opcode::Auth => {
-                if self.settings.secret {
-                    if data != SECRET {
-                        return self.refuse_auth(c, Reject::AuthFailed);
+            // The credential guards the first Identify; before it the last valid Auth
+            // counts, after it a valid one changes nothing and a wrong one closes.
+            Opcode::Auth => match self.authenticate(data) {
+                MAuth::Ignored => {}
+                MAuth::Failed => return self.refuse_auth(c, Reject::AuthFailed),
+                MAuth::Granted(user) => {
+                    let conn = &mut self.conns[c];
+                    if !conn.identified {
+                        conn.authed = true;
+                        conn.user = user;
                     }
-                    self.conns[c].authed = true;
                 }
-            }
+            },
             Opcode::Identify
-                if !self.conns[c].authed && !self.conns[c].identified && self.settings.secret =>
+                if !self.conns[c].authed
+                    && !self.conns[c].identified
+                    && (shared_secret(&self.settings) || !self.users.is_empty()) =>
             {
                 return self.refuse_auth(c, Reject::AuthRequired);
             }
-            Opcode::Identify => match check_identity(data) {
-                Ok(label) => {
-                    let conn = &mut self.conns[c];
-                    conn.identity = label.to_string();
-                    if !conn.identified {
-                        conn.identified = true;
-                        self.counts.identified += 1;
-                        let f = encoded(Opcode::Session, &conn.shim.token.0);
-                        self.push(c, usize::MAX, Exp::Frame(f));
-                    }
-                }
+            Opcode::Identify => match check_label(data) {
+                Ok(label) => return self.claim(c, label),
                 Err(why) => self.push_self(c, refusal(Reject::BadIdentity(why))),
             },
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
@@ -528,7 +738,7 @@ impl World {
 
     fn matching(&self, p: &MPat) -> Vec<usize> {
         (0..self.conns.len())
-            .filter(|&i| self.conns[i].registered() && p.matches(&self.conns[i].identity))
+            .filter(|&i| self.conns[i].routed && p.matches(&self.conns[i].identity))
             .collect()
     }
 
@@ -549,20 +759,29 @@ impl World {
             Ok(p) => p,
             Err(e) => return self.reply(c, via, refusal(Reject::BadTarget(lossy(target), e))),
         };
-        // The rates first: a Command the rules refuse still counts as routed.
+        // The rates first: a Command the user may not send still counts as routed.
         if let Err(r) = self.allow(c, Work::FanOut) {
             return self.reply(c, via, refusal(r));
         }
         let identity = self.conns[c].identity.clone();
-        if op == Opcode::Command {
-            let rules = rules(&self.settings);
-            let allowed = rules.is_empty()
-                || rules.iter().any(|(from, to)| {
-                    MPat::parse(from).unwrap().matches(&identity)
-                        && to.iter().any(|t| MPat::parse(t).unwrap().covers(&p))
-                });
+        if !self.users.is_empty() {
+            // §7 "Users": some pattern of the user's commands (echoes) covers the target.
+            let allowed = self.user_of(c).is_some_and(|u| {
+                let list = if op == Opcode::Command {
+                    &u.commands
+                } else {
+                    &u.echoes
+                };
+                list.iter().any(|q| q.covers(&p))
+            });
             if !allowed {
-                return self.reply(c, via, refusal(Reject::NotPermitted(lossy(target))));
+                self.counts.permission += 1;
+                let r = if op == Opcode::Command {
+                    Reject::NotPermitted(lossy(target))
+                } else {
+                    Reject::EchoNotPermitted(lossy(target))
+                };
+                return self.reply(c, via, refusal(r));
             }
         }
         let id = if op == Opcode::Command {
@@ -582,9 +801,20 @@ impl World {
         d.extend_from_slice(text);
         let f = encoded(op, &d);
         let mut reached = 0;
+        let window = self.settings.answer_window;
         for to in self.matching(&p) {
             if (p.include_self || to != c) && self.deliver(to, via, &f) {
                 reached += 1;
+                if op == Opcode::Command {
+                    // §7: the target may answer it while it is among the last
+                    // `answer_window` Commands sent to it.
+                    let k = &mut self.conns[to];
+                    while k.answerable.len() >= window {
+                        k.answerable.pop_front();
+                    }
+                    k.answerable.push_back(id);
+                    k.delivered.push(id);
+                }
             }
         }
         if reached == 0 {
@@ -600,11 +830,14 @@ impl World {
             Some(sp) => (&data[..sp], &data[sp + 1..]),
             None => (data, &[][..]),
         };
-        // §7: an id is ASCII digits (no sign), at most a u64.
-        let digits = !id_txt.is_empty() && id_txt.iter().all(u8::is_ascii_digit);
+        // §7: an id is a canonical decimal: ASCII digits, no sign, no leading zero, at
+        // most a u64.
+        let canonical = !id_txt.is_empty()
+            && id_txt.iter().all(u8::is_ascii_digit)
+            && !(id_txt.len() > 1 && id_txt[0] == b'0');
         let Some(id) = std::str::from_utf8(id_txt)
             .ok()
-            .filter(|_| digits)
+            .filter(|_| canonical)
             .and_then(|s| s.parse::<u64>().ok())
         else {
             return self.reply(c, via, refusal(Reject::Malformed(Shape::IdResponse)));
@@ -613,6 +846,19 @@ impl World {
             // Dropped and counted, not answered (§8).
             self.counts.responses_dropped += 1;
             return;
+        }
+        // §7: answers come only from targets, among the last `answer_window` Commands
+        // sent to them (the window in force).
+        let window = self.settings.answer_window;
+        if !self.conns[c]
+            .answerable
+            .iter()
+            .rev()
+            .take(window)
+            .any(|&i| i == id)
+        {
+            self.counts.answer += 1;
+            return self.reply(c, via, refusal(Reject::NotAnswerable(id, window)));
         }
         let serial = id >> 20;
         let Some(to) = (0..self.conns.len())
@@ -651,9 +897,17 @@ impl World {
         if let Err(r) = self.allow(c, Work::Who) {
             return self.reply(c, via, refusal(r));
         }
+        // §7 "Users": on a hub with users, only what the user's `who` patterns match.
+        let users_hub = !self.users.is_empty();
+        let user = self.user_of(c);
         let entries: Vec<Vec<u8>> = self
             .matching(&p)
             .into_iter()
+            .filter(|&i| {
+                !users_hub
+                    || user
+                        .is_some_and(|u| u.who.iter().any(|q| q.matches(&self.conns[i].identity)))
+            })
             .map(|i| {
                 let k = &self.conns[i];
                 let udp = if k.udp.is_some() { "udp" } else { "-" };
@@ -826,6 +1080,7 @@ impl World {
             return;
         }
         conn.closed = true;
+        conn.routed = false;
         if reason == CloseReason::SlowConsumer {
             self.counts.slow_consumers += 1;
         }

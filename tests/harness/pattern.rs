@@ -1,10 +1,42 @@
-//! The model's target patterns, written from `docs/protocol.md` §6 and not from
-//! `src/proto/pattern.rs` or `src/hub/router.rs`, so that the model and the hub do not
-//! share a mistake. Only the error values are the core's ([`PatternError`]), so that the
-//! model's refusals are encoded by the core's [`Reject`](velium_server::proto::reject::Reject)
-//! like the hub's.
+//! The model's identity grammar and target patterns, written from `docs/protocol.md` §3
+//! and §6 and not from `src/proto/identity.rs`, `src/proto/pattern.rs` or
+//! `src/hub/router.rs`, so that the model and the hub do not share a mistake. Only the
+//! error values are the core's ([`IdentityError`], [`PatternError`]), so that the model's
+//! refusals are encoded by the core's
+//! [`Reject`](velium_server::proto::reject::Reject) like the hub's.
 
+use velium_server::proto::identity::IdentityError;
 use velium_server::proto::pattern::PatternError;
+
+/// §3: an identity is segments of ASCII letters, digits, `_` and `-`, joined by single
+/// dots, at most 64 bytes. An empty or too long label is named as such, anything else
+/// by its first fault from the left: an empty segment (where it starts) or a byte outside
+/// the grammar.
+pub(super) fn check_label(label: &[u8]) -> Result<&str, IdentityError> {
+    if label.is_empty() {
+        return Err(IdentityError::Empty);
+    }
+    if label.len() > 64 {
+        return Err(IdentityError::TooLong);
+    }
+    let mut at = 0;
+    for seg in label.split(|&b| b == b'.') {
+        if seg.is_empty() {
+            return Err(IdentityError::EmptySegment { at });
+        }
+        if let Some(i) = seg
+            .iter()
+            .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+        {
+            return Err(IdentityError::Byte {
+                byte: seg[i],
+                at: at + i,
+            });
+        }
+        at += seg.len() + 1;
+    }
+    Ok(std::str::from_utf8(label).expect("only ASCII is left"))
+}
 
 #[derive(Clone, Debug, PartialEq)]
 enum MSeg {
@@ -14,7 +46,7 @@ enum MSeg {
 }
 
 /// A target pattern as the model reads it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(super) struct MPat {
     segs: Vec<MSeg>,
     pub(super) include_self: bool,

@@ -6,32 +6,105 @@
 //! how a scenario is run. [`config`] turns [`Settings`] into the hub's [`Config`].
 
 use super::pattern::MPat;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
-use velium_server::config::{CommandRule, Config, Secret};
+use velium_server::config::{Config, DuplicateIdentity, Secret, User};
 use velium_server::proto::pattern::Pattern;
 
-/// Segments identities, targets and permission patterns are built from: few, so that
-/// targets often match, with mixed case, the wildcards and an empty segment.
-pub const SEGMENTS: [&str; 8] = ["a", "b", "B", "peq", "*", ">", "", "\u{FFFD}"];
+/// Segments most names are built from: few, so that targets often match, with mixed
+/// case and the two wildcards.
+pub const COMMON: [&str; 6] = ["a", "b", "B", "peq", "*", ">"];
 
-/// Joins `SEGMENTS[i % len]` for each index with dots; a leading `+` when `plus`.
+/// Segments that break the identity grammar or stretch it: the empty segment, a
+/// non-ASCII character, a byte that is not UTF-8, a space, `+`, the other bytes a
+/// segment may hold, and a 31-byte segment (two make a 63-byte identity, one more
+/// segment passes 64).
+pub const ODD: [&[u8]; 8] = [
+    b"",
+    "\u{FFFD}".as_bytes(),
+    b"\xE3",
+    b"a b",
+    b"+",
+    b"x_-9",
+    b"lllllllllllllllllllllllllllllll",
+    b"A",
+];
+
+/// Segments every identity built by [`label`] is made of: all valid, with letter cases
+/// that collide (`b`/`B`, `peq`/`Peq`), so that claims on one name in two cases are common.
+pub const LABEL: [&str; 6] = ["a", "b", "B", "peq", "Peq", "x_-9"];
+
+/// Joins segments with dots, one per index: seven in eight from [`COMMON`], the others
+/// from [`ODD`]; a leading `+` when `plus`.
 pub fn name(parts: &[u8], plus: bool) -> Vec<u8> {
     let mut v = Vec::new();
     if plus {
         v.push(b'+');
     }
-    for (k, i) in parts.iter().enumerate() {
+    for (k, &i) in parts.iter().enumerate() {
         if k > 0 {
             v.push(b'.');
         }
-        v.extend_from_slice(SEGMENTS[*i as usize % SEGMENTS.len()].as_bytes());
+        let i = usize::from(i);
+        if i % 8 == 7 {
+            v.extend_from_slice(ODD[i / 8 % ODD.len()]);
+        } else {
+            v.extend_from_slice(COMMON[i / 8 % COMMON.len()].as_bytes());
+        }
     }
     v
 }
 
-/// The secret a scenario's server uses when it has one.
+/// A valid identity: [`LABEL`] segments joined with dots.
+pub fn label(parts: &[u8]) -> Vec<u8> {
+    let segs: Vec<&str> = parts
+        .iter()
+        .map(|&i| LABEL[usize::from(i) % LABEL.len()])
+        .collect();
+    segs.join(".").into_bytes()
+}
+
+/// The secret a scenario's server uses when it has a shared one.
 pub const SECRET: &[u8] = b"s3cret";
+
+/// The names a scenario's users may have.
+pub const USERS: [&str; 3] = ["ops", "boxer", "guest"];
+
+/// The secrets a scenario's users may have (one with a space, one starting with one:
+/// only the first space of an Auth separates the name).
+pub const SECRETS: [&[u8]; 4] = [b"s3cret", b"two words", b"x", b" lead"];
+
+/// One `[[user]]` of a scenario's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserSpec {
+    /// `USERS[name % len]`.
+    pub name: u8,
+    /// `SECRETS[secret % len]`.
+    pub secret: u8,
+    /// `identities` patterns (those that do not parse, or have a `+`, are left out, as the
+    /// configuration would refuse them; a user left with none is left out).
+    pub identities: Vec<Vec<u8>>,
+    /// `commands` patterns.
+    pub commands: Vec<Vec<u8>>,
+    /// `echoes` patterns (`None`: the default, the commands).
+    pub echoes: Option<Vec<Vec<u8>>>,
+    /// `who` patterns (`None`: the default, the commands and the identities).
+    pub who: Option<Vec<Vec<u8>>>,
+}
+
+/// A user as the configuration would load it: name, secret, and parsable patterns with
+/// the defaults filled in.
+#[derive(Clone, Debug)]
+pub(super) struct UserDef {
+    pub(super) name: &'static str,
+    pub(super) secret: &'static [u8],
+    pub(super) identities: Vec<Vec<u8>>,
+    pub(super) commands: Vec<Vec<u8>>,
+    pub(super) echoes: Vec<Vec<u8>>,
+    pub(super) who: Vec<Vec<u8>>,
+}
 
 /// The settings a hub starts with, or is reloaded with.
 #[derive(Clone, Debug)]
@@ -62,10 +135,16 @@ pub struct Settings {
     pub deliveries_per_sec: u32,
     /// `who_per_sec`: Who requests per shim and second (0: no limit).
     pub who_per_sec: u32,
-    /// Whether [`SECRET`] is required.
+    /// Whether [`SECRET`] is required (only on a hub without users: the configuration
+    /// refuses both, so `users` wins).
     pub secret: bool,
-    /// Command rules as (from, [to]) pattern bytes; rules that do not parse are left out.
-    pub rules: Vec<(Vec<u8>, Vec<Vec<u8>>)>,
+    /// The `[[user]]` entries (a second entry with a name already used is left out, as
+    /// the configuration would refuse it).
+    pub users: Vec<UserSpec>,
+    /// `duplicate_identity`.
+    pub duplicate: DuplicateIdentity,
+    /// `answer_window`, 1 to 4096.
+    pub answer_window: usize,
 }
 
 /// What a frame's data holds.
@@ -73,27 +152,65 @@ pub struct Settings {
 pub enum Body {
     /// Any bytes (0x0A left out).
     Bytes(Vec<u8>),
-    /// A name from [`SEGMENTS`].
+    /// A name (from [`name`] or [`label`]).
     Name(Vec<u8>),
+    /// An identity user `user` may take: its `pick`-th `identities` pattern with each
+    /// wildcard filled from [`LABEL`] (by the bits of `pick`); a [`label`] when the hub
+    /// has no users. The user is `USERS[user % 3]` when the hub has it, else the hub's
+    /// `user % n`-th (as for [`Body::Auth`], so that the two agree).
+    As {
+        /// Which user.
+        user: u8,
+        /// Which pattern, and how its wildcards are filled.
+        pick: u8,
+    },
+    /// `TARGET SP text` (or, without a text, `TARGET` alone, for a Who) with a target
+    /// made from the identity of the `pick`-th connection that holds one (the
+    /// [`label`] of `pick` when none does), by `how % 8`: 0 and 1 as it is, 2 in upper
+    /// case, 3 its last segment `*`, 4 its first segment then `>`, 5 `>`, 6 with a `+`,
+    /// 7 its first segment `*`.
+    At {
+        /// Whose identity.
+        pick: u8,
+        /// How it is made a target.
+        how: u8,
+        /// The text (0x0A left out), if any.
+        text: Option<Vec<u8>>,
+    },
     /// `target SP text`.
     Routed {
-        /// Target, from [`SEGMENTS`].
+        /// Target, from [`name`].
         target: Vec<u8>,
         /// Text (0x0A left out).
         text: Vec<u8>,
     },
-    /// `id SP text` with the id of a Command sent earlier (the `pick`-th), if any.
+    /// `id SP text` with the id of a Command sent earlier (the `pick`-th), if any: when
+    /// `form / 8` is even, one of those sent to the responding connection (when it was
+    /// sent any); written by `form % 8`: 0 to 3 as the hub wrote it, 4 with a leading
+    /// zero, 5 `0`, 6 with a `+`, 7 past `u64::MAX`.
     Response {
         /// Which id.
         pick: u8,
+        /// Whose ids, and how the id is written.
+        form: u8,
         /// Text (0x0A left out).
         text: Vec<u8>,
     },
     /// The 16 raw token bytes of registered connection `n % registered` (of connection
     /// `n % count` when none is registered), so that most binds name a live session.
     Token(u8),
-    /// The secret (true) or a wrong one.
-    Secret(bool),
+    /// An Auth's data, by `key % 8`: 0 to 3, the credential the hub wants (the shared
+    /// secret; or user `user`'s name and secret, see [`Body::As`]; on a hub without
+    /// credentials, a user's name and secret anyway); 4, `USERS[user % 3]` with
+    /// `SECRETS[key / 8 % 4]`; 5, `SECRETS[key / 8 % 4]` or [`SECRET`] alone (by `user`'s
+    /// parity); 6, a name no hub has with the shared secret; 7, a right name with a wrong
+    /// secret.
+    Auth {
+        /// Whose name.
+        user: u8,
+        /// Which form.
+        key: u8,
+    },
 }
 
 /// Bytes sent on a TCP connection or in a datagram.
@@ -122,6 +239,16 @@ pub enum Step {
         source: u8,
         /// Reads at once.
         reads: bool,
+    },
+    /// As [`Step::Connect`], then, when the connection was accepted, one read on it of
+    /// `pieces` concatenated (a client that says Auth and Identify at once).
+    Join {
+        /// Source IP index.
+        source: u8,
+        /// Reads at once.
+        reads: bool,
+        /// What it sends first.
+        pieces: Vec<Piece>,
     },
     /// A read on connection `conn % open`: the pieces concatenated, delivered in two reads
     /// cut at `split`.
@@ -191,6 +318,25 @@ pub(super) fn udp_src(i: u8) -> SocketAddr {
 /// rates: a token bucket whose rate never changes refills the same whenever it is looked
 /// at, so the model need not know when the hub looks).
 pub(super) fn config(s: &Settings, first: &Settings) -> Config {
+    let parse = |v: &[Vec<u8>]| -> Vec<Pattern> {
+        v.iter()
+            .map(|t| Pattern::parse(t).expect("users() keeps parsable patterns"))
+            .collect()
+    };
+    let users: BTreeMap<Arc<str>, Arc<User>> = users(s)
+        .into_iter()
+        .map(|u| {
+            let user = User {
+                name: Arc::from(u.name),
+                secret: Secret::new(u.secret),
+                identities: parse(&u.identities),
+                commands: parse(&u.commands),
+                echoes: parse(&u.echoes),
+                who: parse(&u.who),
+            };
+            (user.name.clone(), Arc::new(user))
+        })
+        .collect();
     Config {
         cores: 1,
         max_frame: s.max_frame,
@@ -205,28 +351,51 @@ pub(super) fn config(s: &Settings, first: &Settings) -> Config {
         max_connections: s.max_connections,
         max_connections_per_source: s.per_source,
         connect_rate_per_source: first.connect_rate,
-        secret: s.secret.then(|| Secret::new(SECRET)),
-        command_rules: rules(s)
-            .into_iter()
-            .map(|(from, to)| CommandRule {
-                from: Pattern::parse(&from).expect("rules() keeps parsable patterns"),
-                to: to
-                    .iter()
-                    .map(|t| Pattern::parse(t).expect("parsable"))
-                    .collect(),
-            })
-            .collect(),
+        secret: shared_secret(s).then(|| Secret::new(SECRET)),
+        users,
+        duplicate_identity: s.duplicate,
+        answer_window: s.answer_window,
         ..Config::default()
     }
 }
 
-/// The rules of `s` whose patterns all parse (and have at least one target).
-pub(super) fn rules(s: &Settings) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
-    s.rules
-        .iter()
-        .filter(|(from, to)| {
-            MPat::parse(from).is_ok() && !to.is_empty() && to.iter().all(|t| MPat::parse(t).is_ok())
-        })
-        .cloned()
-        .collect()
+/// Whether the hub of `s` has the shared secret (the configuration refuses it together
+/// with users).
+pub(super) fn shared_secret(s: &Settings) -> bool {
+    s.secret && users(s).is_empty()
+}
+
+/// The users of `s` as the configuration loads them: the first entry of each name,
+/// patterns that parse and have no leading `+`, at least one identity, and the
+/// documented defaults (`echoes`: the commands; `who`: the commands and the identities).
+pub(super) fn users(s: &Settings) -> Vec<UserDef> {
+    let keep = |v: &[Vec<u8>]| -> Vec<Vec<u8>> {
+        v.iter()
+            .filter(|t| t.first() != Some(&b'+') && MPat::parse(t).is_ok())
+            .cloned()
+            .collect()
+    };
+    let mut out: Vec<UserDef> = Vec::new();
+    for u in &s.users {
+        let name = USERS[usize::from(u.name) % USERS.len()];
+        let identities = keep(&u.identities);
+        if out.iter().any(|d| d.name == name) || identities.is_empty() {
+            continue;
+        }
+        let commands = keep(&u.commands);
+        let echoes = u.echoes.as_deref().map_or_else(|| commands.clone(), keep);
+        let who = u.who.as_deref().map_or_else(
+            || commands.iter().chain(&identities).cloned().collect(),
+            keep,
+        );
+        out.push(UserDef {
+            name,
+            secret: SECRETS[usize::from(u.secret) % SECRETS.len()],
+            identities,
+            commands,
+            echoes,
+            who,
+        });
+    }
+    out
 }

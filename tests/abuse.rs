@@ -80,13 +80,6 @@ fn server(io: &str, extra: &[&str]) -> Server {
     Server::start_level(io, "info", &args)
 }
 
-/// A connected, identified shim.
-fn shim(srv: &Server, name: &str) -> Tcp {
-    let mut t = srv.tcp();
-    t.identify(name);
-    t
-}
-
 /// `n` copies of one frame, as one buffer for one write.
 fn repeated(f: &[u8], n: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(f.len() * n);

@@ -56,22 +56,6 @@ fn login(srv: &Server, user: &str, secret: &str, name: &str) -> Tcp {
     c
 }
 
-/// An identified shim on an open hub.
-fn shim(srv: &Server, name: &str) -> Tcp {
-    let mut c = srv.tcp();
-    c.identify(name);
-    c
-}
-
-/// An identified shim on an open hub, with a bound UDP channel.
-fn bound(srv: &Server, name: &str) -> (Tcp, Udp) {
-    let mut c = srv.tcp();
-    let token = c.identify(name);
-    let u = srv.udp();
-    u.bind_confirmed(&token);
-    (c, u)
-}
-
 fn refused(reason: &str) -> String {
     format!("velium_refused_total{{reason=\"{reason}\"}}")
 }
@@ -381,9 +365,9 @@ fn forbidden_identity_bytes_and_look_alikes(io: &str) {
 
 fn forged_responses_are_refused(io: &str) {
     let srv = Server::with_admin(io, &[]);
-    let (mut ctl, uctl) = bound(&srv, "peq.z.ctl");
+    let (mut ctl, uctl) = bound_shim(&srv, "peq.z.ctl");
     let mut bob = shim(&srv, "peq.z.bob");
-    let (mut eve, ueve) = bound(&srv, "peq.z.eve");
+    let (mut eve, ueve) = bound_shim(&srv, "peq.z.eve");
     ctl.send(0x04, b"peq.z.bob /loc");
     let (id, n) = expect_ack(&mut ctl);
     assert_eq!(n, 1);

@@ -13,22 +13,6 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A connection identified as `name`.
-fn shim(srv: &Server, name: &str) -> Tcp {
-    let mut c = srv.tcp();
-    c.identify(name);
-    c
-}
-
-/// A connection identified as `name`, with a bound UDP channel.
-fn bound_shim(srv: &Server, name: &str) -> (Tcp, Udp) {
-    let mut c = srv.tcp();
-    let token = c.identify(name);
-    let u = srv.udp();
-    u.bind_confirmed(&token);
-    (c, u)
-}
-
 /// Parses a UDP datagram as one frame.
 fn datagram(d: &[u8]) -> (u8, Vec<u8>) {
     assert_eq!(*d.last().unwrap(), 0x0A, "a datagram ends with 0x0A: {d:?}");

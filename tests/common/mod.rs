@@ -750,3 +750,19 @@ pub fn who(c: &mut Tcp, pattern: &str) -> std::collections::BTreeMap<String, Vec
         }
     }
 }
+
+/// A connection identified as `name` (on a hub without credentials).
+pub fn shim(srv: &Server, name: &str) -> Tcp {
+    let mut c = srv.tcp();
+    c.identify(name);
+    c
+}
+
+/// A connection identified as `name`, with a bound UDP channel.
+pub fn bound_shim(srv: &Server, name: &str) -> (Tcp, Udp) {
+    let mut c = srv.tcp();
+    let token = c.identify(name);
+    let u = srv.udp();
+    u.bind_confirmed(&token);
+    (c, u)
+}

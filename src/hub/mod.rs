@@ -202,13 +202,16 @@ impl Hub {
         let registering = !shim.is_identified();
         // On the first Identify the Session goes into the outbox while the router still
         // holds the shim out of sight: a frame routed to it by another core never reaches
-        // the client ahead of its Session.
+        // the client ahead of its Session. The table entry is made there too, so that a
+        // newer claim on the name, which may close this shim as soon as the lock is free,
+        // always finds it to take out.
         let session = || {
             if registering {
                 let mut f = Vec::with_capacity(18);
                 reply::session(&shim.token, &mut f);
                 self.send(shim, Route::Session, &Bytes::from(f), out);
                 shim.mark_identified();
+                self.table.insert(shim);
             }
         };
         let (claim, old) =
@@ -222,7 +225,6 @@ impl Hub {
             info!(conn = shim.serial, old = %old, new = %label, "rename");
             Identified::Renamed(old)
         } else {
-            self.table.insert(shim);
             Counters::bump(&self.counters().identified);
             let user = shim.user();
             let user = user.as_ref().map_or("-", |u| &*u.name);

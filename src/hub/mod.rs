@@ -246,8 +246,14 @@ impl Hub {
         if shim.is_identified() {
             self.table.remove(shim);
         }
-        // Always: a claim racing this close is either seen here or sees the close.
-        self.router.remove(shim);
+        // Under the router's lock, so that a claim racing this close is either undone here
+        // or sees the close. A shim that never held an identity is not in the router, and
+        // no claim of it can be under way (claims run on its own connection's task, which
+        // is the caller, or shares its thread): no lock for it, so a flood of connections
+        // that never identify does not contend with routing.
+        if !shim.identity().is_empty() {
+            self.router.remove(shim);
+        }
         if reason == CloseReason::SlowConsumer {
             Counters::bump(&self.counters().slow_consumers);
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");

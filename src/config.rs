@@ -3,6 +3,7 @@
 //! Every setting is documented, with its default, in `deploy/velium-server.toml`.
 
 use crate::proto::pattern::Pattern;
+use crate::tls::TlsSettings;
 use clap::{Parser, ValueEnum};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -102,6 +103,17 @@ pub struct Config {
     /// Commands each shim may still answer: a CommandResponse is forwarded only when its
     /// id is one of the last `answer_window` Commands the responder was sent.
     pub answer_window: usize,
+    /// TLS on the TCP port (`tls_cert`, `tls_key`, `tls_client_ca`, `tls_optional`); off
+    /// when `None`. Re-read from the files on a reload.
+    pub tls: Option<Arc<TlsSettings>>,
+    /// Time from accept within which a TLS handshake must finish.
+    pub tls_handshake_timeout: Duration,
+    /// Whether plain (unsealed) UDP is served at all. A TLS session always uses sealed UDP.
+    pub udp_plain: bool,
+    /// The bearer token the admin listener requires on everything but `/healthz`.
+    pub admin_token: Option<Secret>,
+    /// Admin connections open at once; more wait in the kernel's backlog.
+    pub admin_connections: usize,
 }
 
 impl Default for Config {
@@ -132,6 +144,11 @@ impl Default for Config {
             users: BTreeMap::new(),
             duplicate_identity: DuplicateIdentity::SameCredential,
             answer_window: 256,
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(5),
+            udp_plain: true,
+            admin_token: None,
+            admin_connections: 16,
         }
     }
 }
@@ -236,7 +253,7 @@ impl Config {
                 if self.$f != new.$f { $list.push(stringify!($f)); }
             )*};
         }
-        cmp!(restart, listen, cores, io, admin);
+        cmp!(restart, listen, cores, io, admin, admin_connections);
         cmp!(
             live,
             log_level,
@@ -259,7 +276,11 @@ impl Config {
             secret,
             users,
             duplicate_identity,
-            answer_window
+            answer_window,
+            tls,
+            tls_handshake_timeout,
+            udp_plain,
+            admin_token
         );
         (live, restart)
     }
@@ -271,6 +292,7 @@ impl Config {
             cores: self.cores,
             io: self.io,
             admin: self.admin,
+            admin_connections: self.admin_connections,
             ..new
         }
     }
@@ -403,6 +425,30 @@ pub struct Args {
     /// Recent Commands per shim that it may still answer [default: 256]
     #[arg(long, value_name = "N")]
     pub answer_window: Option<usize>,
+    /// PEM certificate chain: with --tls-key, the TCP port speaks TLS [default: off]
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates client certificates must chain to (mutual TLS) [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With TLS on, also accept plaintext clients on the same port [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub tls_optional: Option<bool>,
+    /// Time a TLS handshake may take from accept, e.g. 5s [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub tls_handshake_timeout: Option<String>,
+    /// Serve plain (unsealed) UDP; false leaves UDP to TLS sessions [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub udp_plain: Option<bool>,
+    /// File holding the bearer token the admin listener requires [default: none, open]
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Admin connections served at once [default: 16]
+    #[arg(long, value_name = "N")]
+    pub admin_connections: Option<usize>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -433,6 +479,14 @@ struct FileConfig {
     secret_file: Option<PathBuf>,
     duplicate_identity: Option<DuplicateIdentity>,
     answer_window: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_optional: Option<bool>,
+    tls_handshake_timeout: Option<String>,
+    udp_plain: Option<bool>,
+    admin_token_file: Option<PathBuf>,
+    admin_connections: Option<usize>,
     #[serde(default)]
     user: Vec<FileUser>,
     /// No longer accepted: it keyed permissions on a name the client chooses.
@@ -618,6 +672,62 @@ impl Config {
                 )));
             }
             c.answer_window = v;
+        }
+        let cert = args.tls_cert.as_ref().or(file.tls_cert.as_ref());
+        let key = args.tls_key.as_ref().or(file.tls_key.as_ref());
+        let ca = args.tls_client_ca.as_ref().or(file.tls_client_ca.as_ref());
+        let optional = args.tls_optional.or(file.tls_optional);
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let t =
+                    TlsSettings::load(cert, key, ca.map(|p| p.as_path()), optional == Some(true))
+                        .map_err(ConfigError::Invalid)?;
+                c.tls = Some(Arc::new(t));
+            }
+            (None, None) => {
+                if ca.is_some() || optional.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "tls_client_ca and tls_optional need tls_cert and tls_key".into(),
+                    ));
+                }
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "tls_cert and tls_key go together: set both, or neither".into(),
+                ));
+            }
+        }
+        if let Some(v) = args
+            .tls_handshake_timeout
+            .as_ref()
+            .or(file.tls_handshake_timeout.as_ref())
+        {
+            c.tls_handshake_timeout = parse_duration("tls_handshake_timeout", v)?;
+        }
+        if let Some(v) = args.udp_plain.or(file.udp_plain) {
+            c.udp_plain = v;
+        }
+        if let Some(path) = args
+            .admin_token_file
+            .as_ref()
+            .or(file.admin_token_file.as_ref())
+        {
+            let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            c.admin_token = Some(secret_from(
+                &text,
+                &format!("admin token file {}", path.display()),
+            )?);
+        }
+        if let Some(v) = args.admin_connections.or(file.admin_connections) {
+            if !(1..=1024).contains(&v) {
+                return Err(ConfigError::Invalid(format!(
+                    "admin_connections must be between 1 and 1024, got {v}"
+                )));
+            }
+            c.admin_connections = v;
         }
         for u in &file.user {
             let user = load_user(u)?;

@@ -21,3 +21,4 @@ pub mod driver;
 pub mod hub;
 pub mod metrics;
 pub mod proto;
+pub mod tls;

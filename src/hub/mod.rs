@@ -103,6 +103,11 @@ impl Hub {
         now: Instant,
         unix: Duration,
     ) -> Arc<Hub> {
+        // The admin listener's connections come out of the same descriptor budget, so that
+        // no number of admin clients can take the descriptors the shims need.
+        let fd_cap = open_files
+            .saturating_sub(64 + config.admin_connections)
+            .max(1);
         Arc::new(Hub {
             metrics: Metrics::new(config.cores),
             config: ArcSwap::from_pointee(config),
@@ -115,7 +120,7 @@ impl Hub {
             sources: DashMap::new(),
             sources_pruned_ms: AtomicU64::new(0),
             refusals_logged: Mutex::new(HashMap::new()),
-            fd_cap: open_files.saturating_sub(64).max(1),
+            fd_cap,
             shutdown: watch::Sender::new(false),
         })
     }

@@ -16,6 +16,7 @@ pub mod pattern;
 pub mod reject;
 pub mod reply;
 pub mod request;
+pub mod sealed;
 
 use std::fmt;
 

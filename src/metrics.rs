@@ -39,6 +39,12 @@ pub struct Counters {
     pub shutdown_cut: AtomicU64,
     /// Connections closed because a newer one took their identity.
     pub replaced: AtomicU64,
+    /// TLS handshakes finished.
+    pub tls_established: AtomicU64,
+    /// Sealed datagrams dropped, by `SealError` (in `SealError::ALL` order).
+    pub sealed_dropped: [AtomicU64; 4],
+    /// Plain binds that moved an address away from another live session.
+    pub udp_address_taken: AtomicU64,
 }
 
 impl Counters {

@@ -3,7 +3,7 @@
 //! sweeper. They move bytes and time between the sockets and the hub, and decide nothing.
 
 use super::{Datagrams, Listener, Stream, sys};
-use crate::hub::connection::{Connection, Flow};
+use crate::hub::connection::{Connection, Flow, Input};
 use crate::hub::datagram::{self, QuitLimiter, SendQueue};
 use crate::hub::outbox::OutState;
 use crate::hub::shim::{CloseReason, Shim};
@@ -232,10 +232,27 @@ async fn burst<S: Stream>(
     end
 }
 
-/// Handles bytes read from a connection, one slice at a time: carries out what each slice
-/// produced (and lets the recipients it congested drain) before the next, and lets the
-/// core's other tasks run between.
-async fn handle<S: Stream>(core: &Core, conn: &mut Connection, stream: &S, data: &[u8]) -> Flow {
+/// Handles bytes read from a connection: on a TLS connection the session takes them first
+/// and the plaintext they carried is handled (see [`slices`]).
+async fn handle<S: Stream>(core: &Core, conn: &mut Connection, stream: &S, wire: &[u8]) -> Flow {
+    match conn.receive(&core.hub, wire, Instant::now()) {
+        Input::Plain => slices(core, conn, stream, wire).await,
+        Input::Decrypted(plain) => {
+            let flow = slices(core, conn, stream, &plain).await;
+            conn.give_back(plain);
+            flow
+        }
+        Input::Close(reason) => {
+            carry_out(core, conn.effects()).await;
+            Flow::Close(reason)
+        }
+    }
+}
+
+/// Handles a connection's plaintext input one slice at a time: carries out what each
+/// slice produced (and lets the recipients it congested drain) before the next, and lets
+/// the core's other tasks run between.
+async fn slices<S: Stream>(core: &Core, conn: &mut Connection, stream: &S, data: &[u8]) -> Flow {
     let mut off = 0;
     loop {
         let (flow, used) = conn.on_bytes(&core.hub, &data[off..], Instant::now());

@@ -111,6 +111,11 @@ impl Hub {
 
     /// Counts a refusal and logs it, once a minute per source.
     pub fn refused(&self, ip: IpAddr, why: Refusal, now: Instant) {
+        self.refused_for(ip, why, "", now)
+    }
+
+    /// As [`Hub::refused`], with a detail for the log line (a TLS error, say).
+    pub fn refused_for(&self, ip: IpAddr, why: Refusal, detail: &str, now: Instant) {
         self.metrics.refuse(why);
         let now_ms = self.ms(now);
         let mut logged = self.refusals_logged.lock();
@@ -121,7 +126,12 @@ impl Hub {
         if last.is_none_or(|t| now_ms.saturating_sub(t) >= REFUSAL_LOG_MS) {
             logged.insert(ip, now_ms);
             drop(logged);
-            warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source)");
+            if detail.is_empty() {
+                warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source)");
+            } else {
+                warn!(source = %ip, reason = why.label(), detail,
+                    "refused (logged once a minute per source)");
+            }
         }
     }
 

@@ -12,9 +12,11 @@
 
 use super::access::Auth;
 use super::send::{Effects, Route, SLICE_FRAMES, Via};
-use super::shim::{CloseReason, Shim};
+use super::shim::{CloseReason, SealedUdp, Shim};
 use super::{Hub, Identified};
-use crate::metrics::{Latency, Refusal, Transport};
+use crate::metrics::{Counters, Latency, Refusal, Transport};
+use crate::proto::sealed::Keys;
+use crate::tls;
 use crate::proto::codec::{self, CodecError};
 use crate::proto::reject::Reject;
 use crate::proto::request::{Request, allowed_before_identify};
@@ -34,10 +36,37 @@ pub enum Flow {
     Close(CloseReason),
 }
 
+/// What a read's bytes carry, once the transport is known ([`Connection::receive`]).
+#[derive(Debug)]
+pub enum Input {
+    /// Plaintext: handle the bytes as read.
+    Plain,
+    /// A TLS connection: handle this plaintext (perhaps none yet, during the handshake),
+    /// then give the buffer back ([`Connection::give_back`]).
+    Decrypted(Vec<u8>),
+    /// The connection ends (its last bytes are queued).
+    Close(CloseReason),
+}
+
+/// How the bytes of a connection travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    /// Plaintext frames.
+    Plain,
+    /// TLS is on: the first byte decides.
+    Undecided,
+    /// TLS records.
+    Tls,
+}
+
 /// The effects of the input in hand, made when first needed.
 fn fx(out: &mut Option<Box<Effects>>) -> &mut Effects {
     out.get_or_insert_with(Box::default)
 }
+
+/// The decrypted-input buffer a TLS connection keeps between reads (larger ones are
+/// freed).
+const PLAIN_KEPT: usize = 4096;
 
 /// One TCP connection's protocol state.
 pub struct Connection {
@@ -48,6 +77,10 @@ pub struct Connection {
     authed: bool,
     /// When the connection was accepted, for the handshake latency.
     accepted: Instant,
+    /// How the bytes travel.
+    wire: Wire,
+    /// A TLS connection's decrypted input buffer, between reads (kept small).
+    plain: Vec<u8>,
     /// What the frames handled so far produced: the driver carries it out after each
     /// slice ([`Connection::effects`]). Only while input is being handled: an idle
     /// connection holds none ([`Connection::rest`]).
@@ -57,12 +90,136 @@ pub struct Connection {
 impl Connection {
     /// A connection just accepted from `peer` on `core`.
     pub fn accept(hub: &Hub, core: usize, peer: SocketAddr, now: Instant) -> Connection {
+        let shim = hub.accept(core, peer, now);
+        let wire = match &hub.config().tls {
+            None => Wire::Plain,
+            Some(t) => {
+                if !t.optional {
+                    // The handshake deadline runs from now.
+                    shim.mark_tls();
+                }
+                Wire::Undecided
+            }
+        };
         Connection {
-            shim: hub.accept(core, peer, now),
+            shim,
             partial: Vec::new(),
             authed: false,
             accepted: now,
+            wire,
+            plain: Vec::new(),
             out: None,
+        }
+    }
+
+    /// Takes the bytes a read returned, at `now`: on a TLS connection, hands them to the
+    /// session (queuing what the handshake answers) and returns the plaintext they
+    /// carried. The first bytes of a connection on a TLS port decide whether it speaks TLS
+    /// (a TLS record starts with 0x16, which no opcode has).
+    pub fn receive(&mut self, hub: &Hub, wire: &[u8], now: Instant) -> Input {
+        if self.wire == Wire::Undecided && !wire.is_empty() {
+            let settings = hub.config().tls.clone();
+            match settings {
+                Some(t) if wire[0] == tls::HANDSHAKE_RECORD => match tls::Session::new(&t) {
+                    Ok(session) => {
+                        self.shim.outbox.start_tls(session);
+                        self.shim.mark_tls();
+                        self.wire = Wire::Tls;
+                    }
+                    Err(e) => return self.tls_failed(hub, &e, now),
+                },
+                Some(t) if !t.optional => {
+                    hub.refused_for(
+                        self.shim.peer.ip(),
+                        Refusal::TlsRequired,
+                        "a plaintext client",
+                        now,
+                    );
+                    let r = Reject::TlsRequired;
+                    hub.send_last(&self.shim, CloseReason::TlsRequired, &r.frame());
+                    return Input::Close(CloseReason::TlsRequired);
+                }
+                // TLS optional, or turned off by a reload since the accept.
+                _ => self.wire = Wire::Plain,
+            }
+        }
+        if self.wire != Wire::Tls {
+            return Input::Plain;
+        }
+        let mut plain = std::mem::take(&mut self.plain);
+        let mut ready = None;
+        let (res, flush) = self
+            .shim
+            .outbox
+            .receive_tls(wire, &mut plain, |s| ready = Some(s.established()));
+        if flush {
+            fx(&mut self.out).flush.push(self.shim.clone());
+        }
+        if let Err(e) = res {
+            // The alert is queued: the writer sends it, then shuts the socket down.
+            return self.tls_failed(hub, &e, now);
+        }
+        if let Some(est) = ready
+            && let Err(reason) = self.established(hub, est, now)
+        {
+            return Input::Close(reason);
+        }
+        Input::Decrypted(plain)
+    }
+
+    /// Gives back the buffer [`Input::Decrypted`] handed out, for the next read.
+    pub fn give_back(&mut self, mut plain: Vec<u8>) {
+        plain.clear();
+        if plain.capacity() <= PLAIN_KEPT {
+            self.plain = plain;
+        }
+    }
+
+    fn tls_failed(&mut self, hub: &Hub, e: &rustls::Error, now: Instant) -> Input {
+        hub.refused_for(
+            self.shim.peer.ip(),
+            Refusal::TlsHandshake,
+            &e.to_string(),
+            now,
+        );
+        debug!(conn = self.shim.serial, error = %e, "tls failed");
+        self.shim.outbox.close(CloseReason::TlsFailed, &[]);
+        Input::Close(CloseReason::TlsFailed)
+    }
+
+    /// The handshake finished: the sealed UDP keys, and the user a client certificate
+    /// names.
+    fn established(
+        &mut self,
+        hub: &Hub,
+        est: tls::Established,
+        now: Instant,
+    ) -> Result<(), CloseReason> {
+        Counters::bump(&hub.counters().tls_established);
+        let keys = Keys::from_exporter(&est.exporter);
+        let _ = self.shim.sealed.set(SealedUdp::new(keys));
+        let Some(cert) = est.client_cert else {
+            return Ok(());
+        };
+        // The certificate was verified against tls_client_ca: it is a credential.
+        let c = hub.config();
+        if c.users.is_empty() {
+            self.authed = true;
+            return Ok(());
+        }
+        let name = tls::certificate_name(&cert).unwrap_or_default();
+        match c.users.get(name.as_str()) {
+            Some(user) => {
+                self.authed = true;
+                self.shim.set_user(Some(user.clone()));
+                Ok(())
+            }
+            None => {
+                hub.refused(self.shim.peer.ip(), Refusal::Auth, now);
+                let r = Reject::CertificateUser(name);
+                hub.send_last(&self.shim, CloseReason::CertificateUser, &r.frame());
+                Err(CloseReason::CertificateUser)
+            }
         }
     }
 

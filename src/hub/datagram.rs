@@ -13,13 +13,16 @@ use crate::metrics::{Counters, Dir, ErrorKind, Latency, Transport};
 use crate::proto::codec::decode_datagram;
 use crate::proto::reject::Reject;
 use crate::proto::request::Request;
-use crate::proto::{Opcode, QUIT, Token, reply};
+use crate::proto::sealed::{self, SealError};
+use crate::proto::{Frame, Opcode, QUIT, Token, reply};
+use super::shim::Shim;
+use std::sync::Arc;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Per-source token bucket for Quit answers. One per core: with SO_REUSEPORT a source
 /// address always hashes to the same socket, so per-core is per-source.
@@ -193,6 +196,9 @@ pub fn on_datagram(
     out: &mut Effects,
 ) {
     out.begin(hub, hub.ms(now));
+    if dgram.first() == Some(&sealed::MARKER) {
+        return on_sealed(hub, src, dgram, now, out);
+    }
     let frame = match decode_datagram(dgram, hub.config().max_frame) {
         Ok(f) => f,
         Err(_) => {
@@ -211,7 +217,30 @@ pub fn on_datagram(
             debug!(%src, "bind with unknown token");
             return answer_quit(hub, lim, src, dgram.len(), out);
         };
-        match hub.table.bind_udp(&shim, src) {
+        // A TLS session's token travels only inside TLS, and its UDP is sealed: a plain
+        // bind with it is a confused client or a stolen token.
+        let refusal = if shim.is_tls() {
+            Some(Reject::PlainUdpTls)
+        } else if !hub.config().udp_plain {
+            Some(Reject::PlainUdpOff)
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            hub.metrics.reject(&r);
+            hub.log_refusal(&shim, &r, out.now_ms);
+            return answer_quit(hub, lim, src, dgram.len(), out);
+        }
+        let (outcome, took) = hub.table.bind_udp(&shim, src);
+        if let Some(other) = took {
+            Counters::bump(&hub.counters().udp_address_taken);
+            hub.log_once_a_minute(&shim, out.now_ms, || {
+                warn!(conn = shim.serial, identity = %shim.identity(), %src, from = other,
+                    "plain UDP bind took an address from another live session \
+                     (logged once a minute per shim)")
+            });
+        }
+        match outcome {
             BindOutcome::Dead => return answer_quit(hub, lim, src, dgram.len(), out),
             BindOutcome::Bound => {
                 info!(conn = shim.serial, identity = %shim.identity(), %src, "bind");
@@ -229,6 +258,70 @@ pub fn on_datagram(
     let Some(shim) = hub.table.by_udp(&src) else {
         return answer_quit(hub, lim, src, dgram.len(), out);
     };
+    on_frame(hub, &shim, src, frame, out);
+}
+
+/// Handles a sealed datagram (`proto/sealed.rs`), cheapest check first: its length, its
+/// session id, its counter against the replay window, and only then the decryption.
+/// Whatever fails is dropped and counted, never answered: the hub says nothing to a
+/// source that cannot prove it holds the session's key.
+fn on_sealed(hub: &Hub, src: SocketAddr, dgram: &[u8], now: Instant, out: &mut Effects) {
+    let drop = |e: SealError| {
+        let i = SealError::ALL.iter().position(|x| *x == e).unwrap_or(0);
+        Counters::bump(&hub.counters().sealed_dropped[i]);
+    };
+    let h = match sealed::header(dgram) {
+        Ok(h) => h,
+        Err(e) => return drop(e),
+    };
+    let Some(shim) = hub.table.by_sealed(h.session) else {
+        return drop(SealError::UnknownSession);
+    };
+    let Some(s) = shim.sealed.get() else {
+        return drop(SealError::UnknownSession);
+    };
+    if !s.window.lock().check(h.counter) {
+        return drop(SealError::Replayed);
+    }
+    let mut buf = dgram.to_vec();
+    let plain = match s.open.open(&mut buf) {
+        Ok(p) => p,
+        Err(e) => return drop(e),
+    };
+    let newest = {
+        // Checked again under the lock: the same datagram may have reached two cores.
+        let mut w = s.window.lock();
+        if !w.check(h.counter) {
+            return drop(SealError::Replayed);
+        }
+        w.accept(h.counter)
+    };
+    if newest {
+        match hub.table.move_sealed(&shim, src) {
+            BindOutcome::Dead => return,
+            BindOutcome::Bound => {
+                info!(conn = shim.serial, identity = %shim.identity(), %src, "sealed bind");
+                out.time(Latency::UdpBind, now);
+            }
+            BindOutcome::Rebound { from } => {
+                info!(conn = shim.serial, identity = %shim.identity(), %from, to = %src,
+                    "sealed rebind");
+            }
+            BindOutcome::Unchanged => {}
+        }
+    }
+    let frame = match decode_datagram(plain, hub.config().max_frame) {
+        Ok(f) => f,
+        Err(_) => return hub.metrics.error(ErrorKind::BadDatagram),
+    };
+    hub.metrics
+        .frame(Dir::In, Transport::Udp, frame.op, dgram.len());
+    on_frame(hub, &shim, src, frame, out);
+}
+
+/// Handles one frame that arrived over `shim`'s UDP channel from `src`.
+fn on_frame(hub: &Hub, shim: &Arc<Shim>, src: SocketAddr, frame: Frame<'_>, out: &mut Effects) {
+    let shim = shim.clone();
     if !shim.outbox.is_open() {
         // Cut off or closing (its reader will remove it): none of its input is handled.
         return;
@@ -251,7 +344,8 @@ pub fn on_datagram(
     match Request::parse(op, frame.data) {
         Err(Reject::ServerOnly(op)) => hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out),
         Err(r) => hub.refuse(&shim, answer, &r, out),
-        Ok(Request::Nothing | Request::Pong | Request::Quit) => {}
+        // A bind inside a sealed datagram: sealed UDP needs none.
+        Ok(Request::Nothing | Request::Pong | Request::Quit | Request::Bind(_)) => {}
         Ok(Request::Ping(data)) => {
             let mut f = Vec::with_capacity(data.len() + 2);
             reply::pong(data, &mut f);
@@ -261,7 +355,7 @@ pub fn on_datagram(
         Ok(Request::Respond { id, id_text, text }) => {
             hub.respond(&shim, id, id_text, text, via, out)
         }
-        Ok(Request::Who(_) | Request::Identify(_) | Request::Auth(_) | Request::Bind(_)) => {
+        Ok(Request::Who(_) | Request::Identify(_) | Request::Auth(_)) => {
             unreachable!("handled above")
         }
     }

@@ -10,11 +10,18 @@
 //! Nobody ever waits for a slow consumer: an outbox whose pending bytes pass the outbound
 //! limit, or whose output has made no progress for the write deadline, is cut off.
 //!
+//! On a TLS connection the outbox also holds the TLS session: frames are queued as
+//! plaintext and sealed into records once per flush (many frames, few records), and the
+//! reader hands the records it receives to the same session under the same lock, so every
+//! record, a handshake message as much as a sealed frame, leaves in the order the session
+//! numbered it, whichever core sends.
+//!
 //! The outbox does no I/O of its own: the driver attaches the socket with the two
 //! functions that touch it ([`SocketOps`]), and a flush or a cut-off from any core calls
 //! those.
 
 use super::shim::CloseReason;
+use crate::tls::{self, Received};
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::RawFd;
@@ -53,7 +60,12 @@ pub enum OutState {
 }
 
 struct Inner {
+    /// Bytes for the socket, in order (records, on a TLS connection).
     buf: Vec<u8>,
+    /// A TLS connection's frames not sealed yet.
+    plain: Vec<u8>,
+    /// The TLS session, on a TLS connection.
+    tls: Option<Box<tls::Session>>,
     /// The writer task holds bytes taken from `buf` and is writing them: a direct send
     /// now would overtake them.
     writing: bool,
@@ -73,12 +85,39 @@ struct Inner {
 
 impl Inner {
     fn busy(&self) -> bool {
-        !self.buf.is_empty() || self.writing
+        !self.buf.is_empty() || !self.plain.is_empty() || self.writing
     }
 
     /// Bytes queued and not yet handed to the kernel, the writer's included.
     fn pending(&self) -> usize {
-        self.buf.len() + self.in_flight
+        self.buf.len() + self.plain.len() + self.in_flight
+    }
+
+    /// Bytes queued, sealed or not.
+    fn queued(&self) -> usize {
+        self.buf.len() + self.plain.len()
+    }
+
+    /// Seals a TLS connection's queued frames into records (no-op otherwise).
+    fn seal(&mut self) {
+        if let Some(t) = self.tls.as_mut()
+            && !self.plain.is_empty()
+        {
+            t.seal(&self.plain, &mut self.buf);
+            self.plain.clear();
+            if self.plain.capacity() > IDLE_CAPACITY {
+                self.plain = Vec::new();
+            }
+        }
+    }
+
+    /// Where frames are queued: the plaintext queue on a TLS connection.
+    fn queue(&mut self) -> &mut Vec<u8> {
+        if self.tls.is_some() {
+            &mut self.plain
+        } else {
+            &mut self.buf
+        }
     }
 
     fn shrink(&mut self) {
@@ -124,6 +163,8 @@ impl Default for Outbox {
         Outbox {
             inner: Mutex::new(Inner {
                 buf: Vec::new(),
+                plain: Vec::new(),
+                tls: None,
                 writing: false,
                 in_flight: 0,
                 shut: false,
@@ -146,7 +187,7 @@ impl Outbox {
         if g.state != OutState::Open {
             return Pushed::Closed;
         }
-        let first = g.buf.is_empty();
+        let first = g.queued() == 0;
         if !g.busy() {
             g.since_ms = now_ms;
         }
@@ -156,7 +197,7 @@ impl Outbox {
             self.notify.notify_one();
             return Pushed::SlowConsumer;
         }
-        g.buf.extend_from_slice(bytes);
+        g.queue().extend_from_slice(bytes);
         Pushed::Queued {
             first,
             pending: g.pending(),
@@ -167,9 +208,10 @@ impl Outbox {
     /// writer task is idle, handing whatever the socket cannot take now to the writer.
     pub fn flush(&self, now_ms: u64) {
         let mut g = self.inner.lock();
-        if g.writing || g.buf.is_empty() || g.state == OutState::Kicked {
+        if g.writing || g.queued() == 0 || g.state == OutState::Kicked {
             return;
         }
+        g.seal();
         let Some((fd, ops)) = g.socket.filter(|_| g.state == OutState::Open) else {
             // Closing (the writer sends the last frame and shuts down) or not attached.
             drop(g);
@@ -210,7 +252,7 @@ impl Outbox {
         if g.state != OutState::Open {
             return;
         }
-        g.buf.extend_from_slice(last);
+        g.queue().extend_from_slice(last);
         g.state = OutState::Closing;
         self.open.store(false, Ordering::Release);
         g.reason.get_or_insert(reason);
@@ -231,6 +273,7 @@ impl Outbox {
         g.state = OutState::Kicked;
         self.open.store(false, Ordering::Release);
         g.buf = Vec::new();
+        g.plain = Vec::new();
         // Even after the writer took a closing connection's last frame: a writer parked on
         // a peer that stopped reading must be woken, or it would hold the socket for ever.
         if !g.shut
@@ -257,6 +300,16 @@ impl Outbox {
     pub fn take(&self, out: &mut Vec<u8>) -> OutState {
         debug_assert!(out.is_empty());
         let mut g = self.inner.lock();
+        if g.state != OutState::Kicked {
+            g.seal();
+            if g.state == OutState::Closing
+                && let Some(t) = g.tls.as_mut()
+            {
+                let mut alert = Vec::new();
+                t.close(&mut alert);
+                g.buf.extend_from_slice(&alert);
+            }
+        }
         std::mem::swap(&mut g.buf, out);
         g.writing = !out.is_empty();
         g.in_flight = out.len();
@@ -292,6 +345,9 @@ impl Outbox {
         if !g.writing && g.buf.is_empty() && g.buf.capacity() > IDLE_CAPACITY {
             g.buf = Vec::new();
         }
+        if g.plain.is_empty() && g.plain.capacity() > IDLE_CAPACITY {
+            g.plain = Vec::new();
+        }
     }
 
     /// Waits until something was queued or the state changed.
@@ -321,8 +377,44 @@ impl Outbox {
 
     /// Bytes queued and not yet taken by the writer.
     pub fn pending(&self) -> usize {
-        self.inner.lock().buf.len()
+        self.inner.lock().queued()
     }
+
+    /// Makes this a TLS connection: frames queued from now on are sealed by `session`.
+    pub fn start_tls(&self, session: tls::Session) {
+        self.inner.lock().tls = Some(Box::new(session));
+    }
+
+    /// Hands records received on a TLS connection to its session: the plaintext they
+    /// carried is appended to `plain`, and any records the session answers with (handshake
+    /// messages, an alert) are queued for the socket. Returns what happened, and whether
+    /// the outbox went from empty to busy (the caller lists it for a flush). `on_ready`
+    /// runs, under the lock, once when the handshake finishes.
+    pub fn receive_tls(
+        &self,
+        input: &[u8],
+        plain: &mut Vec<u8>,
+        on_ready: impl FnOnce(&tls::Session),
+    ) -> (Result<Received, rustls::Error>, bool) {
+        let mut g = self.inner.lock();
+        let g = &mut *g;
+        let Some(t) = g.tls.as_mut() else {
+            return (Ok(Received::default()), false);
+        };
+        let was_empty = g.buf.is_empty() && g.plain.is_empty();
+        if g.state == OutState::Kicked {
+            return (Ok(Received::default()), false);
+        }
+        let res = t.read(input, plain, &mut g.buf);
+        if let Ok(r) = &res
+            && r.established
+        {
+            on_ready(t);
+        }
+        let _ = was_empty;
+        (res, !g.buf.is_empty())
+    }
+
 
     /// Whether output has waited, with no progress, for `deadline_ms` at `now_ms` (and the
     /// socket is not shut down yet).

@@ -276,11 +276,18 @@ impl Hub {
 
     /// Logs a shim's refusals (rates, access rules) at most once a minute.
     pub(crate) fn log_refusal(&self, sender: &Shim, r: &Reject, now_ms: u64) {
-        let last = sender.rate_logged_ms.load(Ordering::Relaxed);
-        if last == 0 || now_ms + 1 >= last + 60_000 {
-            sender.rate_logged_ms.store(now_ms + 1, Ordering::Relaxed);
+        self.log_once_a_minute(sender, now_ms, || {
             warn!(conn = sender.serial, identity = %sender.identity(), reason = %r,
-                "refused (logged once a minute per shim)");
+                "refused (logged once a minute per shim)")
+        });
+    }
+
+    /// Runs `log` unless a line about `shim` was logged within the last minute.
+    pub(crate) fn log_once_a_minute(&self, shim: &Shim, now_ms: u64, log: impl FnOnce()) {
+        let last = shim.rate_logged_ms.load(Ordering::Relaxed);
+        if last == 0 || now_ms + 1 >= last + 60_000 {
+            shim.rate_logged_ms.store(now_ms + 1, Ordering::Relaxed);
+            log();
         }
     }
 
@@ -304,10 +311,15 @@ impl Hub {
                 return None;
             }
             to.frames_out.fetch_add(1, Ordering::Relaxed);
-            out.count(Transport::Udp, frame[0], 1, frame.len());
+            let op = frame[0];
+            let frame = match to.sealed.get() {
+                Some(s) => Bytes::from(s.seal(frame)),
+                None => frame.clone(),
+            };
+            out.count(Transport::Udp, op, 1, frame.len());
             out.datagrams.push(Datagram {
                 to: addr,
-                frame: frame.clone(),
+                frame,
                 class,
             });
             return Some(Transport::Udp);

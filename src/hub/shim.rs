@@ -9,12 +9,13 @@ use super::send::Buckets;
 use crate::config::User;
 use crate::proto::Token;
 use crate::proto::reject::Revoked;
+use crate::proto::sealed::{Key, Keys, ReplayWindow};
 use arc_swap::ArcSwapOption;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Why a connection ended; logged on the close line.
@@ -42,6 +43,14 @@ pub enum CloseReason {
     Replaced,
     /// A reload removed or changed the connection's credentials.
     Revoked(Revoked),
+    /// A plaintext client on a port that requires TLS.
+    TlsRequired,
+    /// The TLS handshake failed, or a record did not decrypt.
+    TlsFailed,
+    /// The TLS handshake did not finish within `tls_handshake_timeout`.
+    TlsHandshakeTimeout,
+    /// A client certificate whose Common Name names no user.
+    CertificateUser,
 }
 
 impl fmt::Display for CloseReason {
@@ -58,6 +67,10 @@ impl fmt::Display for CloseReason {
             CloseReason::AuthFailed => "authentication failed",
             CloseReason::Replaced => "replaced by a newer connection with the same identity",
             CloseReason::Revoked(why) => return write!(f, "credentials revoked: {}", why.text()),
+            CloseReason::TlsRequired => "plaintext on a TLS port",
+            CloseReason::TlsFailed => "tls failed",
+            CloseReason::TlsHandshakeTimeout => "tls handshake timeout",
+            CloseReason::CertificateUser => "certificate names no user",
         })
     }
 }
@@ -68,6 +81,41 @@ pub(crate) struct UdpBinding {
     pub(crate) addr: Option<SocketAddr>,
     /// Set when the TCP connection ended; a bind racing the close then fails.
     pub(crate) dead: bool,
+}
+
+/// The sealed UDP channel of a TLS session (`proto/sealed.rs`): found by its session id,
+/// its address only where answers go.
+pub(crate) struct SealedUdp {
+    /// The session id every datagram carries.
+    pub(crate) session: u64,
+    /// Opens what the client sends.
+    pub(crate) open: Key,
+    /// Seals what the hub sends.
+    pub(crate) seal: Key,
+    /// The hub's next counter.
+    pub(crate) sent: AtomicU64,
+    /// The client's counters accepted so far.
+    pub(crate) window: Mutex<ReplayWindow>,
+}
+
+impl SealedUdp {
+    pub(crate) fn new(keys: Keys) -> SealedUdp {
+        SealedUdp {
+            session: keys.session,
+            open: keys.client,
+            seal: keys.hub,
+            sent: AtomicU64::new(0),
+            window: Mutex::new(ReplayWindow::default()),
+        }
+    }
+
+    /// `frame` sealed as the hub's next datagram.
+    pub(crate) fn seal(&self, frame: &[u8]) -> Vec<u8> {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::new();
+        self.seal.seal(self.session, n, frame, &mut out);
+        out
+    }
 }
 
 /// A connected shim.
@@ -102,6 +150,10 @@ pub struct Shim {
     /// The ids of the last Commands this shim was sent: the ones it may answer
     /// (`answer_window` of them at most).
     answerable: Mutex<VecDeque<u64>>,
+    /// The sealed UDP channel, set when a TLS handshake finishes.
+    pub(crate) sealed: OnceLock<SealedUdp>,
+    /// The connection speaks TLS.
+    tls: AtomicBool,
     /// Everything sent to this shim over TCP.
     pub outbox: Outbox,
 }
@@ -133,8 +185,24 @@ impl Shim {
             rate_logged_ms: AtomicU64::new(0),
             user: ArcSwapOption::empty(),
             answerable: Mutex::new(VecDeque::new()),
+            sealed: OnceLock::new(),
+            tls: AtomicBool::new(false),
             outbox: Outbox::default(),
         }
+    }
+
+    /// Whether the connection speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_tls(&self) {
+        self.tls.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the UDP channel is sealed (a TLS session whose handshake finished).
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.get().is_some()
     }
 
     /// The current identity label (empty before the first Identify).

@@ -9,7 +9,7 @@ use super::Hub;
 use super::outbox::OutState;
 use super::shim::{CloseReason, Shim};
 use crate::proto::QUIT;
-use crate::proto::reject::Reject;
+use crate::proto::reject::{Refusal, Reject};
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +22,11 @@ impl Hub {
     /// How often the sweeper runs: a tenth of the shortest timeout, within 5-250 ms.
     pub fn sweep_every(&self) -> Duration {
         let c = self.config();
-        (c.identify_timeout.min(c.idle_timeout) / 10)
+        let mut shortest = c.identify_timeout.min(c.idle_timeout);
+        if c.tls.is_some() {
+            shortest = shortest.min(c.tls_handshake_timeout);
+        }
+        (shortest / 10)
             .clamp(Duration::from_millis(5), Duration::from_millis(250))
     }
 
@@ -34,6 +38,14 @@ impl Hub {
         let now_ms = self.ms(now);
         let c = self.config();
         let identify = c.identify_timeout.as_millis() as u64;
+        let handshake = c.tls_handshake_timeout.as_millis() as u64;
+        // A TLS session's sealed keys are set when its handshake finishes.
+        if shim.is_tls()
+            && !shim.is_sealed()
+            && now_ms.saturating_sub(shim.accepted_ms()) >= handshake
+        {
+            return Some(CloseReason::TlsHandshakeTimeout);
+        }
         if !shim.is_identified() && now_ms.saturating_sub(shim.accepted_ms()) >= identify {
             return Some(CloseReason::IdentifyTimeout);
         }
@@ -48,7 +60,7 @@ impl Hub {
     /// Ends a connection whose timer ran out and removes the shim from routing at once:
     /// an identify timeout gets its Error and an idle one Quit, flushed before the socket
     /// is shut down; a slow consumer is cut off with nothing more written.
-    pub fn expire(&self, shim: &Shim, reason: CloseReason) {
+    pub fn expire(&self, shim: &Shim, reason: CloseReason, now: Instant) {
         match reason {
             CloseReason::IdentifyTimeout => {
                 let r = Reject::IdentifyTimeout;
@@ -56,6 +68,11 @@ impl Hub {
                 self.send_last(shim, reason, &r.frame());
             }
             CloseReason::SlowConsumer => shim.outbox.cut(reason),
+            // Nothing can be said in a handshake that never finished.
+            CloseReason::TlsHandshakeTimeout => {
+                self.refused(shim.peer.ip(), Refusal::TlsTimeout, now);
+                shim.outbox.cut(reason)
+            }
             _ => self.send_last(shim, reason, &QUIT),
         }
         self.remove(shim, reason);
@@ -64,7 +81,7 @@ impl Hub {
     /// Checks the timers and expires the connection if one ran out; true if it did.
     pub fn check_timers(&self, shim: &Shim, now: Instant) -> bool {
         self.expired(shim, now)
-            .map(|r| self.expire(shim, r))
+            .map(|r| self.expire(shim, r, now))
             .is_some()
     }
 
@@ -86,7 +103,7 @@ impl Hub {
             return;
         }
         match self.expired(shim, now) {
-            Some(reason) if flagged.get() => self.expire(shim, reason),
+            Some(reason) if flagged.get() => self.expire(shim, reason, now),
             Some(_) => flagged.set(true),
             None => {
                 flagged.set(false);

@@ -106,11 +106,19 @@ pub enum Refusal {
     RateDeliveries,
     /// More Who per second than `who_per_sec`.
     RateWho,
+    /// A plaintext client on a port that requires TLS.
+    TlsRequired,
+    /// A TLS handshake that failed (a certificate refused, a protocol error).
+    TlsHandshake,
+    /// A TLS handshake that did not finish in time.
+    TlsTimeout,
+    /// A plain UDP bind refused: plain UDP is off, or the session is a TLS one.
+    PlainUdp,
 }
 
 impl Refusal {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 17] = [
         Refusal::AllowList,
         Refusal::MaxConnections,
         Refusal::PerSource,
@@ -124,6 +132,10 @@ impl Refusal {
         Refusal::RateRouted,
         Refusal::RateDeliveries,
         Refusal::RateWho,
+        Refusal::TlsRequired,
+        Refusal::TlsHandshake,
+        Refusal::TlsTimeout,
+        Refusal::PlainUdp,
     ];
 
     /// The `reason` label.
@@ -142,6 +154,10 @@ impl Refusal {
             Refusal::RateRouted => "rate_routed",
             Refusal::RateDeliveries => "rate_deliveries",
             Refusal::RateWho => "rate_who",
+            Refusal::TlsRequired => "tls_required",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::TlsTimeout => "tls_timeout",
+            Refusal::PlainUdp => "plain_udp",
         }
     }
 }
@@ -248,6 +264,15 @@ pub enum Reject {
     AuthFailed,
     /// A connection turned away by a limit before any protocol work.
     Connection(Refusal),
+    /// A plaintext client on a port that requires TLS (the connection is closed).
+    TlsRequired,
+    /// A verified client certificate whose Common Name names no user (the connection is
+    /// closed).
+    CertificateUser(String),
+    /// A plain UDP bind on a hub with `udp_plain = false`.
+    PlainUdpOff,
+    /// A plain UDP bind from a TLS session, whose UDP is sealed.
+    PlainUdpTls,
 }
 
 impl Reject {
@@ -299,6 +324,12 @@ impl Reject {
             Reject::IdentifyTimeout => "identify timeout".into(),
             Reject::AuthRequired => "authentication required".into(),
             Reject::AuthFailed => "authentication failed".into(),
+            Reject::TlsRequired => "this port requires TLS".into(),
+            Reject::CertificateUser(cn) => {
+                format!("authentication failed: certificate names no user: {cn}").into()
+            }
+            Reject::PlainUdpOff => "plain UDP is off on this hub: connect with TLS".into(),
+            Reject::PlainUdpTls => "a TLS session seals its UDP: plain binds are refused".into(),
             Reject::Connection(r) => match r {
                 Refusal::MaxConnections => "too many connections",
                 Refusal::PerSource => "too many connections from this address",
@@ -337,6 +368,9 @@ impl Reject {
             Reject::RateLimited(Rate::Who, _) => Metric::Refusal(Refusal::RateWho),
             Reject::AuthRequired | Reject::AuthFailed => Metric::Refusal(Refusal::Auth),
             Reject::Connection(r) => Metric::Refusal(*r),
+            Reject::TlsRequired => Metric::Refusal(Refusal::TlsRequired),
+            Reject::CertificateUser(_) => Metric::Refusal(Refusal::Auth),
+            Reject::PlainUdpOff | Reject::PlainUdpTls => Metric::Refusal(Refusal::PlainUdp),
         }
     }
 

@@ -1,77 +1,805 @@
-//! The admin HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/shims` (JSON) and
-//! `POST /reload`.
+//! The admin HTTP listener: `GET /healthz`, `GET /metrics` (Prometheus text),
+//! `GET /shims?pattern=P` (JSON) and `POST /reload`.
 //!
-//! It runs on a thread of its own, outside the pinned cores, so a scrape never takes a turn
-//! from the shim path: what it reads (atomic counters, the per-core histograms, the router
-//! under a read lock) is shared state the cores only publish. It is off unless configured,
-//! and the examples bind it to 127.0.0.1: it lists every shim and can reload the settings.
+//! It runs on a thread of its own with a single-threaded runtime, outside the pinned cores,
+//! so a scrape never takes a turn from the shim path: what it reads (atomic counters, the
+//! per-core histograms, the router under a read lock) is shared state the cores only
+//! publish. It lists every shim and can reload the settings, so it is off unless
+//! configured, and the examples bind it to 127.0.0.1.
+//!
+//! With `admin_token` set, every route but `/healthz` needs `Authorization: Bearer TOKEN`;
+//! without it the answer is 401 with `WWW-Authenticate: Bearer`. The token is read from the
+//! settings on each request, so a reload that changes it applies to the next request.
+//!
+//! No admin client can delay the others, keep `/healthz` out or take descriptors the
+//! shims need. The limits, and why:
+//!
+//! - **Connections**: at most `admin_connections` (read at start; the hub keeps that many
+//!   descriptors out of the shims' budget). Another connection is still accepted, and the
+//!   one waiting longest for a request (never sent a complete head, or idle since its last
+//!   response) is closed for it, or the oldest when none waits: holding connections open
+//!   keeps nobody out, and `/healthz` always gets in.
+//! - **Turns**: every connection is a task on the one thread, and each answers at most one
+//!   request before the others (and the accept) get their turn, so a client pipelining
+//!   requests delays the rest by one answer at most.
+//! - **Sizes**: a request head (request line and headers) of at most 8 KiB and 32 headers,
+//!   else 431 and the connection is closed having read no more than that; a body of at
+//!   most 1 KiB (no route takes one), else 413. A connection's socket send buffer is fixed
+//!   at 64 KiB. So memory per connection stays small whatever a client sends, and a client
+//!   that asks again and again without reading gets a few answers made, then none.
+//! - **Time**: a request head must be complete within 5 s of its first byte, and its body
+//!   within 5 s more (408); a connection with no request begun is closed after 10 s (from
+//!   the accept or the last response); a write that makes no progress for 5 s fails and
+//!   closes the connection. A slow or silent client holds its connection for seconds.
+//! - **Reloads**: `POST /reload` at most 2 a second (a burst of 2), else 429: a reload
+//!   re-reads files and logs a line.
+//!
+//! Refusals are counted in `velium_admin_refused_total{reason}` and logged at most once a
+//! minute per reason; connections closed by the listener are counted in
+//! `velium_admin_closed_total{reason}`.
 
 use crate::hub::Hub;
 use crate::metrics::{Dir, Latency, Transport};
 use crate::proto::Opcode;
 use crate::proto::pattern::Pattern;
+use crate::proto::sealed::SealError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use tiny_http::{Header, Method, Request, Response, Server};
-use tracing::{debug, warn};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, LocalSet};
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, trace, warn};
 
 /// Re-reads the settings; returns what was applied, or why nothing was.
 pub type Reload = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
+/// The largest request head (request line and headers) read; a larger one is answered 431.
+const MAX_HEAD: usize = 8 * 1024;
+/// The most headers a request may carry (431 beyond).
+const MAX_HEADERS: usize = 32;
+/// The largest request body read; a larger one is answered 413.
+const MAX_BODY: usize = 1024;
+/// Time from a request head's first byte to its end, and then to the end of its body.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may wait for a request (after the accept or the last response).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a write may make no progress before the connection is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `POST /reload`s a second, and the burst allowed.
+const RELOADS_PER_SEC: f64 = 2.0;
+/// At most one log line per refusal reason in this time.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// The accept queue: connections the kernel completes before the listener takes them.
+const BACKLOG: i32 = 1024;
+/// Each connection's socket send buffer (fixed, not grown by the kernel): bounds what a
+/// client that does not read makes the listener render before its writes stop.
+const SEND_BUFFER: usize = 64 * 1024;
+/// The pause after an accept failed for lack of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
 /// Binds the admin listener on `addr` and serves it from a new thread; returns the bound
 /// address (the real port when port 0 was asked for).
 pub fn start(addr: SocketAddr, hub: Arc<Hub>, reload: Reload) -> io::Result<SocketAddr> {
-    let server = Server::http(addr).map_err(io::Error::other)?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| io::Error::other("admin listener has no IP address"))?;
+    let listener = bind(addr)?;
+    let bound = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let limit = hub.config().admin_connections;
     std::thread::Builder::new()
         .name("velium-admin".into())
         .spawn(move || {
-            for req in server.incoming_requests() {
-                handle(&hub, &reload, req);
-            }
+            LocalSet::new().block_on(&runtime, async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => serve(l, Rc::new(Admin::new(hub, reload, limit))).await,
+                    Err(e) => warn!(error = %e, "admin listener failed"),
+                }
+            })
         })?;
     Ok(bound)
 }
 
-fn handle(hub: &Hub, reload: &Reload, req: Request) {
-    let url = req.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    debug!(method = %req.method(), %path, "admin request");
-    let (status, ctype, body) = match (req.method(), path) {
-        (Method::Get, "/healthz") => (200, "text/plain; charset=utf-8", "ok\n".to_owned()),
-        (Method::Get, "/metrics") => (200, "text/plain; version=0.0.4", render(hub)),
-        (Method::Get, "/shims") => match shims(hub, query) {
-            Ok(json) => (200, "application/json", json),
-            Err(e) => (400, "text/plain; charset=utf-8", format!("{e}\n")),
-        },
-        (Method::Post, "/reload") => match reload() {
-            Ok(msg) => (200, "text/plain; charset=utf-8", format!("{msg}\n")),
-            Err(e) => (500, "text/plain; charset=utf-8", format!("{e}\n")),
-        },
-        (_, "/healthz" | "/metrics" | "/shims" | "/reload") => (
-            405,
-            "text/plain; charset=utf-8",
-            "method not allowed\n".to_owned(),
-        ),
-        _ => (
-            404,
-            "text/plain; charset=utf-8",
-            "not found: try /metrics, /healthz, /shims?pattern=P, POST /reload\n".to_owned(),
-        ),
-    };
-    let header = Header::from_bytes("Content-Type", ctype).expect("valid header");
-    let resp = Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header);
-    if let Err(e) = req.respond(resp) {
-        warn!(error = %e, "admin response failed");
+/// A non-blocking listening socket on `addr` with a deep accept queue.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accepts connections for ever.
+async fn serve(listener: TcpListener, admin: Rc<Admin>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => admin.open(stream, peer),
+            Err(e) => {
+                admin.accept_failed(&e);
+                if out_of_resources(&e) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+        // The connections (and the one just evicted, whose socket closes when its task is
+        // dropped) run before the next accept.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Whether an accept failed for lack of descriptors or memory (trying again at once would
+/// only spin).
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The listener's state, all on its own thread.
+struct Admin {
+    hub: Arc<Hub>,
+    reload: Reload,
+    conns: RefCell<Conns>,
+    reloads: RefCell<Bucket>,
+    counts: Counts,
+}
+
+/// What `/metrics` reports about the listener itself, and when each refusal was logged.
+#[derive(Default)]
+struct Counts {
+    accepted: Cell<u64>,
+    evicted: Cell<u64>,
+    timed_out: Cell<u64>,
+    refused: [Cell<u64>; Refusal::ALL.len()],
+    logged: [Cell<Option<Instant>>; Refusal::ALL.len()],
+    accept_failure_logged: Cell<Option<Instant>>,
+}
+
+/// The open connections, by id (ids grow with the accept, so the first is the oldest).
+struct Conns {
+    limit: usize,
+    next_id: u64,
+    open: BTreeMap<u64, Slot>,
+}
+
+/// One open connection: where it is in its request cycle, and its task.
+struct Slot {
+    phase: Rc<Cell<Phase>>,
+    task: AbortHandle,
+}
+
+/// Where a connection is in its request cycle.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Waiting for a request head since the accept or the last response; `head` is when
+    /// the head's first byte came.
+    Waiting {
+        since: Instant,
+        head: Option<Instant>,
+    },
+    /// A complete head is being answered (its body read, its response made).
+    Answering,
+    /// A read or write passed its deadline: the connection is closing.
+    Expired,
+}
+
+/// Why a request was refused: its status, metric label and log line.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    /// No bearer token, or a wrong one (401).
+    Token,
+    /// `POST /reload` beyond its rate (429).
+    ReloadRate,
+    /// A head or body over its limit (431, 413).
+    TooLarge,
+    /// A body not sent within its time (408).
+    Timeout,
+    /// A head or body that is not HTTP/1 (400).
+    BadRequest,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::Token,
+        Refusal::ReloadRate,
+        Refusal::TooLarge,
+        Refusal::Timeout,
+        Refusal::BadRequest,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Token => "token",
+            Refusal::ReloadRate => "reload_rate",
+            Refusal::TooLarge => "too_large",
+            Refusal::Timeout => "timeout",
+            Refusal::BadRequest => "bad_request",
+        }
+    }
+
+    /// The answer to a refused request.
+    fn reply(self) -> Reply {
+        match self {
+            Refusal::Token => {
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "admin token required: send Authorization: Bearer TOKEN\n",
+                );
+                r.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            Refusal::ReloadRate => {
+                let mut r = text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many reloads: at most {RELOADS_PER_SEC} a second\n"),
+                );
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            Refusal::TooLarge => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_BODY} bytes\n"),
+            ),
+            Refusal::Timeout => text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {HEAD_TIMEOUT:?}\n"),
+            ),
+            Refusal::BadRequest => text(StatusCode::BAD_REQUEST, "bad request body\n"),
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// A response with `body` of type `ctype`.
+fn reply(status: StatusCode, ctype: &'static str, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// A plain-text response.
+fn text(status: StatusCode, body: impl Into<String>) -> Reply {
+    reply(status, TEXT, body.into())
+}
+
+impl Admin {
+    fn new(hub: Arc<Hub>, reload: Reload, limit: usize) -> Admin {
+        Admin {
+            hub,
+            reload,
+            conns: RefCell::new(Conns {
+                limit: limit.max(1),
+                next_id: 0,
+                open: BTreeMap::new(),
+            }),
+            reloads: RefCell::new(Bucket::full(RELOADS_PER_SEC)),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Serves an accepted connection on a task of its own, making room for it first.
+    fn open(self: &Rc<Self>, stream: TcpStream, peer: SocketAddr) {
+        bump(&self.counts.accepted);
+        self.make_room();
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+        let phase = Rc::new(Cell::new(Phase::waiting(Instant::now())));
+        let id = self.conns.borrow_mut().next();
+        let registered = Registered {
+            admin: self.clone(),
+            id,
+        };
+        let task = tokio::task::spawn_local(self.clone().connection(
+            stream,
+            peer,
+            phase.clone(),
+            registered,
+        ));
+        let slot = Slot {
+            phase,
+            task: task.abort_handle(),
+        };
+        self.conns.borrow_mut().open.insert(id, slot);
+    }
+
+    /// At the connection limit, closes the connection [`Conns::victim`] names.
+    fn make_room(&self) {
+        let evicted = {
+            let mut conns = self.conns.borrow_mut();
+            if conns.open.len() < conns.limit {
+                return;
+            }
+            conns.victim().and_then(|id| conns.open.remove(&id))
+        };
+        if let Some(slot) = evicted {
+            slot.task.abort();
+            bump(&self.counts.evicted);
+        }
+    }
+
+    /// Serves HTTP/1 on one connection until it closes, fails or passes a deadline.
+    async fn connection(
+        self: Rc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        phase: Rc<Cell<Phase>>,
+        _registered: Registered,
+    ) {
+        let io = TokioIo::new(Timed::new(stream, phase.clone()));
+        let admin = self.clone();
+        let answering = phase.clone();
+        let service = service_fn(move |req| admin.clone().answer(req, peer, answering.clone()));
+        let served = http1::Builder::new()
+            .max_headers(MAX_HEADERS)
+            .max_header_size(MAX_HEAD)
+            .header_read_timeout(None::<Duration>)
+            .serve_connection(io, service)
+            .await;
+        if let Phase::Expired = phase.get() {
+            bump(&self.counts.timed_out);
+        } else if let Err(e) = served {
+            self.failed(&e, peer);
+        }
+    }
+
+    /// Counts a request head hyper refused (it answered 431 or 400 and closed).
+    fn failed(&self, e: &hyper::Error, peer: SocketAddr) {
+        if e.is_parse_too_large() {
+            self.refused(Refusal::TooLarge, peer);
+        } else if e.is_parse() {
+            self.refused(Refusal::BadRequest, peer);
+        } else {
+            trace!(%peer, error = %e, "admin connection failed");
+        }
+    }
+
+    /// Answers one request; the connection counts as busy meanwhile.
+    async fn answer(
+        self: Rc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        phase: Rc<Cell<Phase>>,
+    ) -> Result<Reply, Infallible> {
+        phase.set(Phase::Answering);
+        let _waiting_again = Answering(phase);
+        // One request per connection per turn of the runtime (this yield wakes the task
+        // only after the others ran and the sockets were polled): a client pipelining
+        // requests cannot keep the other connections, or the accept, waiting.
+        tokio::task::yield_now().await;
+        Ok(self.respond(req, peer).await)
+    }
+
+    /// The response to one request: the token, then the body, then the route.
+    async fn respond(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+        let (head, body) = req.into_parts();
+        let path = head.uri.path();
+        if path != "/healthz" && !self.authorized(&head.headers) {
+            return self.refuse(Refusal::Token, peer);
+        }
+        if let Err(refusal) = read_body(body).await {
+            return self.refuse(refusal, peer);
+        }
+        debug!(method = %head.method, %path, "admin request");
+        self.route(&head.method, path, head.uri.query().unwrap_or(""), peer)
+    }
+
+    /// Whether the request carries the admin token, when one is set.
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let config = self.hub.config();
+        let Some(token) = &config.admin_token else {
+            return true;
+        };
+        headers
+            .get(AUTHORIZATION)
+            .and_then(|v| bearer(v.as_bytes()))
+            .is_some_and(|presented| token.verify(presented))
+    }
+
+    /// The response of a route.
+    fn route(&self, method: &Method, path: &str, query: &str, peer: SocketAddr) -> Reply {
+        match (method, path) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/metrics") => {
+                reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics())
+            }
+            (&Method::GET, "/shims") => match shims(&self.hub, query) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
+            (&Method::POST, "/reload") => self.reload(peer),
+            (_, "/healthz" | "/metrics" | "/shims" | "/reload") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /shims?pattern=P, POST /reload\n",
+            ),
+        }
+    }
+
+    /// `POST /reload`, within its rate.
+    fn reload(&self, peer: SocketAddr) -> Reply {
+        if !self.reloads.borrow_mut().take(Instant::now()) {
+            return self.refuse(Refusal::ReloadRate, peer);
+        }
+        match (self.reload)() {
+            Ok(msg) => text(StatusCode::OK, format!("{msg}\n")),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    }
+
+    /// Counts and logs a refusal; returns its answer.
+    fn refuse(&self, refusal: Refusal, peer: SocketAddr) -> Reply {
+        self.refused(refusal, peer);
+        refusal.reply()
+    }
+
+    /// Counts a refusal, and logs it unless its reason was logged within [`LOG_EVERY`].
+    fn refused(&self, refusal: Refusal, peer: SocketAddr) {
+        let i = refusal as usize;
+        let total = bump(&self.counts.refused[i]);
+        if due(&self.counts.logged[i]) {
+            warn!(
+                reason = refusal.label(),
+                %peer,
+                total,
+                "admin request refused (logged at most once a minute per reason; \
+                 velium_admin_refused_total counts them all)"
+            );
+        }
+    }
+
+    /// Logs a failed accept, at most once a minute.
+    fn accept_failed(&self, e: &io::Error) {
+        if due(&self.counts.accept_failure_logged) {
+            warn!(error = %e, "admin accept failed (logged at most once a minute)");
+        }
+    }
+
+    /// The `/metrics` text: the hub's, then the listener's own.
+    fn metrics(&self) -> String {
+        let mut o = render(&self.hub);
+        let c = &self.counts;
+        let one = |v: u64| [(String::new(), v)];
+        let conns = self.conns.borrow();
+        family(
+            &mut o,
+            "velium_admin_connections",
+            "gauge",
+            "Admin connections open.",
+            &one(conns.open.len() as u64),
+        );
+        family(
+            &mut o,
+            "velium_admin_connections_limit",
+            "gauge",
+            "Admin connections served at once (admin_connections); another one closes the one idle longest.",
+            &one(conns.limit as u64),
+        );
+        family(
+            &mut o,
+            "velium_admin_connections_accepted_total",
+            "counter",
+            "Admin connections accepted.",
+            &one(c.accepted.get()),
+        );
+        family(
+            &mut o,
+            "velium_admin_closed_total",
+            "counter",
+            "Admin connections closed by the listener: evicted to make room, or past a read or write timeout.",
+            &[
+                ("{reason=\"evicted\"}".into(), c.evicted.get()),
+                ("{reason=\"timeout\"}".into(), c.timed_out.get()),
+            ],
+        );
+        let refused = Refusal::ALL.map(|r| {
+            let labels = format!("{{reason=\"{}\"}}", r.label());
+            (labels, c.refused[r as usize].get())
+        });
+        family(
+            &mut o,
+            "velium_admin_refused_total",
+            "counter",
+            "Admin requests refused: no or wrong token, reload rate, too large, too slow, malformed.",
+            &refused,
+        );
+        o
+    }
+}
+
+impl Conns {
+    /// A new connection's id.
+    fn next(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The connection to close to make room: the one waiting longest for a request, else
+    /// the oldest.
+    fn victim(&self) -> Option<u64> {
+        let waiting = self
+            .open
+            .iter()
+            .filter_map(|(&id, slot)| Some((slot.phase.get().waiting_since()?, id)))
+            .min();
+        waiting
+            .map(|(_, id)| id)
+            .or_else(|| self.open.keys().next().copied())
+    }
+}
+
+/// Takes a connection out of [`Conns`] when its task ends or is dropped.
+struct Registered {
+    admin: Rc<Admin>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.admin.conns.borrow_mut().open.remove(&self.id);
+    }
+}
+
+/// Marks a connection waiting again once its response is made (or its request dropped),
+/// unless it expired meanwhile.
+struct Answering(Rc<Cell<Phase>>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if let Phase::Answering = self.0.get() {
+            self.0.set(Phase::waiting(Instant::now()));
+        }
+    }
+}
+
+impl Phase {
+    fn waiting(now: Instant) -> Phase {
+        Phase::Waiting {
+            since: now,
+            head: None,
+        }
+    }
+
+    fn waiting_since(self) -> Option<Instant> {
+        match self {
+            Phase::Waiting { since, .. } => Some(since),
+            Phase::Answering | Phase::Expired => None,
+        }
+    }
+
+    /// The phase after bytes arrived at `now`: a head has begun, if none had.
+    fn heard(self, now: Instant) -> Phase {
+        match self {
+            Phase::Waiting { since, head: None } => Phase::Waiting {
+                since,
+                head: Some(now),
+            },
+            other => other,
+        }
+    }
+
+    /// When a read still waiting must fail, and why; `None` unless waiting.
+    fn read_deadline(self) -> Option<(Instant, &'static str)> {
+        match self {
+            Phase::Waiting { since, head: None } => {
+                Some((since + IDLE_TIMEOUT, "no request within the idle timeout"))
+            }
+            Phase::Waiting {
+                head: Some(head), ..
+            } => Some((head + HEAD_TIMEOUT, "request head not complete in time")),
+            Phase::Answering | Phase::Expired => None,
+        }
+    }
+}
+
+/// A token bucket: `rate` a second, bursts of `rate`.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate,
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
+/// Adds one to a count; returns the new value.
+fn bump(count: &Cell<u64>) -> u64 {
+    count.set(count.get() + 1);
+    count.get()
+}
+
+/// Whether a line throttled to one per [`LOG_EVERY`] may be logged now (and notes it).
+fn due(last: &Cell<Option<Instant>>) -> bool {
+    let now = Instant::now();
+    if last
+        .get()
+        .is_some_and(|t| now.duration_since(t) < LOG_EVERY)
+    {
+        return false;
+    }
+    last.set(Some(now));
+    true
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme
+        .eq_ignore_ascii_case(b"bearer ")
+        .then(|| token.trim_ascii())
+}
+
+/// Reads and drops a request body: at most [`MAX_BODY`] bytes, within [`HEAD_TIMEOUT`].
+async fn read_body(body: Incoming) -> Result<(), Refusal> {
+    if body.size_hint().lower() > MAX_BODY as u64 {
+        return Err(Refusal::TooLarge);
+    }
+    let limited = Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(HEAD_TIMEOUT, limited).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Refusal::TooLarge),
+        Ok(Err(_)) => Err(Refusal::BadRequest),
+        Err(_) => Err(Refusal::Timeout),
+    }
+}
+
+/// A connection's socket whose reads and writes fail once they wait past their deadline:
+/// a read waiting for a request head by the idle or head timeout of its [`Phase`], a write
+/// after [`WRITE_TIMEOUT`] without progress.
+struct Timed {
+    stream: TcpStream,
+    phase: Rc<Cell<Phase>>,
+    read_timer: Pin<Box<Sleep>>,
+    write_timer: Pin<Box<Sleep>>,
+    /// When the write waiting since its last progress fails.
+    write_deadline: Option<Instant>,
+}
+
+impl Timed {
+    fn new(stream: TcpStream, phase: Rc<Cell<Phase>>) -> Timed {
+        let now = Instant::now();
+        Timed {
+            stream,
+            phase,
+            read_timer: Box::pin(tokio::time::sleep_until(now)),
+            write_timer: Box::pin(tokio::time::sleep_until(now)),
+            write_deadline: None,
+        }
+    }
+
+    /// A write's result: progress clears its deadline; waiting starts it, or fails past it.
+    fn written<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.write_deadline = None;
+            return r;
+        }
+        let at = *self
+            .write_deadline
+            .get_or_insert_with(|| Instant::now() + WRITE_TIMEOUT);
+        ready!(wait_until(&mut self.write_timer, at, cx));
+        self.expired("response not read within the write timeout")
+    }
+
+    /// Marks the connection expired; the error that closes it.
+    fn expired<T>(&self, what: &'static str) -> Poll<io::Result<T>> {
+        self.phase.set(Phase::Expired);
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)))
+    }
+}
+
+/// Pending until `at` (the task is woken then), then ready.
+fn wait_until(timer: &mut Pin<Box<Sleep>>, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    if timer.deadline() != at {
+        timer.as_mut().reset(at);
+    }
+    timer.as_mut().poll(cx)
+}
+
+impl AsyncRead for Timed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Pending => match this.phase.get().read_deadline() {
+                Some((at, what)) => {
+                    ready!(wait_until(&mut this.read_timer, at, cx));
+                    this.expired(what)
+                }
+                None => Poll::Pending,
+            },
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.phase.set(this.phase.get().heard(Instant::now()));
+                Poll::Ready(Ok(()))
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for Timed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written(r, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.written(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -85,6 +813,8 @@ struct ShimInfo {
     core: u16,
     connected_unix_ms: u64,
     udp: Option<String>,
+    /// The connection speaks TLS (its UDP, if any, is sealed).
+    tls: bool,
     frames_in: u64,
     frames_out: u64,
 }
@@ -110,6 +840,7 @@ fn shims(hub: &Hub, query: &str) -> Result<String, String> {
             core: s.core,
             connected_unix_ms: s.connected_unix_ms,
             udp: s.udp_addr().map(|a| a.to_string()),
+            tls: s.is_tls(),
             frames_in: s.frames_in.load(Ordering::Relaxed),
             frames_out: s.frames_out.load(Ordering::Relaxed),
         })
@@ -139,17 +870,23 @@ const OPCODES: [(u8, &str); 17] = [
     (0x10, "unknown"),
 ];
 
-/// Everything `/metrics` reports, in the Prometheus text exposition format.
+/// One metric family in the Prometheus text format: its help, type and samples.
+fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(o, "{name}{labels} {v}");
+    }
+}
+
+/// Everything the hub reports in `/metrics`, in the Prometheus text exposition format
+/// (the admin listener appends its own).
 pub fn render(hub: &Hub) -> String {
     debug_assert_eq!(Opcode::Auth as u8, 0x0F);
     let m = &hub.metrics;
     let c = &m.counters;
     let mut o = String::with_capacity(16 * 1024);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "{name}{labels} {v}");
-        }
+        family(&mut o, name, kind, help, samples)
     };
     let one = |v: u64| vec![(String::new(), v)];
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -256,6 +993,29 @@ pub fn render(hub: &Hub) -> String {
         &one(get(&c.replaced)),
     );
     metric(
+        "velium_tls_handshakes_total",
+        "counter",
+        "TLS handshakes finished (each TLS session has sealed UDP from then on).",
+        &one(get(&c.tls_established)),
+    );
+    let sealed: Vec<(String, u64)> = SealError::ALL
+        .iter()
+        .zip(&c.sealed_dropped)
+        .map(|(e, n)| (format!("{{reason=\"{}\"}}", e.label()), get(n)))
+        .collect();
+    metric(
+        "velium_sealed_dropped_total",
+        "counter",
+        "Sealed datagrams dropped: too short, an unknown session id, a counter seen before or behind the window, a tag that does not verify.",
+        &sealed,
+    );
+    metric(
+        "velium_udp_address_taken_total",
+        "counter",
+        "Plain UDP binds that moved an address away from another live session.",
+        &one(get(&c.udp_address_taken)),
+    );
+    metric(
         "velium_slow_consumers_total",
         "counter",
         "Shims cut off for passing outbound_limit.",
@@ -316,6 +1076,16 @@ pub fn render(hub: &Hub) -> String {
 /// Sends one request to an admin listener (`method` GET or POST) and returns the status
 /// and body; used by `velium stats` / `velium who --admin` and by the tests.
 pub fn fetch(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    fetch_with(addr, method, path, None)
+}
+
+/// Like [`fetch`], sending `Authorization: Bearer TOKEN` when `token` is given.
+pub fn fetch_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(std::time::Duration::from_secs(10)))
@@ -323,8 +1093,8 @@ pub fn fetch(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)
         .into();
     let url = format!("http://{addr}{path}");
     let res = match method {
-        "POST" => agent.post(&url).send_empty(),
-        _ => agent.get(&url).call(),
+        "POST" => with_token(agent.post(&url), token).send_empty(),
+        _ => with_token(agent.get(&url), token).call(),
     };
     let mut resp = res.map_err(|e| format!("admin listener at {addr}: {e}"))?;
     let status = resp.status().as_u16();
@@ -333,6 +1103,14 @@ pub fn fetch(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)
         .read_to_string()
         .map_err(|e| format!("admin listener at {addr}: {e}"))?;
     Ok((status, body))
+}
+
+/// `req` with `Authorization: Bearer TOKEN` when `token` is given.
+fn with_token<B>(req: ureq::RequestBuilder<B>, token: Option<&str>) -> ureq::RequestBuilder<B> {
+    match token {
+        Some(t) => req.header(AUTHORIZATION, format!("Bearer {t}")),
+        None => req,
+    }
 }
 
 /// The value of the sample `name` (with its labels, exactly as printed, e.g.

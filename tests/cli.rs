@@ -626,6 +626,141 @@ drivers!(
 );
 
 // ---------------------------------------------------------------------------------------
+// TLS and the admin token.
+
+/// `velium --tls --ca` talks to a TLS hub, and `velium shim --tls` seals its UDP channel;
+/// `--insecure` works and warns on every run; plaintext, or a CA that does not know the
+/// hub, fails in one line.
+fn cli_over_tls(io: &str) {
+    let pki = Pki::new();
+    let srv = Server::tls(io, &pki, &[]);
+    let tls = ["--tls", "--ca", pki.ca.as_str()];
+    let mut shim = ShimProc::start(srv.addr, "cli.tls.one", &tls);
+    let run = velium(
+        srv.addr,
+        &[&tls[..], &["send", "cli.tls.one", "/sit"]].concat(),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "cli.tls.one: /sit\n", "{run:?}");
+    assert_eq!(run.stderr, "", "{run:?}");
+    shim.wait_line("/sit");
+
+    let run = velium(srv.addr, &["--insecure", "who"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "warning: --insecure: the hub's certificate is not verified\n"
+    );
+    assert!(run.stdout.starts_with("cli.tls.one  "), "{run:?}");
+    assert!(
+        run.stdout.trim_end().ends_with("udp"),
+        "sealed UDP bound: {run:?}"
+    );
+
+    // A command over sealed UDP is answered over it.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let opts = ClientOptions {
+            keepalive: None,
+            tls: Some(pki.client_tls()),
+            ..ClientOptions::default()
+        };
+        let c = Client::connect_with(srv.addr, "lib.tls.sender", opts)
+            .await
+            .unwrap();
+        c.bind_udp().await.unwrap();
+        let sent = c.command_udp("cli.tls.one", "sealed").await.unwrap();
+        let r = c.next_response(sent.id, DEADLINE).await.unwrap();
+        assert_eq!((r.text.as_str(), r.via), ("sealed", Transport::Udp));
+    });
+    shim.wait_line("sealed");
+
+    let run = velium(srv.addr, &["send", "cli.tls.one", "/sit"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr, "velium: this port requires TLS\n");
+    let other = Pki::new();
+    let run = velium(
+        srv.addr,
+        &["--ca", &other.ca, "send", "cli.tls.one", "/sit"],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+    assert!(run.stderr.contains("UnknownIssuer"), "{run:?}");
+}
+
+/// `--admin-token-file` presents the admin listener's bearer token; without it, or with a
+/// wrong one, `stats` and `who --admin` say so in one line and exit 2.
+fn cli_admin_token(io: &str) {
+    let token = TempFile::new("admin.token", "t0ken-for-tests\n");
+    let wrong = token.sibling("wrong.token", "not-it\n");
+    let srv = Server::start(
+        io,
+        &["--admin", "127.0.0.1:0", "--admin-token-file", token.arg()],
+    );
+    let admin = srv.admin.unwrap().to_string();
+    let _shim = ShimProc::start(srv.addr, "cli.tok.one", &[]);
+    for cmd in ["stats", "who"] {
+        let run = velium(srv.addr, &["--admin", &admin, cmd]);
+        assert_eq!(run.code, 2, "{run:?}");
+        assert_eq!(
+            run.stderr,
+            format!(
+                "velium: admin listener at {admin} requires a token: give --admin-token-file FILE\n"
+            )
+        );
+        let run = velium(
+            srv.addr,
+            &["--admin", &admin, "--admin-token-file", &wrong, cmd],
+        );
+        assert_eq!(run.code, 2, "{run:?}");
+        assert_eq!(
+            run.stderr,
+            format!(
+                "velium: admin listener at {admin} refused the token (401): check --admin-token-file\n"
+            )
+        );
+        let run = velium(
+            srv.addr,
+            &["--admin", &admin, "--admin-token-file", token.arg(), cmd],
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+    }
+    let run = velium(
+        srv.addr,
+        &["--admin", &admin, "--admin-token-file", token.arg(), "who"],
+    );
+    assert!(run.stdout.starts_with("cli.tok.one  "), "{run:?}");
+}
+
+/// `--cert` and `--key` present a client certificate: on a hub with users and a client
+/// CA, its Common Name is the user, with no secret given.
+#[test]
+fn cli_presents_a_client_certificate() {
+    let pki = Pki::new();
+    let cfg = users_config(
+        "",
+        &[User::new("ops", "ops-s3cret", &["cli.ops.>"], &[">"])],
+    );
+    let srv = Server::tls(
+        "epoll",
+        &pki,
+        &["--config", cfg.arg(), "--tls-client-ca", &pki.ca],
+    );
+    let (cert, key) = pki.client("ops");
+    let args = ["--ca", &pki.ca, "--cert", &cert, "--key", &key];
+    let run = velium(
+        srv.addr,
+        &[&args[..], &["who", "--name", "cli.ops.one"]].concat(),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stderr, "velium: no shims connected\n", "{run:?}");
+    let run = velium(srv.addr, &["--ca", &pki.ca, "who", "--name", "cli.ops.two"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert_eq!(run.stderr.lines().count(), 1, "{run:?}");
+}
+
+drivers!(cli_over_tls, cli_admin_token);
+
+// ---------------------------------------------------------------------------------------
 // The client library.
 
 /// A client without keep-alive (tests must not depend on background traffic).

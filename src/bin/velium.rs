@@ -6,13 +6,17 @@
 //! on success, 1 when fewer shims answered a `send` than it reached (or a `shim` lost its
 //! connection), 2 when nothing could be done (no shim matches, hub unreachable, bad
 //! arguments). Errors are one line on stderr, prefixed `velium:`.
+//!
+//! `--tls` (implied by `--ca`, `--cert`, `--insecure` and `--server-name`) speaks TLS to
+//! the hub, and `velium shim` then seals its UDP channel; `--admin-token-file` presents the
+//! admin listener's bearer token.
 
 use clap::{Args, Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use velium_server::client::{Client, ClientError, ClientOptions, Event, Transport};
+use velium_server::client::{Client, ClientError, ClientOptions, Event, TlsOptions, Transport};
 
 const TARGET_HELP: &str = "\
 Which shims to address. Identities are dot-separated segments (server.zone.character, \
@@ -59,16 +63,17 @@ Examples:
   velium stats --admin 127.0.0.1:9100
 
 Reads GET /metrics from the hub's admin listener (velium-server --admin ADDR) and prints \
-connections, shims, traffic, handshake latency, errors and refusals. Exit status 2 if the \
-admin listener cannot be reached.";
+connections, shims, traffic, handshake latency, errors and refusals. A hub with an admin \
+token needs --admin-token-file FILE (or VELIUM_ADMIN_TOKEN_FILE). Exit status 2 if the \
+admin listener cannot be reached or refuses the token.";
 
 const SHIM_EXAMPLES: &str = "\
 Examples:
   velium shim --name peq.ecommons.bob
   velium shim --name test.one --no-udp
 
-Prints `connected as IDENTITY` once identified (and its UDP channel bound), then one line \
-per message received:
+Prints `connected as IDENTITY` once identified (and its UDP channel bound; sealed with \
+--tls), then one line per message received:
   echo from SENDER: TEXT
   command from SENDER (id ID): TEXT
 Every command is answered with its own text, over the transport it came in on. Pings the \
@@ -97,8 +102,82 @@ struct Cli {
     /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
     #[arg(long, global = true, value_name = "ADDR", env = "VELIUM_ADMIN")]
     admin: Option<String>,
+    /// File holding the admin listener's bearer token (for `stats` and `who --admin`)
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VELIUM_ADMIN_TOKEN_FILE"
+    )]
+    admin_token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How to speak TLS to the hub.
+#[derive(Args)]
+struct TlsArgs {
+    /// Speak TLS 1.3 to the hub, checking its certificate against the system's roots (or
+    /// --ca); a shim's UDP channel is then sealed
+    #[arg(long, global = true, env = "VELIUM_TLS")]
+    tls: bool,
+    /// PEM file of the CA certificates to trust instead of the system's (implies --tls)
+    #[arg(long, global = true, value_name = "FILE", env = "VELIUM_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// Do not verify the hub's certificate (implies --tls): anybody on the path can pose
+    /// as the hub, so for tests only; warns on every run
+    // No variable sets it, so that it is never on without being seen on the command line.
+    #[arg(long, global = true)]
+    insecure: bool,
+    /// PEM client certificate chain to present, for a hub that requires one (implies
+    /// --tls; needs --key)
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VELIUM_CERT",
+        requires = "key"
+    )]
+    cert: Option<std::path::PathBuf>,
+    /// PEM private key of --cert
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VELIUM_KEY",
+        requires = "cert"
+    )]
+    key: Option<std::path::PathBuf>,
+    /// The name the hub's certificate must carry [default: the host of --server]
+    /// (implies --tls)
+    #[arg(long, global = true, value_name = "NAME", env = "VELIUM_SERVER_NAME")]
+    server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS options these flags ask for, if any; `host` is the host part of --server,
+    /// the default server name when it is a name.
+    fn options(&self, host: &str) -> Option<TlsOptions> {
+        let wanted = self.tls
+            || self.ca.is_some()
+            || self.insecure
+            || self.cert.is_some()
+            || self.server_name.is_some();
+        wanted.then(|| TlsOptions {
+            server_name: self.server_name.clone().or_else(|| {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                host.parse::<std::net::IpAddr>()
+                    .is_err()
+                    .then(|| host.to_string())
+            }),
+            ca: self.ca.clone(),
+            insecure: self.insecure,
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        })
+    }
 }
 
 /// The identity an operator command connects as.
@@ -199,11 +278,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
+    if cli.tls.insecure {
+        eprintln!("warning: --insecure: the hub's certificate is not verified");
+    }
     let admin = match &cli.admin {
-        Some(a) => Some(resolve(a).await?),
+        Some(a) => Some(Admin {
+            addr: resolve(a).await?,
+            token: read_secret(cli.admin_token_file.as_deref(), "admin token file")?,
+        }),
         None => None,
     };
-    match (&cli.cmd, admin) {
+    match (&cli.cmd, &admin) {
         (Cmd::Stats, Some(admin)) => return stats(admin),
         (Cmd::Stats, None) => {
             return Err(Fatal(
@@ -214,9 +299,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         _ => {}
     }
     let addr = resolve(&cli.server).await?;
+    let host = cli.server.rsplit_once(':').map_or(&*cli.server, |(h, _)| h);
     let options = ClientOptions {
         secret: secret(cli.secret_file.as_deref())?,
         user: cli.user.clone(),
+        tls: cli.tls.options(host),
         ..ClientOptions::default()
     };
     if options.user.is_some() && options.secret.is_none() {
@@ -245,17 +332,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
 
 /// The shared secret: from `--secret-file`, else from VELIUM_SECRET, else none.
 fn secret(file: Option<&std::path::Path>) -> Result<Option<Vec<u8>>, Fatal> {
-    let raw = match file {
-        Some(path) => std::fs::read(path)
-            .map_err(|e| Fatal(format!("cannot read secret file {}: {e}", path.display())))?,
-        None => match std::env::var_os("VELIUM_SECRET") {
-            Some(v) => v.into_encoded_bytes(),
-            None => return Ok(None),
-        },
-    };
+    if file.is_some() {
+        return read_secret(file, "secret file");
+    }
+    Ok(std::env::var_os("VELIUM_SECRET").map(|v| without_newline(v.into_encoded_bytes())))
+}
+
+/// The contents of a secret's file (`what` names it in messages), less a final line end.
+fn read_secret(file: Option<&std::path::Path>, what: &str) -> Result<Option<Vec<u8>>, Fatal> {
+    let Some(path) = file else { return Ok(None) };
+    let raw = std::fs::read(path)
+        .map_err(|e| Fatal(format!("cannot read {what} {}: {e}", path.display())))?;
+    Ok(Some(without_newline(raw)))
+}
+
+fn without_newline(raw: Vec<u8>) -> Vec<u8> {
     let s = raw.strip_suffix(b"\n").unwrap_or(&raw);
     let s = s.strip_suffix(b"\r").unwrap_or(s);
-    Ok(Some(s.to_vec()))
+    s.to_vec()
 }
 
 async fn resolve(server: &str) -> Result<SocketAddr, Fatal> {
@@ -506,11 +600,40 @@ async fn shim(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `GET path` on the admin listener; a non-200 answer is an error.
-fn admin_get(admin: SocketAddr, path: &str) -> Result<String, Fatal> {
-    match velium_server::admin::fetch(admin, "GET", path).map_err(Fatal)? {
-        (200, body) => Ok(body),
-        (status, body) => Err(Fatal(format!(
+/// The admin listener and the bearer token it is given.
+struct Admin {
+    addr: SocketAddr,
+    token: Option<Vec<u8>>,
+}
+
+/// `GET path` on the admin listener, with `Authorization: Bearer TOKEN` when there is a
+/// token; a non-200 answer is an error.
+fn admin_get(admin: &Admin, path: &str) -> Result<String, Fatal> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let addr = admin.addr;
+    let mut req = agent.get(format!("http://{addr}{path}"));
+    if let Some(token) = &admin.token {
+        let mut value = b"Bearer ".to_vec();
+        value.extend_from_slice(token);
+        req = req.header_raw("Authorization", &value);
+    }
+    let failed = |e: ureq::Error| Fatal(format!("admin listener at {addr}: {e}"));
+    let mut resp = req.call().map_err(failed)?;
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().map_err(failed)?;
+    match status {
+        200 => Ok(body),
+        401 if admin.token.is_none() => Err(Fatal(format!(
+            "admin listener at {addr} requires a token: give --admin-token-file FILE"
+        ))),
+        401 => Err(Fatal(format!(
+            "admin listener at {addr} refused the token (401): check --admin-token-file"
+        ))),
+        _ => Err(Fatal(format!(
             "admin listener answered {status}: {}",
             body.trim()
         ))),
@@ -518,7 +641,7 @@ fn admin_get(admin: SocketAddr, path: &str) -> Result<String, Fatal> {
 }
 
 /// `who --admin`: the listing from GET /shims.
-fn who_admin(admin: SocketAddr, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
+fn who_admin(admin: &Admin, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("pattern", pattern.unwrap_or(">"))
         .finish();
@@ -556,7 +679,7 @@ fn who_admin(admin: SocketAddr, pattern: Option<&str>) -> Result<ExitCode, Fatal
 }
 
 /// `stats`: a readable digest of GET /metrics.
-fn stats(admin: SocketAddr) -> Result<ExitCode, Fatal> {
+fn stats(admin: &Admin) -> Result<ExitCode, Fatal> {
     let text = admin_get(admin, "/metrics")?;
     // (name, labels, value) for every sample.
     let samples: Vec<(&str, &str, f64)> = text

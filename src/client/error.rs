@@ -49,12 +49,26 @@ pub enum ClientError {
     /// The server answered a UDP request with Quit: it no longer knows this channel.
     #[error("the server no longer knows this UDP channel; bind it again")]
     UdpUnbound,
+    /// TLS failed: the options (an unreadable CA or certificate file), the handshake (the
+    /// hub's certificate is not trusted or names another host), or an alert from the hub
+    /// (it refused this client's certificate).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The server sent something this client cannot read.
     #[error("protocol error: {0}")]
     Protocol(String),
     /// A socket operation failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// The error a failed read or write makes: a TLS alert or a bad record is a TLS error,
+/// anything else an i/o error.
+pub(super) fn io_error(e: io::Error) -> ClientError {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => ClientError::Tls(tls.to_string()),
+        None => ClientError::Io(e),
+    }
 }
 
 /// Maps an Error text to the error a caller can act on.

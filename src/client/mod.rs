@@ -67,6 +67,19 @@
 //! instead, for both sockets: what a load generator or a multi-homed host needs to hold
 //! more connections to one server than one address's ephemeral ports allow (see there).
 //!
+//! # TLS
+//!
+//! With [`ClientOptions::tls`] the control connection is TLS 1.3 (rustls), the hub's
+//! certificate checked against a CA file or the system roots ([`TlsOptions`]); the frames
+//! inside are unchanged. The UDP channel of such a session is sealed: both ends derive a
+//! session id and one key per direction from the TLS exporter (`proto/sealed.rs`), every
+//! datagram is encrypted and authenticated with a counter that is never reused, and what
+//! comes back passes a replay window before it is opened. There is no bind: a sealed Ping
+//! tells the hub where to send, and the hub finds the session by its id, not by the source
+//! address, so a changed address (NAT rebinding, [`Client::rebind_udp`]) needs nothing
+//! more than the next datagram. Anything the channel cannot authenticate, plain datagrams
+//! included, is dropped unseen and counted ([`Client::sealed_dropped`]).
+//!
 //! # Text
 //!
 //! Frames end at 0x0A, so text on the wire carries 0x0B for a line break. This library
@@ -86,12 +99,15 @@ mod pending;
 mod socket;
 mod tcp;
 mod text;
+mod tls;
 mod udp;
 
 pub use error::ClientError;
+pub use tls::TlsOptions;
 
 use crate::proto::identity::check_identity;
 use crate::proto::request::{encode_response, encode_routed};
+use crate::proto::sealed::EXPORTER_LEN;
 use crate::proto::{NEWLINE, Opcode, Token, encode};
 use pending::{Pending, PongWaiter, Reply};
 use std::fmt;
@@ -256,6 +272,9 @@ pub struct ClientOptions {
     /// The hub user to authenticate as: Auth then carries `USER SP SECRET`. Needs a
     /// secret; may not hold a space or 0x0A. Default `None`.
     pub user: Option<String>,
+    /// Speak TLS to the hub (see "TLS" in the [module documentation](self)); the UDP
+    /// channel is then sealed. Default `None`: plaintext, for a hub on a trusted LAN.
+    pub tls: Option<TlsOptions>,
 }
 
 impl Default for ClientOptions {
@@ -268,6 +287,7 @@ impl Default for ClientOptions {
             bind_ip: None,
             secret: None,
             user: None,
+            tls: None,
         }
     }
 }
@@ -336,7 +356,13 @@ impl Client {
             }
         }
         let opened = tcp::open(addr, identity, &options).await?;
-        let shared = Arc::new(Shared::new(addr, identity, opened.writer, options));
+        let shared = Arc::new(Shared::new(
+            addr,
+            identity,
+            opened.writer,
+            opened.exporter,
+            options,
+        ));
         let reader = tokio::spawn(tcp::reader(shared.clone(), opened.reader, opened.rest));
         let keepalive = shared
             .options
@@ -363,6 +389,24 @@ impl Client {
     /// The server address.
     pub fn server(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// Whether the control connection is TLS (and the UDP channel sealed).
+    pub fn is_tls(&self) -> bool {
+        self.shared.exporter.is_some()
+    }
+
+    /// The TLS session's exporter output (`proto/sealed.rs`), from which the sealed UDP
+    /// keys come: for tests that craft sealed datagrams themselves. `None` without TLS.
+    #[doc(hidden)]
+    pub fn sealed_keys_for_tests(&self) -> Option<[u8; EXPORTER_LEN]> {
+        self.shared.exporter
+    }
+
+    /// Datagrams the sealed UDP channel received and dropped unopened: plain, truncated,
+    /// of another session, replayed, or failing authentication. Always 0 without TLS.
+    pub fn sealed_dropped(&self) -> u64 {
+        self.shared.udp.get().map_or(0, |u| u.dropped())
     }
 
     /// True from a successful [`Client::bind_udp`] until the server answers Quit over UDP
@@ -486,12 +530,26 @@ impl Client {
     ///
     /// Calling it again re-binds the same socket: what to do after an [`Event::Quit`] over
     /// UDP.
+    ///
+    /// Over TLS there is no bind: the channel is sealed, and the first sealed Ping, once
+    /// its Pong is back, has told the hub where to send (the same retries apply).
     pub async fn bind_udp(&self) -> Result<(), ClientError> {
         let udp = self
             .shared
             .udp
             .get_or_try_init(|| udp::open(&self.shared))
             .await?;
+        udp.bind(&self.shared, &self.token).await
+    }
+
+    /// Moves the UDP channel to a new socket, on a new local port, then binds it as
+    /// [`Client::bind_udp`] does. What a NAT does to a shim's address when its mapping
+    /// expires, done on purpose: a sealed channel follows with no bind at all (its Ping
+    /// from the new port is enough), a plain one binds the new address. Datagrams on their
+    /// way to the old port are lost.
+    pub async fn rebind_udp(&self) -> Result<(), ClientError> {
+        let udp = self.shared.udp.get().ok_or(ClientError::NotBound)?;
+        udp.replace_socket(&self.shared).await?;
         udp.bind(&self.shared, &self.token).await
     }
 

@@ -3,15 +3,17 @@
 //! reader that hands replies to their waiters and deliveries to the events, and the
 //! keep-alive.
 
-use super::error::{ClientError, server_error};
+use super::error::{ClientError, io_error, server_error};
 use super::events::{EventQueue, SenderCache, delivery_event};
 use super::pending::{Pending, PongWaiter, Reply, resolve_pong};
 use super::socket::{Connect, connect_from};
 use super::text::{check_data, lossy, wire_text};
+use super::tls;
 use super::udp::UdpShared;
 use super::{ClientOptions, Event, MAX_FRAME, Transport, WhoEntry};
 use crate::proto::reject::answers_no_request;
 use crate::proto::reply::{parse_who_entry, push_u64};
+use crate::proto::sealed::EXPORTER_LEN;
 use crate::proto::{Opcode, Token, codec, encode};
 use std::collections::VecDeque;
 use std::io;
@@ -19,9 +21,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OnceCell, oneshot};
 
 /// How much the TCP reader asks the kernel for per read.
@@ -30,6 +31,12 @@ const READ_CHUNK: usize = 16 * 1024;
 const YIELD_BACKLOG: usize = 64;
 /// Ping data the keep-alive uses.
 const KEEPALIVE_DATA: &[u8] = b"velium-keepalive";
+
+/// The connection's read half: the socket's, or the TLS stream's. Everything above the
+/// byte stream is the same for both.
+pub(super) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The connection's write half.
+pub(super) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
 
 #[derive(Default)]
 struct Waiting {
@@ -42,7 +49,7 @@ struct Waiting {
 
 /// The TCP write half and the buffer frames are encoded into.
 struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     buf: Vec<u8>,
     /// How much of `buf` is written. Progress is recorded after each write call, so a send
     /// whose future is dropped mid-write leaves its remaining bytes for the next send to
@@ -59,6 +66,8 @@ impl Writer {
             }
             self.done += n;
         }
+        // TLS takes the bytes into records first: the flush writes them out.
+        self.half.flush().await?;
         self.buf.clear();
         self.done = 0;
         if self.buf.capacity() > 64 * 1024 {
@@ -82,6 +91,9 @@ pub(super) struct Shared {
     closed: AtomicBool,
     nonce: AtomicU64,
     pub(super) options: ClientOptions,
+    /// The TLS session's exporter output, which keys the sealed UDP channel (`None`
+    /// without TLS: UDP is then plain).
+    pub(super) exporter: Option<[u8; EXPORTER_LEN]>,
 }
 
 impl Shared {
@@ -89,7 +101,8 @@ impl Shared {
     pub(super) fn new(
         addr: SocketAddr,
         identity: &str,
-        writer: OwnedWriteHalf,
+        writer: WriteHalf,
+        exporter: Option<[u8; EXPORTER_LEN]>,
         options: ClientOptions,
     ) -> Shared {
         Shared {
@@ -108,6 +121,7 @@ impl Shared {
             closed: AtomicBool::new(false),
             nonce: AtomicU64::new(0),
             options,
+            exporter,
         }
     }
 
@@ -314,14 +328,18 @@ impl Shared {
 pub(super) struct Opened {
     /// The session token.
     pub(super) token: Token,
-    pub(super) reader: OwnedReadHalf,
-    pub(super) writer: OwnedWriteHalf,
+    pub(super) reader: ReadHalf,
+    pub(super) writer: WriteHalf,
     /// Bytes read past the Session frame, for the reader to start with.
     pub(super) rest: Vec<u8>,
+    /// See [`Shared::exporter`].
+    pub(super) exporter: Option<[u8; EXPORTER_LEN]>,
 }
 
-/// Connects to `addr` (from [`ClientOptions::bind_ip`] if set, with `TCP_NODELAY`),
-/// sends Auth if there is a secret and Identify, and waits for the Session frame.
+/// Connects to `addr` (from [`ClientOptions::bind_ip`] if set, with `TCP_NODELAY`), runs
+/// the TLS handshake if [`ClientOptions::tls`] asks for it (within the same
+/// `connect_timeout`), sends Auth if there is a secret and Identify, and waits for the
+/// Session frame.
 pub(super) async fn open(
     addr: SocketAddr,
     identity: &str,
@@ -333,7 +351,8 @@ pub(super) async fn open(
             None => Ok(TcpStream::connect(addr).await?),
         }
     };
-    let stream = match tokio::time::timeout(options.connect_timeout, connect).await {
+    let deadline = tokio::time::Instant::now() + options.connect_timeout;
+    let stream = match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(Connect::Bind(e))) => return Err(e),
         Ok(Err(Connect::Io(source))) => {
@@ -350,7 +369,20 @@ pub(super) async fn open(
         }
     };
     stream.set_nodelay(true)?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr, exporter): (ReadHalf, WriteHalf, _) = match &options.tls {
+        Some(t) => {
+            let (tls, exporter) =
+                tokio::time::timeout_at(deadline, tls::handshake(stream, addr, t))
+                    .await
+                    .map_err(|_| ClientError::Timeout("the TLS handshake"))??;
+            let (rd, wr) = tokio::io::split(tls);
+            (Box::new(rd), Box::new(wr), Some(exporter))
+        }
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr), None)
+        }
+    };
     let mut hello = Vec::with_capacity(identity.len() + 2);
     match (&options.user, &options.secret) {
         (Some(user), Some(secret)) => {
@@ -364,7 +396,8 @@ pub(super) async fn open(
         _ => {}
     }
     encode(Opcode::Identify, identity.as_bytes(), &mut hello);
-    wr.write_all(&hello).await?;
+    wr.write_all(&hello).await.map_err(io_error)?;
+    wr.flush().await.map_err(io_error)?;
     let (token, rest) = tokio::time::timeout(options.connect_timeout, read_session(&mut rd))
         .await
         .map_err(|_| ClientError::Timeout("the Session reply to Identify"))??;
@@ -373,11 +406,12 @@ pub(super) async fn open(
         reader: rd,
         writer: wr,
         rest,
+        exporter,
     })
 }
 
 /// Reads frames until the Session reply; returns the token and any bytes read past it.
-async fn read_session(rd: &mut OwnedReadHalf) -> Result<(Token, Vec<u8>), ClientError> {
+async fn read_session(rd: &mut ReadHalf) -> Result<(Token, Vec<u8>), ClientError> {
     let mut buf = Vec::with_capacity(READ_CHUNK);
     loop {
         let mut start = 0;
@@ -403,7 +437,7 @@ async fn read_session(rd: &mut OwnedReadHalf) -> Result<(Token, Vec<u8>), Client
         }
         buf.drain(..start);
         buf.reserve(READ_CHUNK);
-        if rd.read_buf(&mut buf).await? == 0 {
+        if rd.read_buf(&mut buf).await.map_err(io_error)? == 0 {
             return Err(ClientError::Closed);
         }
     }
@@ -422,7 +456,7 @@ struct ReaderState {
 }
 
 /// The TCP reader task: demultiplexes replies to waiters and deliveries to events.
-pub(super) async fn reader(shared: Arc<Shared>, mut rd: OwnedReadHalf, mut buf: Vec<u8>) {
+pub(super) async fn reader(shared: Arc<Shared>, mut rd: ReadHalf, mut buf: Vec<u8>) {
     let mut rs = ReaderState::default();
     let reason = 'conn: loop {
         let mut start = 0;

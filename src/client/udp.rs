@@ -1,6 +1,7 @@
 //! The UDP side: the channel's socket, its bind to the session, the stop-and-wait
 //! exchange with its re-synchronisation (see "How replies find their request" in the
-//! [client documentation](super)), and the UDP reader.
+//! [client documentation](super)), the sealing of a TLS session's datagrams (see "TLS"
+//! there), and the UDP reader.
 
 use super::error::ClientError;
 use super::events::{EventQueue, SenderCache, delivery_event};
@@ -10,10 +11,12 @@ use super::tcp::Shared;
 use super::text::wire_text;
 use super::{Event, MAX_FRAME, Transport};
 use crate::proto::reject::answers_no_request;
+use crate::proto::sealed::{self, Keys, ReplayWindow};
 use crate::proto::{Opcode, Token, codec, encode};
+use arc_swap::ArcSwap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::{Notify, oneshot};
@@ -23,12 +26,55 @@ use tokio::task::AbortHandle;
 /// cheaper than a fixed wait on a quiet LAN and still patient over a slow link).
 const BIND_WAITS_MS: [u64; 5] = [100, 200, 400, 800, 1600];
 
+/// A TLS session's UDP channel: its keys, the counter of what it sends, and the window
+/// of what it received.
+struct Sealed {
+    keys: Keys,
+    /// The counter of the next datagram: from 0 up, never reused (it survives a new
+    /// socket, since the hub's window for the session does too).
+    next: AtomicU64,
+    window: parking_lot::Mutex<ReplayWindow>,
+}
+
+impl Sealed {
+    /// Opens a datagram from the hub in place: the frame inside, or `None` to drop it.
+    /// The cheap checks come first (length and marker, session, window); the window
+    /// records the counter only once the datagram is authenticated, so a forgery cannot
+    /// use up a counter the hub will send.
+    fn open<'a>(&self, dgram: &'a mut [u8]) -> Option<&'a [u8]> {
+        let h = sealed::header(dgram).ok()?;
+        if h.session != self.keys.session {
+            return None;
+        }
+        let mut window = self.window.lock();
+        if !window.check(h.counter) {
+            return None;
+        }
+        let frame = self.keys.hub.open(dgram).ok()?;
+        window.accept(h.counter);
+        Some(frame)
+    }
+}
+
+/// The encoding buffers of datagrams.
+#[derive(Default)]
+struct Scratch {
+    frame: Vec<u8>,
+    /// The sealed datagram (TLS sessions only).
+    sealed: Vec<u8>,
+}
+
 /// The UDP channel of one client.
 pub(super) struct UdpShared {
-    sock: UdpSocket,
-    /// Encoding buffer for datagrams; sends try a non-blocking send under this lock first,
-    /// so the common case allocates nothing.
-    scratch: parking_lot::Mutex<Vec<u8>>,
+    /// Replaced by [`UdpShared::replace_socket`].
+    sock: ArcSwap<UdpSocket>,
+    /// Encoding buffers for datagrams; sends try a non-blocking send under this lock
+    /// first, so the common case allocates nothing.
+    scratch: parking_lot::Mutex<Scratch>,
+    /// `Some` for a TLS session: every datagram is sealed, and only sealed ones are read.
+    sealed: Option<Sealed>,
+    /// Datagrams dropped because they could not be opened.
+    dropped: AtomicU64,
     /// Turn-taking for UDP exchanges (stop and wait); holds "out of step": a reply may
     /// still be owed to an abandoned exchange, so resynchronise before the next one.
     exchange: tokio::sync::Mutex<bool>,
@@ -42,15 +88,27 @@ pub(super) struct UdpShared {
 }
 
 impl UdpShared {
-    /// Encodes one frame and sends it as one datagram.
+    /// Encodes one frame and sends it as one datagram (sealed for a TLS session).
     pub(super) async fn send(&self, build: impl FnOnce(&mut Vec<u8>)) -> Result<(), ClientError> {
         let spill = {
             let mut s = self.scratch.lock();
-            s.clear();
-            build(&mut s);
-            match self.sock.try_send(&s) {
+            let s = &mut *s;
+            s.frame.clear();
+            build(&mut s.frame);
+            let dgram = match &self.sealed {
+                Some(k) => {
+                    s.sealed.clear();
+                    let counter = k.next.fetch_add(1, Ordering::Relaxed);
+                    k.keys
+                        .client
+                        .seal(k.keys.session, counter, &s.frame, &mut s.sealed);
+                    &s.sealed
+                }
+                None => &s.frame,
+            };
+            match self.sock.load().try_send(dgram) {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.clone(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dgram.clone(),
                 Err(e) => return Err(e.into()),
             }
         };
@@ -58,7 +116,28 @@ impl UdpShared {
     }
 
     async fn send_raw(&self, dgram: &[u8]) -> Result<(), ClientError> {
-        self.sock.send(dgram).await?;
+        self.sock.load_full().send(dgram).await?;
+        Ok(())
+    }
+
+    /// Datagrams dropped because they could not be opened (see
+    /// [`Client::sealed_dropped`](super::Client::sealed_dropped)).
+    pub(super) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Moves the channel to a new socket (a new local port) and reads from that one
+    /// instead; the caller binds it (see [`Client::rebind_udp`](super::Client::rebind_udp)).
+    pub(super) async fn replace_socket(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+    ) -> Result<(), ClientError> {
+        let sock = Arc::new(socket(shared).await?);
+        if shared.is_closed() {
+            return Err(ClientError::Closed);
+        }
+        self.sock.store(sock.clone());
+        start_reader(self, sock, shared.events.clone());
         Ok(())
     }
 
@@ -73,10 +152,13 @@ impl UdpShared {
 
     /// Binds the channel to the session with `token` and confirms it with a Ping, sending
     /// both again with growing waits (see [`Client::bind_udp`](super::Client::bind_udp)).
+    /// A sealed channel sends only the Ping: its Pong is the bind.
     pub(super) async fn bind(&self, shared: &Shared, token: &Token) -> Result<(), ClientError> {
         let mut out_of_step = self.exchange.lock().await;
         let mut bind = Vec::with_capacity(18);
-        encode(Opcode::Session, &token.0, &mut bind);
+        if self.sealed.is_none() {
+            encode(Opcode::Session, &token.0, &mut bind);
+        }
         let nonce = shared.nonce(b"bind");
         let (tx, mut rx) = oneshot::channel();
         self.pongs.lock().push(PongWaiter::new(nonce.clone(), tx));
@@ -90,7 +172,9 @@ impl UdpShared {
             quit.as_mut().enable();
             // A send can fail with ECONNREFUSED left by an earlier ICMP error; the retry
             // loop is the answer to that as to a lost datagram.
-            let _ = self.send_raw(&bind).await;
+            if !bind.is_empty() {
+                let _ = self.send_raw(&bind).await;
+            }
             let _ = self.send(|b| encode(Opcode::Ping, &nonce, b)).await;
             tokio::select! {
                 r = &mut rx => {
@@ -189,17 +273,29 @@ impl UdpShared {
     }
 }
 
-/// Creates the UDP socket (same address family as the server, ephemeral port, connected
-/// to the server) and starts its reader.
+/// A UDP socket of the server's address family on an ephemeral port, connected to the
+/// server (so the kernel drops datagrams from anybody else).
+async fn socket(shared: &Shared) -> Result<UdpSocket, ClientError> {
+    let sock = UdpSocket::bind(udp_local(shared.addr, shared.options.bind_ip)).await?;
+    sock.connect(shared.addr).await?;
+    Ok(sock)
+}
+
+/// Creates the UDP channel, sealed if the session is TLS, and starts its reader.
 pub(super) async fn open(shared: &Arc<Shared>) -> Result<Arc<UdpShared>, ClientError> {
     if shared.is_closed() {
         return Err(ClientError::Closed);
     }
-    let sock = UdpSocket::bind(udp_local(shared.addr, shared.options.bind_ip)).await?;
-    sock.connect(shared.addr).await?;
+    let sock = Arc::new(socket(shared).await?);
     let udp = Arc::new(UdpShared {
-        sock,
-        scratch: parking_lot::Mutex::new(Vec::with_capacity(256)),
+        sock: ArcSwap::new(sock.clone()),
+        scratch: parking_lot::Mutex::new(Scratch::default()),
+        sealed: shared.exporter.as_ref().map(|x| Sealed {
+            keys: Keys::from_exporter(x),
+            next: AtomicU64::new(0),
+            window: parking_lot::Mutex::new(ReplayWindow::default()),
+        }),
+        dropped: AtomicU64::new(0),
         exchange: tokio::sync::Mutex::new(false),
         slot: parking_lot::Mutex::new(None),
         pongs: parking_lot::Mutex::new(Vec::new()),
@@ -207,17 +303,24 @@ pub(super) async fn open(shared: &Arc<Shared>) -> Result<Arc<UdpShared>, ClientE
         bound: AtomicBool::new(false),
         reader: parking_lot::Mutex::new(None),
     });
-    let task = tokio::spawn(reader(udp.clone(), shared.events.clone()));
-    *udp.reader.lock() = Some(task.abort_handle());
+    start_reader(&udp, sock, shared.events.clone());
     Ok(udp)
 }
 
+/// Starts the reader of `sock`, ending the reader of the socket before it.
+fn start_reader(udp: &Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueue>) {
+    let task = tokio::spawn(reader(udp.clone(), sock, events));
+    if let Some(old) = udp.reader.lock().replace(task.abort_handle()) {
+        old.abort();
+    }
+}
+
 /// The UDP reader task.
-async fn reader(udp: Arc<UdpShared>, events: Arc<EventQueue>) {
+async fn reader(udp: Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueue>) {
     let mut buf = vec![0u8; 65_536];
     let mut senders = SenderCache::default();
     loop {
-        let n = match udp.sock.recv(&mut buf).await {
+        let n = match sock.recv(&mut buf).await {
             Ok(n) => n,
             // An ICMP "port unreachable" for an earlier datagram: the server was down or
             // restarting. Replies simply do not come; the waits time out.
@@ -230,7 +333,17 @@ async fn reader(udp: Arc<UdpShared>, events: Arc<EventQueue>) {
                 return;
             }
         };
-        let Ok(f) = codec::decode_datagram(&buf[..n], MAX_FRAME) else {
+        let dgram = match &udp.sealed {
+            None => &buf[..n],
+            Some(s) => match s.open(&mut buf[..n]) {
+                Some(frame) => frame,
+                None => {
+                    udp.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+        };
+        let Ok(f) = codec::decode_datagram(dgram, MAX_FRAME) else {
             continue;
         };
         let Some(op) = f.opcode() else { continue };

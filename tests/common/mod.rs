@@ -766,3 +766,104 @@ pub fn bound_shim(srv: &Server, name: &str) -> (Tcp, Udp) {
     u.bind_confirmed(&token);
     (c, u)
 }
+
+// ---------------------------------------------------------------------------------------
+// TLS: a throwaway PKI made at test time (no key is ever kept in the repository)
+// ---------------------------------------------------------------------------------------
+
+/// A CA and the hub certificate it signed (for 127.0.0.1 and localhost), as PEM files in a
+/// scratch directory of their own; client certificates on demand ([`Pki::client`]).
+pub struct Pki {
+    /// The CA certificate: what a client trusts (`--ca`), or a hub's `--tls-client-ca`.
+    pub ca: String,
+    /// The hub's certificate chain (`--tls-cert`).
+    pub cert: String,
+    /// The hub's private key (`--tls-key`).
+    pub key: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    /// Holds the files; removed on drop.
+    pub dir: TempFile,
+}
+
+impl Pki {
+    /// A new CA (`velium test CA N`) and a hub certificate signed by it.
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        // Each CA its own name: a client that trusts another one finds no issuer at all.
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = TempFile::new("ca.pem", "");
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("velium test CA {}", N.fetch_add(1, Ordering::Relaxed)),
+        );
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        dir.write(&params.self_signed(&key).unwrap().pem());
+        let mut pki = Pki {
+            ca: dir.arg().to_string(),
+            cert: String::new(),
+            key: String::new(),
+            issuer: rcgen::Issuer::new(params, key),
+            dir,
+        };
+        (pki.cert, pki.key) = pki.issue(
+            "hub",
+            &["127.0.0.1", "localhost"],
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        pki
+    }
+
+    /// A client certificate whose subject Common Name is `cn`: (certificate, key) files.
+    pub fn client(&self, cn: &str) -> (String, String) {
+        self.issue(cn, &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        usage: rcgen::ExtendedKeyUsagePurpose,
+    ) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            self.dir.sibling(&format!("{cn}.pem"), &cert.pem()),
+            self.dir.sibling(&format!("{cn}.key"), &key.serialize_pem()),
+        )
+    }
+
+    /// The hub's flags for this certificate: `--tls-cert CERT --tls-key KEY`.
+    pub fn server_args(&self) -> [&str; 4] {
+        ["--tls-cert", &self.cert, "--tls-key", &self.key]
+    }
+
+    /// Client TLS options that trust this CA.
+    pub fn client_tls(&self) -> velium_server::client::TlsOptions {
+        velium_server::client::TlsOptions {
+            ca: Some(self.ca.clone().into()),
+            ..Default::default()
+        }
+    }
+}
+
+impl Server {
+    /// Like [`Server::start`], with TLS on the TCP port (the hub certificate of `pki`).
+    pub fn tls(io: &str, pki: &Pki, extra: &[&str]) -> Server {
+        let mut args = pki.server_args().to_vec();
+        args.extend_from_slice(extra);
+        Server::start(io, &args)
+    }
+}

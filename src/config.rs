@@ -112,7 +112,8 @@ pub struct Config {
     pub udp_plain: bool,
     /// The bearer token the admin listener requires on everything but `/healthz`.
     pub admin_token: Option<Secret>,
-    /// Admin connections open at once; more wait in the kernel's backlog.
+    /// Admin connections open at once; at the limit a newcomer takes the place of the
+    /// connection idle longest.
     pub admin_connections: usize,
 }
 

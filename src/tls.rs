@@ -230,8 +230,12 @@ impl Session {
                 self.established = true;
                 r.established = true;
             }
-            if input.is_empty() || (n == 0 && want == 0) || r.closed {
+            if input.is_empty() || r.closed {
                 break;
+            }
+            if n == 0 && want == 0 {
+                // Nothing taken and nothing to drain: the rest cannot be read as records.
+                return Err(rustls::Error::General("records not consumed".into()));
             }
         }
         r.wants_write = self.conn.wants_write();

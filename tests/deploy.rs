@@ -109,13 +109,24 @@ fn broken_copies_are_refused_with_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The full file with every commented-out setting and example uncommented (secret files
-/// pointed at a scratch file, `cores` at 1). The hub-wide shared secret cannot be combined
-/// with the `[[user]]` examples: with `shared`, it is kept and the users are left out;
-/// without, the users are kept and it is left out.
+/// The full file with every commented-out setting and example uncommented (secret, token,
+/// certificate and key files pointed at scratch files, `cores` at 1). The hub-wide shared
+/// secret cannot be combined with the `[[user]]` examples: with `shared`, it is kept and
+/// the users are left out; without, the users are kept and it is left out.
 fn uncommented(dir: &Path, shared: bool) -> String {
     let secret = dir.join("secret");
     std::fs::write(&secret, "hunter2\n").unwrap();
+    // A self-signed certificate stands in for the hub's and for the client CA.
+    let made = rcgen::generate_simple_self_signed(vec!["hub.example.org".to_string()]).unwrap();
+    let (cert, key) = (dir.join("fullchain.pem"), dir.join("privkey.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let files = [
+        ("tls_cert", &cert),
+        ("tls_key", &key),
+        ("tls_client_ca", &cert),
+        ("admin_token_file", &secret),
+    ];
     let mut out = String::new();
     let mut in_user = false;
     for line in read(CONFIGS[0]).lines() {
@@ -139,6 +150,13 @@ fn uncommented(dir: &Path, shared: bool) -> String {
                 secret.display().to_string()
             )),
             Some(s) if s.starts_with("cores = ") => out.push_str("cores = 1\n"),
+            Some(s) if files.iter().any(|(k, _)| s.starts_with(&format!("{k} = "))) => {
+                let (k, path) = files
+                    .iter()
+                    .find(|(k, _)| s.starts_with(&format!("{k} = ")))
+                    .unwrap();
+                out.push_str(&format!("{k} = {:?}\n", path.display().to_string()));
+            }
             Some(s) => {
                 out.push_str(s);
                 out.push('\n');
@@ -187,6 +205,14 @@ fn documented_values_are_the_defaults() {
     assert!(d.allow_networks.is_empty() && !c.allow_networks.is_empty());
     assert_eq!(c.duplicate_identity, d.duplicate_identity);
     assert_eq!(c.answer_window, d.answer_window);
+    assert_eq!(c.tls_handshake_timeout, d.tls_handshake_timeout);
+    assert_eq!(c.udp_plain, d.udp_plain);
+    assert_eq!(c.admin_connections, d.admin_connections);
+    // TLS and the admin token are off by default; the examples turn them on.
+    assert!(d.tls.is_none() && d.admin_token.is_none());
+    let tls = c.tls.as_ref().expect("TLS example");
+    assert!(!tls.optional && tls.client_ca);
+    assert!(c.admin_token.as_ref().is_some_and(|t| t.verify(b"hunter2")));
     let s = Config::load(&Args {
         config: Some(shared),
         ..Args::default()

@@ -9,7 +9,6 @@ use crate::hub::outbox::OutState;
 use crate::hub::shim::{CloseReason, Shim};
 use crate::hub::timers::CLOSE_LINGER;
 use crate::hub::{Effects, Hub};
-use crate::proto::reject::Reject;
 use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -97,7 +96,7 @@ async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
                 Ok(()) => {
                     tokio::task::spawn_local(serve(core.clone(), stream, peer));
                 }
-                Err(why) => sys::refuse(stream.fd(), &Reject::Connection(why).frame()),
+                Err(why) => sys::refuse(stream.fd(), &core.hub.refusal_frame(why)),
             },
             Err(e) => {
                 // Out of descriptors or memory: back off a little, warn at most once a second.

@@ -4,6 +4,7 @@
 
 use super::Hub;
 use crate::metrics::{Counters, Refusal};
+use crate::proto::reject::Reject;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -132,6 +133,15 @@ impl Hub {
                 warn!(source = %ip, reason = why.label(), detail,
                     "refused (logged once a minute per source)");
             }
+        }
+    }
+
+    /// What a connection turned away at accept is sent: its Error, or nothing on a port
+    /// that requires TLS (where a TLS client would take plaintext for a broken record).
+    pub fn refusal_frame(&self, why: Refusal) -> Vec<u8> {
+        match &self.config().tls {
+            Some(t) if !t.optional => Vec::new(),
+            _ => Reject::Connection(why).frame(),
         }
     }
 

@@ -15,12 +15,12 @@ use super::send::{Effects, Route, SLICE_FRAMES, Via};
 use super::shim::{CloseReason, SealedUdp, Shim};
 use super::{Hub, Identified};
 use crate::metrics::{Counters, Latency, Refusal, Transport};
-use crate::proto::sealed::Keys;
-use crate::tls;
 use crate::proto::codec::{self, CodecError};
 use crate::proto::reject::Reject;
 use crate::proto::request::{Request, allowed_before_identify};
+use crate::proto::sealed::Keys;
 use crate::proto::{Frame, NEWLINE, Opcode, reply};
+use crate::tls;
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -640,5 +640,166 @@ mod tests {
         let mut n = 0;
         h.router.for_each_match(&Pattern::all(), |_| n += 1);
         assert_eq!(n, 0);
+    }
+}
+
+/// TLS through the connection's state machine, with a rustls client on the other end and
+/// no socket: the records the outbox would write go straight to the client.
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::hub::outbox::OutState;
+    use crate::proto::sealed::{EXPORTER_LABEL, EXPORTER_LEN};
+    use crate::tls::TlsSettings;
+    use rustls::pki_types::ServerName;
+    use std::io::{Read, Write};
+
+    fn settings(dir: &std::path::Path, optional: bool) -> (Arc<TlsSettings>, Vec<u8>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        let t = TlsSettings::load(&cert, &key, None, optional).unwrap();
+        (Arc::new(t), ck.cert.der().to_vec())
+    }
+
+    fn client(cert_der: Vec<u8>) -> rustls::ClientConnection {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert_der.into()).unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        rustls::ClientConnection::new(Arc::new(cfg), name).unwrap()
+    }
+
+    /// The records the connection queued for its socket.
+    fn wire(c: &Connection) -> Vec<u8> {
+        let mut out = Vec::new();
+        c.shim().outbox.take(&mut out);
+        c.shim().outbox.wrote(0);
+        out
+    }
+
+    /// Hands the client's pending records to the connection, then its answer back.
+    fn exchange(cl: &mut rustls::ClientConnection, c: &mut Connection, h: &Hub) -> Vec<u8> {
+        let mut sent = Vec::new();
+        while cl.wants_write() {
+            cl.write_tls(&mut sent).unwrap();
+        }
+        let now = Instant::now();
+        let mut plain = Vec::new();
+        match c.receive(h, &sent, now) {
+            Input::Decrypted(p) => {
+                let mut off = 0;
+                while off < p.len() {
+                    let (_, used) = c.on_bytes(h, &p[off..], now);
+                    off += used;
+                }
+                c.give_back(p);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        h.finish(0, c.effects(), now);
+        let back = wire(c);
+        cl.read_tls(&mut &back[..]).unwrap();
+        cl.process_new_packets().unwrap();
+        let _ = cl.reader().read_to_end(&mut plain);
+        plain
+    }
+
+    #[test]
+    fn a_session_over_tls_shares_the_sealed_keys() {
+        let dir = std::env::temp_dir().join(format!("velium-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (t, der) = settings(&dir, false);
+        let hub = Hub::new(Config {
+            tls: Some(t),
+            ..Config::default()
+        });
+        let mut conn = Connection::accept(&hub, 0, "127.0.0.1:9".parse().unwrap(), Instant::now());
+        assert!(
+            conn.shim().is_tls(),
+            "the handshake deadline runs from the accept"
+        );
+        let mut cl = client(der);
+        while cl.is_handshaking() {
+            exchange(&mut cl, &mut conn, &hub);
+        }
+        assert!(
+            !conn.shim().is_sealed(),
+            "the client's Finished is still to come"
+        );
+        cl.writer().write_all(b"\x01peq.z.bob\n\x06x\n").unwrap();
+        let got = exchange(&mut cl, &mut conn, &hub);
+        assert!(conn.shim().is_sealed());
+        assert_eq!(got[0], 0x02, "Session");
+        assert!(got.ends_with(b"\x07x\n"), "then the Pong: {got:?}");
+        let mut x = [0u8; EXPORTER_LEN];
+        cl.export_keying_material(&mut x, EXPORTER_LABEL, None)
+            .unwrap();
+        let keys = Keys::from_exporter(&x);
+        assert_eq!(conn.shim().sealed.get().unwrap().session, keys.session);
+        // Sealed by the client, opened by the hub's key for that direction.
+        let mut d = Vec::new();
+        keys.client.seal(keys.session, 0, b"\x06u\n", &mut d);
+        assert_eq!(
+            conn.shim().sealed.get().unwrap().open.open(&mut d).unwrap(),
+            b"\x06u\n"
+        );
+        // A close queues the last frame, then close_notify.
+        hub.send_last(conn.shim(), CloseReason::Quit, &crate::proto::QUIT);
+        let mut out = Vec::new();
+        assert_eq!(conn.shim().outbox.take(&mut out), OutState::Closing);
+        cl.read_tls(&mut &out[..]).unwrap();
+        let st = cl.process_new_packets().unwrap();
+        assert!(st.peer_has_closed());
+        let mut quit = Vec::new();
+        let _ = cl.reader().read_to_end(&mut quit);
+        assert_eq!(quit, crate::proto::QUIT);
+    }
+
+    #[test]
+    fn plaintext_is_refused_on_a_tls_port_and_served_when_optional() {
+        let dir = std::env::temp_dir().join(format!("velium-tls-unit2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for optional in [false, true] {
+            let (t, _) = settings(&dir, optional);
+            let hub = Hub::new(Config {
+                tls: Some(t),
+                ..Config::default()
+            });
+            let peer = "127.0.0.1:9".parse().unwrap();
+            let mut conn = Connection::accept(&hub, 0, peer, Instant::now());
+            let input = conn.receive(&hub, b"\x01peq.z.bob\n", Instant::now());
+            if optional {
+                assert!(matches!(input, Input::Plain));
+                assert!(!conn.shim().is_tls());
+            } else {
+                assert!(matches!(input, Input::Close(CloseReason::TlsRequired)));
+                let mut out = Vec::new();
+                conn.shim().outbox.take(&mut out);
+                assert_eq!(out, b"\x09this port requires TLS\n");
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_after_the_record_byte_fails_the_handshake() {
+        let dir = std::env::temp_dir().join(format!("velium-tls-unit3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (t, _) = settings(&dir, false);
+        let hub = Hub::new(Config {
+            tls: Some(t),
+            ..Config::default()
+        });
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut conn = Connection::accept(&hub, 0, peer, Instant::now());
+        let input = conn.receive(&hub, b"\x16\x03\x01\x00\x05hello", Instant::now());
+        assert!(matches!(input, Input::Close(CloseReason::TlsFailed)));
+        assert!(!conn.shim().outbox.is_open());
     }
 }

@@ -8,6 +8,7 @@
 
 use super::Hub;
 use super::send::{Class, Datagram, Effects, Route, Via};
+use super::shim::Shim;
 use super::table::BindOutcome;
 use crate::metrics::{Counters, Dir, ErrorKind, Latency, Transport};
 use crate::proto::codec::decode_datagram;
@@ -15,11 +16,10 @@ use crate::proto::reject::Reject;
 use crate::proto::request::Request;
 use crate::proto::sealed::{self, SealError};
 use crate::proto::{Frame, Opcode, QUIT, Token, reply};
-use super::shim::Shim;
-use std::sync::Arc;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use tracing::{debug, info, warn};

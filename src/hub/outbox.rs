@@ -415,7 +415,6 @@ impl Outbox {
         (res, !g.buf.is_empty())
     }
 
-
     /// Whether output has waited, with no progress, for `deadline_ms` at `now_ms` (and the
     /// socket is not shut down yet).
     pub fn stalled(&self, now_ms: u64, deadline_ms: u64) -> bool {

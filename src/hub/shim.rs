@@ -15,8 +15,8 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Why a connection ended; logged on the close line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -209,7 +209,11 @@ mod tests {
         t.insert(&b);
         let x: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         assert_eq!(t.bind_udp(&a, x), (BindOutcome::Bound, None));
-        assert_eq!(t.bind_udp(&b, x), (BindOutcome::Bound, Some(1)), "a lost it");
+        assert_eq!(
+            t.bind_udp(&b, x),
+            (BindOutcome::Bound, Some(1)),
+            "a lost it"
+        );
         assert_eq!(t.by_udp(&x).unwrap().serial, 2);
         assert_eq!(a.udp_addr(), None);
         t.remove(&a);

@@ -26,8 +26,7 @@ impl Hub {
         if c.tls.is_some() {
             shortest = shortest.min(c.tls_handshake_timeout);
         }
-        (shortest / 10)
-            .clamp(Duration::from_millis(5), Duration::from_millis(250))
+        (shortest / 10).clamp(Duration::from_millis(5), Duration::from_millis(250))
     }
 
     /// Which timer, if any, has run out for `shim` at `now`: the identify deadline

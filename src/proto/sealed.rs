@@ -251,6 +251,13 @@ mod tests {
         );
         let plain = k.client.open(&mut d).unwrap().to_vec();
         assert_eq!(plain, b"\x06hi\n");
+        let mut d = Vec::new();
+        k.hub.seal(k.session, 0, b"\x07hi\n", &mut d);
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "a5000102030405060700000000000000003da49e60cb48526f2cd44bf9ecedbf870c0e37ff"
+        );
     }
 
     #[test]

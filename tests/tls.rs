@@ -535,7 +535,69 @@ fn plain_bind_from_a_tls_session_is_refused(io: &str) {
     });
 }
 
+/// A reload re-reads the certificate and key: new sessions get the new certificate, the
+/// open ones go on with theirs.
+fn certificate_is_reloaded(io: &str) {
+    let (a, b) = (Pki::new(), Pki::new());
+    let cert = a
+        .dir
+        .sibling("live-cert.pem", &std::fs::read_to_string(&a.cert).unwrap());
+    let key = a
+        .dir
+        .sibling("live-key.pem", &std::fs::read_to_string(&a.key).unwrap());
+    let srv = Server::start(io, &["--tls-cert", &cert, "--tls-key", &key]);
+    rt().block_on(async {
+        let old = tls_client(&srv, &a, "tls.r.old").await;
+        std::fs::write(&cert, std::fs::read(&b.cert).unwrap()).unwrap();
+        std::fs::write(&key, std::fs::read(&b.key).unwrap()).unwrap();
+        srv.signal(libc::SIGHUP);
+        srv.wait_log(&["reloaded", "tls"]);
+        let new = tls_client(&srv, &b, "tls.r.new").await;
+        let refused = Client::connect_with(srv.addr, "tls.r.a", options(a.client_tls())).await;
+        assert!(
+            matches!(refused, Err(ClientError::Tls(_))),
+            "the old CA no longer fits: {:?}",
+            refused.err()
+        );
+        old.ping(b"still")
+            .await
+            .expect("the open session keeps its certificate");
+        new.ping(b"new").await.unwrap();
+    });
+}
+
+/// With `udp_plain = false` only TLS sessions have UDP: a plaintext session's bind is
+/// refused, a TLS session's sealed Ping is answered.
+fn plain_udp_off_leaves_udp_to_tls(io: &str) {
+    let pki = Pki::new();
+    let srv = Server::tls(
+        io,
+        &pki,
+        &[
+            "--tls-optional",
+            "--udp-plain",
+            "false",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut plain = srv.tcp();
+    let token = plain.identify("tls.u.plain");
+    let u = srv.udp();
+    u.bind(&token);
+    u.send(0x06, b"bound?");
+    assert_eq!(u.recv(), QUIT);
+    srv.wait_metric("velium_refused_total{reason=\"plain_udp\"}", |v| v == 1.0);
+    rt().block_on(async {
+        let t = tls_client(&srv, &pki, "tls.u.sealed").await;
+        t.bind_udp().await.expect("sealed UDP is served");
+        t.ping_udp(b"sealed").await.unwrap();
+    });
+}
+
 drivers!(
+    certificate_is_reloaded,
+    plain_udp_off_leaves_udp_to_tls,
     session_over_tls,
     untrusted_certificate_is_refused,
     plaintext_on_a_tls_only_port,

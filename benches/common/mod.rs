@@ -9,7 +9,8 @@
 //! [`machine`] (banner, settings, limits), [`system`] (the systems and how each is
 //! driven), [`servers`] (their processes), [`procfs`] (RSS and CPU from /proc),
 //! [`sockets`], [`raw`] (each system's handshake in raw bytes), [`hist`], [`report`]
-//! (tables and ratios) and [`storm`] (many connections held open).
+//! (tables and ratios), [`storm`] (many connections held open) and [`tls`] (a PKI made
+//! per run, the one TLS client context, handshakes over TLS, sealed UDP).
 #![allow(dead_code)]
 
 pub mod floor;
@@ -22,9 +23,11 @@ pub mod servers;
 pub mod sockets;
 pub mod storm;
 pub mod system;
+pub mod tls;
 
 // Not every bench uses every part (soak uses nothing from storm).
 #[allow(unused_imports)]
 pub use {
     hist::*, machine::*, procfs::*, raw::*, report::*, servers::*, sockets::*, storm::*, system::*,
+    tls::*,
 };

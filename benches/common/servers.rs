@@ -113,9 +113,98 @@ impl Server {
         }
     }
 
+    /// Starts `system` with TLS 1.3 on its client port: the certificate chain `cert` and
+    /// its private key `key` (PEM files, readable by every user: mosquitto started as root
+    /// drops to its own user before it reads them). velium-server gets `--tls-cert` and
+    /// `--tls-key`, then `velium_extra` (e.g. `--tls-optional`); nats-server a config file
+    /// with a `tls` block (its handshake timeout 5 s, velium's default); mosquitto its
+    /// plaintext bench config with the listener made TLS 1.3 only, and `set_tcp_nodelay`
+    /// (off by default, and then its CONNACK, a small write behind unacknowledged data,
+    /// most likely its TLS session tickets, waits out the client's delayed ACK, ~40 ms). `None` (with a line saying so) when a
+    /// peer is not installed. Not for the floor nor the baseline.
+    pub fn start_tls(
+        system: System,
+        velium_log: &str,
+        cert: &Path,
+        key: &Path,
+        velium_extra: &[&str],
+    ) -> Option<Server> {
+        let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+        match system {
+            System::VeliumUring | System::VeliumEpoll => {
+                let mut extra = vec!["--tls-cert", &cert_s, "--tls-key", &key_s];
+                extra.extend_from_slice(velium_extra);
+                Some(Self::velium_with(system, velium_log, &extra))
+            }
+            System::Nats => {
+                let Some(bin) = find_binary("nats-server") else {
+                    skipped("nats-server");
+                    return None;
+                };
+                let port = free_port();
+                let dir = TempDir::new("nats-tls");
+                let conf = dir.0.join("nats.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listen: 127.0.0.1:{port}\ntls {{\n  cert_file: {cert_s:?}\n  \
+                         key_file: {key_s:?}\n  timeout: 5\n}}\n"
+                    ),
+                )
+                .expect("write nats.conf");
+                let mut cmd = Command::new(bin);
+                cmd.arg("-c").arg(&conf);
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                Some(Self::spawn(
+                    System::Nats,
+                    cmd,
+                    "nats-server (TLS)",
+                    Some(addr),
+                    Some(dir),
+                ))
+            }
+            System::Mosquitto => {
+                let Some(bin) = find_binary("mosquitto") else {
+                    skipped("mosquitto");
+                    return None;
+                };
+                let port = free_port();
+                let dir = TempDir::new("mosquitto-tls");
+                let conf = dir.0.join("mosquitto.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {port} 127.0.0.1\ncertfile {cert_s}\nkeyfile {key_s}\n\
+                         tls_version tlsv1.3\nallow_anonymous true\nlog_dest stderr\n\
+                         log_type error\nlog_type warning\npersistence false\n\
+                         max_connections -1\nset_tcp_nodelay true\n"
+                    ),
+                )
+                .expect("write mosquitto.conf");
+                let mut cmd = Command::new(bin);
+                cmd.arg("-c").arg(&conf);
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                Some(Self::spawn(
+                    System::Mosquitto,
+                    cmd,
+                    "mosquitto (TLS)",
+                    Some(addr),
+                    Some(dir),
+                ))
+            }
+            other => panic!("{} has no TLS setup in the benches", other.name()),
+        }
+    }
+
     /// velium-server: the one this bench was built with (io_uring or epoll), or the
     /// baseline binary with io_uring's flags.
     fn velium(system: System, log_level: &str) -> Server {
+        Self::velium_with(system, log_level, &[])
+    }
+
+    /// [`Server::velium`] with `extra` flags after the bench's own (and before those of
+    /// `VELIUM_BENCH_SERVER_ARGS`).
+    fn velium_with(system: System, log_level: &str, extra: &[&str]) -> Server {
         let (bin, io, what) = match system {
             System::VeliumUring => (current_velium(), "uring", "velium-server"),
             System::VeliumEpoll => (current_velium(), "epoll", "velium-server"),
@@ -136,6 +225,7 @@ impl Server {
             .args(["--max-connections-per-source", "0"])
             // Nor per-shim rate limits, in the builds that have them.
             .args(shim_limit_args(&bin))
+            .args(extra)
             .args(velium_extra_args());
         Self::spawn(system, cmd, what, None, None)
     }

@@ -512,6 +512,24 @@ fn udp_bind_gets_no_reply_and_ping_pongs(io: &str) {
     c.sync(b"tcp");
 }
 
+/// A plain bind from an address another live session holds moves the address (a client
+/// reusing a port on a LAN), and says so: a warning, and a count.
+fn udp_address_taken_from_a_live_session_is_a_warning(io: &str) {
+    let srv = Server::start(io, &["--admin", "127.0.0.1:0"]);
+    let (_a, _, u) = bound(&srv, "udp.holder");
+    let (_b, token) = identified(&srv, "udp.taker");
+    u.bind(&token);
+    u.sync(b"taken");
+    let src = u.s.local_addr().unwrap();
+    srv.wait_log(&[
+        "WARN",
+        "took an address from another live session",
+        "identity=udp.taker",
+        &format!("src={src}"),
+    ]);
+    srv.wait_metric("velium_udp_address_taken_total", |v| v == 1.0);
+}
+
 fn udp_rebind_moves_the_binding(io: &str) {
     let srv = Server::start(io, &[]);
     let (_c, token, old) = bound(&srv, "udp.mover");
@@ -1198,6 +1216,7 @@ drivers!(
     oversized_close_removes_the_session,
     udp_bind_gets_no_reply_and_ping_pongs,
     udp_rebind_moves_the_binding,
+    udp_address_taken_from_a_live_session_is_a_warning,
     udp_unknown_token_gets_quit,
     udp_unbound_source_gets_only_quit,
     udp_short_datagrams_get_no_reply,

@@ -717,8 +717,9 @@ impl Config {
                 path: path.clone(),
                 source,
             })?;
+            // HTTP trims the white space around a header value: so does the token file.
             c.admin_token = Some(secret_from(
-                &text,
+                text.trim_ascii(),
                 &format!("admin token file {}", path.display()),
             )?);
         }
@@ -738,6 +739,18 @@ impl Config {
                     u.name
                 )));
             }
+        }
+        if let Some(t) = &c.tls
+            && t.optional
+            && t.client_ca
+            && !c.requires_auth()
+        {
+            return Err(ConfigError::Invalid(
+                "tls_client_ca with tls_optional would let plaintext clients in with no \
+                 credential while TLS clients need a certificate: give the hub a secret_file \
+                 or [[user]]s, or turn tls_optional off"
+                    .into(),
+            ));
         }
         if !c.users.is_empty() && c.secret.is_some() {
             return Err(ConfigError::Invalid(

@@ -283,9 +283,29 @@ impl Session {
     }
 }
 
-/// The user name a client certificate carries: its subject's first Common Name.
+/// The user name a client certificate carries: its subject's Common Name, when it has
+/// exactly one (tools disagree on which of several counts, so none does).
 pub fn certificate_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let cn = parsed.subject().iter_common_name().next()?;
+    let mut names = parsed.subject().iter_common_name();
+    let cn = names.next()?;
+    if names.next().is_some() {
+        return None;
+    }
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// `s` fit for an Error frame and a log line: printable ASCII, at most 64 characters
+/// (a certificate's name is the client's to choose).
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }

@@ -131,7 +131,9 @@ fn op_and_body() -> impl Strategy<Value = (u8, Body)> {
         2 => text().prop_map(move |t| f(0x06, Body::Bytes(t))),
         2 => (any::<u8>(), any::<u8>()).prop_map(move |(user, key)| f(0x0F, Body::Auth { user, key })),
         2 => any::<u8>().prop_map(move |n| f(0x02, Body::Token(n))),
-        3 => (prop_oneof![0u8..=0x10, any::<u8>()], vec(any::<u8>(), 0..20))
+        // 0x16 as a connection's first byte is a TLS ClientHello (refused without TLS);
+        // 0xA5 starts a sealed datagram.
+        3 => (prop_oneof![0u8..=0x10, Just(0x16u8), Just(0xA5u8), any::<u8>()], vec(any::<u8>(), 0..20))
             .prop_map(move |(op, b)| f(op, Body::Bytes(b))),
     ]
 }

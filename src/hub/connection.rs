@@ -91,22 +91,16 @@ impl Connection {
     /// A connection just accepted from `peer` on `core`.
     pub fn accept(hub: &Hub, core: usize, peer: SocketAddr, now: Instant) -> Connection {
         let shim = hub.accept(core, peer, now);
-        let wire = match &hub.config().tls {
-            None => Wire::Plain,
-            Some(t) => {
-                if !t.optional {
-                    // The handshake deadline runs from now.
-                    shim.mark_tls();
-                }
-                Wire::Undecided
-            }
-        };
+        if hub.config().tls.as_ref().is_some_and(|t| !t.optional) {
+            // The handshake deadline runs from now.
+            shim.mark_tls(true);
+        }
         Connection {
             shim,
             partial: Vec::new(),
             authed: false,
             accepted: now,
-            wire,
+            wire: Wire::Undecided,
             plain: Vec::new(),
             out: None,
         }
@@ -117,17 +111,28 @@ impl Connection {
     /// carried. The first bytes of a connection on a TLS port decide whether it speaks TLS
     /// (a TLS record starts with 0x16, which no opcode has).
     pub fn receive(&mut self, hub: &Hub, wire: &[u8], now: Instant) -> Input {
+        if !self.shim.outbox.is_open() {
+            // Closing or closed: `on_bytes` ends the read without handling anything.
+            return Input::Plain;
+        }
         if self.wire == Wire::Undecided && !wire.is_empty() {
             let settings = hub.config().tls.clone();
             match settings {
                 Some(t) if wire[0] == tls::HANDSHAKE_RECORD => match tls::Session::new(&t) {
                     Ok(session) => {
                         self.shim.outbox.start_tls(session);
-                        self.shim.mark_tls();
+                        self.shim.mark_tls(true);
                         self.wire = Wire::Tls;
                     }
                     Err(e) => return self.tls_failed(hub, &e, now),
                 },
+                None if wire[0] == tls::HANDSHAKE_RECORD => {
+                    let r = Reject::TlsNotServed;
+                    hub.metrics.reject(&r);
+                    debug!(conn = self.shim.serial, "tls client on a port without tls");
+                    hub.send_last(&self.shim, CloseReason::TlsFailed, &r.frame());
+                    return Input::Close(CloseReason::TlsFailed);
+                }
                 Some(t) if !t.optional => {
                     hub.refused_for(
                         self.shim.peer.ip(),
@@ -140,7 +145,10 @@ impl Connection {
                     return Input::Close(CloseReason::TlsRequired);
                 }
                 // TLS optional, or turned off by a reload since the accept.
-                _ => self.wire = Wire::Plain,
+                _ => {
+                    self.wire = Wire::Plain;
+                    self.shim.mark_tls(false);
+                }
             }
         }
         if self.wire != Wire::Tls {
@@ -176,12 +184,18 @@ impl Connection {
     }
 
     fn tls_failed(&mut self, hub: &Hub, e: &rustls::Error, now: Instant) -> Input {
-        hub.refused_for(
-            self.shim.peer.ip(),
-            Refusal::TlsHandshake,
-            &e.to_string(),
-            now,
-        );
+        if self.shim.is_sealed() {
+            // After the handshake: a broken or altered record, not a refused client.
+            hub.metrics
+                .error(crate::proto::reject::ErrorKind::TlsRecord);
+        } else {
+            hub.refused_for(
+                self.shim.peer.ip(),
+                Refusal::TlsHandshake,
+                &e.to_string(),
+                now,
+            );
+        }
         debug!(conn = self.shim.serial, error = %e, "tls failed");
         self.shim.outbox.close(CloseReason::TlsFailed, &[]);
         Input::Close(CloseReason::TlsFailed)
@@ -207,8 +221,8 @@ impl Connection {
             self.authed = true;
             return Ok(());
         }
-        let name = tls::certificate_name(&cert).unwrap_or_default();
-        match c.users.get(name.as_str()) {
+        let name = tls::certificate_name(&cert);
+        match name.as_deref().and_then(|n| c.users.get(n)) {
             Some(user) => {
                 self.authed = true;
                 self.shim.set_user(Some(user.clone()));
@@ -216,7 +230,9 @@ impl Connection {
             }
             None => {
                 hub.refused(self.shim.peer.ip(), Refusal::Auth, now);
-                let r = Reject::CertificateUser(name);
+                let r = Reject::CertificateUser(tls::printable(
+                    name.as_deref().unwrap_or("(none, or more than one)"),
+                ));
                 hub.send_last(&self.shim, CloseReason::CertificateUser, &r.frame());
                 Err(CloseReason::CertificateUser)
             }
@@ -785,6 +801,59 @@ mod tls_tests {
                 assert_eq!(out, b"\x09this port requires TLS\n");
             }
         }
+    }
+
+    #[test]
+    fn a_reload_to_optional_tls_leaves_a_plaintext_client_no_handshake_deadline() {
+        let dir = std::env::temp_dir().join(format!("velium-tls-unit4-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (strict, _) = settings(&dir, false);
+        let hub = Hub::new(Config {
+            tls: Some(strict),
+            ..Config::default()
+        });
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut conn = Connection::accept(&hub, 0, peer, Instant::now());
+        assert!(conn.shim().is_tls());
+        let (optional, _) = settings(&dir, true);
+        hub.reload(Config {
+            tls: Some(optional),
+            ..Config::default()
+        });
+        let input = conn.receive(&hub, b"\x01peq.z.bob\n", Instant::now());
+        assert!(matches!(input, Input::Plain));
+        assert!(
+            !conn.shim().is_tls(),
+            "no handshake deadline, plain UDP allowed"
+        );
+    }
+
+    #[test]
+    fn a_tls_client_on_a_plaintext_port_is_told_and_closed() {
+        let hub = Hub::new(Config::default());
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut conn = Connection::accept(&hub, 0, peer, Instant::now());
+        let input = conn.receive(&hub, b"\x16\x03\x01\x00\x05hello", Instant::now());
+        assert!(matches!(input, Input::Close(CloseReason::TlsFailed)));
+        let mut out = Vec::new();
+        conn.shim().outbox.take(&mut out);
+        assert_eq!(out, b"\x09this port does not speak TLS\n");
+        // Later input starting with the same byte is an unknown opcode as ever.
+        let mut conn = Connection::accept(&hub, 0, peer, Instant::now());
+        assert!(matches!(
+            conn.receive(&hub, b"\x06a\n", Instant::now()),
+            Input::Plain
+        ));
+        assert!(matches!(
+            conn.receive(&hub, b"\x16\n", Instant::now()),
+            Input::Plain
+        ));
+    }
+
+    #[test]
+    fn a_certificate_name_is_printable_in_an_error() {
+        assert_eq!(crate::tls::printable("x\n\x02AB"), "x??AB");
+        assert_eq!(crate::tls::printable(&"a".repeat(100)).len(), 64);
     }
 
     #[test]

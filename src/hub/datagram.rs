@@ -255,7 +255,8 @@ pub fn on_datagram(
         return;
     }
 
-    let Some(shim) = hub.table.by_udp(&src) else {
+    let Some(shim) = hub.table.by_udp(&src).filter(|_| hub.config().udp_plain) else {
+        // Unbound, or bound before a reload turned plain UDP off.
         return answer_quit(hub, lim, src, dgram.len(), out);
     };
     on_frame(hub, &shim, src, frame, out);
@@ -266,38 +267,41 @@ pub fn on_datagram(
 /// Whatever fails is dropped and counted, never answered: the hub says nothing to a
 /// source that cannot prove it holds the session's key.
 fn on_sealed(hub: &Hub, src: SocketAddr, dgram: &[u8], now: Instant, out: &mut Effects) {
-    let drop = |e: SealError| {
+    let dropped = |e: SealError| {
         let i = SealError::ALL.iter().position(|x| *x == e).unwrap_or(0);
         Counters::bump(&hub.counters().sealed_dropped[i]);
     };
     let h = match sealed::header(dgram) {
         Ok(h) => h,
-        Err(e) => return drop(e),
+        Err(e) => return dropped(e),
     };
     let Some(shim) = hub.table.by_sealed(h.session) else {
-        return drop(SealError::UnknownSession);
+        return dropped(SealError::UnknownSession);
     };
     let Some(s) = shim.sealed.get() else {
-        return drop(SealError::UnknownSession);
+        return dropped(SealError::UnknownSession);
     };
     if !s.window.lock().check(h.counter) {
-        return drop(SealError::Replayed);
+        return dropped(SealError::Replayed);
     }
     let mut buf = dgram.to_vec();
     let plain = match s.open.open(&mut buf) {
         Ok(p) => p,
-        Err(e) => return drop(e),
+        Err(e) => return dropped(e),
     };
-    let newest = {
-        // Checked again under the lock: the same datagram may have reached two cores.
-        let mut w = s.window.lock();
-        if !w.check(h.counter) {
-            return drop(SealError::Replayed);
-        }
-        w.accept(h.counter)
-    };
-    if newest {
-        match hub.table.move_sealed(&shim, src) {
+    // Checked again under the lock (the same datagram may have reached two cores), and
+    // the address moved under it too, so that of two datagrams on two cores the newer
+    // one's source always stands.
+    let mut w = s.window.lock();
+    if !w.check(h.counter) {
+        return dropped(SealError::Replayed);
+    }
+    let moved = w
+        .accept(h.counter)
+        .then(|| hub.table.move_sealed(&shim, src));
+    std::mem::drop(w);
+    if let Some(moved) = moved {
+        match moved {
             BindOutcome::Dead => return,
             BindOutcome::Bound => {
                 info!(conn = shim.serial, identity = %shim.identity(), %src, "sealed bind");
@@ -315,7 +319,7 @@ fn on_sealed(hub: &Hub, src: SocketAddr, dgram: &[u8], now: Instant, out: &mut E
         Err(_) => return hub.metrics.error(ErrorKind::BadDatagram),
     };
     hub.metrics
-        .frame(Dir::In, Transport::Udp, frame.op, dgram.len());
+        .frame(Dir::In, Transport::Udp, frame.op, plain.len());
     on_frame(hub, &shim, src, frame, out);
 }
 

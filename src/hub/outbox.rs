@@ -401,7 +401,6 @@ impl Outbox {
         let Some(t) = g.tls.as_mut() else {
             return (Ok(Received::default()), false);
         };
-        let was_empty = g.buf.is_empty() && g.plain.is_empty();
         if g.state == OutState::Kicked {
             return (Ok(Received::default()), false);
         }
@@ -411,7 +410,6 @@ impl Outbox {
         {
             on_ready(t);
         }
-        let _ = was_empty;
         (res, !g.buf.is_empty())
     }
 

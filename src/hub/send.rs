@@ -311,12 +311,12 @@ impl Hub {
                 return None;
             }
             to.frames_out.fetch_add(1, Ordering::Relaxed);
-            let op = frame[0];
+            let (op, len) = (frame[0], frame.len());
             let frame = match to.sealed.get() {
                 Some(s) => Bytes::from(s.seal(frame)),
                 None => frame.clone(),
             };
-            out.count(Transport::Udp, op, 1, frame.len());
+            out.count(Transport::Udp, op, 1, len);
             out.datagrams.push(Datagram {
                 to: addr,
                 frame,

@@ -196,8 +196,8 @@ impl Shim {
         self.tls.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn mark_tls(&self) {
-        self.tls.store(true, Ordering::Relaxed);
+    pub(crate) fn mark_tls(&self, tls: bool) {
+        self.tls.store(tls, Ordering::Relaxed);
     }
 
     /// Whether the UDP channel is sealed (a TLS session whose handshake finished).

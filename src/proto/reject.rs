@@ -44,11 +44,16 @@ pub enum ErrorKind {
     IdentifyTimeout,
     /// A datagram that is not one frame.
     BadDatagram,
+    /// A TLS record that did not decrypt or parse after the handshake (the connection is
+    /// closed).
+    TlsRecord,
+    /// A TLS ClientHello on a port without TLS (the connection is closed).
+    TlsNotServed,
 }
 
 impl ErrorKind {
     /// Every kind, in the order `/metrics` lists them.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Oversized,
         ErrorKind::UnknownOpcode,
         ErrorKind::IdentifyFirst,
@@ -58,6 +63,8 @@ impl ErrorKind {
         ErrorKind::NoMatch,
         ErrorKind::IdentifyTimeout,
         ErrorKind::BadDatagram,
+        ErrorKind::TlsRecord,
+        ErrorKind::TlsNotServed,
     ];
 
     /// The `kind` label.
@@ -72,6 +79,8 @@ impl ErrorKind {
             ErrorKind::NoMatch => "no_match",
             ErrorKind::IdentifyTimeout => "identify_timeout",
             ErrorKind::BadDatagram => "bad_datagram",
+            ErrorKind::TlsRecord => "tls_record",
+            ErrorKind::TlsNotServed => "tls_not_served",
         }
     }
 }
@@ -269,6 +278,8 @@ pub enum Reject {
     /// A verified client certificate whose Common Name names no user (the connection is
     /// closed).
     CertificateUser(String),
+    /// A TLS ClientHello on a port that does not speak TLS (the connection is closed).
+    TlsNotServed,
     /// A plain UDP bind on a hub with `udp_plain = false`.
     PlainUdpOff,
     /// A plain UDP bind from a TLS session, whose UDP is sealed.
@@ -325,6 +336,7 @@ impl Reject {
             Reject::AuthRequired => "authentication required".into(),
             Reject::AuthFailed => "authentication failed".into(),
             Reject::TlsRequired => "this port requires TLS".into(),
+            Reject::TlsNotServed => "this port does not speak TLS".into(),
             Reject::CertificateUser(cn) => {
                 format!("authentication failed: certificate names no user: {cn}").into()
             }
@@ -369,6 +381,7 @@ impl Reject {
             Reject::AuthRequired | Reject::AuthFailed => Metric::Refusal(Refusal::Auth),
             Reject::Connection(r) => Metric::Refusal(*r),
             Reject::TlsRequired => Metric::Refusal(Refusal::TlsRequired),
+            Reject::TlsNotServed => Metric::Error(E::TlsNotServed),
             Reject::CertificateUser(_) => Metric::Refusal(Refusal::Auth),
             Reject::PlainUdpOff | Reject::PlainUdpTls => Metric::Refusal(Refusal::PlainUdp),
         }

@@ -26,7 +26,7 @@ use velium_server::hub::shim::{CloseReason, Shim};
 use velium_server::metrics::{Dir, Latency, Refusal, Transport};
 use velium_server::proto::identity::IdentityError;
 use velium_server::proto::pattern::{Pattern, PatternError, Seg};
-use velium_server::proto::reject::{Rate, Reject, Revoked, Shape, answers_no_request};
+use velium_server::proto::reject::{ErrorKind, Rate, Reject, Revoked, Shape, answers_no_request};
 use velium_server::proto::{NEWLINE, Opcode, QUIT};
 
 /// Opcodes the server may send to a client.
@@ -630,6 +630,14 @@ impl World {
             ),
             ("refused answer", refused(hub, Refusal::Answer), m.answer),
             ("refused revoked", refused(hub, Refusal::Revoked), m.revoked),
+            (
+                "TLS ClientHellos not served",
+                hub.metrics
+                    .errors()
+                    .find(|(k, _)| *k == ErrorKind::TlsNotServed)
+                    .map_or(0, |(_, n)| n),
+                m.tls_not_served,
+            ),
         ];
         for (what, got, want) in pairs {
             if got != want {

@@ -62,7 +62,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use velium_server::hub::connection::{Connection, Flow};
+use velium_server::hub::connection::{Connection, Flow, Input};
 use velium_server::hub::datagram::{self, QuitLimiter};
 use velium_server::hub::outbox::{OutState, SocketOps};
 use velium_server::hub::send::Class;
@@ -141,6 +141,8 @@ struct Conn {
     // The model:
     /// An unfinished frame kept between reads.
     rx: Vec<u8>,
+    /// Bytes have arrived (the first byte decides the transport).
+    spoke: bool,
     /// A valid Auth came before the first Identify.
     authed: bool,
     /// The user it authenticated as (name and the secret it presented): the last valid
@@ -638,6 +640,7 @@ impl World {
             reads,
             finished: false,
             rx: Vec::new(),
+            spoke: false,
             authed: false,
             user: None,
             identified: false,
@@ -710,6 +713,22 @@ impl World {
     /// One read of `data` on `c`: slice after slice, each carried out, as `serve` does.
     fn read(&mut self, c: usize, data: &[u8]) -> Flow {
         let now = self.now();
+        // `handle`: the transport first (`Connection::receive`); these hubs have no TLS, so
+        // only a first byte 0x16 (a TLS ClientHello) changes anything.
+        let input = self.conns[c].real.receive(&self.hub, data, now);
+        let expect = self.model_receive(c, data);
+        match (input, expect) {
+            (Input::Plain, None) => {}
+            (Input::Close(r), Some(e)) if r == e => {
+                let hub = self.hub.clone();
+                let out = self.conns[c].real.effects();
+                hub.finish(0, out, now);
+                return Flow::Close(r);
+            }
+            (got, want) => self.fail(format!(
+                "receive on conn {c} gave {got:?}, expected {want:?}"
+            )),
+        }
         let mut off = 0;
         loop {
             let before = self.pending();

@@ -246,6 +246,8 @@ pub(super) struct MCounts {
     pub(super) in_use: u64,
     pub(super) answer: u64,
     pub(super) revoked: u64,
+    /// TLS ClientHellos on these hubs without TLS.
+    pub(super) tls_not_served: u64,
 }
 
 /// A user as the model reads the settings: its secret and its patterns.
@@ -330,6 +332,22 @@ impl World {
     /// only once a recipient's queue reached a quarter of the outbound limit in it, and
     /// no later than the frame that took one past it. What the frames produce is compared
     /// in full either way.
+    /// The model of `Connection::receive` on a hub without TLS: a connection whose first
+    /// byte is 0x16 (a TLS ClientHello) is told so and closed; returns that close.
+    pub(super) fn model_receive(&mut self, c: usize, data: &[u8]) -> Option<CloseReason> {
+        let conn = &mut self.conns[c];
+        if conn.spoke || data.is_empty() {
+            return None;
+        }
+        conn.spoke = true;
+        if data[0] != 0x16 || conn.closed || conn.out.state != OutState::Open {
+            return None;
+        }
+        self.counts.tls_not_served += 1;
+        self.close_out(c, CloseReason::TlsFailed, &refusal(Reject::TlsNotServed));
+        Some(CloseReason::TlsFailed)
+    }
+
     pub(super) fn model_slice(
         &mut self,
         c: usize,
@@ -928,6 +946,11 @@ impl World {
 
     /// The model of `on_datagram`; returns whether a rate-limited Quit answer is due.
     pub(super) fn model_datagram(&mut self, src: SocketAddr, d: &[u8]) -> bool {
+        // A sealed datagram: no session of the model has keys, so it is dropped (and
+        // counted), never answered, whatever its source.
+        if d.first() == Some(&velium_server::proto::sealed::MARKER) {
+            return false;
+        }
         let bound = self.bindings.get(&src).copied();
         // A datagram is one frame: an opcode, then data, then an optional 0x0A.
         let lf = d.last() == Some(&NEWLINE);

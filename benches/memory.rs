@@ -4,6 +4,11 @@
 //!     for each velium driver, the floor, nats-server and mosquitto; bytes per idle
 //!     connection. A velium shim here has done its whole handshake (Identify -> Session,
 //!     UDP bind confirmed), so its UDP binding is counted too.
+//! (a') IDLE-TLS: the same for velium's two drivers over TLS 1.3: server RSS per idle shim
+//!     for N TLS shims (TCP connect, TLS 1.3 handshake, Identify -> Session, in raw bytes
+//!     over tokio-rustls) against N plaintext shims made the same way without TLS, each
+//!     kind on a fresh server of the same build (the TLS one with `--tls-cert --tls-key`),
+//!     and the ratio tls/plain. Neither kind binds UDP here.
 //! (b) FLEET: F velium shims (default 19,000) connected at once through the client library,
 //!     spread over several source addresses (`ClientOptions::bind_ip`), each with a
 //!     confirmed UDP bind, then every one sends a TCP Ping at once: how many answered, and
@@ -11,16 +16,17 @@
 //!
 //! Settings (flag or environment): `--n` / `VELIUM_BENCH_N` (10000), `--fleet` /
 //! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100),
-//! `VELIUM_BENCH_ONLY=uring,epoll,before,floor,nats,mosquitto`;
+//! `VELIUM_BENCH_ONLY=uring,epoll,before,floor,nats,mosquitto`,
+//! `VELIUM_BENCH_PARTS=idle,idle-tls,fleet`;
 //! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds an idle row for that earlier build
 //! (velium-before io_uring, key `before`) and the after-vs-before ratio.
 
 mod common;
 
 use common::{
-    Conn, Hist, LatRow, QUIET, Server, System, Via, banner, cap_connections, floor, fmt_bytes,
-    part, print_after_vs_before, print_latency_table, ratio, runtime, selected, setting, storm,
-    target,
+    Conn, Hist, LatRow, Pki, QUIET, Server, System, Via, banner, cap_connections, floor, fmt_bytes,
+    open_fds, part, print_after_vs_before, print_latency_table, ratio, runtime, selected, setting,
+    settle_fds, storm, target, tls_storm,
 };
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,6 +65,7 @@ fn main() {
     let n = cap_connections("idle shims", setting("n", 10_000), c + 200);
     let fleet = cap_connections("fleet", setting("fleet", 19_000), c + 200);
     let rt = runtime();
+    let base_fds = open_fds();
 
     // ----- (a) idle shims -----
     let do_idle = part("idle");
@@ -127,6 +134,11 @@ fn main() {
             fmt_bytes,
             "less",
         );
+    }
+
+    // ----- (a') idle shims over TLS -----
+    if part("idle-tls") {
+        idle_tls(&rt, n, c, base_fds);
     }
 
     // ----- (b) fleet -----
@@ -221,6 +233,106 @@ fn main() {
             &format!("{answered} of {wanted} answered"),
         );
     }
+    println!();
+}
+
+/// Server RSS per idle shim over TLS 1.3 against plaintext, for each selected velium
+/// driver: N plaintext shims (raw bytes: TCP connect, Identify -> Session) on a fresh
+/// server without TLS, then N TLS shims (TCP connect, TLS 1.3 handshake, the same Identify
+/// -> Session inside) on a fresh server with `--tls-cert --tls-key`; no UDP bind in either.
+/// Only one kind's connections are open at a time, so the bench holds at most N sockets
+/// (the descriptor limit caps N for the idle part already); `base_fds` is this process's
+/// descriptor count before any part ran, waited for before each storm (client-library
+/// sessions of the idle part close their sockets in tasks of the runtime).
+fn idle_tls(rt: &tokio::runtime::Runtime, n: usize, c: usize, base_fds: usize) {
+    println!(
+        "## Server RSS per idle connection, TLS 1.3 against plaintext: {n} shims connected \
+         and idle"
+    );
+    println!();
+    let pki = Pki::new();
+    let tls = pki.connector();
+    // (driver, TLS?, figures); the plaintext row of a driver comes just before its TLS row.
+    let mut rows: Vec<(bool, MemRow)> = Vec::new();
+    let mut negotiated = None;
+    for system in [System::VeliumUring, System::VeliumEpoll] {
+        if !selected(system) {
+            continue;
+        }
+        for with_tls in [false, true] {
+            settle_fds(rt, base_fds);
+            let server = if with_tls {
+                Server::start_tls(system, QUIET, &pki.cert, &pki.key, &[])
+            } else {
+                Server::start(system, QUIET)
+            };
+            let Some(mut server) = server else {
+                continue;
+            };
+            std::thread::sleep(SETTLE);
+            let before = server.rss();
+            // `after` is read while the connections are still open: each branch drops its
+            // storm's connections only at its end.
+            let (held, errors, first_error, after) = if with_tls {
+                let r = rt.block_on(tls_storm(system, &tls, server.addr, n, c));
+                if let Some(shim) = r.conns.first() {
+                    negotiated.get_or_insert_with(|| shim.negotiated());
+                }
+                std::thread::sleep(SETTLE);
+                server.assert_running();
+                (r.held, r.errors, r.first_error, server.rss())
+            } else {
+                let r = rt.block_on(storm(system, server.addr, n, c, false, Via::Raw));
+                std::thread::sleep(SETTLE);
+                server.assert_running();
+                (r.held, r.errors, r.first_error, server.rss())
+            };
+            if errors > 0 || held != n {
+                println!(
+                    "> {} ({}): {held} of {n} held, {errors} failed: {first_error}",
+                    system.name(),
+                    if with_tls { "TLS 1.3" } else { "plaintext" },
+                );
+            }
+            rows.push((
+                with_tls,
+                MemRow {
+                    system,
+                    before,
+                    after,
+                    n: held,
+                },
+            ));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!("| system | idle connections | RSS before | RSS after | per connection | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (with_tls, r) in &rows {
+        let plain = rows
+            .iter()
+            .find(|(t, p)| !*t && p.system == r.system)
+            .map(|(_, p)| p.per_conn());
+        println!(
+            "| {} ({}) | {} | {} | {} | {} | {} |",
+            r.system.name(),
+            if *with_tls { "TLS 1.3" } else { "plaintext" },
+            r.n,
+            fmt_bytes(r.before as f64),
+            fmt_bytes(r.after as f64),
+            fmt_bytes(r.per_conn()),
+            plain.map_or("-".into(), |b| ratio(r.per_conn(), b))
+        );
+    }
+    println!();
+    println!(
+        "Ratio: bytes per connection over the same driver's plaintext row (tls/plain). Shims in \
+         raw bytes, no UDP bind; each row a fresh server of this build, the TLS one with \
+         `--tls-cert --tls-key` (negotiated: {}). RSS only: kernel socket buffers are not in it.",
+        negotiated.as_deref().unwrap_or("-")
+    );
     println!();
 }
 

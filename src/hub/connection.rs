@@ -211,7 +211,7 @@ impl Connection {
     ) -> Result<(), CloseReason> {
         Counters::bump(&hub.counters().tls_established);
         let keys = Keys::from_exporter(&est.exporter);
-        let _ = self.shim.sealed.set(SealedUdp::new(keys));
+        let _ = self.shim.sealed.set(Box::new(SealedUdp::new(keys)));
         let Some(cert) = est.client_cert else {
             return Ok(());
         };

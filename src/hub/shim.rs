@@ -150,8 +150,9 @@ pub struct Shim {
     /// The ids of the last Commands this shim was sent: the ones it may answer
     /// (`answer_window` of them at most).
     answerable: Mutex<VecDeque<u64>>,
-    /// The sealed UDP channel, set when a TLS handshake finishes.
-    pub(crate) sealed: OnceLock<SealedUdp>,
+    /// The sealed UDP channel, set when a TLS handshake finishes. Boxed: its keys and
+    /// window are larger than everything else in a plaintext shim put together.
+    pub(crate) sealed: OnceLock<Box<SealedUdp>>,
     /// The connection speaks TLS.
     tls: AtomicBool,
     /// Everything sent to this shim over TCP.
@@ -323,5 +324,15 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(serial_of_command_id(a), 77);
         assert_eq!(serial_of_command_id(b), 77);
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// An idle shim's memory is the fleet's: what only TLS sessions use stays out of line.
+    #[test]
+    fn a_shim_stays_small() {
+        let size = std::mem::size_of::<super::Shim>();
+        assert!(size <= 512, "Shim is {size} bytes");
     }
 }

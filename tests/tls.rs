@@ -595,7 +595,68 @@ fn plain_udp_off_leaves_udp_to_tls(io: &str) {
     });
 }
 
+/// A TLS shim that stops reading is cut off as a slow consumer at `outbound_limit`, its
+/// records and plaintext counted alike; the sender and the others go on.
+fn a_tls_shim_that_stops_reading_is_cut_off(io: &str) {
+    let pki = Pki::new();
+    let srv = Server::tls(
+        io,
+        &pki,
+        &[
+            "--outbound-limit",
+            "65536",
+            "--admin",
+            "127.0.0.1:0",
+            "--routed-per-sec",
+            "0",
+            "--deliveries-per-sec",
+            "0",
+        ],
+    );
+    // A TLS client of its own, which identifies and then never reads again.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        velium_server::tls::certificates(&std::fs::read(&pki.ca).unwrap(), pki.ca.as_ref()).unwrap()
+    {
+        roots.add(c).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(velium_server::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let mut stalled = rustls::StreamOwned::new(conn, TcpStream::connect(srv.addr).unwrap());
+    stalled.write_all(b"\x01tls.s.stalled\n").unwrap();
+    let mut session = [0u8; 18];
+    stalled.read_exact(&mut session).unwrap();
+    assert_eq!(session[0], 0x02);
+    rt().block_on(async {
+        let sender = tls_client(&srv, &pki, "tls.s.sender").await;
+        let other = tls_client(&srv, &pki, "tls.s.other").await;
+        let text = "y".repeat(8_000);
+        // Until the hub gives up on it: the sender is answered every time.
+        while srv.metric("velium_slow_consumers_total") < 1.0 {
+            match sender.echo("tls.s.stalled", &text).await {
+                Ok(_) => {}
+                Err(ClientError::NoMatch { .. }) => break,
+                Err(e) => panic!("the sender was refused: {e}"),
+            }
+        }
+        srv.wait_metric("velium_slow_consumers_total", |v| v >= 1.0);
+        sender.ping(b"fine").await.unwrap();
+        assert_eq!(sender.echo("tls.s.other", "still here").await.unwrap(), 1);
+        match event(&other).await {
+            Event::Echo { text, .. } => assert_eq!(text, "still here"),
+            e => panic!("expected the Echo, got {e:?}"),
+        }
+    });
+    srv.wait_log(&["close", "identity=tls.s.stalled", "reason=slow consumer"]);
+}
+
 drivers!(
+    a_tls_shim_that_stops_reading_is_cut_off,
     certificate_is_reloaded,
     plain_udp_off_leaves_udp_to_tls,
     session_over_tls,

@@ -45,6 +45,9 @@ pub enum DuplicateIdentity {
     SameCredential,
 }
 
+/// `outbound_limit` unless configured.
+pub const DEFAULT_OUTBOUND_LIMIT: usize = 1024 * 1024;
+
 /// The server's effective settings.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -129,7 +132,7 @@ impl Default for Config {
             max_frame: 16 * 1024,
             identify_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
-            outbound_limit: 1024 * 1024,
+            outbound_limit: DEFAULT_OUTBOUND_LIMIT,
             write_deadline: Duration::from_secs(10),
             routed_per_sec: 200,
             deliveries_per_sec: 20_000,

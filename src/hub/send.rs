@@ -9,7 +9,6 @@
 
 use super::Hub;
 use super::shim::{CloseReason, Shim};
-use crate::config::Config;
 use crate::metrics::{Dir, Latency, Transport};
 use crate::proto::reject::{Rate, Reject};
 use bytes::Bytes;
@@ -104,7 +103,9 @@ impl Default for Effects {
             latencies: Vec::new(),
             tally: Vec::new(),
             now_ms: 0,
-            limit: Config::default().outbound_limit,
+            // Set from the settings by `begin`; a constant here, since effects are made
+            // for every read (`Config::default` asks the system for the usable cores).
+            limit: crate::config::DEFAULT_OUTBOUND_LIMIT,
         }
     }
 }

@@ -46,7 +46,9 @@ use crate::proto::sealed::SealError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
@@ -262,15 +264,17 @@ impl Refusal {
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
-            Refusal::TooLarge => text(
+            // The rest of the body is left unread: the connection cannot carry another
+            // request, and says so (hyper then closes it once the answer is written).
+            Refusal::TooLarge => closing(text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body over {MAX_BODY} bytes\n"),
-            ),
-            Refusal::Timeout => text(
+            )),
+            Refusal::Timeout => closing(text(
                 StatusCode::REQUEST_TIMEOUT,
                 format!("request body not received within {HEAD_TIMEOUT:?}\n"),
-            ),
-            Refusal::BadRequest => text(StatusCode::BAD_REQUEST, "bad request body\n"),
+            )),
+            Refusal::BadRequest => closing(text(StatusCode::BAD_REQUEST, "bad request body\n")),
         }
     }
 }
@@ -283,6 +287,13 @@ fn reply(status: StatusCode, ctype: &'static str, body: String) -> Reply {
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// `r` with `Connection: close`.
+fn closing(mut r: Reply) -> Reply {
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
     r
 }
 

@@ -655,7 +655,33 @@ fn a_tls_shim_that_stops_reading_is_cut_off(io: &str) {
     srv.wait_log(&["close", "identity=tls.s.stalled", "reason=slow consumer"]);
 }
 
+/// A TLS client on a hub without TLS: its ClientHello is answered, in clear, with the
+/// Error that says so, and the library reports a hub without TLS.
+fn tls_on_a_plaintext_port(io: &str) {
+    let pki = Pki::new();
+    let srv = Server::start(io, &[]);
+    let mut c = srv.tcp();
+    c.send_raw(&client_hello());
+    c.expect_frame(0x09, b"this port does not speak TLS");
+    c.expect_closed_quietly();
+    rt().block_on(async {
+        let err = Client::connect_with(srv.addr, "tls.p.lib", options(pki.client_tls()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Tls(m) if m.contains("answered in plaintext")),
+            "{err}"
+        );
+        plain_client(&srv, "tls.p.fine")
+            .await
+            .ping(b"ok")
+            .await
+            .unwrap();
+    });
+}
+
 drivers!(
+    tls_on_a_plaintext_port,
     a_tls_shim_that_stops_reading_is_cut_off,
     certificate_is_reloaded,
     plain_udp_off_leaves_udp_to_tls,

@@ -146,13 +146,35 @@ pub(super) async fn handshake(
     let tls = TlsConnector::from(config)
         .connect(name, stream)
         .await
-        .map_err(|e| tls_error(format!("handshake with {addr} failed: {e}")))?;
+        .map_err(|e| tls_error(handshake_failed(addr, &e)))?;
     let exporter = tls
         .get_ref()
         .1
         .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
         .map_err(tls_error)?;
     Ok((tls, exporter))
+}
+
+/// Why a handshake failed, in words: a hub that answered in plaintext (its Error frame
+/// starts with 0x09, no TLS record type) is said to be one without TLS.
+fn handshake_failed(addr: SocketAddr, e: &std::io::Error) -> String {
+    let plaintext = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| {
+            matches!(
+                r,
+                rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)
+            )
+        });
+    if plaintext {
+        format!(
+            "handshake with {addr} failed: the hub answered in plaintext (no TLS on that port: \
+             connect without TLS, or turn TLS on at the hub)"
+        )
+    } else {
+        format!("handshake with {addr} failed: {e}")
+    }
 }
 
 /// The verifier `insecure` uses: any certificate is taken, but the handshake signatures

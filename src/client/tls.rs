@@ -45,14 +45,8 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, ClientError> {
 }
 
 fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let bad = |e: &dyn std::fmt::Display| tls_error(format!("bad {what} {}: {e}", path.display()));
-    let certs = CertificateDer::pem_slice_iter(&read(path, what)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(&e))?;
-    if certs.is_empty() {
-        return Err(bad(&"no PEM certificate in it"));
-    }
-    Ok(certs)
+    crate::tls::certificates(&read(path, what)?, path)
+        .map_err(|e| tls_error(format!("{what}: {e}")))
 }
 
 /// The system's trusted roots, loaded once per process (reading them takes milliseconds,

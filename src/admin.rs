@@ -446,13 +446,17 @@ impl Admin {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             },
+            (&Method::GET, "/state") => match state(&self.hub, query) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
             (&Method::POST, "/reload") => self.reload(peer),
-            (_, "/healthz" | "/metrics" | "/shims" | "/reload") => {
+            (_, "/healthz" | "/metrics" | "/shims" | "/state" | "/reload") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /shims?pattern=P, POST /reload\n",
+                "not found: try /metrics, /healthz, /shims?pattern=P, /state?pattern=P, POST /reload\n",
             ),
         }
     }
@@ -830,15 +834,70 @@ struct ShimInfo {
     frames_out: u64,
 }
 
-/// The identified shims matching the `pattern` query parameter (every shim without one).
-fn shims(hub: &Hub, query: &str) -> Result<String, String> {
+/// The `pattern` query parameter (every shim without one).
+fn pattern_of(query: &str) -> Result<Pattern, String> {
     let pattern = form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "pattern")
         .map(|(_, v)| v.into_owned());
-    let pattern = match pattern.as_deref() {
-        None | Some("") => Pattern::all(),
-        Some(p) => Pattern::parse(p.as_bytes()).map_err(|e| format!("bad pattern {p:?}: {e}"))?,
-    };
+    match pattern.as_deref() {
+        None | Some("") => Ok(Pattern::all()),
+        Some(p) => Pattern::parse(p.as_bytes()).map_err(|e| format!("bad pattern {p:?}: {e}")),
+    }
+}
+
+/// One key in the `/state` listing.
+#[derive(Serialize)]
+struct KeyInfo {
+    /// The value as text (bytes that are not UTF-8 shown as U+FFFD; 0x0B stands for a
+    /// newline, as on the wire).
+    value: String,
+    /// Milliseconds since the value was set.
+    age_ms: u64,
+}
+
+/// One shim in the `/state` listing.
+#[derive(Serialize)]
+struct StateInfo {
+    identity: String,
+    /// Its keys, in the order the shim first set them.
+    keys: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The relay state of the identified shims matching the `pattern` query parameter.
+fn state(hub: &Hub, query: &str) -> Result<String, String> {
+    let pattern = pattern_of(query)?;
+    let now_ms = hub.ms(std::time::Instant::now());
+    let mut list = Vec::new();
+    hub.router.for_each_match(&pattern, |s| {
+        if !s.is_identified() {
+            return;
+        }
+        let mut keys = serde_json::Map::new();
+        hub.state_items(s, |key, value, at_ms| {
+            let info = KeyInfo {
+                value: String::from_utf8_lossy(value).into_owned(),
+                age_ms: now_ms.saturating_sub(at_ms),
+            };
+            if let Ok(v) = serde_json::to_value(info) {
+                keys.insert(key.to_string(), v);
+            }
+        });
+        list.push(StateInfo {
+            identity: s.identity().to_string(),
+            keys,
+        });
+    });
+    list.sort_by(|a, b| a.identity.cmp(&b.identity));
+    #[derive(Serialize)]
+    struct Listing {
+        shims: Vec<StateInfo>,
+    }
+    serde_json::to_string_pretty(&Listing { shims: list }).map_err(|e| e.to_string())
+}
+
+/// The identified shims matching the `pattern` query parameter (every shim without one).
+fn shims(hub: &Hub, query: &str) -> Result<String, String> {
+    let pattern = pattern_of(query)?;
     let mut list = Vec::new();
     hub.router.for_each_match(&pattern, |s| {
         if !s.is_identified() {
@@ -861,7 +920,7 @@ fn shims(hub: &Hub, query: &str) -> Result<String, String> {
 }
 
 /// The opcodes reported per frame counter, with the slot of "any other byte" last.
-const OPCODES: [(u8, &str); 17] = [
+const OPCODES: [(u8, &str); 22] = [
     (0x00, "None"),
     (0x01, "Identify"),
     (0x02, "Session"),
@@ -878,7 +937,12 @@ const OPCODES: [(u8, &str); 17] = [
     (0x0D, "Who"),
     (0x0E, "WhoEntry"),
     (0x0F, "Auth"),
-    (0x10, "unknown"),
+    (0x10, "Set"),
+    (0x11, "Subscribe"),
+    (0x12, "Unsubscribe"),
+    (0x13, "Get"),
+    (0x14, "Presence"),
+    (0x15, "unknown"),
 ];
 
 /// One metric family in the Prometheus text format: its help, type and samples.
@@ -1025,6 +1089,42 @@ pub fn render(hub: &Hub) -> String {
         "counter",
         "Plain UDP binds that moved an address away from another live session.",
         &one(get(&c.udp_address_taken)),
+    );
+    metric(
+        "velium_state_keys",
+        "gauge",
+        "Relay state keys held by connected shims.",
+        &one(get(&c.state_keys)),
+    );
+    metric(
+        "velium_state_subscriptions",
+        "gauge",
+        "Relay state subscriptions open.",
+        &one(hub.states.subscriptions() as u64),
+    );
+    metric(
+        "velium_state_sets_total",
+        "counter",
+        "Set frames applied.",
+        &one(get(&c.state_sets)),
+    );
+    metric(
+        "velium_state_changes_total",
+        "counter",
+        "State keys changed by Set (a new value, or a deletion).",
+        &one(get(&c.state_changes)),
+    );
+    metric(
+        "velium_state_delivered_total",
+        "counter",
+        "State items delivered to subscribers.",
+        &one(get(&c.state_delivered)),
+    );
+    metric(
+        "velium_state_coalesced_total",
+        "counter",
+        "State changes replaced by a later value before their delivery (coalesced away).",
+        &one(get(&c.state_coalesced)),
     );
     metric(
         "velium_slow_consumers_total",

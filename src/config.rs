@@ -118,6 +118,16 @@ pub struct Config {
     /// Admin connections open at once; at the limit a newcomer takes the place of the
     /// connection idle longest.
     pub admin_connections: usize,
+    /// Longest value of one state key, in bytes.
+    pub state_value_bytes: usize,
+    /// Keys one shim may hold.
+    pub state_keys: usize,
+    /// Bytes of state (keys and values) one shim may hold.
+    pub state_bytes: usize,
+    /// Set frames per second (and burst) from one shim; 0: no limit.
+    pub state_sets_per_sec: u32,
+    /// Subscriptions one connection may hold.
+    pub state_subscriptions: usize,
 }
 
 impl Default for Config {
@@ -153,6 +163,11 @@ impl Default for Config {
             udp_plain: true,
             admin_token: None,
             admin_connections: 16,
+            state_value_bytes: 1024,
+            state_keys: 64,
+            state_bytes: 16 * 1024,
+            state_sets_per_sec: 100,
+            state_subscriptions: 16,
         }
     }
 }
@@ -199,6 +214,8 @@ pub struct User {
     pub echoes: Vec<Pattern>,
     /// Identities Who lists to it; by default its `commands` and `identities`.
     pub who: Vec<Pattern>,
+    /// Identities whose state it may read (Subscribe, Get); by default its `who`.
+    pub state: Vec<Pattern>,
 }
 
 impl User {
@@ -229,6 +246,11 @@ impl User {
         self.who
             .iter()
             .any(|p| p.segs == [crate::proto::pattern::Seg::Rest])
+    }
+
+    /// Whether the user may read `identity`'s state.
+    pub fn reads(&self, identity: &str) -> bool {
+        self.state.iter().any(|p| p.matches(identity))
     }
 }
 
@@ -284,7 +306,12 @@ impl Config {
             tls,
             tls_handshake_timeout,
             udp_plain,
-            admin_token
+            admin_token,
+            state_value_bytes,
+            state_keys,
+            state_bytes,
+            state_sets_per_sec,
+            state_subscriptions
         );
         (live, restart)
     }
@@ -453,6 +480,21 @@ pub struct Args {
     /// Admin connections served at once [default: 16]
     #[arg(long, value_name = "N")]
     pub admin_connections: Option<usize>,
+    /// Longest value of one state key, in bytes [default: 1024]
+    #[arg(long, value_name = "BYTES")]
+    pub state_value_bytes: Option<usize>,
+    /// State keys one shim may hold [default: 64]
+    #[arg(long, value_name = "N")]
+    pub state_keys: Option<usize>,
+    /// Bytes of state (keys and values) one shim may hold [default: 16384]
+    #[arg(long, value_name = "BYTES")]
+    pub state_bytes: Option<usize>,
+    /// Set frames per second from one shim, 0 for no limit [default: 100]
+    #[arg(long, value_name = "N")]
+    pub state_sets_per_sec: Option<u32>,
+    /// State subscriptions one connection may hold [default: 16]
+    #[arg(long, value_name = "N")]
+    pub state_subscriptions: Option<usize>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -491,6 +533,11 @@ struct FileConfig {
     udp_plain: Option<bool>,
     admin_token_file: Option<PathBuf>,
     admin_connections: Option<usize>,
+    state_value_bytes: Option<usize>,
+    state_keys: Option<usize>,
+    state_bytes: Option<usize>,
+    state_sets_per_sec: Option<u32>,
+    state_subscriptions: Option<usize>,
     #[serde(default)]
     user: Vec<FileUser>,
     /// No longer accepted: it keyed permissions on a name the client chooses.
@@ -507,6 +554,7 @@ struct FileUser {
     commands: Vec<String>,
     echoes: Option<Vec<String>>,
     who: Option<Vec<String>>,
+    state: Option<Vec<String>>,
 }
 
 impl Config {
@@ -598,6 +646,44 @@ impl Config {
         }
         if let Some(v) = args.who_per_sec.or(file.who_per_sec) {
             c.who_per_sec = v;
+        }
+        if let Some(v) = args.state_sets_per_sec.or(file.state_sets_per_sec) {
+            c.state_sets_per_sec = v;
+        }
+        for (key, v, dst, max) in [
+            (
+                "state_value_bytes",
+                args.state_value_bytes.or(file.state_value_bytes),
+                &mut c.state_value_bytes,
+                1 << 20,
+            ),
+            (
+                "state_keys",
+                args.state_keys.or(file.state_keys),
+                &mut c.state_keys,
+                4096,
+            ),
+            (
+                "state_bytes",
+                args.state_bytes.or(file.state_bytes),
+                &mut c.state_bytes,
+                16 << 20,
+            ),
+            (
+                "state_subscriptions",
+                args.state_subscriptions.or(file.state_subscriptions),
+                &mut c.state_subscriptions,
+                4096,
+            ),
+        ] {
+            if let Some(v) = v {
+                if v == 0 || v > max {
+                    return Err(ConfigError::Invalid(format!(
+                        "{key} must be between 1 and {max}, got {v}"
+                    )));
+                }
+                *dst = v;
+            }
         }
         for (key, v, dst) in [
             (
@@ -808,6 +894,10 @@ fn load_user(u: &FileUser) -> Result<User, ConfigError> {
         Some(list) => patterns("who", list)?,
         None => commands.iter().chain(&identities).cloned().collect(),
     };
+    let state = match &u.state {
+        Some(list) => patterns("state", list)?,
+        None => who.clone(),
+    };
     Ok(User {
         name: Arc::from(u.name.as_str()),
         secret,
@@ -815,6 +905,7 @@ fn load_user(u: &FileUser) -> Result<User, ConfigError> {
         commands,
         echoes,
         who,
+        state,
     })
 }
 

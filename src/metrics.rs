@@ -45,6 +45,17 @@ pub struct Counters {
     pub sealed_dropped: [AtomicU64; 4],
     /// Plain binds that moved an address away from another live session.
     pub udp_address_taken: AtomicU64,
+    /// State keys held by connected shims (a gauge).
+    pub state_keys: AtomicU64,
+    /// Set frames applied.
+    pub state_sets: AtomicU64,
+    /// State keys changed (set to a new value, or deleted).
+    pub state_changes: AtomicU64,
+    /// State items delivered to subscribers.
+    pub state_delivered: AtomicU64,
+    /// Changes that reached no subscriber on their own because a later value replaced
+    /// them before the delivery (coalesced away).
+    pub state_coalesced: AtomicU64,
 }
 
 impl Counters {
@@ -73,8 +84,8 @@ pub enum Transport {
     Udp = 1,
 }
 
-/// Opcode slots: one per byte 0x00..=0x0F, and one for anything else.
-const OPS: usize = 17;
+/// Opcode slots: one per byte 0x00..=0x14, and one for anything else.
+const OPS: usize = 22;
 const SLOTS: usize = 2 * 2 * OPS;
 
 /// One core's traffic counters, on cache lines of their own.
@@ -297,7 +308,7 @@ mod tests {
         });
         m.frame(Dir::Out, Transport::Udp, 0x99, 3);
         assert_eq!(m.traffic(Dir::In, Transport::Tcp, 0x04), (2, 20));
-        assert_eq!(m.traffic(Dir::Out, Transport::Udp, 16), (1, 3));
+        assert_eq!(m.traffic(Dir::Out, Transport::Udp, 0x15), (1, 3));
         assert_eq!(m.traffic(Dir::Out, Transport::Tcp, 0x04), (0, 0));
         m.error(ErrorKind::NoMatch);
         m.refuse(Refusal::Rate);

@@ -13,6 +13,7 @@ use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,10 @@ pub(crate) struct Core {
     conns: RefCell<Slab<(Arc<Shim>, Cell<bool>)>>,
     /// Large read buffers not in use, kept for the next busy connection.
     buffers: RefCell<Vec<Vec<u8>>>,
+    /// The core's UDP socket (for what any of its tasks sends over UDP: answers, routed
+    /// frames, relay state), and its bounded queue for when the socket is full.
+    udp_fd: Cell<RawFd>,
+    udp_queue: Rc<RefCell<SendQueue>>,
 }
 
 /// Large read buffers a core keeps between uses.
@@ -73,8 +78,11 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
         index,
         conns: RefCell::new(Slab::new()),
         buffers: RefCell::new(Vec::new()),
+        udp_fd: Cell::new(udp.fd()),
+        udp_queue: Rc::default(),
     });
     tokio::task::spawn_local(sweep(core.clone()));
+    tokio::task::spawn_local(state_loop(core.clone()));
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
     tokio::task::spawn_local(quit_all(core.clone()));
     accept_loop(core, listener).await;
@@ -274,7 +282,9 @@ async fn carry_out(core: &Core, out: &mut Effects) {
     for shim in out.flush.drain(..) {
         shim.outbox.flush(now_ms);
     }
-    debug_assert!(out.datagrams.is_empty(), "TCP input is answered over TCP");
+    // TCP input is answered over TCP, but relay state it changed may go to subscribers
+    // over UDP.
+    send_datagrams(core, out);
     hub.finish(core.index, out, now);
     if hub.congested(out, now_ms) {
         Box::pin(wait_drained(hub, out)).await;
@@ -360,11 +370,41 @@ async fn sweep(core: Rc<Core>) {
     }
 }
 
+/// Delivers the relay state and presence waiting on this core: subscriptions whose
+/// interval had not passed or whose connection was busy when they changed. Sleeps while
+/// nothing waits.
+async fn state_loop(core: Rc<Core>) {
+    let hub = core.hub.clone();
+    let mut out = Effects::default();
+    loop {
+        let notified = hub.states.notified(core.index);
+        match hub.state_next(core.index, hub.ms(Instant::now())) {
+            None => notified.await,
+            Some(0) => {}
+            Some(ms) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    _ = notified => {}
+                }
+            }
+        }
+        let now = Instant::now();
+        out.begin(&hub, hub.ms(now));
+        hub.state_tick(core.index, &mut out);
+        let now_ms = hub.ms(Instant::now());
+        for shim in out.flush.drain(..) {
+            shim.outbox.flush(now_ms);
+        }
+        send_datagrams(&core, &mut out);
+        hub.finish(core.index, &mut out, Instant::now());
+        out.release_congested();
+    }
+}
+
 async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let hub = core.hub.clone();
     let mut lim = QuitLimiter::new(hub.config().udp_quit_per_sec);
     let mut out = Effects::default();
-    let queue: Rc<RefCell<SendQueue>> = Rc::default();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let (res, b) = sock.recv_from(buf).await;
@@ -378,7 +418,7 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
                     for shim in out.flush.drain(..) {
                         shim.outbox.flush(now_ms);
                     }
-                    send_datagrams(&core, &sock, &queue, &mut out);
+                    send_datagrams(&core, &mut out);
                     hub.finish(core.index, &mut out, Instant::now());
                     out.release_congested();
                 }
@@ -392,15 +432,11 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
 /// Sends what a datagram produced: straight from the socket while nothing waits ahead of
 /// it, else into the core's bounded queue (dropped and counted when full), drained by a
 /// task.
-fn send_datagrams<U: Datagrams>(
-    core: &Rc<Core>,
-    sock: &Rc<U>,
-    queue: &Rc<RefCell<SendQueue>>,
-    out: &mut Effects,
-) {
+fn send_datagrams(core: &Core, out: &mut Effects) {
     if out.datagrams.is_empty() {
         return;
     }
+    let (fd, queue) = (core.udp_fd.get(), &core.udp_queue);
     let hub = &core.hub;
     let (max, per_dest) = {
         let c = hub.config();
@@ -409,7 +445,7 @@ fn send_datagrams<U: Datagrams>(
     let mut q = queue.borrow_mut();
     for d in out.datagrams.drain(..) {
         if !q.is_ahead_of(&d) {
-            match sys::send_to_now(sock.fd(), &d.frame, d.to) {
+            match sys::send_to_now(fd, &d.frame, d.to) {
                 Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
@@ -423,19 +459,19 @@ fn send_datagrams<U: Datagrams>(
     }
     if !q.is_empty() && !q.sending {
         q.sending = true;
-        tokio::task::spawn_local(drain_udp(sock.clone(), queue.clone()));
+        tokio::task::spawn_local(drain_udp(fd, queue.clone()));
     }
 }
 
 /// Sends queued datagrams, replies first, as the socket has room for them, so that
 /// receiving goes on meanwhile. (A full non-blocking UDP socket answers `WouldBlock`,
 /// which io_uring passes on rather than waiting; so this waits with a short timer.)
-async fn drain_udp<U: Datagrams>(sock: Rc<U>, queue: Rc<RefCell<SendQueue>>) {
+async fn drain_udp(fd: RawFd, queue: Rc<RefCell<SendQueue>>) {
     loop {
         {
             let mut q = queue.borrow_mut();
             while let Some(d) = q.front() {
-                match sys::send_to_now(sock.fd(), &d.frame, d.to) {
+                match sys::send_to_now(fd, &d.frame, d.to) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => debug!(to = %d.to, error = %e, "udp send failed"),
                     Ok(_) => {}

@@ -190,6 +190,7 @@ mod tests {
             commands: p(commands),
             echoes: p(commands),
             who: p(&[">"]),
+            state: p(&[">"]),
         };
         (u.name.clone(), Arc::new(u))
     }

@@ -262,6 +262,15 @@ impl Connection {
     /// with the rest. An unfinished frame at the end is kept; bytes after a close are not
     /// handled.
     pub fn on_bytes(&mut self, hub: &Hub, data: &[u8], now: Instant) -> (Flow, usize) {
+        let done = self.slice(hub, data, now);
+        // The relay state this slice changed goes out with it.
+        if let Some(out) = self.out.as_mut() {
+            hub.deliver_state(out);
+        }
+        done
+    }
+
+    fn slice(&mut self, hub: &Hub, data: &[u8], now: Instant) -> (Flow, usize) {
         if !self.shim.outbox.is_open() || self.shim.is_closed() {
             // Cut off, closing, or expired by a timer while these bytes were on their way
             // in: none of them is handled (an Identify here would put a removed shim back
@@ -426,6 +435,14 @@ impl Connection {
                 hub.respond(&self.shim, id, id_text, text, Via::Tcp, fx(&mut self.out))
             }
             Ok(Request::Who(pattern)) => hub.who(&self.shim, &pattern, Via::Tcp, fx(&mut self.out)),
+            Ok(Request::Set(items)) => {
+                hub.set_state(&self.shim, &items, Via::Tcp, fx(&mut self.out))
+            }
+            Ok(Request::Subscribe(s)) => hub.subscribe(&self.shim, &s, fx(&mut self.out)),
+            Ok(Request::Unsubscribe(sid)) => hub.unsubscribe(&self.shim, sid, fx(&mut self.out)),
+            Ok(Request::Get { pattern, keys }) => {
+                hub.get_state(&self.shim, &pattern, &keys, fx(&mut self.out))
+            }
         }
         Flow::Continue
     }

@@ -343,6 +343,9 @@ fn on_frame(hub: &Hub, shim: &Arc<Shim>, src: SocketAddr, frame: Frame<'_>, out:
         }
         // Whatever its pattern: a listing does not fit a datagram.
         Opcode::Who => return hub.refuse(&shim, answer, &Reject::WhoOverUdp, out),
+        Opcode::Subscribe | Opcode::Unsubscribe | Opcode::Get => {
+            return hub.refuse(&shim, answer, &Reject::NotOverUdp(op), out);
+        }
         _ => {}
     }
     match Request::parse(op, frame.data) {
@@ -359,7 +362,18 @@ fn on_frame(hub: &Hub, shim: &Arc<Shim>, src: SocketAddr, frame: Frame<'_>, out:
         Ok(Request::Respond { id, id_text, text }) => {
             hub.respond(&shim, id, id_text, text, via, out)
         }
-        Ok(Request::Who(_) | Request::Identify(_) | Request::Auth(_)) => {
+        Ok(Request::Set(items)) => {
+            hub.set_state(&shim, &items, via, out);
+            hub.deliver_state(out);
+        }
+        Ok(
+            Request::Who(_)
+            | Request::Identify(_)
+            | Request::Auth(_)
+            | Request::Subscribe(_)
+            | Request::Unsubscribe(_)
+            | Request::Get { .. },
+        ) => {
             unreachable!("handled above")
         }
     }

@@ -28,6 +28,7 @@ pub mod route;
 pub mod router;
 pub mod send;
 pub mod shim;
+pub mod state;
 pub mod table;
 pub mod timers;
 
@@ -74,7 +75,12 @@ pub struct Hub {
     pub router: Router,
     /// Counters and histograms.
     pub metrics: Metrics,
+    /// Relay state: subscriptions and each core's waiting deliveries.
+    pub states: state::States,
     epoch: Instant,
+    /// The latest time a slice of input was handled at (hub milliseconds): the time of
+    /// what the hub does outside any slice.
+    clock_ms: AtomicU64,
     /// The Unix time of `epoch`, in microseconds.
     epoch_unix_us: u64,
     next_serial: AtomicU64,
@@ -110,10 +116,12 @@ impl Hub {
             .max(1);
         Arc::new(Hub {
             metrics: Metrics::new(config.cores),
+            states: state::States::new(config.cores),
             config: ArcSwap::from_pointee(config),
             table: Table::default(),
             router: Router::default(),
             epoch: now,
+            clock_ms: AtomicU64::new(0),
             epoch_unix_us: unix.as_micros() as u64,
             next_serial: AtomicU64::new(1),
             open: AtomicUsize::new(0),
@@ -140,6 +148,7 @@ impl Hub {
         self.config.store(Arc::new(old.reloaded(new)));
         if live.contains(&"users") {
             self.recheck_credentials();
+            self.state_recheck();
         }
         (live, restart)
     }
@@ -170,6 +179,18 @@ impl Hub {
     /// `now` as milliseconds on the hub's clock (what [`Shim::last_seen_ms`] is kept in).
     pub fn ms(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// The latest time the drivers handed the hub (hub milliseconds).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock_ms.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the drivers are at `now_ms`.
+    pub(crate) fn tick_to(&self, now_ms: u64) {
+        if self.clock_ms.load(Ordering::Relaxed) < now_ms {
+            self.clock_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
     }
 
     /// The instant `ms` hub milliseconds after the start (the inverse of [`Hub::ms`]).
@@ -228,7 +249,7 @@ impl Hub {
         };
         let done = if !registering {
             info!(conn = shim.serial, old = %old, new = %label, "rename");
-            Identified::Renamed(old)
+            Identified::Renamed(old.clone())
         } else {
             Counters::bump(&self.counters().identified);
             let user = shim.user();
@@ -239,6 +260,9 @@ impl Hub {
         if let Some(holder) = displaced {
             self.displace(&holder, shim);
         }
+        // After the holder it displaced is gone: its watchers see its leave, then this
+        // shim's join.
+        self.state_identity(shim, if registering { "" } else { &old }, out);
         Ok(done)
     }
 
@@ -259,6 +283,7 @@ impl Hub {
         if !shim.identity().is_empty() {
             self.router.remove(shim);
         }
+        self.state_closed(shim, reason);
         if reason == CloseReason::SlowConsumer {
             Counters::bump(&self.counters().slow_consumers);
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");

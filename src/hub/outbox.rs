@@ -375,6 +375,13 @@ impl Outbox {
         self.open.load(Ordering::Acquire)
     }
 
+    /// Whether the socket is behind: the writer holds bytes the socket could not take at
+    /// once, or `backlog` bytes or more wait to be flushed.
+    pub fn backlogged(&self, backlog: usize) -> bool {
+        let g = self.inner.lock();
+        g.writing || g.in_flight > 0 || g.queued() >= backlog
+    }
+
     /// Bytes queued and not yet taken by the writer.
     pub fn pending(&self) -> usize {
         self.inner.lock().queued()

@@ -39,6 +39,10 @@ pub enum Route {
     Listing,
     /// The Session frame: queued before the shim can be found, never refused.
     Session,
+    /// Relay state for a subscriber: over its UDP channel when `true` and it has one,
+    /// else over TCP. Never holds back the producer: a busy subscriber's changes wait
+    /// and coalesce (`hub/state.rs`) rather than congest.
+    State(bool),
 }
 
 /// Which UDP queue a datagram waits in when the socket is full: replies go first, so a
@@ -79,6 +83,8 @@ pub struct Effects {
     pub datagrams: Vec<Datagram>,
     /// Shims whose outbox went from empty to not empty: each is flushed once.
     pub flush: Vec<Arc<Shim>>,
+    /// Subscriptions this slice marked, delivered at its end ([`Hub::deliver_state`]).
+    pub(crate) state: Vec<Arc<super::state::Subscription>>,
     /// Recipients whose queue this slice filled past the high-water mark.
     congested: Vec<Arc<Shim>>,
     /// Bytes queued on outboxes during this slice.
@@ -98,6 +104,7 @@ impl Default for Effects {
         Effects {
             datagrams: Vec::new(),
             flush: Vec::new(),
+            state: Vec::new(),
             congested: Vec::new(),
             queued: 0,
             latencies: Vec::new(),
@@ -117,6 +124,7 @@ impl Effects {
         self.congested.clear();
         self.queued = 0;
         self.now_ms = now_ms;
+        hub.tick_to(now_ms);
         self.limit = hub.config().outbound_limit;
     }
 
@@ -179,12 +187,30 @@ pub(crate) enum Work {
 
 /// Token buckets in thousandths of a token: `rate` tokens a second, up to `rate` held.
 #[derive(Clone, Copy, Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     milli: i64,
     at_ms: u64,
 }
 
 impl Bucket {
+    /// A full bucket at `now_ms` (the first second's burst is free).
+    pub(crate) fn full(now_ms: u64) -> Bucket {
+        Bucket {
+            milli: i64::MAX / 4,
+            at_ms: now_ms,
+        }
+    }
+
+    /// Takes one token from a bucket of `rate` a second; false when it is empty.
+    pub(crate) fn take(&mut self, rate: u32, now_ms: u64) -> bool {
+        self.refill(rate, now_ms);
+        if self.milli < 1000 {
+            return false;
+        }
+        self.milli -= 1000;
+        true
+    }
+
     fn refill(&mut self, rate: u32, now_ms: u64) {
         let cap = i64::from(rate) * 1000;
         // The clock never runs back (the TCP and UDP sides of a shim may be served by two
@@ -304,7 +330,9 @@ impl Hub {
     ) -> Option<Transport> {
         let udp = match route {
             Route::Reply(Via::Udp(addr)) => Some((addr, Class::Reply)),
-            Route::Deliver(Via::Udp(_)) => to.udp_addr().map(|a| (a, Class::Delivery)),
+            Route::Deliver(Via::Udp(_)) | Route::State(true) => {
+                to.udp_addr().map(|a| (a, Class::Delivery))
+            }
             _ => None,
         };
         if let Some((addr, class)) = udp {
@@ -346,6 +374,7 @@ impl Hub {
                 // (A recipient that stopped reading is not waited for, so it ends no slice:
                 // it is cut off at the limit or the write deadline instead.)
                 if pending >= out.limit / 4
+                    && !matches!(route, Route::State(_))
                     && out.congested.len() < MAX_CONGESTED
                     && !out.congested.iter().any(|s| Arc::ptr_eq(s, to))
                     && to.outbox.draining(out.now_ms, DRAINING_MS).1

@@ -6,6 +6,7 @@
 
 use super::outbox::Outbox;
 use super::send::Buckets;
+use super::state::Store;
 use crate::config::User;
 use crate::proto::Token;
 use crate::proto::reject::Revoked;
@@ -155,6 +156,10 @@ pub struct Shim {
     pub(crate) sealed: OnceLock<Box<SealedUdp>>,
     /// The connection speaks TLS.
     tls: AtomicBool,
+    /// The shim's relay state, its watchers and its own subscriptions (`hub/state.rs`);
+    /// none until it sets a key, subscribes or is watched, so an idle shim pays one
+    /// pointer.
+    pub(crate) state: Mutex<Option<Box<Store>>>,
     /// Everything sent to this shim over TCP.
     pub outbox: Outbox,
 }
@@ -188,6 +193,7 @@ impl Shim {
             answerable: Mutex::new(VecDeque::new()),
             sealed: OnceLock::new(),
             tls: AtomicBool::new(false),
+            state: Mutex::new(None),
             outbox: Outbox::default(),
         }
     }

@@ -17,6 +17,7 @@ pub mod reject;
 pub mod reply;
 pub mod request;
 pub mod sealed;
+pub mod state;
 
 use std::fmt;
 
@@ -63,6 +64,17 @@ pub enum Opcode {
     WhoEntry = 0x0E,
     /// Client -> server (TCP): the shared secret, before Identify, when the server has one.
     Auth = 0x0F,
+    /// Client -> server: set or delete keys of the shim's own state (`proto/state.rs`);
+    /// server -> client: a State frame, a watched shim's state or what changed in it.
+    Set = 0x10,
+    /// Client -> server (TCP): watch the state of the shims a pattern names.
+    Subscribe = 0x11,
+    /// Client -> server (TCP): end a subscription.
+    Unsubscribe = 0x12,
+    /// Client -> server (TCP): read the state of the shims a pattern names, once.
+    Get = 0x13,
+    /// Server -> client (TCP): a watched shim joined or left.
+    Presence = 0x14,
 }
 
 impl Opcode {
@@ -83,6 +95,11 @@ impl Opcode {
             0x0D => Opcode::Who,
             0x0E => Opcode::WhoEntry,
             0x0F => Opcode::Auth,
+            0x10 => Opcode::Set,
+            0x11 => Opcode::Subscribe,
+            0x12 => Opcode::Unsubscribe,
+            0x13 => Opcode::Get,
+            0x14 => Opcode::Presence,
             _ => return None,
         })
     }
@@ -104,6 +121,11 @@ impl Opcode {
             Opcode::Who => "Who",
             Opcode::WhoEntry => "WhoEntry",
             Opcode::Auth => "Auth",
+            Opcode::Set => "Set",
+            Opcode::Subscribe => "Subscribe",
+            Opcode::Unsubscribe => "Unsubscribe",
+            Opcode::Get => "Get",
+            Opcode::Presence => "Presence",
         }
     }
 }

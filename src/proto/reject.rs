@@ -9,6 +9,7 @@
 
 use super::identity::IdentityError;
 use super::pattern::PatternError;
+use super::state::KeyError;
 use super::{Opcode, encode};
 use std::borrow::Cow;
 use std::fmt;
@@ -17,10 +18,14 @@ use std::fmt;
 /// answer, so such an Error answers none of the client's requests: a client must not
 /// match it to its oldest waiting request ([`answers_no_request`]).
 pub const RESPONSE_REFUSED: &str = "response refused:";
+/// How the Error texts that refuse a Set begin. A Set is owed no answer either.
+pub const STATE_REFUSED: &str = "state refused:";
 
-/// Whether an Error frame's data refuses a CommandResponse, and so answers no request.
+/// Whether an Error frame's data refuses a CommandResponse or a Set, and so answers no
+/// request.
 pub fn answers_no_request(error_text: &[u8]) -> bool {
     error_text.starts_with(RESPONSE_REFUSED.as_bytes())
+        || error_text.starts_with(STATE_REFUSED.as_bytes())
 }
 
 /// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
@@ -123,11 +128,17 @@ pub enum Refusal {
     TlsTimeout,
     /// A plain UDP bind refused: plain UDP is off, or the session is a TLS one.
     PlainUdp,
+    /// A Set past `state_value_bytes`, `state_keys` or `state_bytes`.
+    StateLimit,
+    /// More Set frames per second than `state_sets_per_sec`.
+    StateRate,
+    /// A Subscribe past `state_subscriptions`.
+    Subscriptions,
 }
 
 impl Refusal {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Refusal; 17] = [
+    pub const ALL: [Refusal; 20] = [
         Refusal::AllowList,
         Refusal::MaxConnections,
         Refusal::PerSource,
@@ -145,6 +156,9 @@ impl Refusal {
         Refusal::TlsHandshake,
         Refusal::TlsTimeout,
         Refusal::PlainUdp,
+        Refusal::StateLimit,
+        Refusal::StateRate,
+        Refusal::Subscriptions,
     ];
 
     /// The `reason` label.
@@ -167,6 +181,9 @@ impl Refusal {
             Refusal::TlsHandshake => "tls_handshake",
             Refusal::TlsTimeout => "tls_timeout",
             Refusal::PlainUdp => "plain_udp",
+            Refusal::StateLimit => "state_limit",
+            Refusal::StateRate => "state_rate",
+            Refusal::Subscriptions => "subscriptions",
         }
     }
 }
@@ -187,6 +204,8 @@ pub enum Shape {
     TargetText,
     /// CommandResponse: `ID SP RESPONSE`, ID a canonical decimal.
     IdResponse,
+    /// Subscribe: `SID SP INTERVAL_MS SP PATTERN [SP KEY...]`.
+    Subscribe,
 }
 
 /// Why a connection's credentials no longer hold after a reload.
@@ -223,6 +242,8 @@ pub enum Rate {
     Deliveries,
     /// Who requests per second.
     Who,
+    /// Set frames per second.
+    Sets,
 }
 
 /// Why the server refused a frame, a request or a connection.
@@ -284,6 +305,30 @@ pub enum Reject {
     PlainUdpOff,
     /// A plain UDP bind from a TLS session, whose UDP is sealed.
     PlainUdpTls,
+    /// A Set that is not `KEY=VALUE` items separated by 0x1F.
+    SetMalformed,
+    /// A Set with a key outside the grammar (the key, lossy).
+    SetBadKey(String, KeyError),
+    /// A Set with a value longer than `state_value_bytes` (the key and the limit).
+    StateValue(String, usize),
+    /// A Set that would leave the shim more than `state_keys` keys.
+    StateKeys(usize),
+    /// A Set that would leave the shim more than `state_bytes` bytes of state.
+    StateBytes(usize),
+    /// A subscription id that is not a canonical decimal from 1 to 2^32-1 (as written).
+    BadSid(String),
+    /// An interval that is not milliseconds from 0 to an hour (as written).
+    BadInterval(String),
+    /// A Subscribe or Get key outside the grammar (as written).
+    BadKey(String, KeyError),
+    /// A Subscribe whose id the connection already uses.
+    SubscriptionExists(u32),
+    /// A Subscribe past `state_subscriptions`.
+    TooManySubscriptions(usize),
+    /// A Subscribe naming more keys than `state_keys`.
+    SubscriptionKeys(usize),
+    /// An Unsubscribe for no subscription of the connection (as written).
+    NoSubscription(String),
 }
 
 impl Reject {
@@ -322,12 +367,16 @@ impl Reject {
             )
             .into(),
             Reject::Revoked(why) => format!("credentials revoked: {}", why.text()).into(),
+            Reject::RateLimited(Rate::Sets, n) => {
+                format!("{STATE_REFUSED} rate limit: more than {n} sets per second").into()
+            }
             Reject::RateLimited(rate, n) => format!(
                 "rate limit: more than {n} {} per second",
                 match rate {
                     Rate::Routed => "routed frames",
                     Rate::Deliveries => "deliveries",
                     Rate::Who => "Who",
+                    Rate::Sets => unreachable!("written above"),
                 }
             )
             .into(),
@@ -342,6 +391,30 @@ impl Reject {
             }
             Reject::PlainUdpOff => "plain UDP is off on this hub: connect with TLS".into(),
             Reject::PlainUdpTls => "a TLS session seals its UDP: plain binds are refused".into(),
+            Reject::SetMalformed => {
+                format!("{STATE_REFUSED} expected KEY=VALUE items separated by 0x1F").into()
+            }
+            Reject::SetBadKey(k, e) => format!("{STATE_REFUSED} bad key {k}: {e}").into(),
+            Reject::StateValue(k, n) => {
+                format!("{STATE_REFUSED} value of {k} is longer than {n} bytes").into()
+            }
+            Reject::StateKeys(n) => format!("{STATE_REFUSED} more than {n} keys").into(),
+            Reject::StateBytes(n) => format!("{STATE_REFUSED} more than {n} bytes of state").into(),
+            Reject::Malformed(Shape::Subscribe) => {
+                "expected: SID SP INTERVAL_MS SP PATTERN [SP KEY...]".into()
+            }
+            Reject::BadSid(s) => format!(
+                "bad subscription id {s}: must be a decimal number from 1 to 4294967295 with no leading zero"
+            )
+            .into(),
+            Reject::BadInterval(s) => {
+                format!("bad interval {s}: must be milliseconds from 0 to 3600000").into()
+            }
+            Reject::BadKey(k, e) => format!("bad key {k}: {e}").into(),
+            Reject::SubscriptionExists(sid) => format!("subscription {sid} already exists").into(),
+            Reject::TooManySubscriptions(n) => format!("more than {n} subscriptions").into(),
+            Reject::SubscriptionKeys(n) => format!("more than {n} keys in a subscription").into(),
+            Reject::NoSubscription(s) => format!("no subscription {s}").into(),
             Reject::Connection(r) => match r {
                 Refusal::MaxConnections => "too many connections",
                 Refusal::PerSource => "too many connections from this address",
@@ -378,6 +451,20 @@ impl Reject {
             Reject::RateLimited(Rate::Routed, _) => Metric::Refusal(Refusal::RateRouted),
             Reject::RateLimited(Rate::Deliveries, _) => Metric::Refusal(Refusal::RateDeliveries),
             Reject::RateLimited(Rate::Who, _) => Metric::Refusal(Refusal::RateWho),
+            Reject::RateLimited(Rate::Sets, _) => Metric::Refusal(Refusal::StateRate),
+            Reject::SetMalformed
+            | Reject::SetBadKey(..)
+            | Reject::BadSid(_)
+            | Reject::BadInterval(_)
+            | Reject::BadKey(..)
+            | Reject::SubscriptionExists(_)
+            | Reject::NoSubscription(_) => Metric::Error(E::Malformed),
+            Reject::StateValue(..) | Reject::StateKeys(_) | Reject::StateBytes(_) => {
+                Metric::Refusal(Refusal::StateLimit)
+            }
+            Reject::TooManySubscriptions(_) | Reject::SubscriptionKeys(_) => {
+                Metric::Refusal(Refusal::Subscriptions)
+            }
             Reject::AuthRequired | Reject::AuthFailed => Metric::Refusal(Refusal::Auth),
             Reject::Connection(r) => Metric::Refusal(*r),
             Reject::TlsRequired => Metric::Refusal(Refusal::TlsRequired),

@@ -8,6 +8,7 @@
 use super::identity::check_identity;
 use super::pattern::Pattern;
 use super::reject::{Reject, Shape};
+use super::state::{QueryError, SetError, SetItem, Subscribe, parse_get, parse_set, parse_sid};
 use super::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token};
 
 /// What a client asked for.
@@ -41,6 +42,19 @@ pub enum Request<'a> {
     Who(Pattern),
     /// 0x0F: the shared secret.
     Auth(&'a [u8]),
+    /// 0x10: set or delete keys of the sender's own state.
+    Set(Vec<SetItem<'a>>),
+    /// 0x11: watch the state of the shims a pattern names.
+    Subscribe(Subscribe<'a>),
+    /// 0x12: end the subscription with this id.
+    Unsubscribe(u32),
+    /// 0x13: read the state of the shims `pattern` names (these keys; none: all).
+    Get {
+        /// Whose state.
+        pattern: Pattern,
+        /// The keys wanted.
+        keys: Vec<&'a str>,
+    },
 }
 
 /// A Command or an Echo.
@@ -104,8 +118,33 @@ impl<'a> Request<'a> {
                 Request::Who(Pattern::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?)
             }
             Opcode::Auth => Request::Auth(data),
-            Opcode::Error | Opcode::Ack | Opcode::WhoEntry => return Err(Reject::ServerOnly(op)),
+            Opcode::Set => Request::Set(parse_set(data).map_err(|e| match e {
+                SetError::Shape => Reject::SetMalformed,
+                SetError::Key(k, e) => Reject::SetBadKey(k, e),
+            })?),
+            Opcode::Subscribe => Request::Subscribe(Subscribe::parse(data).map_err(query)?),
+            Opcode::Unsubscribe => Request::Unsubscribe(
+                parse_sid(data).ok_or_else(|| Reject::NoSubscription(lossy(data)))?,
+            ),
+            Opcode::Get => {
+                let (pattern, _, keys) = parse_get(data).map_err(query)?;
+                Request::Get { pattern, keys }
+            }
+            Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence => {
+                return Err(Reject::ServerOnly(op));
+            }
         })
+    }
+}
+
+/// The refusal of a Subscribe or Get by its shape.
+fn query(e: QueryError) -> Reject {
+    match e {
+        QueryError::Shape => Reject::Malformed(Shape::Subscribe),
+        QueryError::Sid(s) => Reject::BadSid(s),
+        QueryError::Interval(s) => Reject::BadInterval(s),
+        QueryError::Pattern(p, e) => Reject::BadPattern(p, e),
+        QueryError::Key(k, e) => Reject::BadKey(k, e),
     }
 }
 

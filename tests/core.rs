@@ -344,7 +344,7 @@ fn unknown_opcodes_are_named(io: &str) {
     assert_eq!(c.expect_error("unknown opcode"), "unknown opcode 0x0B");
     c.sync(b"usable");
     c.identify("unknown.ops");
-    for op in [0x10u8, 0x42, 0x80, 0xFF, 0x0B] {
+    for op in [0x15u8, 0x42, 0x80, 0xFF, 0x0B] {
         c.send(op, b"data");
         assert_eq!(
             c.expect_error("unknown opcode"),

@@ -1,22 +1,29 @@
 //! `velium`: the command-line tool for a velium-server hub.
 //!
-//! Operator commands (`send`, `tell`, `who`) connect, do one thing and leave; `shim` is a
-//! stand-in shim that stays connected and answers commands, for trying a hub out and for
-//! tests. `stats`, and `who --admin`, read the hub's admin listener instead. Exit status: 0
-//! on success, 1 when fewer shims answered a `send` than it reached (or a `shim` lost its
-//! connection), 2 when nothing could be done (no shim matches, hub unreachable, bad
-//! arguments). Errors are one line on stderr, prefixed `velium:`.
+//! Operator commands (`send`, `tell`, `who`, `state`) connect, do one thing and leave;
+//! `watch` stays connected and prints the relay state of shims as it changes; `shim` is a
+//! stand-in shim that stays connected, answers commands and can publish state keys, for
+//! trying a hub out and for tests. `stats`, and `who --admin`, read the hub's admin
+//! listener instead. Exit status: 0 on success, 1 when fewer shims answered a `send` than
+//! it reached (or a `shim` or `watch` lost its connection), 2 when nothing could be done (no
+//! shim matches, hub unreachable, bad arguments). Errors are one line on stderr, prefixed
+//! `velium:`.
 //!
 //! `--tls` (implied by `--ca`, `--cert`, `--insecure` and `--server-name`) speaks TLS to
 //! the hub, and `velium shim` then seals its UDP channel; `--admin-token-file` presents the
 //! admin listener's bearer token.
 
 use clap::{Args, Parser, Subcommand};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use velium_server::client::{Client, ClientError, ClientOptions, Event, TlsOptions, Transport};
+use velium_server::client::{
+    Client, ClientError, ClientOptions, Event, ShimState, TlsOptions, Transport,
+};
+use velium_server::proto::state::{MAX_INTERVAL_MS, check_key};
 
 const TARGET_HELP: &str = "\
 Which shims to address. Identities are dot-separated segments (server.zone.character, \
@@ -71,16 +78,46 @@ const SHIM_EXAMPLES: &str = "\
 Examples:
   velium shim --name peq.ecommons.bob
   velium shim --name test.one --no-udp
+  velium shim --name peq.ecommons.bob --set hp=4500/5000 --set 'note=back in 5'
+  velium shim --name peq.ecommons.bob --set hp=100 --set-every 1s
 
-Prints `connected as IDENTITY` once identified (and its UDP channel bound; sealed with \
---tls), then one line per message received:
+Prints `connected as IDENTITY` once identified (and its --set keys applied, and its UDP \
+channel bound; sealed with --tls), then one line per message received:
   echo from SENDER: TEXT
   command from SENDER (id ID): TEXT
-Every command is answered with its own text, over the transport it came in on. Pings the \
+Every command is answered with its own text, over the transport it came in on. --set \
+keys are sent in one Set frame; --set-every sends the same keys again at that interval \
+(over UDP when the channel is bound), as a game client's shim does every tick. Pings the \
 hub to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0.";
 
+const STATE_EXAMPLES: &str = "\
+Examples:
+  velium state 'peq.ecommons.*'          every key of the shims in one zone
+  velium state 'peq.>' hp target         only these keys
+
+Prints one line per matching shim, sorted: `IDENTITY KEY=VALUE KEY=VALUE ...`, the keys in \
+the order the shim holds them. A value that is empty or holds a space, a double quote or \
+a backslash is written in double quotes, with `\\\"` and `\\\\` inside; a line break \
+is shown as `\\n`. Exit status: 0 when some shim matched, 2 (and `no shim matches \
+PATTERN` on stderr) when none did or the hub cannot be reached.";
+
+const WATCH_EXAMPLES: &str = "\
+Examples:
+  velium watch 'peq.ecommons.*'
+  velium watch --interval 500ms 'peq.>' hp
+
+Prints the matching shims' state as `velium state` does, then one line per change until \
+interrupted: `IDENTITY KEY=VALUE ...` with only what changed (a deleted key as `-KEY`), \
+`+IDENTITY` when a matching shim appears and `-IDENTITY REASON` when it goes (REASON as \
+the hub's close line gives it: eof, quit, idle timeout, renamed, ...). --interval is the \
+shortest time between two deliveries (the latest values are sent; 0, the default: as \
+soon as possible). Ctrl-C or SIGTERM exits 0; losing the connection exits 1.";
+
+/// The form of a duration argument.
+const DURATION_HELP: &str = "seconds (1.5) or with a unit (500ms, 2s, 1m)";
+
 /// Command-line tool for a velium-server hub: send commands to shims, tell them things,
-/// list them, or run a stand-in shim.
+/// list them, read or watch the state they publish, or run a stand-in shim.
 #[derive(Parser)]
 #[command(name = "velium", version, propagate_version = true)]
 struct Cli {
@@ -234,6 +271,29 @@ enum Cmd {
     /// Show the hub's counters and latency (from its admin listener)
     #[command(after_help = STATS_EXAMPLES)]
     Stats,
+    /// Print the relay state (the keys shims publish) of the shims a pattern names
+    #[command(after_help = STATE_EXAMPLES)]
+    State {
+        #[command(flatten)]
+        op: Operator,
+        /// Whose state (same syntax as a send target)
+        pattern: String,
+        /// Only these keys [default: every key]
+        keys: Vec<String>,
+    },
+    /// Print the relay state of the shims a pattern names, then every change to it
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch {
+        #[command(flatten)]
+        op: Operator,
+        /// Shortest time between two deliveries: seconds (1.5) or with a unit (500ms)
+        #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_interval)]
+        interval: Duration,
+        /// Whose state (same syntax as a send target)
+        pattern: String,
+        /// Only these keys [default: every key]
+        keys: Vec<String>,
+    },
     /// Run a stand-in shim that prints what it receives and answers every command
     #[command(after_help = SHIM_EXAMPLES)]
     Shim {
@@ -243,7 +303,54 @@ enum Cmd {
         /// Do not bind a UDP channel (TCP only)
         #[arg(long)]
         no_udp: bool,
+        /// A state key to publish once connected (repeatable; all are sent in one Set)
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_item)]
+        set: Vec<(String, String)>,
+        /// Send the same --set keys again at this interval: seconds (1.5) or with a unit
+        /// (500ms)
+        #[arg(long, value_name = "DURATION", requires = "set", value_parser = parse_every)]
+        set_every: Option<Duration>,
     },
+}
+
+/// A duration: a number of seconds (as --timeout takes), or a number with a unit as
+/// humantime reads it (`500ms`, `2s`, `1m 30s`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(v) = s.parse::<f64>() {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!("{s} is not a duration: {DURATION_HELP}"));
+        }
+        return Duration::try_from_secs_f64(v).map_err(|e| format!("{s}: {e}"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}): {DURATION_HELP}"))
+}
+
+/// `--set-every`: more than 0.
+fn parse_every(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s} must be more than 0"));
+    }
+    Ok(d)
+}
+
+/// `--interval`: 0 to an hour, as the hub takes it.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_millis(MAX_INTERVAL_MS) {
+        return Err(format!("{s} must be at most an hour"));
+    }
+    Ok(d)
+}
+
+/// `--set KEY=VALUE`: the key in the hub's grammar, the value anything (even empty).
+fn parse_item(s: &str) -> Result<(String, String), String> {
+    let (key, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    check_key(key.as_bytes()).map_err(|e| format!("bad key {key:?}: {e}"))?;
+    Ok((key.to_string(), value.to_string()))
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -325,7 +432,27 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             tell(addr, &op.identity(), options, &target, &text.join(" ")).await
         }
         Cmd::Who { op, pattern } => who(addr, &op.identity(), options, pattern.as_deref()).await,
-        Cmd::Shim { name, no_udp } => shim(addr, &name, options, !no_udp).await,
+        Cmd::State { op, pattern, keys } => {
+            state(addr, &op.identity(), options, &pattern, &keys).await
+        }
+        Cmd::Watch {
+            op,
+            interval,
+            pattern,
+            keys,
+        } => watch(addr, &op.identity(), options, &pattern, &keys, interval).await,
+        Cmd::Shim {
+            name,
+            no_udp,
+            set,
+            set_every,
+        } => {
+            let set = Publish {
+                items: set,
+                every: set_every,
+            };
+            shim(addr, &name, options, !no_udp, &set).await
+        }
         Cmd::Stats => unreachable!("handled above"),
     }
 }
@@ -529,26 +656,95 @@ fn one_line(text: &str) -> String {
     text.replace('\n', "\\n")
 }
 
+/// What a `velium shim` publishes: `--set` and `--set-every`.
+struct Publish {
+    items: Vec<(String, String)>,
+    every: Option<Duration>,
+}
+
+impl Publish {
+    fn items(&self) -> Vec<(&str, Option<&str>)> {
+        self.items
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_str())))
+            .collect()
+    }
+}
+
+/// SIGTERM and SIGINT, installed before connecting: a supervisor may signal as soon as it
+/// reads the first line.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Fatal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(|e| Fatal(format!("SIGTERM: {e}")))?,
+            int: signal(SignalKind::interrupt()).map_err(|e| Fatal(format!("SIGINT: {e}")))?,
+        })
+    }
+
+    /// Returns when either arrives.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Waits for the next tick of `every`, or for ever without one.
+async fn tick(every: &mut Option<tokio::time::Interval>) {
+    match every {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn shim(
     addr: SocketAddr,
     identity: &str,
     options: ClientOptions,
     udp: bool,
+    publish: &Publish,
 ) -> Result<ExitCode, Fatal> {
-    use tokio::signal::unix::{SignalKind, signal};
-    // Handlers first: a supervisor may signal as soon as it reads the `connected` line.
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Fatal(format!("SIGTERM: {e}")))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Fatal(format!("SIGINT: {e}")))?;
+    let mut signals = Signals::new()?;
     let client = Client::connect_with(addr, identity, options).await?;
+    let items = publish.items();
+    if !items.is_empty() {
+        client.set_state(&items).await?;
+        // Handled once the Pong is back (a refusal is an event printed below), so that
+        // whoever reads the `connected` line finds the keys set.
+        client.ping(b"velium-set").await?;
+    }
     if udp && let Err(e) = client.bind_udp().await {
         eprintln!("velium: {e}; continuing over TCP only");
     }
     println!("connected as {}", client.identity());
+    let mut resend = publish.every.map(|every| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     loop {
         let event = tokio::select! {
             ev = client.next_event() => ev,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = tick(&mut resend) => {
+                let sent = match client.set_state_udp(&items).await {
+                    Err(ClientError::NotBound) => client.set_state(&items).await,
+                    other => other,
+                };
+                if let Err(e) = sent {
+                    eprintln!("velium: could not send the state again: {e}");
+                }
+                continue;
+            }
+            _ = signals.recv() => break,
         };
         match event {
             Some(Event::Command {
@@ -589,6 +785,8 @@ async fn shim(
             Some(Event::Quit {
                 via: Transport::Tcp,
             }) => {}
+            // A shim subscribes to nothing.
+            Some(Event::State { .. } | Event::Join { .. } | Event::Leave { .. }) => {}
             Some(Event::Closed { reason }) => {
                 eprintln!("velium: {reason}");
                 return Ok(ExitCode::from(1));
@@ -598,6 +796,261 @@ async fn shim(
     }
     let _ = client.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `state`: one Get.
+async fn state(
+    addr: SocketAddr,
+    identity: &str,
+    options: ClientOptions,
+    pattern: &str,
+    keys: &[String],
+) -> Result<ExitCode, Fatal> {
+    let client = operator(addr, identity, options).await?;
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let shims = client.get_state(pattern, &keys).await?;
+    let me = client.identity();
+    let _ = client.close().await;
+    let shims = listed(shims, &me);
+    if shims.is_empty() {
+        eprintln!("velium: no shim matches {pattern}");
+        return Ok(ExitCode::from(2));
+    }
+    let mut out = std::io::stdout().lock();
+    for s in &shims {
+        let items = s.items.iter().map(|i| (&*i.key, i.value.as_deref()));
+        let _ = writeln!(out, "{}", state_line(&s.identity, items));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A listing as printed: sorted by identity, without this tool's own connection (listed
+/// only for a `+` pattern, and holding no state).
+fn listed(mut shims: Vec<ShimState>, me: &str) -> Vec<ShimState> {
+    shims.retain(|s| !s.identity.eq_ignore_ascii_case(me));
+    shims.sort_by(|a, b| a.identity.cmp(&b.identity));
+    shims
+}
+
+/// `watch`: one subscription, printed until interrupted.
+async fn watch(
+    addr: SocketAddr,
+    identity: &str,
+    options: ClientOptions,
+    pattern: &str,
+    keys: &[String],
+    interval: Duration,
+) -> Result<ExitCode, Fatal> {
+    /// The only subscription.
+    const SID: u32 = 1;
+    let mut signals = Signals::new()?;
+    // Long-lived, unlike the other operator commands: the keep-alive stays on. No UDP
+    // channel: everything comes over TCP, in order.
+    let client = Client::connect_with(addr, identity, options).await?;
+    let me = client.identity();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let snapshot = listed(client.subscribe(SID, pattern, &keys, interval).await?, &me);
+    if snapshot.is_empty() {
+        eprintln!("velium: no shim matches {pattern} yet; watching");
+    }
+    let mut view = View::default();
+    for s in &snapshot {
+        view.apply(&s.identity, true, &s.items);
+        let items = s.items.iter().map(|i| (&*i.key, i.value.as_deref()));
+        if !print(&state_line(&s.identity, items)) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    loop {
+        let event = tokio::select! {
+            ev = client.next_event() => ev,
+            _ = signals.recv() => break,
+        };
+        let line = match event {
+            Some(Event::State {
+                sid: SID,
+                full,
+                state,
+                ..
+            }) if !state.identity.eq_ignore_ascii_case(&me) => {
+                let changed = view.apply(&state.identity, full, &state.items);
+                if changed.is_empty() {
+                    continue;
+                }
+                let items = changed.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
+                state_line(&state.identity, items)
+            }
+            Some(Event::Join { sid: SID, identity }) if !identity.eq_ignore_ascii_case(&me) => {
+                view.join(&identity);
+                format!("+{identity}")
+            }
+            Some(Event::Leave {
+                sid: SID,
+                identity,
+                reason,
+            }) if !identity.eq_ignore_ascii_case(&me) => {
+                view.leave(&identity);
+                format!("-{identity} {reason}")
+            }
+            Some(Event::Error { message, .. }) => {
+                eprintln!("velium: server error: {message}");
+                continue;
+            }
+            Some(Event::Closed { reason }) => {
+                eprintln!("velium: {reason}");
+                return Ok(ExitCode::from(1));
+            }
+            None => return Ok(ExitCode::from(1)),
+            // Commands and echoes sent to this tool, our own shim, Quit before Closed.
+            Some(_) => continue,
+        };
+        if !print(&line) {
+            // Whoever read the output went away (a closed pipe): nothing left to do.
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let _ = client.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one line and flushes it, so that a pipe reader sees each change as it happens;
+/// false when stdout is gone.
+fn print(line: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+}
+
+/// What `watch` holds of each watched shim, to print only what really changed (a full
+/// frame after a rename or a resync repeats what is known; a delta may carry a value that
+/// changed and changed back). Identities and keys compare ignoring ASCII case, as the hub
+/// compares them.
+#[derive(Default)]
+struct View {
+    /// By identity in lower case: the keys (as spelled) and values, in order.
+    shims: HashMap<String, Vec<(String, String)>>,
+}
+
+impl View {
+    /// Applies a State frame; returns the changes: `(key, Some(value))` set, `(key,
+    /// None)` deleted, in frame order (deletions a full frame implies last).
+    fn apply(
+        &mut self,
+        identity: &str,
+        full: bool,
+        items: &[velium_server::client::StateItem],
+    ) -> Vec<(String, Option<String>)> {
+        let held = self.shims.entry(identity.to_ascii_lowercase()).or_default();
+        let mut changes = Vec::new();
+        let pos = |held: &[(String, String)], key: &str| {
+            held.iter().position(|(k, _)| k.eq_ignore_ascii_case(key))
+        };
+        if full {
+            let mut old = std::mem::take(held);
+            for item in items {
+                let Some(v) = &item.value else { continue };
+                if pos(held, &item.key).is_some() {
+                    continue;
+                }
+                match pos(&old, &item.key) {
+                    Some(i) if old[i].1 == *v => {}
+                    _ => changes.push((item.key.clone(), Some(v.clone()))),
+                }
+                if let Some(i) = pos(&old, &item.key) {
+                    old.remove(i);
+                }
+                held.push((item.key.clone(), v.clone()));
+            }
+            changes.extend(old.into_iter().map(|(k, _)| (k, None)));
+        } else {
+            for item in items {
+                match (&item.value, pos(held, &item.key)) {
+                    (Some(v), Some(i)) if held[i].1 == *v => {}
+                    (Some(v), Some(i)) => {
+                        held[i].1 = v.clone();
+                        changes.push((item.key.clone(), Some(v.clone())));
+                    }
+                    (Some(v), None) => {
+                        held.push((item.key.clone(), v.clone()));
+                        changes.push((item.key.clone(), Some(v.clone())));
+                    }
+                    (None, Some(i)) => {
+                        let (k, _) = held.remove(i);
+                        changes.push((k, None));
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        changes
+    }
+
+    /// A shim appeared: it holds nothing yet.
+    fn join(&mut self, identity: &str) {
+        self.shims.insert(identity.to_ascii_lowercase(), Vec::new());
+    }
+
+    /// A shim went: forget it.
+    fn leave(&mut self, identity: &str) {
+        self.shims.remove(&identity.to_ascii_lowercase());
+    }
+}
+
+/// `IDENTITY KEY=VALUE ...`, a deleted key as `-KEY`, values quoted as [`quote`] does.
+fn state_line<'a>(
+    identity: &str,
+    items: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+) -> String {
+    let mut line = identity.to_string();
+    for (key, value) in items {
+        line.push(' ');
+        match value {
+            Some(v) => {
+                line.push_str(key);
+                line.push('=');
+                line.push_str(&quote(v));
+            }
+            None => {
+                line.push('-');
+                line.push_str(key);
+            }
+        }
+    }
+    line
+}
+
+/// A value as `state` and `watch` print it, so that a line splits at its spaces: as it is,
+/// unless it is empty or holds a space (or other white space), a double quote or a
+/// backslash: then in double quotes, `"` and `\` escaped with a backslash. Line breaks
+/// (and carriage returns and tabs) are shown as `\n` (`\r`, `\t`) either way, so every
+/// value stays on its line.
+fn quote(v: &str) -> Cow<'_, str> {
+    let quoted = v.is_empty()
+        || v.chars()
+            .any(|c| c == '"' || c == '\\' || (c.is_whitespace() && c != '\n'));
+    let escaped = v.contains(['\n', '\r', '\t']);
+    if !quoted && !escaped {
+        return Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    if quoted {
+        out.push('"');
+    }
+    for c in v.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    if quoted {
+        out.push('"');
+    }
+    Cow::Owned(out)
 }
 
 /// The admin listener and the bearer token it is given.
@@ -779,4 +1232,98 @@ fn stats(admin: &Admin) -> Result<ExitCode, Fatal> {
         get("velium_udp_quit_total", "result=\"rate_limited\"")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use velium_server::client::StateItem;
+
+    #[test]
+    fn values_are_quoted_only_when_they_must_be() {
+        assert_eq!(quote("4500/5000"), "4500/5000");
+        assert_eq!(quote("a=b:c"), "a=b:c");
+        assert_eq!(quote(""), "\"\"");
+        assert_eq!(quote("back in 5"), "\"back in 5\"");
+        assert_eq!(quote("say \"hi\""), r#""say \"hi\"""#);
+        assert_eq!(quote(r"C:\games"), r#""C:\\games""#);
+        assert_eq!(quote("one\ntwo"), r"one\ntwo");
+        assert_eq!(quote("one\ntwo three"), r#""one\ntwo three""#);
+        assert_eq!(quote("tab\there"), r#""tab\there""#);
+        assert_eq!(quote("héros"), "héros");
+        assert!(matches!(quote("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn state_lines_join_items() {
+        let items = [("hp", Some("1/2")), ("note", Some("a b")), ("zone", None)];
+        assert_eq!(
+            state_line("peq.a.bob", items.into_iter()),
+            r#"peq.a.bob hp=1/2 note="a b" -zone"#
+        );
+        assert_eq!(state_line("peq.a.bob", std::iter::empty()), "peq.a.bob");
+    }
+
+    fn item(key: &str, value: Option<&str>) -> StateItem {
+        StateItem {
+            key: key.into(),
+            value: value.map(Into::into),
+            age: Duration::ZERO,
+        }
+    }
+
+    fn changes(v: &[(String, Option<String>)]) -> Vec<(&str, Option<&str>)> {
+        v.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect()
+    }
+
+    #[test]
+    fn the_view_reports_only_changes() {
+        let mut view = View::default();
+        let snap = [item("hp", Some("1")), item("mp", Some("2"))];
+        assert_eq!(
+            changes(&view.apply("A.b", true, &snap)),
+            [("hp", Some("1")), ("mp", Some("2"))]
+        );
+        // A delta repeating a value, a delete of an absent key: nothing.
+        let same = [item("HP", Some("1")), item("gone", None)];
+        assert!(view.apply("a.B", false, &same).is_empty());
+        let d = [item("mp", Some("3")), item("hp", None), item("x", Some(""))];
+        assert_eq!(
+            changes(&view.apply("a.b", false, &d)),
+            [("mp", Some("3")), ("hp", None), ("x", Some(""))]
+        );
+        // A full frame: what differs, then what it no longer holds.
+        let full = [item("x", Some("")), item("y", Some("9"))];
+        assert_eq!(
+            changes(&view.apply("a.b", true, &full)),
+            [("y", Some("9")), ("mp", None)]
+        );
+        assert!(view.apply("a.b", true, &full).is_empty());
+        view.leave("A.B");
+        view.join("a.b");
+        assert_eq!(
+            changes(&view.apply("a.b", true, &full)),
+            [("x", Some("")), ("y", Some("9"))]
+        );
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_every("0").is_err());
+        assert!(parse_interval("2h").is_err());
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_item("note=a=b c"),
+            Ok(("note".into(), "a=b c".into()))
+        );
+        assert_eq!(parse_item("e="), Ok(("e".into(), String::new())));
+        assert!(parse_item("hp").is_err());
+        assert!(parse_item("h p=1").is_err());
+    }
 }

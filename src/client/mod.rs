@@ -35,8 +35,9 @@
 //! waiter and writes its frame while holding the writer lock, which makes the waiter queue
 //! and the byte stream agree; the background reader hands each Ack or Error to the oldest
 //! waiter. Pongs are paired by their data instead, since ping data is the caller's. Two
-//! exceptions: an Error refusing a CommandResponse (its text starts `response refused:`)
-//! answers no request and arrives as an [`Event::Error`]; and a rename, which the server
+//! exceptions: an Error refusing a CommandResponse or a Set (its text starts `response
+//! refused:` or `state refused:`) answers no request and arrives as an [`Event::Error`],
+//! over either transport; and a rename, which the server
 //! answers only to refuse it, is followed by a Ping, so that its Pong settles the rename
 //! when no Error came first.
 //!
@@ -60,6 +61,18 @@
 //! deliveries keep coming from the same sender, as in a fan-out), and the queue is a plain
 //! locked deque, so taking an event that is already there neither awaits a lock nor
 //! registers a waker.
+//!
+//! # Relay state
+//!
+//! A shim publishes keys about itself with [`Client::set_state`] (or
+//! [`Client::set_state_udp`] every tick); nothing answers an applied Set. A watcher reads
+//! them once with [`Client::get_state`], or with [`Client::subscribe`] gets a snapshot and
+//! then [`Event::State`] deltas, [`Event::Join`] and [`Event::Leave`]. A Subscribe's
+//! answer is a listing like Who's: the full State frames with its id before its Ack are
+//! its snapshot, and every other State frame is an event. Deltas travel over UDP when the
+//! watcher has a bound channel, and such a delta can arrive before the snapshot it
+//! follows has been read from TCP; it is held until the snapshot is handed over, so the
+//! snapshot then the events, in order, is always the current state.
 //!
 //! # Source address
 //!
@@ -97,6 +110,7 @@ mod error;
 mod events;
 mod pending;
 mod socket;
+mod state;
 mod tcp;
 mod text;
 mod tls;
@@ -108,8 +122,11 @@ pub use tls::TlsOptions;
 use crate::proto::identity::check_identity;
 use crate::proto::request::{encode_response, encode_routed};
 use crate::proto::sealed::EXPORTER_LEN;
+use crate::proto::state::{
+    MAX_INTERVAL_MS, encode_get, encode_set, encode_subscribe, encode_unsubscribe,
+};
 use crate::proto::{NEWLINE, Opcode, Token, encode};
-use pending::{Pending, PongWaiter, Reply};
+use pending::{Pending, PongWaiter, Reply, StateRequest};
 use std::fmt;
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
@@ -160,6 +177,36 @@ pub struct WhoEntry {
     pub since: SystemTime,
     /// Whether it has a bound UDP channel.
     pub udp: bool,
+}
+
+/// One shim's relay state, as a Subscribe's snapshot, a [`Client::get_state`] answer or an
+/// [`Event::State`] carries it: the keys a shim publishes about itself (hit points, zone,
+/// target...) so that watchers need not poll it with Commands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShimState {
+    /// Whose state.
+    pub identity: String,
+    /// The shim's sequence number when the hub built the frame. Of two frames about one
+    /// identity on one subscription, the lower number is the older: a consumer drops a
+    /// frame (a delta over UDP, which can arrive late) whose number is below the highest
+    /// it applied, and starts again from zero after the identity's join or leave.
+    pub seq: u64,
+    /// Its keys, in the order the hub sent them (the order the shim holds them): in a full
+    /// frame every key (of those asked for), in a delta only what changed.
+    pub items: Vec<StateItem>,
+}
+
+/// One key of a [`ShimState`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateItem {
+    /// The key, spelled as the shim first wrote it (keys compare ignoring ASCII case).
+    pub key: String,
+    /// The value, line breaks as `\n`; `None`: the key was deleted (deltas only), so a
+    /// consumer drops what it held for it.
+    pub value: Option<String>,
+    /// How long before the hub built the frame the value was set, so that a consumer can
+    /// show how stale it is (zero for a deleted key).
+    pub age: Duration,
 }
 
 /// A target's answer to a Command this client sent.
@@ -215,6 +262,41 @@ pub enum Event {
         /// The transport it arrived on.
         via: Transport,
     },
+    /// A State frame for one of this client's subscriptions ([`Client::subscribe`]) that
+    /// is not part of the Subscribe's answer: what changed in a watched shim (`full` false:
+    /// apply the items, a `None` value deleting its key), or its whole state (`full` true:
+    /// replace everything held for the identity; sent after a rename brought it into the
+    /// pattern, or to resynchronise).
+    State {
+        /// The subscription.
+        sid: u32,
+        /// Whole state (`F`) rather than what changed (`D`).
+        full: bool,
+        /// Whose state, and the items.
+        state: ShimState,
+        /// The transport it arrived on (deltas come over UDP when this client has a bound
+        /// channel).
+        via: Transport,
+    },
+    /// A shim matching subscription `sid`'s pattern appeared (identified, or renamed into
+    /// the pattern), so a watcher can list it before it holds any key. Always over TCP.
+    Join {
+        /// The subscription.
+        sid: u32,
+        /// Who.
+        identity: String,
+    },
+    /// A watched shim went: a watcher forgets its state (no State frame for it follows
+    /// until it joins again). Always over TCP.
+    Leave {
+        /// The subscription.
+        sid: u32,
+        /// Who.
+        identity: String,
+        /// Why, as the hub's close line gives it (`eof`, `quit`, `idle timeout`, ...), or
+        /// `renamed`.
+        reason: String,
+    },
     /// The TCP connection ended; this is the last event, after which
     /// [`Client::next_event`] returns `None`.
     Closed {
@@ -230,7 +312,9 @@ impl Event {
             Event::Command { via, .. }
             | Event::Echo { via, .. }
             | Event::Error { via, .. }
-            | Event::Quit { via } => Some(*via),
+            | Event::Quit { via }
+            | Event::State { via, .. } => Some(*via),
+            Event::Join { .. } | Event::Leave { .. } => Some(Transport::Tcp),
             Event::Response(r) => Some(r.via),
             Event::Closed { .. } => None,
         }
@@ -511,6 +595,132 @@ impl Client {
             .await?;
         match self.shared.await_reply(rx).await? {
             Reply::Ack { entries, .. } => Ok(entries),
+            other => Err(other.into_error()),
+        }
+    }
+
+    /// Sets (`Some(value)`) or deletes (`None`) keys of this shim's relay state, all in one
+    /// Set frame over TCP, applied by the hub all or nothing; a key written twice takes the
+    /// last value. Values may hold spaces and line breaks (`\n`).
+    ///
+    /// Nothing answers a Set that is applied (a shim sends its state every tick and wants
+    /// nothing back), so this returns once the frame is written; a refusal (a limit, the
+    /// rate) arrives later as an [`Event::Error`] starting `state refused:` and never
+    /// answers another request. [`Client::ping`] afterwards proves the Set was handled.
+    /// Refused here, with [`ClientError::Invalid`], before anything is sent: no items, a
+    /// key outside the identity-segment grammar, a value holding the byte 0x1F, and a last
+    /// value ending with `\r`.
+    pub async fn set_state(&self, items: &[(&str, Option<&str>)]) -> Result<(), ClientError> {
+        state::check_set(items)?;
+        self.shared
+            .send_tcp(None, None, |b| encode_set(items.iter().copied(), b))
+            .await
+    }
+
+    /// [`Client::set_state`] as one datagram over the UDP channel: what a shim sends every
+    /// tick, where a lost update is soon replaced by the next. A refusal comes back over
+    /// UDP as an [`Event::Error`]. Fails with [`ClientError::NotBound`] without a bound
+    /// channel.
+    pub async fn set_state_udp(&self, items: &[(&str, Option<&str>)]) -> Result<(), ClientError> {
+        state::check_set(items)?;
+        let udp = self.shared.bound_udp()?;
+        udp.send(|b| encode_set(items.iter().copied(), b)).await
+    }
+
+    /// Watches the relay state of the shims `pattern` names (this client left out unless
+    /// it starts with `+`; only `keys`, or every key when empty), and returns the
+    /// snapshot: one [`ShimState`] per matching shim. Then [`Event::State`] deltas (at most
+    /// one delivery per `interval`, the latest values; zero: as soon as possible),
+    /// [`Event::Join`] and [`Event::Leave`] follow, all carrying `sid`, until
+    /// [`Client::unsubscribe`] or the end of the connection.
+    ///
+    /// `sid` is this client's name for the subscription (1 or more), so that events of
+    /// several subscriptions can be told apart; one in use is refused here. Deltas that come
+    /// over UDP before the snapshot was read are queued after it, so applying the snapshot
+    /// and then the events in order is always right. A server refusal (a bad pattern, too
+    /// many subscriptions, a rate limit) is [`ClientError::Server`]; `interval` is at most
+    /// an hour and is counted in whole milliseconds.
+    pub async fn subscribe(
+        &self,
+        sid: u32,
+        pattern: &str,
+        keys: &[&str],
+        interval: Duration,
+    ) -> Result<Vec<ShimState>, ClientError> {
+        if sid == 0 {
+            return Err(ClientError::Invalid {
+                what: "subscription id",
+                why: "it must be 1 or more (0 names a Get's answer)".into(),
+            });
+        }
+        check_pattern("pattern", pattern)?;
+        state::check_keys(keys)?;
+        let interval_ms = u64::try_from(interval.as_millis())
+            .ok()
+            .filter(|&ms| ms <= MAX_INTERVAL_MS)
+            .ok_or_else(|| ClientError::Invalid {
+                what: "interval",
+                why: format!("{interval:?}: it must be at most an hour"),
+            })?;
+        let claim = self.shared.subs.claim(sid)?;
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .send_tcp_pending(
+                Some(Pending::state(tx, StateRequest::Subscribe(sid))),
+                None,
+                |b| {
+                    claim.sent();
+                    encode_subscribe(sid, interval_ms, pattern, keys, b)
+                },
+            )
+            .await?;
+        drop(claim);
+        match self.shared.await_reply(rx).await? {
+            Reply::Ack { states, .. } => Ok(states),
+            other => Err(other.into_error()),
+        }
+    }
+
+    /// Ends subscription `sid` and waits for the hub's Ack: no event of it comes after
+    /// this returns (a delta still on its way over UDP is dropped). An id the hub does not
+    /// know is [`ClientError::Server`] (`no subscription SID`).
+    ///
+    /// The id is free again once this returns. Over UDP, a delta of the old subscription
+    /// delayed past a new Subscribe with the same id would be taken for the new one's (the
+    /// wire cannot tell them apart): a watcher with a UDP channel that resubscribes at once
+    /// should pick a fresh id.
+    pub async fn unsubscribe(&self, sid: u32) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.subs.ending(sid);
+        self.shared
+            .send_tcp_pending(
+                Some(Pending::state(tx, StateRequest::Unsubscribe(sid))),
+                None,
+                |b| encode_unsubscribe(sid, b),
+            )
+            .await?;
+        self.shared.await_ack(rx).await.map(|_| ())
+    }
+
+    /// Reads the relay state of the shims `pattern` names, once: one [`ShimState`] per
+    /// matching shim with every key, or only `keys` when given. No match is an empty list,
+    /// not an error. As in a [`Client::who`] listing, this client itself is listed when it
+    /// matches (with whatever state it set).
+    pub async fn get_state(
+        &self,
+        pattern: &str,
+        keys: &[&str],
+    ) -> Result<Vec<ShimState>, ClientError> {
+        check_pattern("pattern", pattern)?;
+        state::check_keys(keys)?;
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .send_tcp_pending(Some(Pending::state(tx, StateRequest::Get)), None, |b| {
+                encode_get(pattern, keys, b)
+            })
+            .await?;
+        match self.shared.await_reply(rx).await? {
+            Reply::Ack { states, .. } => Ok(states),
             other => Err(other.into_error()),
         }
     }

@@ -2,9 +2,9 @@
 //! the pings waiting for the Pong that carries their data (see "How replies find their
 //! request" in the [client documentation](super)).
 
-use super::WhoEntry;
 use super::error::{ClientError, server_error};
 use super::text::lossy;
+use super::{ShimState, WhoEntry};
 use crate::proto::reply::parse_ack;
 use std::time::Instant;
 use tokio::sync::oneshot;
@@ -15,17 +15,62 @@ pub(super) struct Pending {
     /// Non-zero for a rename: the server answers a rename only when it refuses it, so the
     /// Ping sent right after it, with the same ticket, tells when it was carried out.
     pub(super) ticket: u64,
+    /// What a state request needs the reader to do with its answer.
+    pub(super) state: StateRequest,
+}
+
+/// The relay-state requests, whose answers the reader treats specially: the State frames
+/// before a Subscribe's or Get's Ack are its listing, and the end of a Subscribe or an
+/// Unsubscribe changes which subscriptions the client has (see `client/state.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StateRequest {
+    /// Not a state request.
+    None,
+    /// Subscribe with this id: answered by its `F` frames, then `Ack SID COUNT`.
+    Subscribe(u32),
+    /// Unsubscribe this id.
+    Unsubscribe(u32),
+    /// Get: answered by `F` frames with SID 0, then `Ack 0 COUNT`.
+    Get,
+}
+
+impl StateRequest {
+    /// Whether a full State frame for subscription `sid` is part of this request's answer.
+    pub(super) fn lists(self, sid: u32) -> bool {
+        match self {
+            StateRequest::Subscribe(s) => s == sid,
+            StateRequest::Get => sid == 0,
+            StateRequest::None | StateRequest::Unsubscribe(_) => false,
+        }
+    }
 }
 
 impl Pending {
     /// A request answered by an Ack or an Error.
     pub(super) fn new(tx: oneshot::Sender<Reply>) -> Pending {
-        Pending { tx, ticket: 0 }
+        Pending {
+            tx,
+            ticket: 0,
+            state: StateRequest::None,
+        }
     }
 
     /// A rename, settled by the Pong with `ticket` when no Error came first.
     pub(super) fn quiet(tx: oneshot::Sender<Reply>, ticket: u64) -> Pending {
-        Pending { tx, ticket }
+        Pending {
+            tx,
+            ticket,
+            state: StateRequest::None,
+        }
+    }
+
+    /// A state request (Subscribe, Unsubscribe, Get), answered by an Ack or an Error.
+    pub(super) fn state(tx: oneshot::Sender<Reply>, state: StateRequest) -> Pending {
+        Pending {
+            tx,
+            ticket: 0,
+            state,
+        }
     }
 
     /// Hands the request its reply (dropped if the request was abandoned).
@@ -38,11 +83,13 @@ impl Pending {
 #[derive(Debug)]
 pub(super) enum Reply {
     /// `id SP count`; `entries` holds the WhoEntry frames that preceded it (empty unless
-    /// the request was a Who).
+    /// the request was a Who), `states` the State frames of a Subscribe's or Get's listing
+    /// (empty for any other request).
     Ack {
         id: u64,
         count: usize,
         entries: Vec<WhoEntry>,
+        states: Vec<ShimState>,
     },
     /// The server's Error text.
     Error(String),
@@ -63,6 +110,7 @@ impl Reply {
                 id,
                 count,
                 entries: entries(),
+                states: Vec::new(),
             },
             None => Reply::Malformed(format!("bad Ack {:?}", lossy(data))),
         }

@@ -5,12 +5,13 @@
 
 use super::error::{ClientError, io_error, server_error};
 use super::events::{EventQueue, SenderCache, delivery_event};
-use super::pending::{Pending, PongWaiter, Reply, resolve_pong};
+use super::pending::{Pending, PongWaiter, Reply, StateRequest, resolve_pong};
 use super::socket::{Connect, connect_from};
+use super::state::{self, Subscriptions};
 use super::text::{check_data, lossy, wire_text};
 use super::tls;
 use super::udp::UdpShared;
-use super::{ClientOptions, Event, MAX_FRAME, Transport, WhoEntry};
+use super::{ClientOptions, Event, MAX_FRAME, ShimState, Transport, WhoEntry};
 use crate::proto::reject::answers_no_request;
 use crate::proto::reply::{parse_who_entry, push_u64};
 use crate::proto::sealed::EXPORTER_LEN;
@@ -85,6 +86,8 @@ pub(super) struct Shared {
     waiting: parking_lot::Mutex<Waiting>,
     pub(super) udp: OnceCell<Arc<UdpShared>>,
     pub(super) events: Arc<EventQueue>,
+    /// This client's subscription ids, shared with the UDP reader (see `client/state.rs`).
+    pub(super) subs: Arc<Subscriptions>,
     /// Wakes the reader to end the connection (keep-alive failure, write error).
     shutdown: Notify,
     shutdown_reason: parking_lot::Mutex<Option<String>>,
@@ -116,6 +119,7 @@ impl Shared {
             waiting: parking_lot::Mutex::new(Waiting::default()),
             udp: OnceCell::new(),
             events: Arc::new(EventQueue::default()),
+            subs: Arc::new(Subscriptions::default()),
             shutdown: Notify::new(),
             shutdown_reason: parking_lot::Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -260,27 +264,65 @@ impl Shared {
         };
         match op {
             Opcode::Ack => {
-                let reply = Reply::ack(data, || std::mem::take(&mut rs.who));
-                if let Some(w) = self.waiting.lock().replies.pop_front() {
-                    w.send(reply);
+                let mut reply = Reply::ack(data, || std::mem::take(&mut rs.who));
+                let listing = std::mem::take(&mut rs.listing);
+                let Some(w) = self.waiting.lock().replies.pop_front() else {
+                    return;
+                };
+                if let Reply::Ack { states, .. } = &mut reply {
+                    *states = listing;
                 }
+                self.answer(w, reply, rs);
             }
-            // An Error refusing a CommandResponse answers no request.
+            // An Error refusing a CommandResponse or a Set answers no request.
             Opcode::Error if answers_no_request(data) => rs.batch.push(Event::Error {
                 message: wire_text(data),
                 via: Transport::Tcp,
             }),
             Opcode::Error => {
                 rs.who.clear();
+                rs.listing.clear();
                 let message = wire_text(data);
-                match self.waiting.lock().replies.pop_front() {
-                    Some(w) => w.send(Reply::Error(message)),
+                let waiter = self.waiting.lock().replies.pop_front();
+                match waiter {
+                    Some(w) => self.answer(w, Reply::Error(message), rs),
                     None => rs.batch.push(Event::Error {
                         message,
                         via: Transport::Tcp,
                     }),
                 }
             }
+            // Server to client, 0x10 is a State frame: part of the listing that answers
+            // the oldest request if that is the Subscribe (or Get) it is a full frame for;
+            // otherwise an event. The hub queues a listing with its Ack in one go, so
+            // nothing else comes between them on this connection.
+            Opcode::Set => {
+                let Some((sid, full, st)) = state::parse(data) else {
+                    rs.batch.push(malformed(op));
+                    return;
+                };
+                let listed = full
+                    && self
+                        .waiting
+                        .lock()
+                        .replies
+                        .front()
+                        .is_some_and(|w| w.state.lists(sid));
+                if listed {
+                    rs.listing.push(st);
+                } else {
+                    rs.batch.push(Event::State {
+                        sid,
+                        full,
+                        state: st,
+                        via: Transport::Tcp,
+                    });
+                }
+            }
+            Opcode::Presence => match state::presence_event(data) {
+                Some((_, ev)) => rs.batch.push(ev),
+                None => rs.batch.push(malformed(op)),
+            },
             Opcode::WhoEntry => {
                 if let Some(e) = who_entry(data) {
                     rs.who.push(e);
@@ -300,10 +342,7 @@ impl Shared {
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse => {
                 match delivery_event(op, data, Transport::Tcp, &mut rs.senders) {
                     Some(ev) => rs.batch.push(ev),
-                    None => rs.batch.push(Event::Error {
-                        message: format!("malformed {} frame from the server", op.name()),
-                        via: Transport::Tcp,
-                    }),
+                    None => rs.batch.push(malformed(op)),
                 }
             }
             Opcode::Quit => {
@@ -319,8 +358,44 @@ impl Shared {
                     .send_tcp(None, None, |b| encode(Opcode::Pong, data, b))
                     .await;
             }
-            Opcode::None | Opcode::Identify | Opcode::Session | Opcode::Who | Opcode::Auth => {}
+            Opcode::None
+            | Opcode::Identify
+            | Opcode::Session
+            | Opcode::Who
+            | Opcode::Auth
+            | Opcode::Subscribe
+            | Opcode::Unsubscribe
+            | Opcode::Get => {}
         }
+    }
+
+    /// Hands the oldest waiting request its reply. The end of a Subscribe or Unsubscribe
+    /// also settles its id in the book of subscriptions; a Subscribe's reply goes out
+    /// under that book's lock, together with the events before it and then the deltas
+    /// that came over UDP meanwhile (see `client/state.rs`).
+    fn answer(&self, w: Pending, reply: Reply, rs: &mut ReaderState) {
+        match w.state {
+            StateRequest::Subscribe(sid) => {
+                let ok = matches!(reply, Reply::Ack { .. });
+                self.subs.answered(sid, ok, &self.events, || {
+                    w.send(reply);
+                    self.events.push_all(&mut rs.batch);
+                });
+            }
+            StateRequest::Unsubscribe(sid) => {
+                self.subs.ended(sid);
+                w.send(reply);
+            }
+            StateRequest::None | StateRequest::Get => w.send(reply),
+        }
+    }
+}
+
+/// The event a frame that is not in its form makes.
+fn malformed(op: Opcode) -> Event {
+    Event::Error {
+        message: format!("malformed {} frame from the server", op.name()),
+        via: Transport::Tcp,
     }
 }
 
@@ -448,6 +523,8 @@ async fn read_session(rd: &mut ReadHalf) -> Result<(Token, Vec<u8>), ClientError
 struct ReaderState {
     /// WhoEntry frames waiting for the Ack that ends the listing.
     who: Vec<WhoEntry>,
+    /// The State frames of the Subscribe's or Get's listing, waiting for its Ack.
+    listing: Vec<ShimState>,
     /// The server sent Quit.
     quit: bool,
     senders: SenderCache,

@@ -7,6 +7,7 @@ use super::error::ClientError;
 use super::events::{EventQueue, SenderCache, delivery_event};
 use super::pending::{PongWaiter, Reply, resolve_pong};
 use super::socket::udp_local;
+use super::state::{Subscriptions, state_event};
 use super::tcp::Shared;
 use super::text::wire_text;
 use super::{Event, MAX_FRAME, Transport};
@@ -137,7 +138,7 @@ impl UdpShared {
             return Err(ClientError::Closed);
         }
         self.sock.store(sock.clone());
-        start_reader(self, sock, shared.events.clone());
+        start_reader(self, sock, shared);
         Ok(())
     }
 
@@ -303,20 +304,30 @@ pub(super) async fn open(shared: &Arc<Shared>) -> Result<Arc<UdpShared>, ClientE
         bound: AtomicBool::new(false),
         reader: parking_lot::Mutex::new(None),
     });
-    start_reader(&udp, sock, shared.events.clone());
+    start_reader(&udp, sock, shared);
     Ok(udp)
 }
 
 /// Starts the reader of `sock`, ending the reader of the socket before it.
-fn start_reader(udp: &Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueue>) {
-    let task = tokio::spawn(reader(udp.clone(), sock, events));
+fn start_reader(udp: &Arc<UdpShared>, sock: Arc<UdpSocket>, shared: &Shared) {
+    let task = tokio::spawn(reader(
+        udp.clone(),
+        sock,
+        shared.events.clone(),
+        shared.subs.clone(),
+    ));
     if let Some(old) = udp.reader.lock().replace(task.abort_handle()) {
         old.abort();
     }
 }
 
 /// The UDP reader task.
-async fn reader(udp: Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueue>) {
+async fn reader(
+    udp: Arc<UdpShared>,
+    sock: Arc<UdpSocket>,
+    events: Arc<EventQueue>,
+    subs: Arc<Subscriptions>,
+) {
     let mut buf = vec![0u8; 65_536];
     let mut senders = SenderCache::default();
     loop {
@@ -355,7 +366,8 @@ async fn reader(udp: Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueu
                     let _ = w.send(reply);
                 }
             }
-            // An Error refusing a CommandResponse answers no request.
+            // An Error refusing a CommandResponse or a Set answers no request: a Set sent
+            // over UDP while a Command's exchange waits must not take its place.
             Opcode::Error if answers_no_request(f.data) => events.push(Event::Error {
                 message: wire_text(f.data),
                 via: Transport::Udp,
@@ -395,6 +407,15 @@ async fn reader(udp: Arc<UdpShared>, sock: Arc<UdpSocket>, events: Arc<EventQueu
                     events.push(ev);
                 }
             }
+            // A delta of one of the client's subscriptions (never part of a listing, which
+            // comes over TCP): held, queued or dropped by the book of subscriptions.
+            Opcode::Set => match state_event(f.data, Transport::Udp) {
+                Some((sid, ev)) => subs.deliver_udp(sid, ev, &events),
+                None => events.push(Event::Error {
+                    message: "malformed Set frame from the server".into(),
+                    via: Transport::Udp,
+                }),
+            },
             Opcode::Ping => {
                 let _ = udp.send(|b| encode(Opcode::Pong, f.data, b)).await;
             }

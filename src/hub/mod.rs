@@ -224,8 +224,17 @@ impl Hub {
         out: &mut Effects,
     ) -> Result<Identified, Reject> {
         let policy = self.check_identity_claim(shim, label)?;
-        let label: Arc<str> = Arc::from(label);
         let registering = !shim.is_identified();
+        if !registering {
+            if *shim.identity() == *label {
+                // The same name, byte for byte: nothing changes, nobody is told.
+                return Ok(Identified::Renamed(shim.identity()));
+            }
+            // A rename tells every subscription watching either name: it counts as a
+            // routed frame, and its presence frames as deliveries.
+            self.allow_route(shim, send::Work::FanOut, out.now_ms)?;
+        }
+        let label: Arc<str> = Arc::from(label);
         // On the first Identify the Session goes into the outbox while the router still
         // holds the shim out of sight: a frame routed to it by another core never reaches
         // the client ahead of its Session. The table entry is made there too, so that a
@@ -262,7 +271,10 @@ impl Hub {
         }
         // After the holder it displaced is gone: its watchers see its leave, then this
         // shim's join.
-        self.state_identity(shim, if registering { "" } else { &old }, out);
+        let told = self.state_identity(shim, out);
+        if !registering {
+            self.charge_deliveries(shim, told);
+        }
         Ok(done)
     }
 

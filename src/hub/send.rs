@@ -356,6 +356,9 @@ impl Hub {
         let limit = match route {
             Route::Session => usize::MAX,
             Route::Listing => out.limit.max(frame.len()),
+            // Behind a relay state listing (up to `LISTING_FACTOR` limits), a join or a
+            // leave must not cut the subscriber; deliveries wait while it is backlogged.
+            Route::State(_) => out.limit.saturating_mul(super::state::LISTING_FACTOR + 1),
             _ => out.limit,
         };
         match to.outbox.push(limit, frame, out.now_ms) {

@@ -10,17 +10,21 @@
 //!
 //! A Set marks the subscriptions watching its shim; at the end of the setter's slice of
 //! input ([`Hub::deliver_state`]) each marked subscription is delivered at once when its
-//! interval has passed and its connection is not busy, and otherwise queued on the core
-//! serving its subscriber, whose driver calls [`Hub::state_tick`] until it is done.
-//! Presence (join, leave) is queued the same way when the event has no slice of its own
-//! (a close by a timer).
+//! interval has passed and its connection is not backlogged, and otherwise queued on the
+//! core serving its subscriber, whose driver calls [`Hub::state_tick`] when it is due.
 //!
-//! Locks are taken in one order: the registry, then a shim's store, then a
-//! subscription's pending state; a delivery copies what it needs out of the pending
-//! state before it reads the stores.
+//! Order. Every frame about one shim reaches a subscriber in the order the hub decided
+//! it: a delivery is built and queued under the shim's store lock, and joins, leaves and
+//! renames take that lock too, so a State never follows that shim's leave, and a
+//! Subscribe's listing is queued before anything else of that subscription (it is
+//! *held* until then). Each State frame carries the store's sequence number, so a
+//! consumer can drop a datagram that arrives after a newer frame over TCP.
+//!
+//! Locks are taken in one order: the registry, a shim's store, a subscription's pending
+//! state, then outboxes and the per-core queues.
 
 use super::Hub;
-use super::send::{Bucket, Effects, Route, Via};
+use super::send::{Bucket, Effects, Route, Via, Work};
 use super::shim::{CloseReason, Shim};
 use crate::config::User;
 use crate::metrics::Transport;
@@ -33,23 +37,24 @@ use crate::proto::state::{
 };
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use tokio::sync::Notify;
 use tracing::debug;
 
-/// How long a subscription that could not be delivered (its connection busy, or its
-/// interval not yet passed) waits at least before it is tried again.
+/// How long a subscription that could not be delivered (its connection backlogged, or a
+/// delivery of it under way on another core) waits before it is tried again.
 pub const STATE_TICK_MS: u64 = 5;
-/// After a delivery over UDP, how long until the subscriber is sent every shim it watches
-/// in full over TCP: a lost datagram leaves a value wrong for at most this long, even if
-/// it never changes again.
+/// After a delivery over UDP, how long until the shims it carried are sent again in
+/// full over TCP: a lost datagram leaves a value wrong for at most this long, even if it
+/// never changes again.
 pub const STATE_REFRESH_MS: u64 = 10_000;
-
-/// Bytes queued for a subscriber over TCP past which its changes wait, even while its
-/// socket still takes what it is sent.
+/// Bytes queued for a subscriber over TCP past which its changes wait; also the most one
+/// delivery queues over TCP before the rest waits for the next.
 const BACKLOG: usize = 64 * 1024;
+/// A Subscribe or Get listing may be this many times `outbound_limit`, at most.
+pub const LISTING_FACTOR: usize = 8;
 
 /// One key of a shim's state.
 struct Entry {
@@ -78,7 +83,7 @@ impl Entry {
     }
 }
 
-/// A shim's state and the subscriptions watching it.
+/// A shim's state, the subscriptions watching it, and its connection's own.
 #[derive(Default)]
 pub(crate) struct Store {
     entries: Vec<Entry>,
@@ -115,6 +120,13 @@ impl Store {
             }
         }
     }
+
+    fn is_idle(&self) -> bool {
+        self.entries.is_empty()
+            && self.tombs.is_empty()
+            && self.watchers.is_empty()
+            && self.subs.is_empty()
+    }
 }
 
 fn wanted(keys: &[Box<str>], key: &str) -> bool {
@@ -124,15 +136,19 @@ fn wanted(keys: &[Box<str>], key: &str) -> bool {
 /// One shim watched by a subscription.
 struct Track {
     shim: Weak<Shim>,
+    /// The identity the subscriber knows the shim by (its join, or the listing).
+    identity: Arc<str>,
     /// The store's sequence number last delivered.
     delivered: u64,
     /// Listed in `Pending::dirty`.
     dirty: bool,
-    /// The next delivery sends the whole state (a join after a rename).
+    /// The next delivery sends the whole state.
     full: bool,
+    /// A delta went over UDP since the last whole state: the refresh resends it.
+    udp: bool,
 }
 
-/// What a subscription has not yet delivered.
+/// What a subscription has not yet delivered, and when it runs next.
 #[derive(Default)]
 struct Pending {
     /// The shims watched, by serial.
@@ -143,13 +159,18 @@ struct Pending {
     marks: u64,
     /// When the last delivery was built (hub milliseconds; `None`: never).
     last_ms: Option<u64>,
-    /// Listed for a delivery: in a slice's effects, or on its core's queue.
+    /// A delivery attempt is coming: listed in a slice's effects, or queued.
     scheduled: bool,
-    /// A delivery is being built (on some core): another waits for the next tick.
+    /// A delivery is being built (on some core).
     delivering: bool,
-    /// When every watched shim is sent again in full, over TCP (set by a delivery over
-    /// UDP, whose datagrams may have been lost).
+    /// The Subscribe's listing is not queued yet: nothing else may go before it.
+    held: bool,
+    /// Presence frames that came while held, queued right after the listing.
+    queued: Vec<Bytes>,
+    /// When the shims that got deltas over UDP are sent again in full.
     refresh_ms: Option<u64>,
+    /// Its entry in its core's queue.
+    due_key: Option<(u64, u64)>,
 }
 
 /// A standing request for the state of the shims a pattern names.
@@ -167,10 +188,19 @@ pub struct Subscription {
     ended: AtomicBool,
 }
 
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("sid", &self.sid)
+            .field("owner", &self.owner_serial)
+            .finish()
+    }
+}
+
 impl Subscription {
     /// Whether this subscription watches `shim` under `identity`, `users` telling whether
-    /// the hub has users (then the subscriber's user must be allowed to read it; a reload
-    /// may have changed what it may read).
+    /// the hub has users (then the subscriber's user must be allowed to read it, as the
+    /// last reload left it).
     fn watches(&self, shim: &Shim, identity: &str, users: bool) -> bool {
         (self.pattern.include_self || shim.serial != self.owner_serial)
             && self.pattern.matches(identity)
@@ -182,28 +212,30 @@ impl Subscription {
         may_read(true, user.as_deref(), identity)
     }
 
-    /// Notes that `shim` changed (`n` keys the subscription wants). True when the
-    /// subscription was not yet listed for a delivery (the caller lists it).
+    /// Notes that the shim `serial` changed (`n` keys the subscription wants). True when
+    /// no delivery attempt was coming (the caller lists it for one).
     fn mark(&self, serial: u64, n: u64) -> bool {
         let mut p = self.pending.lock();
+        let p = &mut *p;
         let Some(t) = p.watched.get_mut(&serial) else {
             return false;
         };
-        if !t.dirty {
-            t.dirty = true;
+        if !std::mem::replace(&mut t.dirty, true) {
             p.dirty.push(serial);
         }
         p.marks += n;
         !std::mem::replace(&mut p.scheduled, true)
     }
-}
 
-impl std::fmt::Debug for Subscription {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Subscription")
-            .field("sid", &self.sid)
-            .field("owner", &self.owner_serial)
-            .finish()
+    fn track(&self, shim: &Arc<Shim>, identity: Arc<str>, delivered: u64, full: bool) -> Track {
+        Track {
+            shim: Arc::downgrade(shim),
+            identity,
+            delivered,
+            dirty: false,
+            full,
+            udp: false,
+        }
     }
 }
 
@@ -214,7 +246,10 @@ fn may_read(users: bool, reader: Option<&User>, identity: &str) -> bool {
 /// The subscriptions of one core's connections waiting for their time.
 #[derive(Default)]
 struct CoreQueue {
-    due: Vec<(u64, Arc<Subscription>)>,
+    /// By due time (hub milliseconds) and a number that keeps keys apart; one entry per
+    /// subscription at most (`Pending::due_key`).
+    due: BTreeMap<(u64, u64), Arc<Subscription>>,
+    next: u64,
     /// Outboxes that were pushed presence outside any slice: flushed by the next tick.
     flush: Vec<Arc<Shim>>,
 }
@@ -250,19 +285,35 @@ impl States {
         self.queue(core).1.notified()
     }
 
-    fn defer(&self, sub: &Arc<Subscription>, due_ms: u64) {
+    /// Has `sub` tried at `at_ms`, unless it is already due no later (called with its
+    /// pending state locked).
+    fn defer(&self, sub: &Arc<Subscription>, p: &mut Pending, at_ms: u64) {
         let (q, n) = self.queue(sub.core);
         let mut q = q.lock();
-        q.due.push((due_ms, sub.clone()));
+        if let Some(k) = p.due_key {
+            if k.0 <= at_ms {
+                return;
+            }
+            q.due.remove(&k);
+        }
+        q.next += 1;
+        let key = (at_ms, q.next);
+        q.due.insert(key, sub.clone());
+        p.due_key = Some(key);
         drop(q);
         n.notify_one();
     }
 
+    /// Takes `sub` off its core's queue (called with its pending state locked).
+    fn undefer(&self, sub: &Subscription, p: &mut Pending) {
+        if let Some(k) = p.due_key.take() {
+            self.queue(sub.core).0.lock().due.remove(&k);
+        }
+    }
+
     fn defer_flush(&self, shim: &Arc<Shim>) {
         let (q, n) = self.queue(shim.core as usize);
-        let mut q = q.lock();
-        q.flush.push(shim.clone());
-        drop(q);
+        q.lock().flush.push(shim.clone());
         n.notify_one();
     }
 }
@@ -379,6 +430,7 @@ impl Hub {
                     changed.keys.push(Box::from(e.key()));
                 }
                 (None, Some(v)) => {
+                    let key = first_spelling(items, key);
                     let mut kv = Vec::with_capacity(key.len() + v.len());
                     kv.extend_from_slice(key.as_bytes());
                     kv.extend_from_slice(v);
@@ -434,44 +486,49 @@ impl Hub {
     }
 
     /// Delivers what the slice marked: each subscription whose interval has passed and
-    /// whose connection is not busy, now; the others when their core's tick finds them
-    /// due. Called at the end of every slice of input.
+    /// whose connection is not backlogged, now; the others when their core's tick finds
+    /// them due. Called at the end of every slice of input.
     pub fn deliver_state(&self, out: &mut Effects) {
         while let Some(sub) = out.state.pop() {
             self.try_deliver(&sub, out);
         }
     }
 
-    /// Core `core`'s waiting subscriptions and presence frames, at `out.now_ms`.
+    /// Core `core`'s due subscriptions and outboxes to flush, at `out.now_ms`.
     pub fn state_tick(&self, core: usize, out: &mut Effects) {
         let now_ms = out.now_ms;
         let (due, flush) = {
             let mut q = self.states.queue(core).0.lock();
             let flush = std::mem::take(&mut q.flush);
             let mut due = Vec::new();
-            q.due.retain(|(at, sub)| {
-                if *at <= now_ms {
-                    due.push(sub.clone());
-                    false
-                } else {
-                    true
+            while let Some(entry) = q.due.first_entry() {
+                if entry.key().0 > now_ms {
+                    break;
                 }
-            });
+                let (key, sub) = entry.remove_entry();
+                due.push((key, sub));
+            }
             (due, flush)
         };
         out.flush.extend(flush);
-        for sub in due {
+        for (key, sub) in due {
+            {
+                let mut p = sub.pending.lock();
+                if p.due_key == Some(key) {
+                    p.due_key = None;
+                }
+            }
             self.try_deliver(&sub, out);
         }
     }
 
-    /// The time until core `core` next has a subscription due (`None`: nothing waits).
+    /// The time until core `core` next has something to do (`None`: nothing waits).
     pub fn state_next(&self, core: usize, now_ms: u64) -> Option<u64> {
         let q = self.states.queue(core).0.lock();
         if !q.flush.is_empty() {
             return Some(0);
         }
-        q.due.iter().map(|(at, _)| at.saturating_sub(now_ms)).min()
+        q.due.keys().next().map(|k| k.0.saturating_sub(now_ms))
     }
 
     /// Delivers `sub` now if it may go, else queues it for when it may.
@@ -487,105 +544,175 @@ impl Hub {
             return;
         }
         let udp = owner.udp_addr().is_some();
-        let work = {
-            let mut p = sub.pending.lock();
+        let (marks, work) = {
+            let mut guard = sub.pending.lock();
+            let p = &mut *guard;
+            if p.held {
+                // The Subscribe that holds it schedules it once its listing is queued.
+                return;
+            }
             if p.refresh_ms.is_some_and(|at| now_ms >= at) {
                 p.refresh_ms = None;
-                let p = &mut *p;
                 for (serial, t) in p.watched.iter_mut() {
-                    t.full = true;
-                    if !std::mem::replace(&mut t.dirty, true) {
-                        p.dirty.push(*serial);
+                    if std::mem::take(&mut t.udp) {
+                        t.full = true;
+                        if !std::mem::replace(&mut t.dirty, true) {
+                            p.dirty.push(*serial);
+                        }
                     }
                 }
             }
-            if p.dirty.is_empty() && !p.delivering {
-                // Nothing to send (a refresh check with nothing watched, or a stale entry).
+            let watched = &p.watched;
+            p.dirty.retain(|s| watched.get(s).is_some_and(|t| t.dirty));
+            if p.dirty.is_empty() {
                 p.scheduled = false;
+                if let Some(at) = p.refresh_ms {
+                    self.states.defer(sub, p, at);
+                }
                 return;
             }
             let due = p.last_ms.map_or(0, |l| l + sub.interval_ms);
-            // Over TCP, a connection still writing what it was sent is busy: its changes
-            // wait (and coalesce) until it has caught up.
-            let busy = !udp && owner.outbox.backlogged(BACKLOG);
-            if p.delivering || now_ms < due || busy {
-                let at = if p.delivering || busy {
-                    now_ms + STATE_TICK_MS
-                } else {
+            // A connection still writing what it was sent is backlogged: its changes wait
+            // (and coalesce) until it has caught up.
+            let busy = owner.outbox.backlogged(BACKLOG);
+            if p.delivering || busy || now_ms < due {
+                let at = if now_ms < due && !p.delivering && !busy {
                     due
+                } else {
+                    now_ms + STATE_TICK_MS
                 };
-                drop(p);
-                self.states.defer(sub, at);
+                self.states.defer(sub, p, at.max(due));
                 return;
             }
-            p.scheduled = false;
             p.delivering = true;
             p.last_ms = Some(now_ms);
-            let marks = std::mem::take(&mut p.marks);
-            let dirty = std::mem::take(&mut p.dirty);
-            let mut work = Vec::with_capacity(dirty.len());
-            for serial in dirty {
-                if let Some(t) = p.watched.get_mut(&serial) {
-                    t.dirty = false;
-                    work.push((
-                        serial,
-                        t.shim.clone(),
-                        t.delivered,
-                        std::mem::take(&mut t.full),
-                    ));
-                }
-            }
-            (marks, work)
+            (std::mem::take(&mut p.marks), std::mem::take(&mut p.dirty))
         };
-        let (marks, work) = work;
-        let mut delivered_items = 0u64;
+        let mut items = 0u64;
+        let mut tcp_bytes = 0usize;
         let mut sent_udp = false;
-        let mut done = Vec::with_capacity(work.len());
-        for (serial, shim, since, full) in work {
-            let Some(shim) = shim.upgrade() else { continue };
-            let identity = shim.identity();
-            let (frames, seq, items) = {
-                let g = shim.state.lock();
-                let Some(store) = g.as_ref() else { continue };
-                build(store, sub, &identity, since, full, now_ms, udp)
-            };
-            done.push((serial, seq));
-            delivered_items += items;
-            for (frame, over_udp) in frames {
-                sent_udp |= over_udp;
-                self.send(&owner, Route::State(over_udp), &Bytes::from(frame), out);
+        let mut left = Vec::new();
+        for serial in work {
+            if tcp_bytes >= BACKLOG {
+                left.push(serial);
+                continue;
             }
+            let Some(shim) =
+                (sub.pending.lock().watched.get(&serial)).and_then(|t| t.shim.upgrade())
+            else {
+                continue;
+            };
+            // Built and queued under the store's lock: a leave, a rename or an
+            // Unsubscribe (which all take it) is either before this frame, and the track
+            // is gone, or after it.
+            let g = shim.state.lock();
+            let Some(store) = g.as_ref() else { continue };
+            let frames = {
+                let mut p = sub.pending.lock();
+                if sub.ended.load(Ordering::Acquire) {
+                    break;
+                }
+                let Some(t) = p.watched.get_mut(&serial) else {
+                    continue;
+                };
+                let built = build(store, sub, t, now_ms, udp);
+                t.dirty = false;
+                t.full = false;
+                t.delivered = store.seq;
+                if built.iter().any(|(_, over_udp)| *over_udp) {
+                    t.udp = true;
+                }
+                built
+            };
+            for (frame, over_udp) in frames {
+                items += frame.items;
+                sent_udp |= over_udp;
+                if !over_udp {
+                    tcp_bytes += frame.bytes.len();
+                }
+                self.send(
+                    &owner,
+                    Route::State(over_udp),
+                    &Bytes::from(frame.bytes),
+                    out,
+                );
+            }
+            drop(g);
         }
         {
-            let mut p = sub.pending.lock();
+            let mut guard = sub.pending.lock();
+            let p = &mut *guard;
             p.delivering = false;
-            if sent_udp && p.refresh_ms.is_none() {
-                let at = now_ms + STATE_REFRESH_MS;
-                p.refresh_ms = Some(at);
-                self.states.defer(sub, at);
+            for serial in left {
+                if p.watched.get(&serial).is_some_and(|t| t.dirty) {
+                    p.dirty.push(serial);
+                }
             }
-            for (serial, seq) in done {
-                if let Some(t) = p.watched.get_mut(&serial) {
-                    t.delivered = t.delivered.max(seq);
+            if sent_udp && p.refresh_ms.is_none() {
+                p.refresh_ms = Some(now_ms + STATE_REFRESH_MS);
+            }
+            if !p.dirty.is_empty() {
+                // Marked while this delivery was built, or past its byte budget.
+                let at = (now_ms + STATE_TICK_MS).max(now_ms + sub.interval_ms);
+                self.states.defer(sub, p, at);
+            } else {
+                p.scheduled = false;
+                if let Some(at) = p.refresh_ms {
+                    self.states.defer(sub, p, at);
                 }
             }
         }
         let c = self.counters();
-        c.state_delivered
-            .fetch_add(delivered_items, Ordering::Relaxed);
+        c.state_delivered.fetch_add(items, Ordering::Relaxed);
         c.state_coalesced
-            .fetch_add(marks.saturating_sub(delivered_items), Ordering::Relaxed);
+            .fetch_add(marks.saturating_sub(items), Ordering::Relaxed);
+    }
+
+    /// Sends `frame` (a join or a leave) to `sub`'s subscriber, after its listing if that
+    /// is not queued yet. `out` is the slice's effects; `None` outside any slice (a close
+    /// by a timer, a reload): the outbox is pushed now, keeping the frame's place, and
+    /// flushed by its core's next tick. Called with `sub`'s pending state locked.
+    fn present(
+        &self,
+        sub: &Subscription,
+        p: &mut Pending,
+        frame: Bytes,
+        out: Option<&mut Effects>,
+    ) {
+        if p.held {
+            p.queued.push(frame);
+            return;
+        }
+        let Some(owner) = sub.owner.upgrade() else {
+            return;
+        };
+        match out {
+            Some(out) => {
+                self.send(&owner, Route::State(false), &frame, out);
+            }
+            None => {
+                let now_ms = self.now_ms();
+                let mut out = Effects::default();
+                out.begin(self, now_ms);
+                self.send(&owner, Route::State(false), &frame, &mut out);
+                for shim in out.flush.drain(..) {
+                    self.states.defer_flush(&shim);
+                }
+                self.finish(owner.core as usize, &mut out, self.instant(now_ms));
+            }
+        }
     }
 
     /// Subscribe over TCP: a listing of one `F` State frame per watched shim, then
     /// `Ack SID COUNT`; then deltas and presence as they come.
     pub(crate) fn subscribe(&self, sender: &Arc<Shim>, s: &Subscribe<'_>, out: &mut Effects) {
         let answer = Route::Reply(Via::Tcp);
-        if let Err(r) = self.allow_route(sender, super::send::Work::Who, out.now_ms) {
+        if let Err(r) = self.allow_route(sender, Work::Who, out.now_ms) {
             return self.refuse(sender, answer, &r, out);
         }
         let c = self.config();
         let (max, max_keys) = (c.state_subscriptions, c.state_keys);
+        let listing_cap = c.outbound_limit.saturating_mul(LISTING_FACTOR);
         let users = !c.users.is_empty();
         drop(c);
         {
@@ -596,7 +723,7 @@ impl Hub {
             } else if subs.len() >= max {
                 Some(Reject::TooManySubscriptions(max))
             } else if s.keys.len() > max_keys {
-                Some(Reject::SubscriptionKeys(max_keys))
+                Some(Reject::KeysListed(max_keys))
             } else {
                 None
             };
@@ -613,16 +740,19 @@ impl Hub {
             pattern: s.pattern.clone(),
             keys: s.keys.iter().map(|k| Box::from(*k)).collect(),
             interval_ms: s.interval_ms,
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                held: true,
+                ..Pending::default()
+            }),
             ended: AtomicBool::new(false),
         });
-        let now_ms = out.now_ms;
-        let mut listing = Vec::new();
-        let mut n = 0u64;
+        (sender.state.lock().get_or_insert_with(Box::default).subs).push(sub.clone());
+        // Registered under the registry's lock, which every join takes: a shim that
+        // identifies meanwhile is either found here or joins after.
+        let mut members = Vec::new();
         {
             let mut registry = self.states.registry.lock();
             registry.insert((sender.serial, s.sid), sub.clone());
-            (sender.state.lock().get_or_insert_with(Box::default).subs).push(sub.clone());
             self.router.for_each_match(&s.pattern, |shim| {
                 let identity = shim.identity();
                 if !sub.watches(shim, &identity, users) {
@@ -639,25 +769,39 @@ impl Hub {
                     return;
                 }
                 store.watchers.push(sub.clone());
-                let mut f = StateFrame::new(s.sid, Mode::Full, &identity);
-                store.full(&sub.keys, now_ms, &mut f);
-                sub.pending.lock().watched.insert(
-                    shim.serial,
-                    Track {
-                        shim: Arc::downgrade(shim),
-                        delivered: store.seq,
-                        dirty: false,
-                        full: false,
-                    },
-                );
-                drop(g);
-                listing.extend_from_slice(&f.finish());
-                n += 1;
+                let t = sub.track(shim, identity, store.seq, false);
+                sub.pending.lock().watched.insert(shim.serial, t);
+                members.push(shim.clone());
             });
+        }
+        // The listing is built outside the registry's lock, one store at a time.
+        let now_ms = out.now_ms;
+        let mut listing = Vec::new();
+        let mut n = 0u64;
+        for shim in &members {
+            let g = shim.state.lock();
+            let Some(store) = g.as_ref() else { continue };
+            let mut p = sub.pending.lock();
+            let Some(t) = p.watched.get_mut(&shim.serial) else {
+                continue;
+            };
+            let mut f = StateFrame::new(s.sid, Mode::Full, &t.identity, store.seq);
+            store.full(&sub.keys, now_ms, &mut f);
+            t.delivered = store.seq;
+            t.full = false;
+            drop(p);
+            drop(g);
+            listing.extend_from_slice(&f.finish());
+            n += 1;
+            if listing.len() > listing_cap {
+                self.drop_subscription(sender, &sub);
+                let r = Reject::ListingTooLarge(listing_cap);
+                return self.refuse(sender, answer, &r, out);
+            }
         }
         if sender.is_closed() {
             // Closed while subscribing: `state_closed` may have run before the push.
-            self.end_subscription(&sub);
+            self.drop_subscription(sender, &sub);
             return;
         }
         self.charge_deliveries(sender, n);
@@ -672,7 +816,25 @@ impl Hub {
             out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
             sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
         }
+        // Released: what came meanwhile follows the listing.
+        let mut p = sub.pending.lock();
+        p.held = false;
+        for frame in std::mem::take(&mut p.queued) {
+            self.send(sender, Route::State(false), &frame, out);
+        }
+        if !p.dirty.is_empty() && !std::mem::replace(&mut p.scheduled, true) {
+            out.state.push(sub.clone());
+        }
+        drop(p);
         debug!(conn = sender.serial, sid = s.sid, watching = n, "subscribe");
+    }
+
+    /// Takes `sub` off its subscriber's list and ends it.
+    fn drop_subscription(&self, sender: &Shim, sub: &Arc<Subscription>) {
+        if let Some(store) = sender.state.lock().as_mut() {
+            store.subs.retain(|x| !Arc::ptr_eq(x, sub));
+        }
+        self.end_subscription(sub);
     }
 
     /// Unsubscribe over TCP: `Ack SID 1`, or an Error when there is no such subscription.
@@ -691,7 +853,9 @@ impl Hub {
         self.send(sender, Route::Reply(Via::Tcp), &Bytes::from(ack), out);
     }
 
-    /// Takes `sub` out of the registry and off every shim it watched.
+    /// Takes `sub` out of the registry, its core's queue and every shim it watched. Once
+    /// this returns, nothing more is queued for it: a delivery under way holds a store's
+    /// lock, which this takes.
     fn end_subscription(&self, sub: &Arc<Subscription>) {
         sub.ended.store(true, Ordering::Release);
         let mut registry = self.states.registry.lock();
@@ -699,6 +863,8 @@ impl Hub {
         let watched: Vec<Weak<Shim>> = {
             let mut p = sub.pending.lock();
             p.dirty.clear();
+            p.queued.clear();
+            self.states.undefer(sub, &mut p);
             p.watched.drain().map(|(_, t)| t.shim).collect()
         };
         for shim in watched.iter().filter_map(Weak::upgrade) {
@@ -717,27 +883,45 @@ impl Hub {
         keys: &[&str],
         out: &mut Effects,
     ) {
-        if let Err(r) = self.allow_route(sender, super::send::Work::Who, out.now_ms) {
-            return self.refuse(sender, Route::Reply(Via::Tcp), &r, out);
+        let answer = Route::Reply(Via::Tcp);
+        if let Err(r) = self.allow_route(sender, Work::Who, out.now_ms) {
+            return self.refuse(sender, answer, &r, out);
         }
-        let users = !self.config().users.is_empty();
+        let c = self.config();
+        let users = !c.users.is_empty();
+        let (max_keys, cap) = (
+            c.state_keys,
+            c.outbound_limit.saturating_mul(LISTING_FACTOR),
+        );
+        drop(c);
+        if keys.len() > max_keys {
+            return self.refuse(sender, answer, &Reject::KeysListed(max_keys), out);
+        }
         let reader = sender.user();
         let keys: Vec<Box<str>> = keys.iter().map(|k| Box::from(*k)).collect();
         let now_ms = out.now_ms;
         let mut listing = Vec::new();
         let mut n = 0u64;
+        let mut too_large = false;
         self.router.for_each_match(pattern, |shim| {
             let identity = shim.identity();
-            if !may_read(users, reader.as_deref(), &identity) {
+            if too_large || !may_read(users, reader.as_deref(), &identity) {
                 return;
             }
-            let mut f = StateFrame::new(0, Mode::Full, &identity);
-            if let Some(store) = shim.state.lock().as_ref() {
+            let g = shim.state.lock();
+            let seq = g.as_ref().map_or(0, |s| s.seq);
+            let mut f = StateFrame::new(0, Mode::Full, &identity, seq);
+            if let Some(store) = g.as_ref() {
                 store.full(&keys, now_ms, &mut f);
             }
+            drop(g);
             listing.extend_from_slice(&f.finish());
             n += 1;
+            too_large = listing.len() > cap;
         });
+        if too_large {
+            return self.refuse(sender, answer, &Reject::ListingTooLarge(cap), out);
+        }
         self.charge_deliveries(sender, n);
         let frames = listing.len();
         reply::ack(0, n, &mut listing);
@@ -752,109 +936,138 @@ impl Hub {
         }
     }
 
-    /// After an Identify (`old` empty) or a rename from `old`: the subscriptions that
-    /// watched the old name are sent a leave (`renamed`), those that match the new one a
-    /// join, and the shim's state follows the join in full.
-    pub(crate) fn state_identity(&self, shim: &Arc<Shim>, old: &str, out: &mut Effects) {
+    /// After an Identify or a rename: subscriptions that knew the shim by another name
+    /// are sent a leave (`renamed`), those that match the new one a join, and the shim's
+    /// state follows the join in full. Returns the presence frames sent (what a rename
+    /// costs its sender, in deliveries).
+    pub(crate) fn state_identity(&self, shim: &Arc<Shim>, out: &mut Effects) -> u64 {
         let identity = shim.identity();
+        let users = !self.config().users.is_empty();
         let registry = self.states.registry.lock();
         let mut g = shim.state.lock();
         if shim.is_closed() {
-            return;
+            return 0;
         }
-        let left: Vec<Arc<Subscription>> = match g.as_mut() {
+        let mut sent = 0u64;
+        let mut kept = Vec::new();
+        let old: Vec<Arc<Subscription>> = match g.as_mut() {
             Some(store) => std::mem::take(&mut store.watchers),
             None => Vec::new(),
         };
-        for sub in &left {
-            sub.pending.lock().watched.remove(&shim.serial);
-            if let Some(owner) = sub.owner.upgrade() {
-                let mut f = Vec::with_capacity(old.len() + 20);
-                presence(sub.sid, old, Some("renamed"), &mut f);
-                self.send(&owner, Route::State(false), &Bytes::from(f), out);
+        for sub in old {
+            let mut p = sub.pending.lock();
+            let Some(t) = p.watched.get(&shim.serial) else {
+                continue;
+            };
+            if *t.identity == *identity && sub.watches(shim, &identity, users) {
+                // It found the shim under its new name already (a Subscribe between the
+                // claim and this).
+                drop(p);
+                kept.push(sub);
+                continue;
             }
+            let told = t.identity.clone();
+            p.watched.remove(&shim.serial);
+            let mut f = Vec::with_capacity(told.len() + 24);
+            presence(sub.sid, &told, Some("renamed"), &mut f);
+            self.present(&sub, &mut p, Bytes::from(f), Some(out));
+            sent += 1;
         }
-        let users = !self.config().users.is_empty();
         let joined: Vec<Arc<Subscription>> = registry
             .values()
-            .filter(|sub| !sub.ended.load(Ordering::Acquire) && sub.watches(shim, &identity, users))
+            .filter(|sub| {
+                !sub.ended.load(Ordering::Acquire)
+                    && !kept.iter().any(|k| Arc::ptr_eq(k, sub))
+                    && sub.watches(shim, &identity, users)
+            })
             .cloned()
             .collect();
-        if joined.is_empty() {
-            if g.as_ref()
-                .is_some_and(|s| s.entries.is_empty() && s.tombs.is_empty() && s.subs.is_empty())
+        drop(registry);
+        if joined.is_empty() && kept.is_empty() {
+            if let Some(store) = g.as_ref()
+                && store.is_idle()
             {
                 // Nothing held and nobody watching: an idle shim keeps no store.
                 *g = None;
             }
-            return;
+            return sent;
         }
         let store = g.get_or_insert_with(Box::default);
         let has_keys = !store.entries.is_empty();
         let seq = store.seq;
         for sub in &joined {
-            store.watchers.push(sub.clone());
-            let schedule = {
-                let mut p = sub.pending.lock();
-                p.watched.insert(
-                    shim.serial,
-                    Track {
-                        shim: Arc::downgrade(shim),
-                        delivered: seq,
-                        dirty: has_keys,
-                        full: has_keys,
-                    },
-                );
-                if has_keys {
-                    p.dirty.push(shim.serial);
-                    !std::mem::replace(&mut p.scheduled, true)
-                } else {
-                    false
-                }
-            };
-            if let Some(owner) = sub.owner.upgrade() {
-                let mut f = Vec::with_capacity(identity.len() + 16);
-                presence(sub.sid, &identity, None, &mut f);
-                self.send(&owner, Route::State(false), &Bytes::from(f), out);
+            let mut p = sub.pending.lock();
+            let mut t = sub.track(shim, identity.clone(), seq, has_keys);
+            t.dirty = has_keys;
+            p.watched.insert(shim.serial, t);
+            if has_keys && !p.dirty.contains(&shim.serial) {
+                p.dirty.push(shim.serial);
             }
-            if schedule {
+            let mut f = Vec::with_capacity(identity.len() + 16);
+            presence(sub.sid, &identity, None, &mut f);
+            self.present(sub, &mut p, Bytes::from(f), Some(out));
+            sent += 1;
+            if has_keys && !p.held && !std::mem::replace(&mut p.scheduled, true) {
                 out.state.push(sub.clone());
             }
         }
+        kept.extend(joined);
+        store.watchers = kept;
+        sent
     }
 
     /// After a reload changed the users: each subscription stops watching the shims its
-    /// user may no longer read (a leave, `not permitted`). (Shims it may now read join
-    /// when they next identify or rename; a new Subscribe sees them at once.)
+    /// user may no longer read (a leave, `not permitted`), and starts watching those it
+    /// now may (a join, then their state).
     pub(crate) fn state_recheck(&self) {
         if self.config().users.is_empty() {
             return;
         }
-        let subs: Vec<Arc<Subscription>> = self.states.registry.lock().values().cloned().collect();
-        for sub in subs {
-            let watched: Vec<(u64, Weak<Shim>)> = (sub.pending.lock().watched.iter())
-                .map(|(serial, t)| (*serial, t.shim.clone()))
-                .collect();
-            for (serial, shim) in watched {
-                let Some(shim) = shim.upgrade() else { continue };
+        let registry = self.states.registry.lock();
+        for sub in registry.values() {
+            let mut matched = Vec::new();
+            self.router
+                .for_each_match(&sub.pattern, |s| matched.push(s.clone()));
+            for shim in matched {
                 let identity = shim.identity();
-                if sub.reads(&identity) {
+                let may = sub.watches(&shim, &identity, true);
+                let mut g = shim.state.lock();
+                if shim.is_closed() {
                     continue;
                 }
-                if let Some(store) = shim.state.lock().as_mut() {
-                    store.watchers.retain(|w| !Arc::ptr_eq(w, &sub));
-                }
-                if sub.pending.lock().watched.remove(&serial).is_some() {
-                    let mut f = Vec::with_capacity(identity.len() + 24);
-                    presence(sub.sid, &identity, Some("not permitted"), &mut f);
-                    self.push_presence(&sub, Bytes::from(f));
+                let mut p = sub.pending.lock();
+                let watching = p.watched.contains_key(&shim.serial);
+                if watching && !may {
+                    let t = p.watched.remove(&shim.serial).expect("watched");
+                    if let Some(store) = g.as_mut() {
+                        store.watchers.retain(|w| !Arc::ptr_eq(w, sub));
+                    }
+                    let mut f = Vec::with_capacity(t.identity.len() + 24);
+                    presence(sub.sid, &t.identity, Some("not permitted"), &mut f);
+                    self.present(sub, &mut p, Bytes::from(f), None);
+                } else if !watching && may {
+                    let store = g.get_or_insert_with(Box::default);
+                    store.watchers.push(sub.clone());
+                    let has_keys = !store.entries.is_empty();
+                    let mut t = sub.track(&shim, identity.clone(), store.seq, has_keys);
+                    t.dirty = has_keys;
+                    p.watched.insert(shim.serial, t);
+                    if has_keys {
+                        p.dirty.push(shim.serial);
+                    }
+                    let mut f = Vec::with_capacity(identity.len() + 16);
+                    presence(sub.sid, &identity, None, &mut f);
+                    self.present(sub, &mut p, Bytes::from(f), None);
+                    if has_keys && !p.held && !std::mem::replace(&mut p.scheduled, true) {
+                        self.states.defer(sub, &mut p, self.now_ms());
+                    }
                 }
             }
         }
     }
 
     /// A shim is gone: its subscriptions end, its watchers are sent a leave with the
-    /// reason (queued on their cores), and its state is dropped.
+    /// reason, and its state is dropped.
     pub(crate) fn state_closed(&self, shim: &Shim, reason: CloseReason) {
         let Some(store) = shim.state.lock().take() else {
             return;
@@ -866,34 +1079,25 @@ impl Hub {
         counters
             .state_keys
             .fetch_sub(store.entries.len() as u64, Ordering::Relaxed);
-        if store.watchers.is_empty() {
-            return;
-        }
-        let identity = shim.identity();
         let why = reason.to_string();
         for sub in &store.watchers {
-            sub.pending.lock().watched.remove(&shim.serial);
-            let mut f = Vec::with_capacity(identity.len() + why.len() + 16);
-            presence(sub.sid, &identity, Some(&why), &mut f);
-            self.push_presence(sub, Bytes::from(f));
+            let mut p = sub.pending.lock();
+            let Some(t) = p.watched.remove(&shim.serial) else {
+                continue;
+            };
+            // A newer connection that took the name has joined already (its holder was
+            // closing, so nobody displaced it): the subscriber knows the name as that
+            // one's now.
+            if p.watched
+                .values()
+                .any(|o| o.identity.eq_ignore_ascii_case(&t.identity))
+            {
+                continue;
+            }
+            let mut f = Vec::with_capacity(t.identity.len() + why.len() + 16);
+            presence(sub.sid, &t.identity, Some(&why), &mut f);
+            self.present(sub, &mut p, Bytes::from(f), None);
         }
-    }
-
-    /// Queues a presence frame for `sub`'s subscriber outside any slice of input (a close
-    /// by a timer, a reload): pushed now, so that it keeps its place among the frames
-    /// queued for the subscriber, and flushed by its core's next tick.
-    fn push_presence(&self, sub: &Arc<Subscription>, frame: Bytes) {
-        let Some(owner) = sub.owner.upgrade() else {
-            return;
-        };
-        let now_ms = self.now_ms();
-        let mut out = Effects::default();
-        out.begin(self, now_ms);
-        self.send(&owner, Route::State(false), &frame, &mut out);
-        for shim in out.flush.drain(..) {
-            self.states.defer_flush(&shim);
-        }
-        self.finish(owner.core as usize, &mut out, self.instant(now_ms));
     }
 
     /// Checks the sender's Set rate.
@@ -934,36 +1138,55 @@ fn last_of_each(items: &[SetItem<'_>]) -> Vec<usize> {
     keep
 }
 
-/// The frames of one delivery of `store` to `sub`: a whole state (over TCP) when asked
-/// for or when a delta since `since` cannot be formed, else what changed since `since`
-/// (over UDP when the subscriber has it, in datagrams of at most
-/// [`MAX_STATE_DATAGRAM`] bytes). Returns the frames with their transport, the sequence
-/// number they bring the subscriber to, and the items sent.
+/// The spelling a frame first gave `key` (ignoring case): a key keeps the spelling
+/// first written.
+fn first_spelling<'a>(items: &[SetItem<'a>], key: &'a str) -> &'a str {
+    items
+        .iter()
+        .find(|it| it.key.eq_ignore_ascii_case(key))
+        .map_or(key, |it| it.key)
+}
+
+/// One State frame built for a subscriber.
+struct Built {
+    bytes: Vec<u8>,
+    items: u64,
+}
+
+/// The frames of one delivery of `store` to a subscriber that has `t`: the whole state
+/// (over TCP) when asked for or when a delta since what it has cannot be formed, else
+/// what changed since (over UDP when the subscriber has it, in datagrams of at most
+/// [`MAX_STATE_DATAGRAM`] bytes). Each with its transport: UDP when `true`.
 fn build(
     store: &Store,
     sub: &Subscription,
-    identity: &str,
-    since: u64,
-    full: bool,
+    t: &Track,
     now_ms: u64,
     udp: bool,
-) -> (Vec<(Vec<u8>, bool)>, u64, u64) {
-    if full || since < store.floor {
-        let mut f = StateFrame::new(sub.sid, Mode::Full, identity);
+) -> Vec<(Built, bool)> {
+    let identity: &str = &t.identity;
+    let seq = store.seq;
+    if t.full || t.delivered < store.floor {
+        let mut f = StateFrame::new(sub.sid, Mode::Full, identity, seq);
         store.full(&sub.keys, now_ms, &mut f);
         let items = f.items() as u64;
-        return (vec![(f.finish(), false)], store.seq, items);
+        return vec![(
+            Built {
+                bytes: f.finish(),
+                items,
+            },
+            false,
+        )];
     }
-    let mut frames = Vec::new();
-    let mut items = 0u64;
-    let mut f = StateFrame::new(sub.sid, Mode::Delta, identity);
-    let mut push = |f: &mut StateFrame, len: usize, item: &dyn Fn(&mut StateFrame)| {
+    let since = t.delivered;
+    let mut frames: Vec<StateFrame> = Vec::new();
+    let mut f = StateFrame::new(sub.sid, Mode::Delta, identity, seq);
+    let mut add = |f: &mut StateFrame, len: usize, item: &dyn Fn(&mut StateFrame)| {
         if udp && !f.is_empty() && f.len() + len > MAX_STATE_DATAGRAM {
-            let done = std::mem::replace(f, StateFrame::new(sub.sid, Mode::Delta, identity));
-            frames.push(done);
+            let next = StateFrame::new(sub.sid, Mode::Delta, identity, seq);
+            frames.push(std::mem::replace(f, next));
         }
         item(f);
-        items += 1;
     };
     for e in store.entries.iter().filter(|e| e.seq > since) {
         if !wanted(&sub.keys, e.key()) {
@@ -971,7 +1194,7 @@ fn build(
         }
         let age = now_ms.saturating_sub(e.at_ms);
         let len = item_len(e.key(), age, Some(e.value()));
-        push(&mut f, len, &|f: &mut StateFrame| {
+        add(&mut f, len, &|f: &mut StateFrame| {
             f.value(e.key(), age, e.value())
         });
     }
@@ -980,19 +1203,25 @@ fn build(
             continue;
         }
         let len = item_len(k, 0, None);
-        push(&mut f, len, &|f: &mut StateFrame| f.deleted(k));
+        add(&mut f, len, &|f: &mut StateFrame| f.deleted(k));
     }
     if !f.is_empty() {
         frames.push(f);
     }
-    let frames = frames
+    frames
         .into_iter()
         .map(|f| {
             let fits = udp && f.len() <= MAX_STATE_DATAGRAM;
-            (f.finish(), fits)
+            let items = f.items() as u64;
+            (
+                Built {
+                    bytes: f.finish(),
+                    items,
+                },
+                fits,
+            )
         })
-        .collect();
-    (frames, store.seq, items)
+        .collect()
 }
 
 #[cfg(test)]
@@ -1011,6 +1240,7 @@ mod tests {
             item("HP", Some(b"3")),
         ];
         assert_eq!(last_of_each(&items), vec![1, 2]);
+        assert_eq!(first_spelling(&items, "HP"), "hp");
         let many: Vec<SetItem<'_>> = (0..40)
             .map(|i| item(if i % 2 == 0 { "a" } else { "b" }, None))
             .collect();

@@ -325,8 +325,10 @@ pub enum Reject {
     SubscriptionExists(u32),
     /// A Subscribe past `state_subscriptions`.
     TooManySubscriptions(usize),
-    /// A Subscribe naming more keys than `state_keys`.
-    SubscriptionKeys(usize),
+    /// A Subscribe or Get naming more keys than `state_keys`.
+    KeysListed(usize),
+    /// A Subscribe or Get whose listing would pass this many bytes.
+    ListingTooLarge(usize),
     /// An Unsubscribe for no subscription of the connection (as written).
     NoSubscription(String),
 }
@@ -413,7 +415,11 @@ impl Reject {
             Reject::BadKey(k, e) => format!("bad key {k}: {e}").into(),
             Reject::SubscriptionExists(sid) => format!("subscription {sid} already exists").into(),
             Reject::TooManySubscriptions(n) => format!("more than {n} subscriptions").into(),
-            Reject::SubscriptionKeys(n) => format!("more than {n} keys in a subscription").into(),
+            Reject::KeysListed(n) => format!("more than {n} keys listed").into(),
+            Reject::ListingTooLarge(n) => format!(
+                "state listing larger than {n} bytes: narrow the pattern or the keys"
+            )
+            .into(),
             Reject::NoSubscription(s) => format!("no subscription {s}").into(),
             Reject::Connection(r) => match r {
                 Refusal::MaxConnections => "too many connections",
@@ -462,9 +468,9 @@ impl Reject {
             Reject::StateValue(..) | Reject::StateKeys(_) | Reject::StateBytes(_) => {
                 Metric::Refusal(Refusal::StateLimit)
             }
-            Reject::TooManySubscriptions(_) | Reject::SubscriptionKeys(_) => {
-                Metric::Refusal(Refusal::Subscriptions)
-            }
+            Reject::TooManySubscriptions(_)
+            | Reject::KeysListed(_)
+            | Reject::ListingTooLarge(_) => Metric::Refusal(Refusal::Subscriptions),
             Reject::AuthRequired | Reject::AuthFailed => Metric::Refusal(Refusal::Auth),
             Reject::Connection(r) => Metric::Refusal(*r),
             Reject::TlsRequired => Metric::Refusal(Refusal::TlsRequired),

@@ -203,7 +203,7 @@ impl Mode {
     }
 }
 
-/// A State frame being written: `SID SP MODE SP IDENTITY (US ITEM)*`.
+/// A State frame being written: `SID SP MODE SP SEQ SP IDENTITY (US ITEM)*`.
 pub struct StateFrame {
     buf: Vec<u8>,
     head: usize,
@@ -211,13 +211,15 @@ pub struct StateFrame {
 }
 
 impl StateFrame {
-    /// Starts a frame.
-    pub fn new(sid: u32, mode: Mode, identity: &str) -> StateFrame {
+    /// Starts a frame about `identity`, whose state is at sequence number `seq`.
+    pub fn new(sid: u32, mode: Mode, identity: &str, seq: u64) -> StateFrame {
         let mut buf = Vec::with_capacity(64 + identity.len());
         buf.push(Opcode::Set as u8);
         push_u64(&mut buf, u64::from(sid));
         buf.push(SP);
         buf.push(mode.byte());
+        buf.push(SP);
+        push_u64(&mut buf, seq);
         buf.push(SP);
         buf.extend_from_slice(identity.as_bytes());
         let head = buf.len();
@@ -390,6 +392,10 @@ pub struct State<'a> {
     pub sid: u32,
     /// Full or delta.
     pub mode: Mode,
+    /// The shim's sequence number when the frame was built: of two frames about one
+    /// identity, the one with the lower number is older (a datagram can arrive after a
+    /// newer frame sent over TCP). Frames split from one delta share it.
+    pub seq: u64,
     /// Whose state.
     pub identity: &'a [u8],
     /// The items, in frame order.
@@ -400,7 +406,7 @@ pub struct State<'a> {
 pub fn parse_state(data: &[u8]) -> Option<State<'_>> {
     let mut parts = data.split(|&b| b == US);
     let head = parts.next()?;
-    let mut fields = head.splitn(3, |&b| b == SP);
+    let mut fields = head.splitn(4, |&b| b == SP);
     let sid = fields.next()?;
     let sid = if sid == b"0" { 0 } else { parse_sid(sid)? };
     let mode = match fields.next()? {
@@ -408,6 +414,7 @@ pub fn parse_state(data: &[u8]) -> Option<State<'_>> {
         b"D" => Mode::Delta,
         _ => return None,
     };
+    let seq = super::reply::parse_u64(fields.next()?)?;
     let identity = fields.next()?;
     let items = parts
         .map(|item| {
@@ -428,6 +435,7 @@ pub fn parse_state(data: &[u8]) -> Option<State<'_>> {
     Some(State {
         sid,
         mode,
+        seq,
         identity,
         items,
     })
@@ -528,18 +536,18 @@ mod tests {
         let items = parse_set(&v[1..v.len() - 1]).unwrap();
         assert_eq!(items.len(), 3);
 
-        let mut f = StateFrame::new(7, Mode::Delta, "peq.z.bob");
+        let mut f = StateFrame::new(7, Mode::Delta, "peq.z.bob", 42);
         f.value("hp", 12, b"1/2");
         f.deleted("x");
         let len = f.len();
         let v = f.finish();
         assert_eq!(len, v.len());
-        assert_eq!(v, b"\x107 D peq.z.bob\x1fhp:12=1/2\x1fx\n");
+        assert_eq!(v, b"\x107 D 42 peq.z.bob\x1fhp:12=1/2\x1fx\n");
         assert_eq!(item_len("hp", 12, Some(b"1/2")), "\x1fhp:12=1/2".len());
         let s = parse_state(&v[1..v.len() - 1]).unwrap();
         assert_eq!(
-            (s.sid, s.mode, s.identity),
-            (7, Mode::Delta, &b"peq.z.bob"[..])
+            (s.sid, s.mode, s.seq, s.identity),
+            (7, Mode::Delta, 42, &b"peq.z.bob"[..])
         );
         assert_eq!(
             s.items,
@@ -555,7 +563,7 @@ mod tests {
             ]
         );
         // A value may hold ':' and '='.
-        let mut f = StateFrame::new(1, Mode::Full, "a");
+        let mut f = StateFrame::new(1, Mode::Full, "a", 0);
         f.value("loc", 0, b"1:2=3");
         let v = f.finish();
         let s = parse_state(&v[1..v.len() - 1]).unwrap();

@@ -14,14 +14,22 @@
 //!     confirmed UDP bind, then every one sends a TCP Ping at once: how many answered, and
 //!     when.
 //!
+//! (c) STATE: for velium's two drivers, N raw shims (default 10,000; no UDP bind) connected
+//!     and idle, server RSS; then every shim sets K keys (default 22, the `state` bench's
+//!     names and 10-30-byte values) in one Set frame over TCP, confirmed by a Ping -> Pong
+//!     behind it; server RSS again: bytes per shim above an idle shim.
+//!
 //! Settings (flag or environment): `--n` / `VELIUM_BENCH_N` (10000), `--fleet` /
-//! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100),
+//! `VELIUM_BENCH_FLEET` (19000), `--c` / `VELIUM_BENCH_C` (100), `--state_keys` /
+//! `VELIUM_BENCH_STATE_KEYS` (22),
 //! `VELIUM_BENCH_ONLY=uring,epoll,before,floor,nats,mosquitto`,
-//! `VELIUM_BENCH_PARTS=idle,idle-tls,fleet`;
+//! `VELIUM_BENCH_PARTS=idle,idle-tls,fleet,state`;
 //! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds an idle row for that earlier build
 //! (velium-before io_uring, key `before`) and the after-vs-before ratio.
 
 mod common;
+#[path = "common/state.rs"]
+mod state_load;
 
 use common::{
     Conn, Hist, LatRow, Pki, QUIET, Server, System, Via, banner, cap_connections, floor, fmt_bytes,
@@ -206,6 +214,14 @@ fn main() {
         &fleet_rows,
     );
 
+    // ----- (c) state -----
+    let state_rows = if part("state") {
+        settle_fds(&rt, base_fds);
+        state_rss(&rt, n, c)
+    } else {
+        Vec::new()
+    };
+
     // ----- targets -----
     println!("## Targets");
     println!();
@@ -221,6 +237,16 @@ fn main() {
             v.per_conn() <= 4096.0,
             "at most 4 KiB server RSS per idle shim (velium epoll)",
             &fmt_bytes(v.per_conn()),
+        );
+    }
+    for (system, per_shim, keys) in &state_rows {
+        target(
+            *per_shim < 4096.0,
+            &format!(
+                "under 4 KiB server RSS per shim holding {keys} keys, above an idle shim ({})",
+                system.name()
+            ),
+            &fmt_bytes(*per_shim),
         );
     }
     for (system, answered, wanted) in fleet_ok {
@@ -381,4 +407,150 @@ async fn ping_all(conns: Vec<Conn>) -> (Vec<Conn>, usize, Hist, f64) {
             (back, answered, hist, last.as_secs_f64())
         })
         .await
+}
+
+/// Server RSS per shim holding state, above an idle shim, for each selected velium
+/// driver: N raw shims (TCP connect, Identify -> Session, no UDP bind) on a fresh server,
+/// RSS; then each sends one Set with K keys and a Ping behind it over TCP (a connection's
+/// frames are handled in order, so the Pong says the Set was applied; a refused Set
+/// answers with an Error first), RSS again. Returns (driver, bytes per shim, keys).
+fn state_rss(rt: &tokio::runtime::Runtime, n: usize, c: usize) -> Vec<(System, f64, usize)> {
+    let keys = state_load::key_names(setting("state_keys", 22).max(1));
+    println!(
+        "## Server RSS per shim holding state: {n} shims, each setting {} keys (values of \
+         10-30 bytes) in one Set frame",
+        keys.len()
+    );
+    println!();
+    let mut out = Vec::new();
+    let mut lines = Vec::new();
+    for system in [System::VeliumUring, System::VeliumEpoll] {
+        if !selected(system) {
+            continue;
+        }
+        let Some(mut server) = Server::start(system, QUIET) else {
+            continue;
+        };
+        let r = rt.block_on(storm(system, server.addr, n, c, false, Via::Raw));
+        std::thread::sleep(SETTLE);
+        server.assert_running();
+        let idle = server.rss();
+        let mut conns = r.conns;
+        let (ok, errors, first_error, state_bytes) = rt.block_on(set_all(&mut conns, &keys));
+        std::thread::sleep(SETTLE);
+        server.assert_running();
+        let after = server.rss();
+        let held = ok.max(1);
+        let per = (after as f64 - idle as f64) / held as f64;
+        if r.errors > 0 || errors > 0 || ok != n {
+            println!(
+                "> {}: {} of {n} connected ({} failed: {}), {ok} Sets applied, {errors} \
+                 refused or lost: {first_error}",
+                system.name(),
+                conns.len(),
+                r.errors,
+                r.first_error
+            );
+        }
+        lines.push(format!(
+            "| {} | {ok} | {} | {} | {} | {} |",
+            system.name(),
+            fmt_bytes(idle as f64),
+            fmt_bytes(after as f64),
+            fmt_bytes(per),
+            fmt_bytes(state_bytes as f64 / held as f64),
+        ));
+        out.push((system, per, keys.len()));
+        drop(conns);
+    }
+    if !lines.is_empty() {
+        println!(
+            "| system | shims with state | RSS, idle shims | RSS, after the Sets | per shim \
+             above idle | keys + values per shim |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        for l in lines {
+            println!("{l}");
+        }
+        println!();
+        println!(
+            "Per shim above idle: (RSS after the Sets - RSS of the same shims idle) / shims. \
+             Keys + values: the bytes of state itself (the `state_bytes` measure). RSS only: \
+             kernel socket buffers are not in it."
+        );
+        println!();
+    }
+    out
+}
+
+/// Sends every raw connection one Set with `keys` (values unique per shim) and a Ping,
+/// then reads each one's answer: (Pongs, failures, the first failure, bytes of keys and
+/// values set in all).
+async fn set_all(conns: &mut [Conn], keys: &[String]) -> (usize, usize, String, usize) {
+    let mut frame = Vec::with_capacity(1024);
+    let mut state_bytes = 0;
+    let mut errors = 0;
+    let mut first_error = String::new();
+    let mut fail = |e: String, errors: &mut usize| {
+        if first_error.is_empty() {
+            first_error = e;
+        }
+        *errors += 1;
+    };
+    let mut sent = vec![false; conns.len()];
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let Conn::Raw(s) = conn else { continue };
+        let values: Vec<String> = (0..keys.len())
+            .map(|k| state_load::value_of(k, i as u64, i))
+            .collect();
+        state_bytes += keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+        frame.clear();
+        velium_server::proto::state::encode_set(
+            keys.iter()
+                .zip(&values)
+                .map(|(k, v)| (k.as_str(), Some(v.as_str()))),
+            &mut frame,
+        );
+        frame.extend_from_slice(&[0x06, b's', 0x0A]);
+        match s.write_all(&frame).await {
+            Ok(()) => sent[i] = true,
+            Err(e) => fail(format!("write: {e}"), &mut errors),
+        }
+    }
+    let mut ok = 0;
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let Conn::Raw(s) = conn else { continue };
+        if !sent[i] {
+            continue;
+        }
+        // The first line back: the Pong, or an Error for a refused Set.
+        let mut line = Vec::new();
+        let mut b = [0u8; 256];
+        let got = tokio::time::timeout(Duration::from_secs(30), async {
+            while !line.contains(&b'\n') {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(k) => line.extend_from_slice(&b[..k]),
+                }
+            }
+            true
+        })
+        .await;
+        if got != Ok(true) {
+            fail("no answer to Set + Ping".into(), &mut errors);
+        } else if line.starts_with(&[0x07, b's', 0x0A]) {
+            ok += 1;
+        } else {
+            let end = line.iter().position(|&c| c == b'\n').unwrap_or(line.len());
+            fail(
+                format!("{:?}", String::from_utf8_lossy(&line[..end])),
+                &mut errors,
+            );
+        }
+    }
+    (ok, errors, first_error, state_bytes)
 }

@@ -859,7 +859,7 @@ struct KeyInfo {
 #[derive(Serialize)]
 struct StateInfo {
     identity: String,
-    /// Its keys, in the order the shim first set them.
+    /// Its keys, in alphabetical order (a JSON object).
     keys: serde_json::Map<String, serde_json::Value>,
 }
 

@@ -1,6 +1,7 @@
 //! Fuzzes the connection state machine with the hub, UDP datagrams, timers, reloads and
-//! shutdown, users and their Auth frames, renames and exclusive identities, against the
-//! reference model in `tests/harness`.
+//! shutdown, users and their Auth frames, renames and exclusive identities, and relay
+//! state (Set over TCP and UDP, Subscribe, Unsubscribe, Get, the server's Presence from a
+//! client), against the reference model in `tests/harness`.
 //!
 //! The input is read as a [`Scenario`] by [`Input`], one byte per choice (a byte past the
 //! end reads as 0), so that every input is valid and small changes to it make small
@@ -9,13 +10,17 @@
 //! holds whatever the model says: no two live identified shims hold one identity ignoring
 //! ASCII case; every identified shim's identity keeps to the grammar; on a hub with
 //! users, every identified shim's user may take its identity; every CommandResponse a
-//! client is sent comes from a shim that was sent that Command.
+//! client is sent comes from a shim that was sent that Command; and each subscriber's copy
+//! of the shims it watches, built from the State and Presence frames it reads, keeps to
+//! the order rules and, once the harness settles, is the model's state of them.
 #![no_main]
 
 #[path = "../../tests/harness/mod.rs"]
 mod harness;
 
-use harness::{Body, DuplicateIdentity, Piece, Scenario, Settings, Step, UserSpec, label, name};
+use harness::{
+    Body, DuplicateIdentity, Item, Piece, Scenario, Settings, Step, UserSpec, label, name,
+};
 use libfuzzer_sys::fuzz_target;
 
 /// Steps in one scenario at most.
@@ -123,13 +128,46 @@ impl Input<'_> {
         let identities = self.patterns(n);
         let n = self.byte() % 3;
         let commands = self.patterns(n);
+        let echoes = self.optional();
+        let who = self.optional();
         UserSpec {
             name,
             secret,
             identities,
             commands,
-            echoes: self.optional(),
-            who: self.optional(),
+            echoes,
+            who,
+            state: self.optional(),
+        }
+    }
+
+    /// Keys of `harness::KEYS` (an index byte; most are valid).
+    fn keys(&mut self) -> Vec<u8> {
+        let n = self.byte() % 4;
+        (0..n).map(|_| self.byte()).collect()
+    }
+
+    /// A Set's items: up to three, each a key set (to up to 10 bytes) or deleted; none
+    /// is a Set with no data.
+    fn set(&mut self) -> Body {
+        let n = self.byte() % 4;
+        Body::Set(
+            (0..n)
+                .map(|_| Item {
+                    key: self.byte(),
+                    value: (!self.byte().is_multiple_of(5)).then(|| self.bytes(10)),
+                })
+                .collect(),
+        )
+    }
+
+    fn subscribe(&mut self) -> Body {
+        Body::Subscribe {
+            sid: self.byte(),
+            interval: self.byte(),
+            pick: self.byte(),
+            how: self.byte(),
+            keys: self.keys(),
         }
     }
 
@@ -138,10 +176,10 @@ impl Input<'_> {
     }
 
     fn frame(&mut self) -> Piece {
-        // One byte picks the kind (modulo 23) and, in its top values, a CRLF line end.
+        // One byte picks the kind (modulo 29) and, in its top values, a CRLF line end.
         let kind = self.byte();
         let crlf = kind >= 231;
-        let (op, body) = match kind % 23 {
+        let (op, body) = match kind % 29 {
             0..=3 => (0x01, self.identity()),
             4..=8 => {
                 let op = if self.flag() { 0x04 } else { 0x08 };
@@ -183,14 +221,26 @@ impl Input<'_> {
                 },
             ),
             18..=19 => (0x02, Body::Token(self.byte())),
-            _ => {
+            20..=22 => {
+                // 0x00 to 0x15: Presence (0x14) is the server's, 0x15 is no opcode.
                 let op = if self.flag() {
-                    self.byte() % 0x11
+                    self.byte() % 0x16
                 } else {
                     self.byte()
                 };
                 (op, Body::Bytes(self.bytes(20)))
             }
+            23..=25 => (0x10, self.set()),
+            26 => (0x11, self.subscribe()),
+            27 => (0x12, Body::Unsubscribe(self.byte())),
+            _ => (
+                0x13,
+                Body::Get {
+                    pick: self.byte(),
+                    how: self.byte(),
+                    keys: self.keys(),
+                },
+            ),
         };
         Piece::Frame { op, body, crlf }
     }
@@ -227,6 +277,10 @@ impl Input<'_> {
         // One byte: `duplicate_identity` (modulo 3; 0 the default) and the answer window
         // (0 the default 256).
         let access = self.byte();
+        // One byte: the relay state limits (value bytes, keys, bytes of state,
+        // subscriptions); one more: the Set rate (most often lifted).
+        let state = self.byte();
+        let sets = self.byte();
         Settings {
             max_frame,
             identify_ms,
@@ -248,11 +302,16 @@ impl Input<'_> {
                 DuplicateIdentity::Refuse,
             ][usize::from(access % 3)],
             answer_window: [256, 1, 2, 4][usize::from(access / 3 % 4)],
+            state_value_bytes: [8, 1, 3, 10][usize::from(state % 4)],
+            state_keys: [4, 1, 2, 6][usize::from(state / 4 % 4)],
+            state_bytes: [40, 12, 24, 64][usize::from(state / 16 % 4)],
+            state_subscriptions: [3, 1, 2, 4][usize::from(state / 64)],
+            state_sets_per_sec: [0, 0, 2, 5][usize::from(sets % 4)],
         }
     }
 
     fn step(&mut self) -> Step {
-        match self.byte() % 48 {
+        match self.byte() % 50 {
             0..=5 => Step::Connect {
                 source: self.byte(),
                 reads: !self.byte().is_multiple_of(5),
@@ -297,9 +356,10 @@ impl Input<'_> {
             }
             44 => Step::Reload(self.settings()),
             45 => Step::Shutdown,
+            48..=49 => Step::Settle,
             // A client that connects and at once says Auth and Identify: most often the
             // credential the hub wants and an identity its user may take.
-            _ => {
+            46..=47 => {
                 let source = self.byte();
                 let reads = !self.byte().is_multiple_of(5);
                 let user = self.byte();
@@ -323,6 +383,7 @@ impl Input<'_> {
                     pieces: vec![frame(0x0F, Body::Auth { user, key }), frame(0x01, name)],
                 }
             }
+            _ => unreachable!("modulo 50"),
         }
     }
 

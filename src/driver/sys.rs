@@ -64,6 +64,38 @@ pub fn recv_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Receives one datagram the UDP socket `fd` already holds into the spare capacity of
+/// `buf`, without waiting: one non-blocking recvfrom(2), `WouldBlock` when none is there.
+pub fn recv_from_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketAddr)> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: recvfrom(2) writes at most `spare.len()` bytes into the spare capacity and
+    // at most `len` bytes of address into the storage socket2 provides; exactly the count
+    // it returns are then marked initialised.
+    let (n, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let n = libc::recvfrom(
+                fd,
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+                storage.cast(),
+                len,
+            );
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        })?
+    };
+    let from = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "not an IP source"))?;
+    // SAFETY: see above.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok((n, from))
+}
+
 /// One non-blocking sendto(2) of a datagram from the UDP socket `fd`.
 pub fn send_to_now(fd: RawFd, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
     let addr = socket2::SockAddr::from(to);

@@ -46,10 +46,13 @@ use tracing::debug;
 /// How long a subscription that could not be delivered (its connection backlogged, or a
 /// delivery of it under way on another core) waits before it is tried again.
 pub const STATE_TICK_MS: u64 = 5;
-/// After a delivery over UDP, how long until the shims it carried are sent again in
-/// full over TCP: a lost datagram leaves a value wrong for at most this long, even if it
-/// never changes again.
-pub const STATE_REFRESH_MS: u64 = 10_000;
+/// After a delivery over UDP, how long at least until the shims it carried are sent again
+/// in full over TCP; each subscription adds its own part of [`STATE_REFRESH_SPREAD_MS`],
+/// so that subscriptions made together do not refresh together. A lost datagram leaves a
+/// value wrong for at most the two together, even if it never changes again.
+pub const STATE_REFRESH_MS: u64 = 20_000;
+/// See [`STATE_REFRESH_MS`].
+pub const STATE_REFRESH_SPREAD_MS: u64 = 10_000;
 /// Bytes queued for a subscriber over TCP past which its changes wait; also the most one
 /// delivery queues over TCP before the rest waits for the next.
 const BACKLOG: usize = 64 * 1024;
@@ -126,6 +129,7 @@ impl Store {
             && self.tombs.is_empty()
             && self.watchers.is_empty()
             && self.subs.is_empty()
+            && self.sets.is_none()
     }
 }
 
@@ -649,7 +653,10 @@ impl Hub {
                 }
             }
             if sent_udp && p.refresh_ms.is_none() {
-                p.refresh_ms = Some(now_ms + STATE_REFRESH_MS);
+                let spread = (sub.owner_serial.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ u64::from(sub.sid))
+                    % STATE_REFRESH_SPREAD_MS;
+                p.refresh_ms = Some(now_ms + STATE_REFRESH_MS + spread);
             }
             if !p.dirty.is_empty() {
                 // Marked while this delivery was built, or past its byte budget.
@@ -997,6 +1004,11 @@ impl Hub {
         let seq = store.seq;
         for sub in &joined {
             let mut p = sub.pending.lock();
+            // A holder of the name that was closing (so nobody displaced it) is dropped
+            // without a word: the join stands for its leave, and nothing of it follows.
+            p.watched.retain(|serial, t| {
+                *serial == shim.serial || !t.identity.eq_ignore_ascii_case(&identity)
+            });
             let mut t = sub.track(shim, identity.clone(), seq, has_keys);
             t.dirty = has_keys;
             p.watched.insert(shim.serial, t);
@@ -1082,18 +1094,10 @@ impl Hub {
         let why = reason.to_string();
         for sub in &store.watchers {
             let mut p = sub.pending.lock();
+            // (No track: a newer connection that took the name joined and dropped it.)
             let Some(t) = p.watched.remove(&shim.serial) else {
                 continue;
             };
-            // A newer connection that took the name has joined already (its holder was
-            // closing, so nobody displaced it): the subscriber knows the name as that
-            // one's now.
-            if p.watched
-                .values()
-                .any(|o| o.identity.eq_ignore_ascii_case(&t.identity))
-            {
-                continue;
-            }
             let mut f = Vec::with_capacity(t.identity.len() + why.len() + 16);
             presence(sub.sid, &t.identity, Some(&why), &mut f);
             self.present(sub, &mut p, Bytes::from(f), None);

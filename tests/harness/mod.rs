@@ -12,7 +12,9 @@
 //! and `Hub::finish` ends it; a datagram is admitted, handled, its outboxes flushed, its
 //! datagrams sent and its slice finished; the sweeper calls `Hub::sweep` with each
 //! connection's two-sweeps flag; a shutdown calls `Hub::quit_all`; an ended reader calls
-//! `Connection::finish`, then detaches the socket and releases the source. Each outbox is
+//! `Connection::finish`, then detaches the socket and releases the source; the core's
+//! relay state loop (`state_loop`) runs `Hub::state_tick` after every step and between
+//! two sweeps, flushing what it lists and sending its datagrams. Each outbox is
 //! attached to a fake socket ([`FakeSocket`]) that takes everything when its client
 //! reads at once and is full when it does not; the client's reading is the writer task
 //! (take, write, `wrote`).
@@ -21,8 +23,9 @@
 //! disagree on, and any broken invariant (`check.rs`: a frame cut in two, a
 //! client-to-server opcode sent to a client, a dead shim still routable, an amplified UDP
 //! answer, a counter off, two live shims under one identity, an identity outside the
-//! grammar or its user's patterns, an answer from a shim that was not sent the Command),
-//! panics with the step number and what differed.
+//! grammar or its user's patterns, an answer from a shim that was not sent the Command, a
+//! subscriber's copy of what it watches out of order or, once settled, not the model's
+//! state), panics with the step number and what differed.
 //!
 //! The parts, each in its own file so that one can be read without the others:
 //!
@@ -32,6 +35,8 @@
 //!   needs);
 //! - `pattern.rs`: the model's own identity grammar and target patterns;
 //! - `model.rs`: the model;
+//! - `state.rs`: relay state in the model (Set, Subscribe, Unsubscribe, Get, Presence),
+//!   and the subscribers' copies of what they watch;
 //! - `check.rs`: the comparisons and invariants;
 //! - this file: the real hub and the model side by side, and the driving of both.
 // Each user (the property tests, two fuzz targets) needs a different part of it.
@@ -42,18 +47,20 @@ mod decode;
 mod model;
 mod pattern;
 mod scenario;
+mod state;
 
 pub use check::check_reject_texts;
 pub use decode::check_decode;
 pub use scenario::{
-    Body, COMMON, LABEL, MAX_CONNS, ODD, Piece, SECRET, SECRETS, Scenario, Settings, Step, USERS,
-    UserSpec, label, name,
+    BAD_PATTERNS, Body, COMMON, INTERVALS, Item, KEYS, LABEL, MAX_CONNS, ODD, Piece, SECRET,
+    SECRETS, SIDS, Scenario, Settings, Step, USERS, UserSpec, label, name,
 };
 pub use velium_server::config::DuplicateIdentity;
 pub use velium_server::hub::shim::CloseReason;
 
-use model::{MCounts, MOutbox, MRates, MSlice, MUser, model_users};
+use model::{MBucket, MCounts, MOutbox, MRates, MSlice, MUser, model_users};
 use scenario::{UserDef, config, shared_secret, tcp_ip, udp_src, users};
+use state::{MKey, MSub, Subscriber};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -65,7 +72,7 @@ use std::time::{Duration, Instant};
 use velium_server::hub::connection::{Connection, Flow, Input};
 use velium_server::hub::datagram::{self, QuitLimiter};
 use velium_server::hub::outbox::{OutState, SocketOps};
-use velium_server::hub::send::Class;
+use velium_server::hub::send::{Class, Datagram};
 use velium_server::hub::shim::Shim;
 use velium_server::hub::{Effects, Hub};
 use velium_server::metrics::Refusal;
@@ -172,6 +179,18 @@ struct Conn {
     rates: MRates,
     /// Every frame the client read, for the [`Report`].
     received: Vec<Vec<u8>>,
+    /// The shim's relay state: its keys in the order first set, and its SEQ.
+    state: Vec<MKey>,
+    state_seq: u64,
+    /// The keys it deleted, the last `state_keys` of them (as the hub keeps them for
+    /// deltas).
+    tombs: Vec<String>,
+    /// The subscriptions the connection holds, in the order made.
+    subs: Vec<MSub>,
+    /// Its Set rate bucket, made at its first Set.
+    sets: Option<MBucket>,
+    /// The client's side of relay state: its copy of what it watches.
+    client: Subscriber,
 }
 
 impl Conn {
@@ -212,6 +231,23 @@ pub struct World {
     /// Every datagram sent, for the [`Report`].
     sent: Vec<(SocketAddr, Vec<u8>)>,
     step: usize,
+    /// The `Effects` of the core's relay state tick, kept across ticks as the driver's
+    /// `state_loop` keeps its own.
+    tick_out: Effects,
+    /// The latest time the hub was handed (by a slice, a datagram or a tick): what it
+    /// times frames queued outside any of them with.
+    clock_ms: u64,
+    /// Connections whose outboxes were queued frames outside any slice since the last
+    /// tick, which flushes them.
+    tick_flush: Vec<usize>,
+    /// TCP bytes the hub may have counted that the model cannot know (queued just before
+    /// a cut-off in an order the model does not see), reconciled at the next check.
+    tcp_slack: u64,
+    /// Groups of frames queued in an order the hub chooses, numbered.
+    groups: u64,
+    /// Connections a reload is revoking: each with its queued bytes before and the bytes
+    /// of the leaves that may reach it first.
+    revoking: Vec<(usize, usize, usize)>,
 }
 
 /// What the clients of a scenario saw, for tests that pin an outcome.
@@ -230,6 +266,8 @@ pub fn run(s: &Scenario) -> Report {
     for (i, step) in s.steps.iter().enumerate() {
         w.step = i;
         w.apply(step);
+        // The core's relay state loop, woken by whatever the step queued for it.
+        w.tick();
         w.check();
     }
     w.end();
@@ -269,6 +307,12 @@ impl World {
             counts: MCounts::default(),
             sent: Vec::new(),
             step: 0,
+            tick_out: Effects::default(),
+            clock_ms: 0,
+            tick_flush: Vec::new(),
+            tcp_slack: 0,
+            groups: 0,
+            revoking: Vec::new(),
         }
     }
 
@@ -307,6 +351,34 @@ impl World {
             .find(|d| d.name == want)
             .or_else(|| all.get(usize::from(user) % all.len().max(1)))
             .cloned()
+    }
+
+    /// A target made from the identity of the `pick`-th connection that holds one (the
+    /// [`label`] of `pick` when none does), by `how % 8` (see [`Body::At`]).
+    fn target_of(&self, pick: u8, how: u8) -> String {
+        let held: Vec<&str> = self
+            .conns
+            .iter()
+            .filter(|k| k.routed)
+            .map(|k| k.identity.as_str())
+            .collect();
+        let id = match held.len() {
+            0 => String::from_utf8(label(&[pick])).expect("ASCII"),
+            n => held[usize::from(pick) % n].to_string(),
+        };
+        let (first, rest) = id.split_once('.').unwrap_or((&id, ""));
+        let head = id.rsplit_once('.').map_or("", |(head, _)| head);
+        match how % 8 {
+            0 | 1 => id.clone(),
+            2 => id.to_ascii_uppercase(),
+            3 if head.is_empty() => "*".into(),
+            3 => format!("{head}.*"),
+            4 => format!("{first}.>"),
+            5 => ">".into(),
+            6 => format!("+{id}"),
+            _ if rest.is_empty() => "*".into(),
+            _ => format!("*.{rest}"),
+        }
     }
 
     /// The bytes of `p`, sent by connection `from` (when known: a TCP read, or a datagram
@@ -359,30 +431,7 @@ impl World {
                         out.extend(strip(&id));
                     }
                     Body::At { pick, how, text } => {
-                        let held: Vec<&str> = self
-                            .conns
-                            .iter()
-                            .filter(|k| k.routed)
-                            .map(|k| k.identity.as_str())
-                            .collect();
-                        let id = match held.len() {
-                            0 => String::from_utf8(label(&[*pick])).expect("ASCII"),
-                            n => held[usize::from(*pick) % n].to_string(),
-                        };
-                        let (first, rest) = id.split_once('.').unwrap_or((&id, ""));
-                        let head = id.rsplit_once('.').map_or("", |(head, _)| head);
-                        let target = match how % 8 {
-                            0 | 1 => id.clone(),
-                            2 => id.to_ascii_uppercase(),
-                            3 if head.is_empty() => "*".into(),
-                            3 => format!("{head}.*"),
-                            4 => format!("{first}.>"),
-                            5 => ">".into(),
-                            6 => format!("+{id}"),
-                            _ if rest.is_empty() => "*".into(),
-                            _ => format!("*.{rest}"),
-                        };
-                        out.extend_from_slice(target.as_bytes());
+                        out.extend_from_slice(self.target_of(*pick, *how).as_bytes());
                         if let Some(text) = text {
                             out.push(b' ');
                             out.extend(strip(text));
@@ -447,6 +496,18 @@ impl World {
                         };
                         out.extend(strip(&data));
                     }
+                    Body::Set(items) => World::set_bytes(items, out),
+                    Body::Subscribe {
+                        sid,
+                        interval,
+                        pick,
+                        how,
+                        keys,
+                    } => self.subscribe_bytes(*sid, *interval, *pick, *how, keys, out),
+                    Body::Unsubscribe(sid) => {
+                        out.extend_from_slice(SIDS[usize::from(*sid) % SIDS.len()].as_bytes())
+                    }
+                    Body::Get { pick, how, keys } => self.query_bytes(true, *pick, *how, keys, out),
                 }
                 if *crlf {
                     out.push(CR);
@@ -535,11 +596,15 @@ impl World {
                 self.elapsed_ms += u64::from(*ms);
                 for _ in 0..*sweeps {
                     self.sweep();
+                    // The relay state loop runs between two runs of the sweeper.
+                    self.tick();
                 }
             }
+            Step::Settle => self.settle(),
             Step::Reload(s) => {
                 self.hub.reload(config(s, &self.first));
                 self.model_reload(s);
+                self.learn_revoked();
             }
             Step::Shutdown => {
                 if !self.shutting_down {
@@ -658,6 +723,12 @@ impl World {
             flagged: false,
             rates: self.new_rates(now_ms),
             received: Vec::new(),
+            state: Vec::new(),
+            state_seq: 0,
+            tombs: Vec::new(),
+            subs: Vec::new(),
+            sets: None,
+            client: Subscriber::default(),
         });
     }
 
@@ -743,12 +814,16 @@ impl World {
                     data.len()
                 ));
             }
+            // What the slice delivered at its end (relay state), learned.
+            let mut listed = std::mem::take(&mut self.listed);
+            self.learn(&mut listed);
+            self.listed = listed;
             let out = self.conns[c].real.effects();
-            if !out.datagrams.is_empty() {
-                let d = format!("{:?}", out.datagrams);
-                self.fail(format!("TCP input produced datagrams: {d}"));
-            }
+            // TCP input is answered over TCP, but the relay state it changed may go to
+            // subscribers over UDP.
+            let sent = std::mem::take(&mut out.datagrams);
             let flushed = out.flush.clone();
+            self.sent_state(sent);
             self.check_flush(&before, &flushed);
             // `carry_out`: flush each listed outbox once, end the slice, and (as no time
             // passes here) stop waiting for congested recipients at once.
@@ -798,12 +873,21 @@ impl World {
         self.dgrams.clear();
         self.listed.clear();
         let quit_due = self.model_datagram(src, d);
+        let mut listed = std::mem::take(&mut self.listed);
+        self.learn(&mut listed);
+        self.listed = listed;
         let counters = self.hub.counters();
         let quits = counters.udp_quit_sent.load(Ordering::Relaxed)
             + counters.udp_quit_suppressed.load(Ordering::Relaxed)
             - quits_before;
         // What the loop sends (`send_datagrams`), then its flushes and the end of the slice.
-        let sent = std::mem::take(&mut self.udp_out.datagrams);
+        // Relay state deliveries (State frames to subscribers) are checked by the
+        // subscribers, the rest against the model.
+        let (state, sent): (Vec<Datagram>, Vec<Datagram>) =
+            std::mem::take(&mut self.udp_out.datagrams)
+                .into_iter()
+                .partition(|g| g.frame.first() == Some(&0x10) && g.class == Class::Delivery);
+        self.sent_state(state);
         (self.sent).extend(sent.iter().map(|g| (g.to, g.frame.to_vec())));
         let flushed = self.udp_out.flush.clone();
         self.check_datagrams(src, d, was_bound, quit_due, quits, sent);
@@ -818,4 +902,104 @@ impl World {
             self.model_flush(i);
         }
     }
+
+    // --- Relay state ----------------------------------------------------------------
+
+    /// Datagrams a slice or a tick sent: relay state deliveries only, to subscribers.
+    fn sent_state(&mut self, sent: Vec<Datagram>) {
+        let mut state = Vec::new();
+        for g in sent {
+            if g.class != Class::Delivery || g.frame.first() != Some(&0x10) {
+                self.fail(format!("a datagram that is no State delivery: {g:?}"));
+            }
+            self.sent.push((g.to, g.frame.to_vec()));
+            state.push((g.to, g.frame.to_vec()));
+        }
+        self.state_datagrams(state);
+    }
+
+    /// One run of the core's relay state loop at the current time (`state_loop` in
+    /// `src/driver/tasks.rs`): the tick, its flushes and datagrams, the end of its slice.
+    fn tick(&mut self) {
+        let now = self.now();
+        let now_ms = self.now_ms();
+        // `Effects::begin` is the crate's: an empty datagram, which the hub drops at once
+        // (counting a bad datagram, which the harness does not check), begins one at `now`.
+        datagram::on_datagram(
+            &self.hub,
+            &mut self.lim,
+            TICK_DOOR,
+            &[],
+            now,
+            &mut self.tick_out,
+        );
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let before = self.pending();
+        self.hub.state_tick(0, &mut self.tick_out);
+        let mut listed = std::mem::take(&mut self.tick_flush);
+        self.learn(&mut listed);
+        let sent = std::mem::take(&mut self.tick_out.datagrams);
+        self.sent_state(sent);
+        // The tick flushes the outboxes queued outside a slice since the last one, and
+        // those it queued first.
+        let mut real: Vec<usize> = self
+            .tick_out
+            .flush
+            .iter()
+            .map(|s| self.conn_of(s))
+            .collect();
+        real.sort_unstable();
+        real.dedup();
+        let mut model = listed.clone();
+        model.sort_unstable();
+        model.dedup();
+        if real != model {
+            self.fail(format!(
+                "conns {real:?} listed for a flush by the tick, expected {model:?}"
+            ));
+        }
+        for (i, b) in before.iter().enumerate() {
+            let k = &self.conns[i];
+            if *b == 0
+                && k.shim.outbox.pending() > 0
+                && k.shim.outbox.is_open()
+                && !model.contains(&i)
+            {
+                self.fail(format!(
+                    "conn {i} was queued frames by the tick but not listed for a flush"
+                ));
+            }
+        }
+        for shim in self.tick_out.flush.drain(..) {
+            shim.outbox.flush(now_ms);
+        }
+        self.hub.finish(0, &mut self.tick_out, now);
+        self.tick_out.release_congested();
+        for i in model {
+            self.model_flush(i);
+        }
+    }
+
+    /// Every client reads everything and the relay state loop runs, the clock moving on
+    /// while a subscription waits no longer than [`state::SETTLE_MS`]; then every copy the
+    /// subscribers hold must be the model's.
+    fn settle(&mut self) {
+        for _ in 0..64 {
+            for c in 0..self.conns.len() {
+                self.drain(c);
+            }
+            self.tick();
+            match self.hub.state_next(0, self.now_ms()) {
+                Some(ms) if ms <= state::SETTLE_MS => self.elapsed_ms += ms,
+                _ => break,
+            }
+        }
+        for c in 0..self.conns.len() {
+            self.drain(c);
+        }
+        self.check_views();
+    }
 }
+
+/// The source of the empty datagram that begins a tick's `Effects` (no client's).
+const TICK_DOOR: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 9, 9)), 9);

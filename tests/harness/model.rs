@@ -3,9 +3,10 @@
 //!
 //! Apart from the driving code (`mod.rs`) and the comparisons (`check.rs`) because it is
 //! the part that must not be written from `src/`: it predicts every byte each shim's TCP
-//! outbox receives, every datagram sent (with its queue class), each connection's flow and
-//! slice, the session table, the router, the UDP bindings, the timers (with the two-sweeps
-//! rule), and the counters that follow from them. It decides *which* refusal a frame gets
+//! outbox receives (but for relay state deliveries, whose bytes it learns: `state.rs`,
+//! which models relay state), every datagram sent (with its queue class), each
+//! connection's flow and slice, the session table, the router, the UDP bindings, the
+//! timers (with the two-sweeps rule), and the counters that follow from them. It decides *which* refusal a frame gets
 //! on its own; only the bytes of an Error frame come from the core's
 //! [`Reject::frame`], whose texts `check.rs` checks against §10 of the protocol.
 //!
@@ -46,13 +47,32 @@ pub(super) enum Exp {
     Frame(Vec<u8>),
     /// A Who listing: WhoEntry frames in any order, then the Ack.
     Listing(Vec<Vec<u8>>, Vec<u8>),
+    /// The answer to a Subscribe (`sid` not 0, asking for `keys`) or a Get: State `F`
+    /// frames in any order, then the Ack.
+    States {
+        sid: u32,
+        keys: Vec<String>,
+        entries: Vec<Vec<u8>>,
+        ack: Vec<u8>,
+    },
+    /// The Ack of an Unsubscribe of this SID.
+    Unsubscribed(u32, Vec<u8>),
+    /// A Presence frame, one of a group (by number) the hub queues in any order.
+    Any(u64, Vec<u8>),
+    /// Relay state deliveries: this many bytes of State and Presence frames, learned from
+    /// the hub (`state.rs`).
+    Async(usize),
 }
 
 impl Exp {
     pub(super) fn len(&self) -> usize {
         match self {
-            Exp::Frame(f) => f.len(),
-            Exp::Listing(e, a) => e.iter().map(Vec::len).sum::<usize>() + a.len(),
+            Exp::Frame(f) | Exp::Unsubscribed(_, f) | Exp::Any(_, f) => f.len(),
+            Exp::Listing(e, a)
+            | Exp::States {
+                entries: e, ack: a, ..
+            } => e.iter().map(Vec::len).sum::<usize>() + a.len(),
+            Exp::Async(n) => *n,
         }
     }
 }
@@ -89,7 +109,7 @@ impl MOutbox {
 
     /// Queues `e` at `now_ms`: `Some(first)` when queued (`first`: into an empty queue),
     /// `None` when closed or when this push passed `limit` and cut the shim off.
-    fn push(&mut self, limit: usize, e: Exp, now_ms: u64) -> Option<bool> {
+    pub(super) fn push(&mut self, limit: usize, e: Exp, now_ms: u64) -> Option<bool> {
         if self.state != OutState::Open {
             return None;
         }
@@ -123,7 +143,7 @@ impl MOutbox {
 
     /// Cuts the shim off: what was queued is dropped and the socket shut down at once
     /// (even after the writer took a closing connection's last frame).
-    fn cut(&mut self, reason: CloseReason) {
+    pub(super) fn cut(&mut self, reason: CloseReason) {
         self.reason.get_or_insert(reason);
         self.state = OutState::Kicked;
         self.queued.clear();
@@ -170,11 +190,20 @@ pub(super) struct MBucket {
 }
 
 impl MBucket {
-    fn full(rate: u32, now_ms: u64) -> MBucket {
+    pub(super) fn full(rate: u32, now_ms: u64) -> MBucket {
         MBucket {
             milli: i64::from(rate) * 1000,
             at_ms: now_ms,
         }
+    }
+
+    /// Takes one token at `now_ms`; false (and nothing taken) when there is none.
+    pub(super) fn take(&mut self, rate: u32, now_ms: u64) -> bool {
+        if self.level(rate, now_ms) < 1000 {
+            return false;
+        }
+        self.milli -= 1000;
+        true
     }
 
     /// The level at `now_ms`.
@@ -196,7 +225,7 @@ pub(super) struct MRates {
 
 /// What a routed request counts as.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Work {
+pub(super) enum Work {
     FanOut,
     Response,
     Who,
@@ -248,6 +277,14 @@ pub(super) struct MCounts {
     pub(super) revoked: u64,
     /// TLS ClientHellos on these hubs without TLS.
     pub(super) tls_not_served: u64,
+    /// Refusals of Sets past the state limits, and past the Set rate; of Subscribes past
+    /// the subscriptions (or keys) a connection may have.
+    pub(super) state_limit: u64,
+    pub(super) state_rate: u64,
+    pub(super) subscriptions: u64,
+    /// Set frames applied, and the key changes they made.
+    pub(super) state_sets: u64,
+    pub(super) state_changes: u64,
 }
 
 /// A user as the model reads the settings: its secret and its patterns.
@@ -259,6 +296,7 @@ pub(super) struct MUser {
     pub(super) commands: Vec<MPat>,
     pub(super) echoes: Vec<MPat>,
     pub(super) who: Vec<MPat>,
+    pub(super) state: Vec<MPat>,
 }
 
 impl MUser {
@@ -284,6 +322,7 @@ pub(super) fn model_users(s: &Settings) -> Vec<MUser> {
             commands: parse(&u.commands),
             echoes: parse(&u.echoes),
             who: parse(&u.who),
+            state: parse(&u.state),
         })
         .collect();
     v.sort_by_key(|u| u.name);
@@ -303,11 +342,11 @@ pub(super) fn ack(id: u64, n: u64) -> Vec<u8> {
     encoded(Opcode::Ack, format!("{id} {n}").as_bytes())
 }
 
-fn refusal(r: Reject) -> Vec<u8> {
+pub(super) fn refusal(r: Reject) -> Vec<u8> {
     r.frame()
 }
 
-fn lossy(b: &[u8]) -> String {
+pub(super) fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
@@ -365,6 +404,8 @@ impl World {
             return (Flow::Close(r), data.len());
         }
         conn.last_seen_ms = now_ms;
+        // The slice starts the hub's clock there (`Effects::begin`).
+        self.clock_ms = self.clock_ms.max(now_ms);
         self.slice = MSlice::default();
         // The unfinished frame kept from earlier reads, then this read.
         let held = conn.rx.len();
@@ -433,7 +474,7 @@ impl World {
     }
 
     /// Queues `e` for `c` under `limit`; records the flush listing and the slice's bytes.
-    fn push(&mut self, c: usize, limit: usize, e: Exp) -> bool {
+    pub(super) fn push(&mut self, c: usize, limit: usize, e: Exp) -> bool {
         let now_ms = self.now_ms();
         let len = e.len();
         match self.conns[c].out.push(limit, e, now_ms) {
@@ -458,7 +499,7 @@ impl World {
         }
     }
 
-    fn push_self(&mut self, c: usize, f: Vec<u8>) {
+    pub(super) fn push_self(&mut self, c: usize, f: Vec<u8>) {
         let limit = self.settings.outbound_limit;
         self.push(c, limit, Exp::Frame(f));
     }
@@ -492,7 +533,7 @@ impl World {
     }
 
     /// The user a connection authenticated as, as the settings in force have it.
-    fn user_of(&self, c: usize) -> Option<&MUser> {
+    pub(super) fn user_of(&self, c: usize) -> Option<&MUser> {
         self.conns[c].user.and_then(|(n, _)| self.user(n))
     }
 
@@ -544,10 +585,25 @@ impl World {
             self.conns[c].user = None;
             None
         };
+        let renaming = self.conns[c].identified;
+        if renaming && self.conns[c].identity == label {
+            // §3: the identity it holds, byte for byte: nothing at all.
+            return Flow::Continue;
+        }
+        if renaming && let Err(r) = self.allow(c, Work::FanOut) {
+            // §3: a rename is paid for like a routed frame; refused, the old name stays.
+            self.push_self(c, refusal(r));
+            return Flow::Continue;
+        }
         let holder = (0..self.conns.len()).find(|&h| {
             h != c && self.conns[h].routed && self.conns[h].identity.eq_ignore_ascii_case(label)
         });
         let mut displaced = None;
+        let old = if self.conns[c].identified {
+            self.conns[c].identity.clone()
+        } else {
+            String::new()
+        };
         if let Some(h) = holder {
             let k = &self.conns[h];
             let live = k.out.state == OutState::Open && !k.closed;
@@ -584,6 +640,13 @@ impl World {
             self.close_out(h, CloseReason::Replaced, &QUIT);
             self.hub_remove(h, CloseReason::Replaced);
         }
+        // §13 "Presence": after the holder it displaced has left, the subscriptions see
+        // this shim leave its old name and join under the new one; a rename's Presence
+        // frames are its deliveries (§3).
+        let told = self.state_identity(c, &old);
+        if renaming {
+            self.charge(c, told);
+        }
         Flow::Continue
     }
 
@@ -596,6 +659,7 @@ impl World {
             return;
         }
         self.users = users;
+        let mut revoked = Vec::new();
         for c in 0..self.conns.len() {
             if !self.conns[c].registered() {
                 continue;
@@ -614,13 +678,27 @@ impl World {
                 },
             };
             if let Some(why) = why {
-                self.counts.revoked += 1;
-                let reason = CloseReason::Revoked(why);
-                let last = refusal(Reject::Revoked(why));
-                self.close_out(c, reason, &last);
-                self.hub_remove(c, reason);
+                revoked.push((c, CloseReason::Revoked(why)));
             }
         }
+        // The hub closes them one after the other, in an order of its own: the leave of
+        // one (§13) may reach another before that one is closed in turn. The model closes
+        // them all, then removes them, and learns what reached each (`learn_revoked`).
+        self.revoking = revoked
+            .iter()
+            .map(|&(c, _)| (c, self.conns[c].out.bytes, self.leaves_between(c, &revoked)))
+            .collect();
+        for &(c, reason) in &revoked {
+            self.counts.revoked += 1;
+            let CloseReason::Revoked(why) = reason else {
+                unreachable!("revocations only")
+            };
+            self.close_out(c, reason, &refusal(Reject::Revoked(why)));
+        }
+        for &(c, reason) in &revoked {
+            self.hub_remove(c, reason);
+        }
+        self.state_recheck();
     }
 
     fn model_frame(&mut self, c: usize, op: u8, data: &[u8]) -> Flow {
@@ -670,7 +748,11 @@ impl World {
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
                 self.route(c, known, data, MVia::Tcp);
             }
-            Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry => {
+            Opcode::Set => self.model_set(c, data, MVia::Tcp),
+            Opcode::Subscribe => self.model_subscribe(c, data),
+            Opcode::Unsubscribe => self.model_unsubscribe(c, data),
+            Opcode::Get => self.model_get(c, data),
+            Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence => {
                 self.push_self(c, refusal(Reject::ServerOnly(known)));
             }
         }
@@ -692,7 +774,7 @@ impl World {
     /// Whether `c`'s buckets allow a request of kind `work` now (taking its routed and
     /// Who tokens), or the refusal: a Command, Echo or Who needs a routed token, a Who a
     /// Who token, and any of them, a CommandResponse too, deliveries not in debt.
-    fn allow(&mut self, c: usize, work: Work) -> Result<(), Reject> {
+    pub(super) fn allow(&mut self, c: usize, work: Work) -> Result<(), Reject> {
         let (r, d, w) = (
             self.first.routed_per_sec,
             self.first.deliveries_per_sec,
@@ -721,7 +803,7 @@ impl World {
     }
 
     /// Charges `n` deliveries to `c` (a bucket may go into debt).
-    fn charge(&mut self, c: usize, n: u64) {
+    pub(super) fn charge(&mut self, c: usize, n: u64) {
         if self.first.deliveries_per_sec > 0 {
             self.conns[c].rates.deliveries.milli -= n as i64 * 1000;
         }
@@ -729,7 +811,7 @@ impl World {
 
     // --- Routing --------------------------------------------------------------------
 
-    fn reply(&mut self, c: usize, via: MVia, f: Vec<u8>) {
+    pub(super) fn reply(&mut self, c: usize, via: MVia, f: Vec<u8>) {
         match via {
             MVia::Tcp => self.push_self(c, f),
             MVia::Udp(a) => {
@@ -946,6 +1028,8 @@ impl World {
 
     /// The model of `on_datagram`; returns whether a rate-limited Quit answer is due.
     pub(super) fn model_datagram(&mut self, src: SocketAddr, d: &[u8]) -> bool {
+        // Every datagram starts the hub's clock at its time (`Effects::begin`).
+        self.clock_ms = self.clock_ms.max(self.now_ms());
         // A sealed datagram: no session of the model has keys, so it is dropped (and
         // counted), never answered, whatever its source.
         if d.first() == Some(&velium_server::proto::sealed::MARKER) {
@@ -997,6 +1081,7 @@ impl World {
             Opcode::Command | Opcode::Echo | Opcode::CommandResponse | Opcode::Who => {
                 self.route(c, known, data, via)
             }
+            Opcode::Set => self.model_set(c, data, via),
             _ => self.reply(c, via, refusal(Reject::NotOverUdp(known))),
         }
         false
@@ -1113,5 +1198,6 @@ impl World {
         {
             self.bindings.remove(&a);
         }
+        self.state_closed(c, reason);
     }
 }

@@ -92,6 +92,8 @@ pub struct UserSpec {
     pub echoes: Option<Vec<Vec<u8>>>,
     /// `who` patterns (`None`: the default, the commands and the identities).
     pub who: Option<Vec<Vec<u8>>>,
+    /// `state` patterns: whose relay state it may read (`None`: the default, its `who`).
+    pub state: Option<Vec<Vec<u8>>>,
 }
 
 /// A user as the configuration would load it: name, secret, and parsable patterns with
@@ -104,6 +106,7 @@ pub(super) struct UserDef {
     pub(super) commands: Vec<Vec<u8>>,
     pub(super) echoes: Vec<Vec<u8>>,
     pub(super) who: Vec<Vec<u8>>,
+    pub(super) state: Vec<Vec<u8>>,
 }
 
 /// The settings a hub starts with, or is reloaded with.
@@ -145,6 +148,17 @@ pub struct Settings {
     pub duplicate: DuplicateIdentity,
     /// `answer_window`, 1 to 4096.
     pub answer_window: usize,
+    /// `state_value_bytes`: the longest value of a state key.
+    pub state_value_bytes: usize,
+    /// `state_keys`: keys one shim may hold (and keys one subscription may name).
+    pub state_keys: usize,
+    /// `state_bytes`: bytes of keys and values one shim may hold.
+    pub state_bytes: usize,
+    /// `state_sets_per_sec` (0: no limit; kept as first set across reloads, like the
+    /// other rates).
+    pub state_sets_per_sec: u32,
+    /// `state_subscriptions`: subscriptions one connection may hold.
+    pub state_subscriptions: usize,
 }
 
 /// What a frame's data holds.
@@ -211,7 +225,91 @@ pub enum Body {
         /// Which form.
         key: u8,
     },
+    /// A Set's data: the items joined by 0x1F (none: empty data).
+    Set(Vec<Item>),
+    /// `SID SP INTERVAL_MS SP PATTERN (SP KEY)*`: the SID `SIDS[sid % len]`, the interval
+    /// `INTERVALS[interval % len]`, the pattern made from a held identity as for
+    /// [`Body::At`] (by `how % 8`; from 248 up one of [`BAD_PATTERNS`] instead), the keys
+    /// from [`KEYS`]. A `how` of 240 to 247 leaves the pattern (and the keys) out, so
+    /// that the request has too few fields.
+    Subscribe {
+        /// Which SID.
+        sid: u8,
+        /// Which interval.
+        interval: u8,
+        /// Whose identity the pattern is made from.
+        pick: u8,
+        /// How.
+        how: u8,
+        /// The keys filtered on.
+        keys: Vec<u8>,
+    },
+    /// An Unsubscribe's SID: `SIDS[sid % len]`.
+    Unsubscribe(u8),
+    /// `PATTERN (SP KEY)*`, the pattern as for [`Body::Subscribe`] (240 to 247: no
+    /// pattern, and with no keys the Get has no data at all: every shim).
+    Get {
+        /// Whose identity the pattern is made from.
+        pick: u8,
+        /// How.
+        how: u8,
+        /// The keys filtered on.
+        keys: Vec<u8>,
+    },
 }
+
+/// One item of a Set: `KEYS[key % len]`, then `=VALUE` (or nothing: a deletion).
+#[derive(Clone, Debug)]
+pub struct Item {
+    /// Which key.
+    pub key: u8,
+    /// The value (0x0A left out; a 0x1F in it splits the item), if any.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The keys Sets, Subscribes and Gets name: a few valid ones, two of them the same key in
+/// another case, then keys outside the grammar (a space, empty, 65 bytes, a dot) and the
+/// longest valid one.
+pub const KEYS: [&[u8]; 12] = [
+    b"hp",
+    b"mana",
+    b"HP",
+    b"x",
+    b"loc",
+    b"Mana",
+    b"t_-9",
+    b"h p",
+    b"",
+    b"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",
+    b"a.b",
+    b"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",
+];
+
+/// Subscription ids as written: most often a few small ones (so that ids repeat), then
+/// the largest, and ids that are none (zero, a leading zero, past 2^32-1, a letter, empty).
+pub const SIDS: [&str; 12] = [
+    "1",
+    "2",
+    "3",
+    "1",
+    "2",
+    "7",
+    "4294967295",
+    "0",
+    "01",
+    "4294967296",
+    "x",
+    "",
+];
+
+/// Intervals as written: most often none, a few short ones (the harness waits past them
+/// when it settles), a leading zero, the longest, and intervals that are none.
+pub const INTERVALS: [&str; 11] = [
+    "0", "0", "0", "0", "3", "20", "007", "3600000", "3600001", "-1", "",
+];
+
+/// Patterns that are none: an empty one, `+` alone, `>` not last, not UTF-8.
+pub const BAD_PATTERNS: [&[u8]; 4] = [b"", b"+", b"a.>.b", b"\xE3"];
 
 /// Bytes sent on a TCP connection or in a datagram.
 #[derive(Clone, Debug)]
@@ -292,6 +390,10 @@ pub enum Step {
     Reload(Settings),
     /// A graceful shutdown begins: no more connections; every open one is sent Quit.
     Shutdown,
+    /// Every client reads everything and the clock moves on until no relay state waits
+    /// (past the short intervals); then every subscriber's copy of the shims it watches
+    /// must be the model's state of them.
+    Settle,
 }
 
 /// A hub's settings and what happens to it.
@@ -333,6 +435,7 @@ pub(super) fn config(s: &Settings, first: &Settings) -> Config {
                 commands: parse(&u.commands),
                 echoes: parse(&u.echoes),
                 who: parse(&u.who),
+                state: parse(&u.state),
             };
             (user.name.clone(), Arc::new(user))
         })
@@ -355,6 +458,11 @@ pub(super) fn config(s: &Settings, first: &Settings) -> Config {
         users,
         duplicate_identity: s.duplicate,
         answer_window: s.answer_window,
+        state_value_bytes: s.state_value_bytes,
+        state_keys: s.state_keys,
+        state_bytes: s.state_bytes,
+        state_sets_per_sec: first.state_sets_per_sec,
+        state_subscriptions: s.state_subscriptions,
         ..Config::default()
     }
 }
@@ -367,7 +475,8 @@ pub(super) fn shared_secret(s: &Settings) -> bool {
 
 /// The users of `s` as the configuration loads them: the first entry of each name,
 /// patterns that parse and have no leading `+`, at least one identity, and the
-/// documented defaults (`echoes`: the commands; `who`: the commands and the identities).
+/// documented defaults (`echoes`: the commands; `who`: the commands and the identities;
+/// `state`: the `who`).
 pub(super) fn users(s: &Settings) -> Vec<UserDef> {
     let keep = |v: &[Vec<u8>]| -> Vec<Vec<u8>> {
         v.iter()
@@ -388,6 +497,7 @@ pub(super) fn users(s: &Settings) -> Vec<UserDef> {
             || commands.iter().chain(&identities).cloned().collect(),
             keep,
         );
+        let state = u.state.as_deref().map_or_else(|| who.clone(), keep);
         out.push(UserDef {
             name,
             secret: SECRETS[usize::from(u.secret) % SECRETS.len()],
@@ -395,6 +505,7 @@ pub(super) fn users(s: &Settings) -> Vec<UserDef> {
             commands,
             echoes,
             who,
+            state,
         });
     }
     out

@@ -72,6 +72,11 @@ struct Entry {
 }
 
 impl Entry {
+    /// The key's bytes (ASCII): what every comparison and encoding uses.
+    fn key_bytes(&self) -> &[u8] {
+        &self.kv[..self.klen as usize]
+    }
+
     fn key(&self) -> &str {
         // Keys are checked ASCII when set.
         std::str::from_utf8(&self.kv[..self.klen as usize]).unwrap_or("")
@@ -112,16 +117,27 @@ impl Store {
     fn find(&self, key: &str) -> Option<usize> {
         self.entries
             .iter()
-            .position(|e| e.key().eq_ignore_ascii_case(key))
+            .position(|e| e.key_bytes().eq_ignore_ascii_case(key.as_bytes()))
     }
 
     /// Writes the whole state, the keys `keys` lets through, into `f`.
     fn full(&self, keys: &[Box<str>], now_ms: u64, f: &mut StateFrame) {
         for e in &self.entries {
-            if wanted(keys, e.key()) {
-                f.value(e.key(), now_ms.saturating_sub(e.at_ms), e.value());
+            if wanted(keys, e.key_bytes()) {
+                f.value(e.key_bytes(), now_ms.saturating_sub(e.at_ms), e.value());
             }
         }
+    }
+
+    /// Keys `keys` lets through that changed at `seq` (set or deleted).
+    fn changed_at(&self, seq: u64, keys: &[Box<str>]) -> u64 {
+        let set = (self.entries.iter())
+            .filter(|e| e.seq == seq && wanted(keys, e.key_bytes()))
+            .count();
+        let deleted = (self.tombs.iter())
+            .filter(|(k, s)| *s == seq && wanted(keys, k.as_bytes()))
+            .count();
+        (set + deleted) as u64
     }
 
     fn is_idle(&self) -> bool {
@@ -133,8 +149,8 @@ impl Store {
     }
 }
 
-fn wanted(keys: &[Box<str>], key: &str) -> bool {
-    keys.is_empty() || keys.iter().any(|k| k.eq_ignore_ascii_case(key))
+fn wanted(keys: &[Box<str>], key: &[u8]) -> bool {
+    keys.is_empty() || keys.iter().any(|k| k.as_bytes().eq_ignore_ascii_case(key))
 }
 
 /// One shim watched by a subscription.
@@ -322,17 +338,6 @@ impl States {
     }
 }
 
-/// What a Set changed, for the watchers.
-struct Changed {
-    keys: Vec<Box<str>>,
-}
-
-impl Changed {
-    fn count_for(&self, keys: &[Box<str>]) -> u64 {
-        self.keys.iter().filter(|k| wanted(keys, k)).count() as u64
-    }
-}
-
 impl Hub {
     /// Calls `f` with each key `shim` holds, in the order first set: the key, the value
     /// and when it was set (hub milliseconds).
@@ -409,7 +414,8 @@ impl Hub {
             return self.refuse(shim, Route::Reply(via), &r, out);
         }
         let seq = store.seq + 1;
-        let mut changed = Changed { keys: Vec::new() };
+        // Keys changed (each change is stamped `seq`: the watchers count theirs from that).
+        let mut changed = 0usize;
         let before = store.entries.len();
         let new = keep
             .iter()
@@ -431,7 +437,7 @@ impl Hub {
                     e.kv = kv.into_boxed_slice();
                     e.at_ms = now_ms;
                     e.seq = seq;
-                    changed.keys.push(Box::from(e.key()));
+                    changed += 1;
                 }
                 (None, Some(v)) => {
                     let key = first_spelling(items, key);
@@ -446,18 +452,17 @@ impl Hub {
                         seq,
                     });
                     store.tombs.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
-                    changed.keys.push(Box::from(key));
+                    changed += 1;
                 }
                 (Some(j), None) => {
                     let e = store.entries.remove(j);
                     store.bytes -= e.size();
-                    let key: Box<str> = Box::from(e.key());
-                    store.tombs.push((key.clone(), seq));
+                    store.tombs.push((Box::from(e.key()), seq));
                     if store.tombs.len() > max_keys {
                         let (_, dropped) = store.tombs.remove(0);
                         store.floor = store.floor.max(dropped);
                     }
-                    changed.keys.push(key);
+                    changed += 1;
                 }
                 (None, None) => {}
             }
@@ -474,15 +479,19 @@ impl Hub {
                 .state_keys
                 .fetch_sub((before - after) as u64, Ordering::Relaxed);
         }
-        if changed.keys.is_empty() {
+        if changed == 0 {
             return;
         }
         store.seq = seq;
         counters
             .state_changes
-            .fetch_add(changed.keys.len() as u64, Ordering::Relaxed);
+            .fetch_add(changed as u64, Ordering::Relaxed);
         for sub in &store.watchers {
-            let n = changed.count_for(&sub.keys);
+            let n = if sub.keys.is_empty() {
+                changed as u64
+            } else {
+                store.changed_at(seq, &sub.keys)
+            };
             if n > 0 && sub.mark(shim.serial, n) {
                 out.state.push(sub.clone());
             }
@@ -1170,8 +1179,11 @@ fn build(
 ) -> Vec<(Built, bool)> {
     let identity: &str = &t.identity;
     let seq = store.seq;
+    // Room for every item (a key, its age and its value), so that a frame is written
+    // without growing.
+    let room = store.bytes + 10 * store.entries.len();
     if t.full || t.delivered < store.floor {
-        let mut f = StateFrame::new(sub.sid, Mode::Full, identity, seq);
+        let mut f = StateFrame::with_capacity(sub.sid, Mode::Full, identity, seq, room);
         store.full(&sub.keys, now_ms, &mut f);
         let items = f.items() as u64;
         return vec![(
@@ -1184,7 +1196,8 @@ fn build(
     }
     let since = t.delivered;
     let mut frames: Vec<StateFrame> = Vec::new();
-    let mut f = StateFrame::new(sub.sid, Mode::Delta, identity, seq);
+    let room = if udp { room.min(MAX_STATE_DATAGRAM) } else { room };
+    let mut f = StateFrame::with_capacity(sub.sid, Mode::Delta, identity, seq, room);
     let mut add = |f: &mut StateFrame, len: usize, item: &dyn Fn(&mut StateFrame)| {
         if udp && !f.is_empty() && f.len() + len > MAX_STATE_DATAGRAM {
             let next = StateFrame::new(sub.sid, Mode::Delta, identity, seq);
@@ -1193,21 +1206,21 @@ fn build(
         item(f);
     };
     for e in store.entries.iter().filter(|e| e.seq > since) {
-        if !wanted(&sub.keys, e.key()) {
+        if !wanted(&sub.keys, e.key_bytes()) {
             continue;
         }
         let age = now_ms.saturating_sub(e.at_ms);
-        let len = item_len(e.key(), age, Some(e.value()));
+        let len = item_len(e.key_bytes(), age, Some(e.value()));
         add(&mut f, len, &|f: &mut StateFrame| {
-            f.value(e.key(), age, e.value())
+            f.value(e.key_bytes(), age, e.value())
         });
     }
     for (k, _) in store.tombs.iter().filter(|(_, s)| *s > since) {
-        if !wanted(&sub.keys, k) {
+        if !wanted(&sub.keys, k.as_bytes()) {
             continue;
         }
-        let len = item_len(k, 0, None);
-        add(&mut f, len, &|f: &mut StateFrame| f.deleted(k));
+        let len = item_len(k.as_bytes(), 0, None);
+        add(&mut f, len, &|f: &mut StateFrame| f.deleted(k.as_bytes()));
     }
     if !f.is_empty() {
         frames.push(f);

@@ -213,7 +213,18 @@ pub struct StateFrame {
 impl StateFrame {
     /// Starts a frame about `identity`, whose state is at sequence number `seq`.
     pub fn new(sid: u32, mode: Mode, identity: &str, seq: u64) -> StateFrame {
-        let mut buf = Vec::with_capacity(64 + identity.len());
+        StateFrame::with_capacity(sid, mode, identity, seq, 64)
+    }
+
+    /// Starts a frame with room for `items_len` bytes of items.
+    pub fn with_capacity(
+        sid: u32,
+        mode: Mode,
+        identity: &str,
+        seq: u64,
+        items_len: usize,
+    ) -> StateFrame {
+        let mut buf = Vec::with_capacity(32 + identity.len() + items_len);
         buf.push(Opcode::Set as u8);
         push_u64(&mut buf, u64::from(sid));
         buf.push(SP);
@@ -231,9 +242,9 @@ impl StateFrame {
     }
 
     /// Adds `KEY:AGE=VALUE`.
-    pub fn value(&mut self, key: &str, age_ms: u64, value: &[u8]) {
+    pub fn value(&mut self, key: impl AsRef<[u8]>, age_ms: u64, value: &[u8]) {
         self.buf.push(US);
-        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(key.as_ref());
         self.buf.push(b':');
         push_u64(&mut self.buf, age_ms);
         self.buf.push(b'=');
@@ -242,9 +253,9 @@ impl StateFrame {
     }
 
     /// Adds `KEY`: the key was deleted (deltas only).
-    pub fn deleted(&mut self, key: &str) {
+    pub fn deleted(&mut self, key: impl AsRef<[u8]>) {
         self.buf.push(US);
-        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(key.as_ref());
         self.items += 1;
     }
 
@@ -276,7 +287,8 @@ impl StateFrame {
 }
 
 /// Bytes an item adds to a State frame.
-pub fn item_len(key: &str, age_ms: u64, value: Option<&[u8]>) -> usize {
+pub fn item_len(key: impl AsRef<[u8]>, age_ms: u64, value: Option<&[u8]>) -> usize {
+    let key = key.as_ref();
     match value {
         Some(v) => 1 + key.len() + 1 + digits(age_ms) + 1 + v.len(),
         None => 1 + key.len(),

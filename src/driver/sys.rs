@@ -96,6 +96,53 @@ pub fn recv_from_now(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<(usize, SocketA
     Ok((n, from))
 }
 
+/// Datagrams one sendmmsg(2) takes at most.
+pub const SEND_BATCH: usize = 64;
+
+/// Sends the datagrams `frames` (each with its destination) from the UDP socket `fd` with
+/// one non-blocking sendmmsg(2), at most [`SEND_BATCH`] of them; returns how many were
+/// sent, the first in order (fewer when the socket filled up or one failed: the caller
+/// sends the rest one by one, which tells which and why).
+pub fn send_many_now(fd: RawFd, frames: &[(&[u8], SocketAddr)]) -> usize {
+    let n = frames.len().min(SEND_BATCH);
+    if n == 0 {
+        return 0;
+    }
+    let addrs: Vec<socket2::SockAddr> = frames[..n]
+        .iter()
+        .map(|(_, to)| socket2::SockAddr::from(*to))
+        .collect();
+    let mut iov: Vec<libc::iovec> = frames[..n]
+        .iter()
+        .map(|(buf, _)| libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        })
+        .collect();
+    // SAFETY: an all-zero mmsghdr is a valid empty header; each is then pointed at one
+    // iovec and one address, which outlive the call, as do the buffers they point to.
+    let mut msgs: Vec<libc::mmsghdr> = (0..n)
+        .map(|i| {
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = addrs[i].len();
+            m.msg_hdr.msg_iov = &mut iov[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: `msgs` holds `n` headers set up above.
+    let sent = unsafe {
+        libc::sendmmsg(
+            fd,
+            msgs.as_mut_ptr(),
+            n as libc::c_uint,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    sent.max(0) as usize
+}
+
 /// One non-blocking sendto(2) of a datagram from the UDP socket `fd`.
 pub fn send_to_now(fd: RawFd, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
     let addr = socket2::SockAddr::from(to);

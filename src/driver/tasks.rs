@@ -460,7 +460,24 @@ fn send_datagrams(core: &Core, out: &mut Effects) {
         (c.udp_queue, c.udp_queue_per_dest)
     };
     let mut q = queue.borrow_mut();
-    for d in out.datagrams.drain(..) {
+    // While nothing waits in the queue, the datagrams go out in batches, one system call
+    // for many; from the first the socket does not take, one by one as before.
+    let mut sent = 0;
+    if q.is_empty() && out.datagrams.len() > 1 {
+        while sent < out.datagrams.len() {
+            let batch: Vec<(&[u8], std::net::SocketAddr)> = out.datagrams
+                [sent..(sent + sys::SEND_BATCH).min(out.datagrams.len())]
+                .iter()
+                .map(|d| (&d.frame[..], d.to))
+                .collect();
+            let n = sys::send_many_now(fd, &batch);
+            sent += n;
+            if n < batch.len() {
+                break;
+            }
+        }
+    }
+    for d in out.datagrams.drain(..).skip(sent) {
         if !q.is_ahead_of(&d) {
             match sys::send_to_now(fd, &d.frame, d.to) {
                 Ok(_) => continue,

@@ -791,7 +791,10 @@ async fn shim(
                 eprintln!("velium: {reason}");
                 return Ok(ExitCode::from(1));
             }
-            None => return Ok(ExitCode::from(1)),
+            None => {
+                eprintln!("velium: the connection to the hub closed");
+                return Ok(ExitCode::from(1));
+            }
         }
     }
     let _ = client.close().await;
@@ -900,7 +903,10 @@ async fn watch(
                 eprintln!("velium: {reason}");
                 return Ok(ExitCode::from(1));
             }
-            None => return Ok(ExitCode::from(1)),
+            None => {
+                eprintln!("velium: the connection to the hub closed");
+                return Ok(ExitCode::from(1));
+            }
             // Commands and echoes sent to this tool, our own shim, Quit before Closed.
             Some(_) => continue,
         };

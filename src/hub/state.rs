@@ -1196,7 +1196,11 @@ fn build(
     }
     let since = t.delivered;
     let mut frames: Vec<StateFrame> = Vec::new();
-    let room = if udp { room.min(MAX_STATE_DATAGRAM) } else { room };
+    let room = if udp {
+        room.min(MAX_STATE_DATAGRAM)
+    } else {
+        room
+    };
     let mut f = StateFrame::with_capacity(sub.sid, Mode::Delta, identity, seq, room);
     let mut add = |f: &mut StateFrame, len: usize, item: &dyn Fn(&mut StateFrame)| {
         if udp && !f.is_empty() && f.len() + len > MAX_STATE_DATAGRAM {

@@ -162,15 +162,30 @@ impl Hub {
                 &mut listing,
             );
         });
+        self.send_listing(sender, Opcode::WhoEntry, n, listing, 0, out);
+    }
+
+    /// Queues a listing of `n` frames of opcode `op` (a Who's entries, a Subscribe's or a
+    /// Get's State frames) and its `Ack ID N` as one push, so that no other frame comes
+    /// between them; charges and counts them.
+    pub(crate) fn send_listing(
+        &self,
+        sender: &Arc<Shim>,
+        op: Opcode,
+        n: u64,
+        mut listing: Vec<u8>,
+        id: u64,
+        out: &mut Effects,
+    ) {
         self.charge_deliveries(sender, n);
-        let entries = listing.len();
-        reply::ack(0, n, &mut listing);
-        let ack = listing.len() - entries;
+        let frames = listing.len();
+        reply::ack(id, n, &mut listing);
+        let ack = listing.len() - frames;
         if self
             .send(sender, Route::Listing, &Bytes::from(listing), out)
             .is_some()
         {
-            out.count(Transport::Tcp, Opcode::WhoEntry as u8, n, entries);
+            out.count(Transport::Tcp, op as u8, n, frames);
             out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
             sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
         }

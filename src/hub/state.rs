@@ -27,7 +27,6 @@ use super::Hub;
 use super::send::{Bucket, Effects, Route, Via, Work};
 use super::shim::{CloseReason, Shim};
 use crate::config::User;
-use crate::metrics::Transport;
 use crate::proto::Opcode;
 use crate::proto::pattern::Pattern;
 use crate::proto::reject::{Rate, Reject};
@@ -820,18 +819,7 @@ impl Hub {
             self.drop_subscription(sender, &sub);
             return;
         }
-        self.charge_deliveries(sender, n);
-        let frames = listing.len();
-        reply::ack(u64::from(s.sid), n, &mut listing);
-        let ack = listing.len() - frames;
-        if self
-            .send(sender, Route::Listing, &Bytes::from(listing), out)
-            .is_some()
-        {
-            out.count(Transport::Tcp, Opcode::Set as u8, n, frames);
-            out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
-            sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
-        }
+        self.send_listing(sender, Opcode::Set, n, listing, u64::from(s.sid), out);
         // Released: what came meanwhile follows the listing.
         let mut p = sub.pending.lock();
         p.held = false;
@@ -938,18 +926,7 @@ impl Hub {
         if too_large {
             return self.refuse(sender, answer, &Reject::ListingTooLarge(cap), out);
         }
-        self.charge_deliveries(sender, n);
-        let frames = listing.len();
-        reply::ack(0, n, &mut listing);
-        let ack = listing.len() - frames;
-        if self
-            .send(sender, Route::Listing, &Bytes::from(listing), out)
-            .is_some()
-        {
-            out.count(Transport::Tcp, Opcode::Set as u8, n, frames);
-            out.count(Transport::Tcp, Opcode::Ack as u8, 1, ack);
-            sender.frames_out.fetch_add(n + 1, Ordering::Relaxed);
-        }
+        self.send_listing(sender, Opcode::Set, n, listing, 0, out);
     }
 
     /// After an Identify or a rename: subscriptions that knew the shim by another name

@@ -16,52 +16,6 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use velium_server::client::{Client, ClientError, ClientOptions, Event, ShimState, Transport};
 
-const VELIUM: &str = env!("CARGO_BIN_EXE_velium");
-
-/// What a finished `velium` run left.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `velium --server ADDR ARGS...` to completion (killed and failed at the deadline).
-fn velium(addr: SocketAddr, args: &[&str]) -> Run {
-    let child = Command::new(VELIUM)
-        .arg("--server")
-        .arg(addr.to_string())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn velium");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(DEADLINE) {
-        Ok(out) => out.expect("wait for velium"),
-        Err(_) => {
-            // SAFETY: kill(2) on a child we spawned and have not reaped.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            panic!("velium {args:?} did not finish within {DEADLINE:?}");
-        }
-    };
-    let run = Run {
-        code: out.status.code().expect("velium exited by a signal"),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    };
-    assert!(
-        !run.stderr.contains("panicked"),
-        "velium {args:?} panicked: {run:?}"
-    );
-    run
-}
-
 /// A running `velium` (a `shim` or a `watch`), killed on drop.
 struct Proc {
     /// Taken when it is stopped.

@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// How long any expected event may take before the test fails.
@@ -866,4 +866,51 @@ impl Server {
         args.extend_from_slice(extra);
         Server::start(io, &args)
     }
+}
+
+/// The `velium` command-line tool of this build.
+pub const VELIUM: &str = env!("CARGO_BIN_EXE_velium");
+
+/// What a finished `velium` run left.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `velium --server ADDR ARGS...` to completion (killed and failed at the deadline).
+pub fn velium(addr: SocketAddr, args: &[&str]) -> Run {
+    let child = Command::new(VELIUM)
+        .arg("--server")
+        .arg(addr.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn velium");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(DEADLINE) {
+        Ok(out) => out.expect("wait for velium"),
+        Err(_) => {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("velium {args:?} did not finish within {DEADLINE:?}");
+        }
+    };
+    let run = Run {
+        code: out.status.code().expect("velium exited by a signal"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    };
+    assert!(
+        !run.stderr.contains("panicked"),
+        "velium {args:?} panicked: {run:?}"
+    );
+    run
 }

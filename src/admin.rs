@@ -1132,6 +1132,63 @@ pub fn render(hub: &Hub) -> String {
         "Shims cut off for passing outbound_limit.",
         &one(get(&c.slow_consumers)),
     );
+    if let Some(cl) = hub.cluster() {
+        let s = &cl.stats;
+        let dirs = |o: &std::sync::atomic::AtomicU64, i: &std::sync::atomic::AtomicU64| {
+            vec![
+                ("{dir=\"out\"}".to_string(), get(o)),
+                ("{dir=\"in\"}".to_string(), get(i)),
+            ]
+        };
+        metric(
+            "velium_cluster_connected",
+            "gauge",
+            "1 while the node is connected to the cluster's NATS server.",
+            &one(u64::from(cl.is_reachable())),
+        );
+        metric(
+            "velium_cluster_nodes",
+            "gauge",
+            "Other nodes of the cluster in sight.",
+            &one(get(&s.nodes)),
+        );
+        metric(
+            "velium_cluster_remote_shims",
+            "gauge",
+            "Shims of other nodes known here.",
+            &one(get(&s.remote_shims)),
+        );
+        metric(
+            "velium_cluster_messages_total",
+            "counter",
+            "NATS messages published (out) and received (in).",
+            &dirs(&s.messages_out, &s.messages_in),
+        );
+        metric(
+            "velium_cluster_bytes_total",
+            "counter",
+            "NATS message payload bytes published (out) and received (in).",
+            &dirs(&s.bytes_out, &s.bytes_in),
+        );
+        metric(
+            "velium_cluster_dropped_total",
+            "counter",
+            "Items for other nodes dropped because the queue to NATS was full.",
+            &one(get(&s.dropped)),
+        );
+        metric(
+            "velium_cluster_disconnects_total",
+            "counter",
+            "Times the connection to NATS was lost.",
+            &one(get(&s.disconnects)),
+        );
+        metric(
+            "velium_cluster_resyncs_total",
+            "counter",
+            "Snapshots asked of other nodes after a gap in their presence.",
+            &one(get(&s.resyncs)),
+        );
+    }
     metric(
         "velium_udp_quit_total",
         "counter",

@@ -128,6 +128,65 @@ pub struct Config {
     pub state_sets_per_sec: u32,
     /// Subscriptions one connection may hold.
     pub state_subscriptions: usize,
+    /// The cluster this hub is a node of (`cluster_url`); `None`: a hub on its own.
+    pub cluster: Option<Arc<ClusterSettings>>,
+}
+
+/// How a node joins its cluster: the NATS server that carries it, the cluster's name and
+/// this node's, and the credentials NATS asks for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `nats://HOST:PORT` (several, separated by commas, for a NATS cluster).
+    pub url: String,
+    /// Nodes see each other only within one cluster name (the subjects' prefix).
+    pub name: String,
+    /// This node's name; `None`: `HOSTNAME:PORT`, once the port is known.
+    pub node: Option<String>,
+    /// What NATS is shown.
+    pub auth: ClusterAuth,
+}
+
+impl fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The credentials a node presents to NATS.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum ClusterAuth {
+    /// None.
+    #[default]
+    None,
+    /// `cluster_user` and `cluster_password` (or `cluster_password_file`).
+    UserPassword(String, String),
+    /// `cluster_token` (or `cluster_token_file`).
+    Token(String),
+    /// The nkey seed in `cluster_nkey_file`.
+    Nkey(String),
+}
+
+/// The characters a node name may hold: it is one token of a NATS subject.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "node_name must be 1 to 64 bytes long, got {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':')))
+    {
+        return Err(format!(
+            "node_name {name:?} holds {c:?}: use letters, digits, '_', '-' and ':'"
+        ));
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -168,6 +227,7 @@ impl Default for Config {
             state_bytes: 16 * 1024,
             state_sets_per_sec: 100,
             state_subscriptions: 16,
+            cluster: None,
         }
     }
 }
@@ -279,7 +339,15 @@ impl Config {
                 if self.$f != new.$f { $list.push(stringify!($f)); }
             )*};
         }
-        cmp!(restart, listen, cores, io, admin, admin_connections);
+        cmp!(
+            restart,
+            listen,
+            cores,
+            io,
+            admin,
+            admin_connections,
+            cluster
+        );
         cmp!(
             live,
             log_level,
@@ -324,6 +392,7 @@ impl Config {
             io: self.io,
             admin: self.admin,
             admin_connections: self.admin_connections,
+            cluster: self.cluster.clone(),
             ..new
         }
     }
@@ -495,6 +564,16 @@ pub struct Args {
     /// State subscriptions one connection may hold [default: 16]
     #[arg(long, value_name = "N")]
     pub state_subscriptions: Option<usize>,
+    /// Join a cluster of hubs through this NATS server, e.g. nats://127.0.0.1:4222
+    /// [default: off, a hub on its own]
+    #[arg(long = "cluster", value_name = "URL")]
+    pub cluster_url: Option<String>,
+    /// The cluster's name: nodes see each other only within one name [default: velium]
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
+    /// This node's name in the cluster [default: HOSTNAME:PORT]
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 /// The config file: every key optional, unknown keys rejected.
@@ -538,6 +617,15 @@ struct FileConfig {
     state_bytes: Option<usize>,
     state_sets_per_sec: Option<u32>,
     state_subscriptions: Option<usize>,
+    cluster_url: Option<String>,
+    cluster_name: Option<String>,
+    node_name: Option<String>,
+    cluster_user: Option<String>,
+    cluster_password: Option<String>,
+    cluster_password_file: Option<PathBuf>,
+    cluster_token: Option<String>,
+    cluster_token_file: Option<PathBuf>,
+    cluster_nkey_file: Option<PathBuf>,
     #[serde(default)]
     user: Vec<FileUser>,
     /// No longer accepted: it keyed permissions on a name the client chooses.
@@ -561,6 +649,13 @@ impl Config {
     /// Builds the settings: defaults, then the file named by `--config` (or
     /// `--check-config`), then the flags.
     pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let (file, cluster) = Config::read_file(args)?;
+        let mut c = Config::from_file(args, file)?;
+        c.cluster = cluster.map(Arc::new);
+        Ok(c)
+    }
+
+    fn read_file(args: &Args) -> Result<(FileConfig, Option<ClusterSettings>), ConfigError> {
         let file = match args.config.as_ref().or(args.check_config.as_ref()) {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -574,6 +669,11 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let cluster = load_cluster(args, &file)?;
+        Ok((file, cluster))
+    }
+
+    fn from_file(args: &Args, file: FileConfig) -> Result<Config, ConfigError> {
         let mut c = Config::default();
         if let Some(v) = args.listen.as_ref().or(file.listen.as_ref()) {
             c.listen = parse_addr("listen", v)?;
@@ -910,6 +1010,102 @@ fn load_user(u: &FileUser) -> Result<User, ConfigError> {
 }
 
 /// The secret in `raw` (a file or variable), without its trailing line break.
+/// The cluster settings, when `cluster_url` is given.
+fn load_cluster(args: &Args, file: &FileConfig) -> Result<Option<ClusterSettings>, ConfigError> {
+    let Some(url) = args.cluster_url.as_ref().or(file.cluster_url.as_ref()) else {
+        return Ok(None);
+    };
+    for u in url.split(',') {
+        let rest = u.trim().strip_prefix("nats://").unwrap_or(u.trim());
+        if rest.is_empty() || rest.contains('/') {
+            return Err(ConfigError::Invalid(format!(
+                "bad cluster_url {url:?}: expected nats://HOST:PORT"
+            )));
+        }
+    }
+    let name = args
+        .cluster_name
+        .clone()
+        .or(file.cluster_name.clone())
+        .unwrap_or_else(|| "velium".into());
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "cluster_name {name:?}: use 1 to 64 letters, digits, '_' and '-'"
+        )));
+    }
+    let node = args.node_name.clone().or(file.node_name.clone());
+    if let Some(n) = &node {
+        check_node_name(n).map_err(ConfigError::Invalid)?;
+    }
+    let read = |path: &PathBuf, what: &str| -> Result<String, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let t = text.trim().to_string();
+        if t.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "{what} {} is empty",
+                path.display()
+            )));
+        }
+        Ok(t)
+    };
+    let password = match (&file.cluster_password, &file.cluster_password_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give cluster_password or cluster_password_file, not both".into(),
+            ));
+        }
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(f)) => Some(read(f, "cluster_password_file")?),
+        (None, None) => None,
+    };
+    let token = match (&file.cluster_token, &file.cluster_token_file) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "give cluster_token or cluster_token_file, not both".into(),
+            ));
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(f)) => Some(read(f, "cluster_token_file")?),
+        (None, None) => None,
+    };
+    let nkey = match &file.cluster_nkey_file {
+        Some(f) => Some(read(f, "cluster_nkey_file")?),
+        None => None,
+    };
+    let auth = match (file.cluster_user.clone(), password, token, nkey) {
+        (None, None, None, None) => ClusterAuth::None,
+        (Some(u), Some(p), None, None) => ClusterAuth::UserPassword(u, p),
+        (None, None, Some(t), None) => ClusterAuth::Token(t),
+        (None, None, None, Some(k)) => ClusterAuth::Nkey(k),
+        (Some(_), None, None, None) | (None, Some(_), None, None) => {
+            return Err(ConfigError::Invalid(
+                "cluster_user and cluster_password go together".into(),
+            ));
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "give one kind of NATS credential: cluster_user and cluster_password, \
+                 cluster_token, or cluster_nkey_file"
+                    .into(),
+            ));
+        }
+    };
+    Ok(Some(ClusterSettings {
+        url: url.clone(),
+        name,
+        node,
+        auth,
+    }))
+}
+
 fn secret_from(raw: &[u8], what: &str) -> Result<Secret, ConfigError> {
     let s = raw.strip_suffix(b"\n").unwrap_or(raw);
     let s = s.strip_suffix(b"\r").unwrap_or(s);

@@ -58,7 +58,8 @@ Examples:
   velium who 'peq.ecommons.*'     the shims in one zone
 
 Prints one line per shim: identity, connected since (UTC, RFC 3339), then `udp` if it has \
-a bound UDP channel or `-` if not. This tool's own connection is not listed.";
+a bound UDP channel or `-` if not, then, on a hub that is a node of a cluster, the node \
+serving the shim. This tool's own connection is not listed.";
 
 const WHO_ADMIN: &str = "\
 With --admin ADDR (or VELIUM_ADMIN) the listing comes from the hub's admin listener \
@@ -641,12 +642,13 @@ async fn who(
         .max()
         .unwrap_or(0);
     for e in &entries {
-        println!(
-            "{:<width$}  {}  {}",
-            e.identity,
-            humantime::format_rfc3339_seconds(e.since),
-            if e.udp { "udp" } else { "-" }
-        );
+        let udp = if e.udp { "udp" } else { "-" };
+        let since = humantime::format_rfc3339_seconds(e.since);
+        match &e.node {
+            // On a node of a cluster: the node serving the shim, last.
+            Some(node) => println!("{:<width$}  {since}  {udp:<3}  {node}", e.identity),
+            None => println!("{:<width$}  {since}  {udp}", e.identity),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -177,6 +177,8 @@ pub struct WhoEntry {
     pub since: SystemTime,
     /// Whether it has a bound UDP channel.
     pub udp: bool,
+    /// The node of the cluster that serves it (none from a hub on its own).
+    pub node: Option<String>,
 }
 
 /// One shim's relay state, as a Subscribe's snapshot, a [`Client::get_state`] answer or an

@@ -630,11 +630,12 @@ pub(super) async fn keepalive(shared: Arc<Shared>, every: Duration) {
 
 /// WhoEntry data as a [`WhoEntry`] (the identity lossy, the time on the server's clock).
 fn who_entry(data: &[u8]) -> Option<WhoEntry> {
-    let (identity, since, udp) = parse_who_entry(data)?;
+    let (identity, since, udp, node) = parse_who_entry(data)?;
     Some(WhoEntry {
         identity: lossy(identity),
         since: UNIX_EPOCH + Duration::from_millis(since),
         udp,
+        node: node.map(lossy),
     })
 }
 

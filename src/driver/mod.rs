@@ -13,6 +13,7 @@
 //! - `sys.rs`: every unsafe system call;
 //! - `uring.rs` (tokio-uring) and `epoll.rs` (tokio): the two adapters.
 
+pub mod cluster;
 pub mod epoll;
 mod start;
 pub mod sys;

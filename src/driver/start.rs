@@ -130,6 +130,28 @@ pub fn start(config: Config) -> Result<Running, StartError> {
     let unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
+    let mut config = config;
+    if let Some(c) = &mut config.cluster
+        && c.node.is_none()
+    {
+        // HOSTNAME:PORT, in the characters a node name may hold.
+        let host: String = (sys::hostname().chars())
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                    ch
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let host = if host.is_empty() {
+            "velium".into()
+        } else {
+            host
+        };
+        Arc::make_mut(c).node = Some(format!("{host}:{}", addr.port()));
+    }
+    let cluster = config.cluster.clone();
     let hub = Hub::with_open_file_limit(config, open_files, now, unix);
     let core_ids = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -166,5 +188,13 @@ pub fn start(config: Config) -> Result<Running, StartError> {
         })?;
     }
     info!(%addr, cores = hub.config().cores, io = ?io, "listening");
+    if let Some(settings) = cluster {
+        info!(node = %hub.cluster().map_or("", |c| &*c.node), url = %settings.url,
+            name = %settings.name, "joining the cluster");
+        super::cluster::spawn(hub.clone(), settings).map_err(|e| StartError::Runtime {
+            io: "cluster thread",
+            msg: e.to_string(),
+        })?;
+    }
     Ok(Running { addr, io, hub })
 }

@@ -83,6 +83,9 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     });
     tokio::task::spawn_local(sweep(core.clone()));
     tokio::task::spawn_local(state_loop(core.clone()));
+    if core.hub.cluster().is_some() {
+        tokio::task::spawn_local(cluster_loop(core.clone()));
+    }
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
     tokio::task::spawn_local(quit_all(core.clone()));
     accept_loop(core, listener).await;
@@ -391,6 +394,32 @@ async fn state_loop(core: Rc<Core>) {
         let now = Instant::now();
         out.begin(&hub, hub.ms(now));
         hub.state_tick(core.index, &mut out);
+        let now_ms = hub.ms(Instant::now());
+        for shim in out.flush.drain(..) {
+            shim.outbox.flush(now_ms);
+        }
+        send_datagrams(&core, &mut out);
+        hub.finish(core.index, &mut out, Instant::now());
+        out.release_congested();
+    }
+}
+
+/// Applies what other nodes of the cluster said, as the cluster thread hands it over:
+/// their shims' joins and leaves, frames for shims here, their shims' state.
+async fn cluster_loop(core: Rc<Core>) {
+    let hub = core.hub.clone();
+    let Some(c) = hub.cluster() else { return };
+    let mut out = Effects::default();
+    loop {
+        let notified = c.notified(core.index);
+        let items = c.take_inbox(core.index);
+        if items.is_empty() {
+            notified.await;
+            continue;
+        }
+        let now = Instant::now();
+        out.begin(&hub, hub.ms(now));
+        hub.cluster_apply(items, &mut out);
         let now_ms = hub.ms(Instant::now());
         for shim in out.flush.drain(..) {
             shim.outbox.flush(now_ms);

@@ -35,11 +35,15 @@ pub(crate) struct Policy {
 
 impl Policy {
     /// Whether the claimant takes the identity from `holder`.
-    pub(crate) fn replaces(&self, holder: &Shim) -> bool {
+    pub(crate) fn replaces(&self, hub: &Hub, holder: &Shim) -> bool {
         match self.rule {
             DuplicateIdentity::Replace => true,
             DuplicateIdentity::Refuse => false,
-            DuplicateIdentity::SameCredential => holder.user().map(|u| u.name.clone()) == self.user,
+            DuplicateIdentity::SameCredential => match hub.remote_of(holder) {
+                // A shim of another node: the user its node reported.
+                Some(r) => r.user.as_deref() == self.user.as_deref(),
+                None => holder.user().map(|u| u.name.clone()) == self.user,
+            },
         }
     }
 }

@@ -244,6 +244,7 @@ pub fn on_datagram(
             BindOutcome::Dead => return answer_quit(hub, lim, src, dgram.len(), out),
             BindOutcome::Bound => {
                 info!(conn = shim.serial, identity = %shim.identity(), %src, "bind");
+                hub.cluster_udp(&shim, true);
             }
             BindOutcome::Rebound { from } => {
                 info!(conn = shim.serial, identity = %shim.identity(), %from, to = %src, "rebind");
@@ -305,6 +306,7 @@ fn on_sealed(hub: &Hub, src: SocketAddr, dgram: &[u8], now: Instant, out: &mut E
             BindOutcome::Dead => return,
             BindOutcome::Bound => {
                 info!(conn = shim.serial, identity = %shim.identity(), %src, "sealed bind");
+                hub.cluster_udp(&shim, true);
                 out.time(Latency::UdpBind, now);
             }
             BindOutcome::Rebound { from } => {

@@ -21,6 +21,7 @@
 
 pub mod access;
 pub mod admission;
+pub mod cluster;
 pub mod connection;
 pub mod datagram;
 pub mod outbox;
@@ -93,6 +94,8 @@ pub struct Hub {
     /// The most connections the open-file limit leaves room for.
     fd_cap: usize,
     shutdown: watch::Sender<bool>,
+    /// The cluster side, on a node of a cluster.
+    cluster: Option<cluster::Cluster>,
 }
 
 impl Hub {
@@ -114,7 +117,14 @@ impl Hub {
         let fd_cap = open_files
             .saturating_sub(64 + config.admin_connections)
             .max(1);
+        // Command ids of this serial stand for Commands from other nodes.
+        let proxy_serial = 1;
+        let cluster = config.cluster.as_ref().map(|c| {
+            let node = c.node.as_deref().unwrap_or("node");
+            cluster::Cluster::new(node, config.cores, proxy_serial)
+        });
         Arc::new(Hub {
+            cluster,
             metrics: Metrics::new(config.cores),
             states: state::States::new(config.cores),
             config: ArcSwap::from_pointee(config),
@@ -123,7 +133,7 @@ impl Hub {
             epoch: now,
             clock_ms: AtomicU64::new(0),
             epoch_unix_us: unix.as_micros() as u64,
-            next_serial: AtomicU64::new(1),
+            next_serial: AtomicU64::new(proxy_serial + 1),
             open: AtomicUsize::new(0),
             sources: DashMap::new(),
             sources_pruned_ms: AtomicU64::new(0),
@@ -235,6 +245,7 @@ impl Hub {
             self.allow_route(shim, send::Work::FanOut, out.now_ms)?;
         }
         let label: Arc<str> = Arc::from(label);
+        let now_us = self.unix_us(out.now_ms);
         // On the first Identify the Session goes into the outbox while the router still
         // holds the shim out of sight: a frame routed to it by another core never reaches
         // the client ahead of its Session. The table entry is made there too, so that a
@@ -249,11 +260,17 @@ impl Hub {
                 self.table.insert(shim);
             }
         };
+        // The claim's time: of two nodes of a cluster that accept one name before either
+        // hears of the other, the earlier claim keeps it.
+        let stamp = self.set_claimed(shim, Some(now_us));
         let (claim, old) =
-            (self.router).claim(shim, label.clone(), |h| policy.replaces(h), session);
+            (self.router).claim(shim, label.clone(), |h| policy.replaces(self, h), session);
         let displaced = match claim {
             Claim::Held(displaced) => displaced,
-            Claim::Taken => return Err(Reject::IdentityInUse),
+            Claim::Taken => {
+                self.set_claimed(shim, stamp);
+                return Err(Reject::IdentityInUse);
+            }
             Claim::Closed => return Ok(Identified::Closed),
         };
         let done = if !registering {
@@ -266,9 +283,17 @@ impl Hub {
             info!(conn = shim.serial, identity = %label, user, token = %shim.token, "identify");
             Identified::Registered
         };
+        let mut replaced_remote = None;
         if let Some(holder) = displaced {
-            self.displace(&holder, shim);
+            if let Some(r) = self.remote_of(&holder) {
+                // A shim of another node: its node closes it when it hears of this claim.
+                self.displace_remote(&holder);
+                replaced_remote = Some(r);
+            } else {
+                self.displace(&holder, shim);
+            }
         }
+        self.cluster_joined(shim, !registering, replaced_remote.as_deref());
         // After the holder it displaced is gone: its watchers see its leave, then this
         // shim's join.
         let told = self.state_identity(shim, out);
@@ -296,6 +321,7 @@ impl Hub {
             self.router.remove(shim);
         }
         self.state_closed(shim, reason);
+        self.cluster_left(shim, reason);
         if reason == CloseReason::SlowConsumer {
             Counters::bump(&self.counters().slow_consumers);
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");

@@ -10,6 +10,7 @@ use super::Hub;
 use super::send::{Effects, Route, Via, Work};
 use super::shim::{Shim, serial_of_command_id};
 use crate::metrics::{Counters, Transport};
+use crate::proto::cluster::Routed as ToNode;
 use crate::proto::pattern::Pattern;
 use crate::proto::reject::Reject;
 use crate::proto::request::Routed;
@@ -59,7 +60,16 @@ impl Hub {
         let window = c.answer_window;
         drop(c);
         let mut reached = 0u64;
+        let mut nodes: Vec<Arc<str>> = Vec::new();
         self.router.for_each_match(target, |to| {
+            if let Some(r) = self.remote_of(to) {
+                // A shim of another node: its node delivers it (one message per node).
+                if !nodes.contains(&r.node) {
+                    nodes.push(r.node.clone());
+                }
+                reached += 1;
+                return;
+            }
             if target.include_self || to.serial != sender.serial {
                 // Recorded before the frame is queued: once queued, another core's flush
                 // may write it out, and the target answer it, at any moment.
@@ -71,15 +81,34 @@ impl Hub {
                 }
             }
         });
+        if !nodes.is_empty() {
+            self.cluster_route(
+                nodes,
+                ToNode::Route {
+                    op: op as u8,
+                    from: identity.to_string(),
+                    id,
+                    target: target_text.to_vec(),
+                    text: text.to_vec(),
+                },
+            );
+        }
+        // Cut off from the cluster, a target that may name shims elsewhere gets a notice
+        // after its answer.
+        let notice = target.is_wildcard() || reached == 0;
         if reached == 0 {
             let r = Reject::NoMatch(lossy(target_text));
-            return self.refuse(sender, answer, &r, out);
+            self.refuse(sender, answer, &r, out);
+        } else {
+            self.charge_deliveries(sender, reached);
+            (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
+            let mut ack = Vec::with_capacity(24);
+            reply::ack(id.unwrap_or(0), reached, &mut ack);
+            self.send(sender, answer, &Bytes::from(ack), out);
         }
-        self.charge_deliveries(sender, reached);
-        (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
-        let mut ack = Vec::with_capacity(24);
-        reply::ack(id.unwrap_or(0), reached, &mut ack);
-        self.send(sender, answer, &Bytes::from(ack), out);
+        if notice {
+            self.cluster_notice(sender, via, out);
+        }
     }
 
     /// A CommandResponse from `responder`, forwarded to the Command's sender (on UDP when
@@ -110,12 +139,22 @@ impl Hub {
             self.log_refusal(responder, &r, out.now_ms);
             return self.refuse(responder, Route::Reply(via), &r, out);
         }
+        let identity = responder.identity();
+        if let Some(forwarded) = self.cluster_respond(id, &identity, text) {
+            // A Command from another node: the response goes back there.
+            if forwarded {
+                self.charge_deliveries(responder, 1);
+                Counters::bump(&self.counters().deliveries);
+            } else {
+                Counters::bump(&self.counters().responses_dropped);
+            }
+            return;
+        }
         let Some(sender) = self.table.by_serial(serial_of_command_id(id)) else {
             Counters::bump(&self.counters().responses_dropped);
             debug!(id, "response for a sender that has gone");
             return;
         };
-        let identity = responder.identity();
         let mut f = Vec::with_capacity(id_text.len() + identity.len() + text.len() + 4);
         reply::response(id_text, &identity, text, &mut f);
         match self.send(&sender, Route::Deliver(via), &Bytes::from(f), out) {
@@ -148,6 +187,7 @@ impl Hub {
         };
         let mut listing = Vec::new();
         let mut n = 0u64;
+        let here = self.cluster().map(|c| c.node.clone());
         self.router.for_each_match(pattern, |s| {
             match &view {
                 View::All => {}
@@ -155,14 +195,15 @@ impl Hub {
                 _ => return,
             }
             n += 1;
-            reply::who_entry(
-                &s.identity(),
-                s.connected_unix_ms,
-                s.udp_addr().is_some(),
-                &mut listing,
-            );
+            let remote = self.remote_of(s);
+            let (udp, node) = match &remote {
+                Some(r) => (r.udp.load(Ordering::Relaxed), Some(&*r.node)),
+                None => (s.udp_addr().is_some(), here.as_deref()),
+            };
+            reply::who_entry(&s.identity(), s.connected_unix_ms, udp, node, &mut listing);
         });
         self.send_listing(sender, Opcode::WhoEntry, n, listing, 0, out);
+        self.cluster_notice(sender, via, out);
     }
 
     /// Queues a listing of `n` frames of opcode `op` (a Who's entries, a Subscribe's or a

@@ -52,6 +52,8 @@ pub enum CloseReason {
     TlsHandshakeTimeout,
     /// A client certificate whose Common Name names no user.
     CertificateUser,
+    /// Another node's shim claimed the identity earlier (the race rule of a cluster).
+    IdentityElsewhere,
 }
 
 impl fmt::Display for CloseReason {
@@ -72,9 +74,16 @@ impl fmt::Display for CloseReason {
             CloseReason::TlsFailed => "tls failed",
             CloseReason::TlsHandshakeTimeout => "tls handshake timeout",
             CloseReason::CertificateUser => "certificate names no user",
+            CloseReason::IdentityElsewhere => "identity taken on another node",
         })
     }
 }
+
+/// The peer address of a shim of another node.
+const REMOTE_PEER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::UNSPECIFIED,
+    0,
+));
 
 /// The UDP side of a shim.
 #[derive(Default)]
@@ -196,6 +205,19 @@ impl Shim {
             state: Mutex::new(None),
             outbox: Outbox::default(),
         }
+    }
+
+    /// A shim of another node of the cluster: held in the router so that patterns find
+    /// it, with no connection; where it lives is kept by the cluster (`hub/cluster.rs`
+    /// `Remote`), so that a local shim pays nothing for it. Its peer address is
+    /// `0.0.0.0:0`, which no TCP peer has.
+    pub(crate) fn remote(serial: u64, core: usize, since_unix_ms: u64, now_ms: u64) -> Shim {
+        Shim::new(serial, core, REMOTE_PEER, now_ms, since_unix_ms)
+    }
+
+    /// Whether this is a shim of another node of the cluster.
+    pub fn is_remote(&self) -> bool {
+        self.peer == REMOTE_PEER
     }
 
     /// Whether the connection speaks TLS.

@@ -139,6 +139,11 @@ impl Store {
         (set + deleted) as u64
     }
 
+    /// Whether it holds any key.
+    pub(crate) fn has_entries(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
     fn is_idle(&self) -> bool {
         self.entries.is_empty()
             && self.tombs.is_empty()
@@ -412,6 +417,34 @@ impl Hub {
             self.log_refusal(shim, &r, now_ms);
             return self.refuse(shim, Route::Reply(via), &r, out);
         }
+        let changed = self.apply_set(shim, store, items, &keep, max_keys, now_ms, None, out);
+        drop(guard);
+        if changed {
+            self.cluster_state(shim);
+        }
+    }
+
+    /// Applies `items` (the last of each key: `keep`) to `store`, the store of `shim`,
+    /// locked: each value that differs is stamped with the store's next sequence number
+    /// and `now_ms` (less its age in `ages`, for a mirrored state), and each watcher that
+    /// wants a changed key is marked. Returns whether anything changed.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_set(
+        &self,
+        shim: &Arc<Shim>,
+        store: &mut Store,
+        items: &[SetItem<'_>],
+        keep: &[usize],
+        max_keys: usize,
+        now_ms: u64,
+        ages: Option<&[u64]>,
+        out: &mut Effects,
+    ) -> bool {
+        let at = |i: usize| {
+            ages.map_or(now_ms, |a| {
+                now_ms.saturating_sub(a.get(i).copied().unwrap_or(0))
+            })
+        };
         let seq = store.seq + 1;
         // Keys changed (each change is stamped `seq`: the watchers count theirs from that).
         let mut changed = 0usize;
@@ -421,7 +454,7 @@ impl Hub {
             .filter(|&&i| items[i].value.is_some() && store.find(items[i].key).is_none())
             .count();
         store.entries.reserve_exact(new);
-        for &i in &keep {
+        for &i in keep {
             let SetItem { key, value } = items[i];
             match (store.find(key), value) {
                 (Some(j), Some(v)) => {
@@ -434,7 +467,7 @@ impl Hub {
                     kv.extend_from_slice(v);
                     store.bytes = store.bytes - e.size() + kv.len();
                     e.kv = kv.into_boxed_slice();
-                    e.at_ms = now_ms;
+                    e.at_ms = at(i);
                     e.seq = seq;
                     changed += 1;
                 }
@@ -447,7 +480,7 @@ impl Hub {
                     store.entries.push(Entry {
                         kv: kv.into_boxed_slice(),
                         klen: key.len() as u8,
-                        at_ms: now_ms,
+                        at_ms: at(i),
                         seq,
                     });
                     store.tombs.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
@@ -467,7 +500,9 @@ impl Hub {
             }
         }
         let counters = self.counters();
-        counters.state_sets.fetch_add(1, Ordering::Relaxed);
+        if ages.is_none() {
+            counters.state_sets.fetch_add(1, Ordering::Relaxed);
+        }
         let after = store.entries.len();
         if after >= before {
             counters
@@ -479,7 +514,7 @@ impl Hub {
                 .fetch_sub((before - after) as u64, Ordering::Relaxed);
         }
         if changed == 0 {
-            return;
+            return false;
         }
         store.seq = seq;
         counters
@@ -495,6 +530,58 @@ impl Hub {
                 out.state.push(sub.clone());
             }
         }
+        true
+    }
+
+    /// Replaces the state of the remote shim `shim` with `items` (key, age in
+    /// milliseconds, value), as its node published it: keys it no longer holds are
+    /// deleted, and its watchers here are marked as for a Set.
+    pub(crate) fn mirror_state(
+        &self,
+        shim: &Arc<Shim>,
+        items: &[(String, u64, Vec<u8>)],
+        out: &mut Effects,
+    ) {
+        let max_keys = self.config().state_keys.max(items.len());
+        let mut guard = shim.state.lock();
+        if shim.is_closed() {
+            return;
+        }
+        let store = guard.get_or_insert_with(Box::default);
+        let mut set: Vec<SetItem<'_>> = Vec::with_capacity(items.len() + store.entries.len());
+        let mut ages = Vec::with_capacity(items.len());
+        for (k, age, v) in items {
+            // What the node checked, checked again: a key must fit the grammar.
+            if crate::proto::state::check_key(k.as_bytes()).is_ok() {
+                set.push(SetItem {
+                    key: k,
+                    value: Some(v),
+                });
+                ages.push(*age);
+            }
+        }
+        let gone: Vec<Box<str>> = (store.entries.iter())
+            .filter(|e| {
+                !set.iter()
+                    .any(|it| it.key.as_bytes().eq_ignore_ascii_case(e.key_bytes()))
+            })
+            .map(|e| Box::from(e.key()))
+            .collect();
+        set.extend(gone.iter().map(|k| SetItem {
+            key: k,
+            value: None,
+        }));
+        let keep = last_of_each(&set);
+        self.apply_set(
+            shim,
+            store,
+            &set,
+            &keep,
+            max_keys,
+            out.now_ms,
+            Some(&ages),
+            out,
+        );
     }
 
     /// Delivers what the slice marked: each subscription whose interval has passed and
@@ -768,6 +855,7 @@ impl Hub {
         {
             let mut registry = self.states.registry.lock();
             registry.insert((sender.serial, s.sid), sub.clone());
+            self.cluster_interest(&s.pattern, true);
             self.router.for_each_match(&s.pattern, |shim| {
                 let identity = shim.identity();
                 if !sub.watches(shim, &identity, users) {
@@ -861,7 +949,9 @@ impl Hub {
     /// this returns, nothing more is queued for it: a delivery under way holds a store's
     /// lock, which this takes.
     fn end_subscription(&self, sub: &Arc<Subscription>) {
-        sub.ended.store(true, Ordering::Release);
+        if !sub.ended.swap(true, Ordering::AcqRel) {
+            self.cluster_interest(&sub.pattern, false);
+        }
         let mut registry = self.states.registry.lock();
         registry.remove(&(sub.owner_serial, sub.sid));
         let watched: Vec<Weak<Shim>> = {
@@ -1067,6 +1157,11 @@ impl Hub {
     /// A shim is gone: its subscriptions end, its watchers are sent a leave with the
     /// reason, and its state is dropped.
     pub(crate) fn state_closed(&self, shim: &Shim, reason: CloseReason) {
+        self.state_gone(shim, &reason.to_string());
+    }
+
+    /// The state of `shim` goes: its subscriptions end, and each watcher is told `why`.
+    pub(crate) fn state_gone(&self, shim: &Shim, why: &str) {
         let Some(store) = shim.state.lock().take() else {
             return;
         };
@@ -1077,7 +1172,6 @@ impl Hub {
         counters
             .state_keys
             .fetch_sub(store.entries.len() as u64, Ordering::Relaxed);
-        let why = reason.to_string();
         for sub in &store.watchers {
             let mut p = sub.pending.lock();
             // (No track: a newer connection that took the name joined and dropped it.)
@@ -1085,7 +1179,7 @@ impl Hub {
                 continue;
             };
             let mut f = Vec::with_capacity(t.identity.len() + why.len() + 16);
-            presence(sub.sid, &t.identity, Some(&why), &mut f);
+            presence(sub.sid, &t.identity, Some(why), &mut f);
             self.present(sub, &mut p, Bytes::from(f), None);
         }
     }

@@ -10,6 +10,7 @@
 //! [`reply`] encodes and parses every server frame, and [`reject`] is every refusal with
 //! its wire text and metric.
 
+pub mod cluster;
 pub mod codec;
 pub mod identity;
 pub mod pattern;

@@ -83,6 +83,11 @@ impl Pattern {
         }
     }
 
+    /// Whether the pattern holds a wildcard (`*` or `>`): it may name more than one shim.
+    pub fn is_wildcard(&self) -> bool {
+        self.segs.iter().any(|s| !matches!(s, Seg::Lit(_)))
+    }
+
     /// Whether `identity` matches, by direct comparison (the trie's reference behaviour).
     pub fn matches(&self, identity: &str) -> bool {
         // No allocation: access checks and Who filters call this once per shim.

@@ -20,12 +20,16 @@ use std::fmt;
 pub const RESPONSE_REFUSED: &str = "response refused:";
 /// How the Error texts that refuse a Set begin. A Set is owed no answer either.
 pub const STATE_REFUSED: &str = "state refused:";
+/// How the notice begins that follows the answer to a Command, Echo or Who while the
+/// node is cut off from the rest of its cluster: it answers no request either.
+pub const CLUSTER_UNREACHABLE: &str = "cluster unreachable:";
 
-/// Whether an Error frame's data refuses a CommandResponse or a Set, and so answers no
-/// request.
+/// Whether an Error frame's data refuses a CommandResponse or a Set, or is the cluster's
+/// notice, and so answers no request.
 pub fn answers_no_request(error_text: &[u8]) -> bool {
     error_text.starts_with(RESPONSE_REFUSED.as_bytes())
         || error_text.starts_with(STATE_REFUSED.as_bytes())
+        || error_text.starts_with(CLUSTER_UNREACHABLE.as_bytes())
 }
 
 /// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.
@@ -54,11 +58,13 @@ pub enum ErrorKind {
     TlsRecord,
     /// A TLS ClientHello on a port without TLS (the connection is closed).
     TlsNotServed,
+    /// A Command, Echo or Who answered while the node is cut off from its cluster.
+    ClusterUnreachable,
 }
 
 impl ErrorKind {
     /// Every kind, in the order `/metrics` lists them.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Oversized,
         ErrorKind::UnknownOpcode,
         ErrorKind::IdentifyFirst,
@@ -70,6 +76,7 @@ impl ErrorKind {
         ErrorKind::BadDatagram,
         ErrorKind::TlsRecord,
         ErrorKind::TlsNotServed,
+        ErrorKind::ClusterUnreachable,
     ];
 
     /// The `kind` label.
@@ -86,6 +93,7 @@ impl ErrorKind {
             ErrorKind::BadDatagram => "bad_datagram",
             ErrorKind::TlsRecord => "tls_record",
             ErrorKind::TlsNotServed => "tls_not_served",
+            ErrorKind::ClusterUnreachable => "cluster_unreachable",
         }
     }
 }
@@ -277,6 +285,11 @@ pub enum Reject {
     IdentityNotPermitted(String),
     /// An identity another live shim holds.
     IdentityInUse,
+    /// An identity claimed earlier on another node (that node's name): the later claim
+    /// is closed.
+    IdentityElsewhere(String),
+    /// The notice after an answer while the node is cut off from its cluster.
+    ClusterUnreachable,
     /// A CommandResponse for a Command the responder was not sent, or not among its last
     /// `answer_window` (the id and the window).
     NotAnswerable(u64, usize),
@@ -364,6 +377,12 @@ impl Reject {
             Reject::EchoNotPermitted(t) => format!("echo not permitted: {t}").into(),
             Reject::IdentityNotPermitted(i) => format!("identity not permitted: {i}").into(),
             Reject::IdentityInUse => "identity in use".into(),
+            Reject::IdentityElsewhere(node) => format!("identity in use on node {node}").into(),
+            Reject::ClusterUnreachable => format!(
+                "{CLUSTER_UNREACHABLE} only shims on this node were reached; the rest of \
+                 the cluster is out of reach"
+            )
+            .into(),
             Reject::NotAnswerable(id, n) => format!(
                 "response refused: {id} is not among the last {n} Commands sent to this shim"
             )
@@ -451,7 +470,10 @@ impl Reject {
                 Metric::Refusal(Refusal::Permission)
             }
             Reject::IdentityNotPermitted(_) => Metric::Refusal(Refusal::Identity),
-            Reject::IdentityInUse => Metric::Refusal(Refusal::IdentityInUse),
+            Reject::IdentityInUse | Reject::IdentityElsewhere(_) => {
+                Metric::Refusal(Refusal::IdentityInUse)
+            }
+            Reject::ClusterUnreachable => Metric::Error(ErrorKind::ClusterUnreachable),
             Reject::NotAnswerable(..) => Metric::Refusal(Refusal::Answer),
             Reject::Revoked(_) => Metric::Refusal(Refusal::Revoked),
             Reject::RateLimited(Rate::Routed, _) => Metric::Refusal(Refusal::RateRouted),

@@ -22,14 +22,24 @@ pub fn pong(data: &[u8], out: &mut Vec<u8>) {
     encode(Opcode::Pong, data, out);
 }
 
-/// `WhoEntry IDENTITY SP SINCE-UNIX-MS SP udp|-`.
-pub fn who_entry(identity: &str, since_unix_ms: u64, udp: bool, out: &mut Vec<u8>) {
+/// `WhoEntry IDENTITY SP SINCE-UNIX-MS SP udp|-`, then `SP NODE` on a node of a cluster.
+pub fn who_entry(
+    identity: &str,
+    since_unix_ms: u64,
+    udp: bool,
+    node: Option<&str>,
+    out: &mut Vec<u8>,
+) {
     out.push(Opcode::WhoEntry as u8);
     out.extend_from_slice(identity.as_bytes());
     out.push(SP);
     push_u64(out, since_unix_ms);
     out.push(SP);
     out.extend_from_slice(if udp { b"udp" } else { b"-" });
+    if let Some(node) = node {
+        out.push(SP);
+        out.extend_from_slice(node.as_bytes());
+    }
     out.push(NEWLINE);
 }
 
@@ -96,17 +106,26 @@ pub fn parse_ack(data: &[u8]) -> Option<(u64, u64)> {
     Some((parse_u64(id)?, parse_u64(count)?))
 }
 
-/// WhoEntry data: `(IDENTITY, SINCE-UNIX-MS, UDP)` (identities hold no space).
-pub fn parse_who_entry(data: &[u8]) -> Option<(&[u8], u64, bool)> {
+/// WhoEntry data: `(IDENTITY, SINCE-UNIX-MS, UDP, NODE)` (identities hold no space; NODE
+/// only from a node of a cluster).
+pub fn parse_who_entry(data: &[u8]) -> Option<WhoFields<'_>> {
     let (identity, rest) = split_sp(data)?;
-    let (since, udp) = split_sp(rest)?;
+    let (since, rest) = split_sp(rest)?;
+    let (udp, node) = match split_sp(rest) {
+        Some((udp, node)) if !node.is_empty() && !node.contains(&SP) => (udp, Some(node)),
+        Some(_) => return None,
+        None => (rest, None),
+    };
     let udp = match udp {
         b"udp" => true,
         b"-" => false,
         _ => return None,
     };
-    Some((identity, parse_u64(since)?, udp))
+    Some((identity, parse_u64(since)?, udp, node))
 }
+
+/// A WhoEntry's fields: identity, since (Unix ms), UDP bound, and the node on a cluster.
+pub type WhoFields<'a> = (&'a [u8], u64, bool, Option<&'a [u8]>);
 
 /// A routed frame as it reaches a shim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,10 +197,17 @@ mod tests {
         assert_eq!(v, b"\x0c1048576 3\n");
         assert_eq!(parse_ack(&v[1..v.len() - 1]), Some((1048576, 3)));
         v.clear();
-        who_entry("peq.a.bob", 1700000000000, true, &mut v);
+        who_entry("peq.a.bob", 1700000000000, true, None, &mut v);
         assert_eq!(
             parse_who_entry(&v[1..v.len() - 1]),
-            Some((&b"peq.a.bob"[..], 1700000000000, true))
+            Some((&b"peq.a.bob"[..], 1700000000000, true, None))
+        );
+        v.clear();
+        who_entry("peq.a.bob", 1700000000000, false, Some("eu-1"), &mut v);
+        assert_eq!(v, b"\x0epeq.a.bob 1700000000000 - eu-1\n");
+        assert_eq!(
+            parse_who_entry(&v[1..v.len() - 1]),
+            Some((&b"peq.a.bob"[..], 1700000000000, false, Some(&b"eu-1"[..])))
         );
         v.clear();
         delivery(Opcode::Command, "peq.a.bob", Some(7), b"/sit", &mut v);

@@ -1,0 +1,730 @@
+//! The hub as one node of a cluster: the rules for shims served by other nodes, with no
+//! I/O. The NATS connection is the driver's (`driver/cluster.rs`); the two meet in the
+//! queues of [`Cluster`]:
+//!
+//! - **outbound**: what this node tells the others (its shims' joins and leaves, frames
+//!   routed to their shims, its shims' state, the patterns its subscriptions want), pushed
+//!   by the cores as they handle input and taken by the cluster thread in batches;
+//! - **inbound**: what the others said, put by the cluster thread on one core's inbox
+//!   per sending node (so that one node's messages are applied in order) and applied by
+//!   [`Hub::cluster_apply`] in that core's `cluster_loop`.
+//!
+//! A shim of another node is a *remote shim*: a [`Shim`] made by [`Shim::remote`], held
+//! in the router under its identity like a local one (where it lives, its [`Remote`], is
+//! kept here by its local serial, so that local shims pay nothing for it), so that Who, pattern matching,
+//! exclusive identities and state subscriptions treat it as one. It has no connection:
+//! frames routed to it go to its node in a [`Routed`] message, and its state is a mirror
+//! of what its node publishes, kept only while a subscription here wants it.
+
+use super::Hub;
+use super::send::Effects;
+use super::shim::{CloseReason, Shim};
+use crate::metrics::Counters;
+use crate::proto::cluster::{Change, Member, Routed};
+use crate::proto::pattern::Pattern;
+use crate::proto::reject::Reject;
+use crate::proto::{Opcode, QUIT, reply};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+/// Items waiting for the cluster thread, at most; past it they are dropped and counted,
+/// and the node's presence is sent again whole.
+pub const OUTBOUND_LIMIT: usize = 65_536;
+/// Commands from other nodes whose responses can still find their way back: the oldest
+/// is forgotten first.
+pub const PROXY_WINDOW: usize = 65_536;
+
+/// What this node tells the others.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A change to this node's shims.
+    Change(Change),
+    /// A frame for a shim of `node`.
+    Route(Arc<str>, Routed),
+    /// This shim's state changed: its whole state goes out at the next batch.
+    State(Arc<Shim>),
+    /// A subscription here wants (true) or no longer wants (false) the shims a subject
+    /// pattern names.
+    Interest(String, bool),
+}
+
+/// What another node told this one, to apply on a core.
+#[derive(Debug)]
+pub enum Inbound {
+    /// `node`'s shims changed (in order).
+    Changes(Arc<str>, Vec<Change>),
+    /// `node` is gone from sight, with its shims: they leave with `why`.
+    NodeGone(Arc<str>, &'static str),
+    /// Frames from `node` for shims here.
+    Routed(Arc<str>, Vec<Routed>),
+    /// The whole state of `node`'s shim `serial`.
+    State(Arc<str>, u64, Vec<(String, u64, Vec<u8>)>),
+}
+
+/// Where a remote shim lives.
+#[derive(Debug)]
+pub struct Remote {
+    /// Its node.
+    pub node: Arc<str>,
+    /// Its serial there.
+    pub serial: u64,
+    /// Whether it has a UDP channel.
+    pub udp: AtomicBool,
+    /// The user it authenticated as.
+    pub user: Option<Box<str>>,
+    /// When it claimed its identity (Unix microseconds).
+    pub claimed_unix_us: u64,
+}
+
+/// The traffic counters of the backplane.
+#[derive(Default)]
+pub struct ClusterStats {
+    /// NATS messages published.
+    pub messages_out: AtomicU64,
+    /// NATS messages received.
+    pub messages_in: AtomicU64,
+    /// Bytes published.
+    pub bytes_out: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Outbound items dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Times the NATS connection was lost.
+    pub disconnects: AtomicU64,
+    /// Snapshots asked of other nodes after missing part of their presence.
+    pub resyncs: AtomicU64,
+    /// Remote shims known.
+    pub remote_shims: AtomicU64,
+    /// Remote nodes in sight.
+    pub nodes: AtomicU64,
+}
+
+/// Commands from other nodes delivered here: the local id each was given, and where the
+/// answers go.
+#[derive(Default)]
+struct Proxies {
+    /// The local sequence number of the first entry.
+    base: u64,
+    /// Sending node and its id, by local sequence number from `base`.
+    ids: VecDeque<(Arc<str>, u64)>,
+}
+
+/// The queue to the cluster thread.
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outbound>,
+    /// Local shims with an `Outbound::State` queued (one each, however often they change).
+    states: std::collections::HashSet<u64>,
+}
+
+/// The remote shims of one node, by their serial there.
+type Ghosts = HashMap<u64, Arc<Shim>>;
+
+/// The cluster side of a hub.
+pub struct Cluster {
+    /// This node's name.
+    pub node: Arc<str>,
+    /// The serial whose command ids stand for Commands from other nodes.
+    proxy_serial: u64,
+    proxies: Mutex<Proxies>,
+    outbound: Mutex<Queue>,
+    /// Set when outbound items were dropped: the thread sends the presence whole.
+    pub(crate) lost: AtomicBool,
+    /// Wakes the cluster thread.
+    pub wake: Notify,
+    inboxes: Box<[(Mutex<Vec<Inbound>>, Notify)]>,
+    /// Connected to NATS.
+    reachable: AtomicBool,
+    /// Remote shims by node and serial there.
+    remote: Mutex<HashMap<Arc<str>, Ghosts>>,
+    /// Where each remote shim lives, by its local serial.
+    ghosts: Mutex<HashMap<u64, Arc<Remote>>>,
+    /// When each local shim claimed its identity (Unix microseconds), by serial.
+    claims: Mutex<HashMap<u64, u64>>,
+    /// The subject patterns local subscriptions want, with how many want each.
+    interest: Mutex<HashMap<String, usize>>,
+    /// Counters.
+    pub stats: ClusterStats,
+}
+
+impl Cluster {
+    pub(crate) fn new(node: &str, cores: usize, proxy_serial: u64) -> Cluster {
+        Cluster {
+            node: Arc::from(node),
+            proxy_serial,
+            proxies: Mutex::default(),
+            outbound: Mutex::default(),
+            lost: AtomicBool::new(false),
+            wake: Notify::new(),
+            inboxes: (0..cores.max(1))
+                .map(|_| (Mutex::default(), Notify::new()))
+                .collect(),
+            reachable: AtomicBool::new(false),
+            remote: Mutex::default(),
+            ghosts: Mutex::default(),
+            claims: Mutex::default(),
+            interest: Mutex::default(),
+            stats: ClusterStats::default(),
+        }
+    }
+
+    /// Queues `item` for the cluster thread (dropped and counted when the queue is full).
+    pub(crate) fn push(&self, item: Outbound) {
+        let mut q = self.outbound.lock();
+        if let Outbound::State(s) = &item
+            && !q.states.insert(s.serial)
+        {
+            return; // queued already: its whole state goes, as it is then
+        }
+        if q.items.len() >= OUTBOUND_LIMIT {
+            if let Outbound::State(s) = &item {
+                q.states.remove(&s.serial);
+            }
+            drop(q);
+            Counters::bump(&self.stats.dropped);
+            self.lost.store(true, Ordering::Relaxed);
+            return;
+        }
+        let was_empty = q.items.is_empty();
+        q.items.push_back(item);
+        drop(q);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Everything queued for the cluster thread.
+    pub fn take_outbound(&self) -> VecDeque<Outbound> {
+        let mut q = self.outbound.lock();
+        q.states.clear();
+        std::mem::take(&mut q.items)
+    }
+
+    /// The core that applies what `node` says.
+    pub fn core_for(&self, node: &str) -> usize {
+        let h = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        (h % self.inboxes.len() as u64) as usize
+    }
+
+    /// Hands `items` to core `core` (the cluster thread calls this).
+    pub fn deliver(&self, core: usize, items: Vec<Inbound>) {
+        let (q, n) = &self.inboxes[core];
+        q.lock().extend(items);
+        n.notify_one();
+    }
+
+    /// Resolves when something is in core `core`'s inbox.
+    pub fn notified(&self, core: usize) -> tokio::sync::futures::Notified<'_> {
+        self.inboxes[core].1.notified()
+    }
+
+    /// What waits in core `core`'s inbox.
+    pub fn take_inbox(&self, core: usize) -> Vec<Inbound> {
+        std::mem::take(&mut *self.inboxes[core].0.lock())
+    }
+
+    /// Whether the NATS connection is up.
+    pub fn is_reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Records the state of the NATS connection.
+    pub fn set_reachable(&self, up: bool) {
+        self.reachable.store(up, Ordering::Relaxed);
+    }
+
+    /// The subject patterns local subscriptions want.
+    pub fn interests(&self) -> Vec<String> {
+        self.interest.lock().keys().cloned().collect()
+    }
+
+    /// Remote shims known, by node.
+    pub fn remote_counts(&self) -> Vec<(Arc<str>, usize)> {
+        let mut v: Vec<_> = (self.remote.lock().iter())
+            .map(|(n, m)| (n.clone(), m.len()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A local id for the Command `id` of `node`.
+    fn proxy_id(&self, node: &Arc<str>, id: u64) -> u64 {
+        let mut p = self.proxies.lock();
+        if p.ids.len() >= PROXY_WINDOW {
+            p.ids.pop_front();
+            p.base += 1;
+        }
+        let seq = p.base + p.ids.len() as u64;
+        p.ids.push_back((node.clone(), id));
+        (self.proxy_serial << 20) | (seq & 0xFFFFF)
+    }
+
+    /// Where the answers to the local id `id` go, if it stands for a remote Command that
+    /// is not forgotten.
+    fn proxied(&self, id: u64) -> Option<(Arc<str>, u64)> {
+        if id >> 20 != self.proxy_serial {
+            return None;
+        }
+        let p = self.proxies.lock();
+        let low = id & 0xFFFFF;
+        // The entry whose sequence number has these low bits, within the window.
+        let off = low.wrapping_sub(p.base) & 0xFFFFF;
+        p.ids.get(off as usize).cloned()
+    }
+
+    /// Whether `id` is a Command id of this node's proxy serial (answers go elsewhere).
+    pub(crate) fn is_proxy_id(&self, id: u64) -> bool {
+        id >> 20 == self.proxy_serial
+    }
+}
+
+/// The subject form of a pattern: lowercased, without `+`.
+pub fn subject_of(p: &Pattern) -> String {
+    use crate::proto::pattern::Seg;
+    let mut s = String::new();
+    for (i, seg) in p.segs.iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        match seg {
+            Seg::Lit(l) => s.push_str(l),
+            Seg::One => s.push('*'),
+            Seg::Rest => s.push('>'),
+        }
+    }
+    s
+}
+
+impl Hub {
+    /// The cluster this hub is a node of.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Where `shim` lives, if it is a shim of another node.
+    pub fn remote_of(&self, shim: &Shim) -> Option<Arc<Remote>> {
+        if !shim.is_remote() {
+            return None;
+        }
+        self.cluster
+            .as_ref()?
+            .ghosts
+            .lock()
+            .get(&shim.serial)
+            .cloned()
+    }
+
+    /// When `shim` claimed its identity (Unix microseconds; 0 off a cluster).
+    pub(crate) fn claimed_us(&self, shim: &Shim) -> u64 {
+        match self.remote_of(shim) {
+            Some(r) => r.claimed_unix_us,
+            None => (self.cluster.as_ref())
+                .and_then(|c| c.claims.lock().get(&shim.serial).copied())
+                .unwrap_or(0),
+        }
+    }
+
+    /// Records when the local `shim` claims an identity; returns the time it replaces.
+    pub(crate) fn set_claimed(&self, shim: &Shim, us: Option<u64>) -> Option<u64> {
+        let c = self.cluster.as_ref()?;
+        let mut claims = c.claims.lock();
+        match us {
+            Some(us) => claims.insert(shim.serial, us),
+            None => claims.remove(&shim.serial),
+        }
+    }
+
+    /// `now_ms` as Unix microseconds.
+    pub(crate) fn unix_us(&self, now_ms: u64) -> u64 {
+        self.epoch_unix_us + now_ms * 1000
+    }
+
+    /// Tells the cluster that `shim` took its identity (`replaces`: the remote holder it
+    /// displaced); a rename is a leave of the old name first.
+    pub(crate) fn cluster_joined(
+        &self,
+        shim: &Arc<Shim>,
+        renamed: bool,
+        replaces: Option<&Remote>,
+    ) {
+        let Some(c) = &self.cluster else { return };
+        if renamed {
+            c.push(Outbound::Change(Change::Leave(
+                shim.serial,
+                "renamed".into(),
+            )));
+        }
+        c.push(Outbound::Change(Change::Join(self.member(shim, replaces))));
+        if shim.state.lock().as_ref().is_some_and(|s| s.has_entries()) {
+            self.cluster_state(shim);
+        }
+    }
+
+    /// `shim` as the other nodes know it.
+    pub fn member(&self, shim: &Shim, replaces: Option<&Remote>) -> Member {
+        Member {
+            serial: shim.serial,
+            identity: shim.identity().to_string(),
+            since_unix_ms: shim.connected_unix_ms,
+            udp: shim.udp_addr().is_some() || shim.is_sealed(),
+            user: shim.user().map(|u| u.name.to_string()),
+            claimed_unix_us: self.claimed_us(shim),
+            replaces: replaces.map(|r| (r.node.to_string(), r.serial)),
+        }
+    }
+
+    /// Tells the cluster that the local shim `shim` left.
+    pub(crate) fn cluster_left(&self, shim: &Shim, reason: CloseReason) {
+        if let Some(c) = &self.cluster
+            && !shim.is_remote()
+            && shim.is_identified()
+        {
+            c.claims.lock().remove(&shim.serial);
+            c.push(Outbound::Change(Change::Leave(
+                shim.serial,
+                reason.to_string(),
+            )));
+        }
+    }
+
+    /// Tells the cluster that `shim` bound or lost its UDP channel.
+    pub(crate) fn cluster_udp(&self, shim: &Shim, bound: bool) {
+        if let Some(c) = &self.cluster
+            && shim.is_identified()
+        {
+            c.push(Outbound::Change(Change::Udp(shim.serial, bound)));
+        }
+    }
+
+    /// Tells the cluster that the local shim `shim`'s state changed.
+    pub(crate) fn cluster_state(&self, shim: &Arc<Shim>) {
+        if let Some(c) = &self.cluster
+            && !shim.is_remote()
+        {
+            c.push(Outbound::State(shim.clone()));
+        }
+    }
+
+    /// A local subscription on `pattern` began (true) or ended (false).
+    pub(crate) fn cluster_interest(&self, pattern: &Pattern, add: bool) {
+        let Some(c) = &self.cluster else { return };
+        let subject = subject_of(pattern);
+        let mut i = c.interest.lock();
+        let changed = if add {
+            let n = i.entry(subject.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        } else {
+            match i.get_mut(&subject) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    i.remove(&subject);
+                    true
+                }
+                None => false,
+            }
+        };
+        drop(i);
+        if changed {
+            c.push(Outbound::Interest(subject, add));
+        }
+    }
+
+    /// Sends the frames `routed` to the shims of their nodes, counting them in `reached`.
+    pub(crate) fn cluster_route(&self, nodes: Vec<Arc<str>>, item: Routed) {
+        let Some(c) = &self.cluster else { return };
+        for n in nodes {
+            c.push(Outbound::Route(n, item.clone()));
+        }
+    }
+
+    /// The notice after the answer to a Command, Echo or Who that could have reached
+    /// shims of other nodes while this node is cut off from them (it answers no request).
+    pub(crate) fn cluster_notice(&self, sender: &Arc<Shim>, via: super::Via, out: &mut Effects) {
+        if let Some(c) = &self.cluster
+            && !c.is_reachable()
+        {
+            let r = Reject::ClusterUnreachable;
+            self.refuse(sender, super::Route::Reply(via), &r, out);
+        }
+    }
+
+    /// The node answering `id` of a CommandResponse, if the Command came from another
+    /// node: the response goes there with the id that node gave it.
+    pub(crate) fn cluster_respond(&self, id: u64, responder: &str, text: &[u8]) -> Option<bool> {
+        let c = self.cluster.as_ref()?;
+        if !c.is_proxy_id(id) {
+            return None;
+        }
+        let Some((node, origin)) = c.proxied(id) else {
+            return Some(false);
+        };
+        c.push(Outbound::Route(
+            node,
+            Routed::Response {
+                id: origin,
+                from: responder.to_owned(),
+                text: text.to_vec(),
+            },
+        ));
+        Some(true)
+    }
+
+    /// Applies what other nodes said (on a core, from its `cluster_loop`).
+    pub fn cluster_apply(&self, items: Vec<Inbound>, out: &mut Effects) {
+        let Some(c) = &self.cluster else { return };
+        for item in items {
+            match item {
+                Inbound::Changes(node, changes) => {
+                    for ch in changes {
+                        match ch {
+                            Change::Join(m) => self.remote_join(c, &node, m, out),
+                            Change::Leave(serial, why) => {
+                                let ghost = c
+                                    .remote
+                                    .lock()
+                                    .get_mut(&node)
+                                    .and_then(|m| m.remove(&serial));
+                                if let Some(g) = ghost {
+                                    self.remove_remote(c, &g, &why);
+                                }
+                            }
+                            Change::Udp(serial, bound) => {
+                                let g = (c.remote.lock().get(&node))
+                                    .and_then(|m| m.get(&serial).cloned());
+                                if let Some(r) = g.and_then(|g| self.remote_of(&g)) {
+                                    r.udp.store(bound, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                    }
+                }
+                Inbound::NodeGone(node, why) => {
+                    let gone = c.remote.lock().remove(&node);
+                    for g in gone.into_iter().flat_map(|m| m.into_values()) {
+                        self.remove_remote(c, &g, why);
+                    }
+                }
+                Inbound::Routed(node, routed) => {
+                    for r in routed {
+                        self.remote_routed(c, &node, r, out);
+                    }
+                }
+                Inbound::State(node, serial, items) => {
+                    let ghost = c
+                        .remote
+                        .lock()
+                        .get(&node)
+                        .and_then(|m| m.get(&serial).cloned());
+                    if let Some(g) = ghost {
+                        self.mirror_state(&g, &items, out);
+                    }
+                }
+            }
+        }
+        let n: usize = c.remote.lock().values().map(|m| m.len()).sum();
+        c.stats.remote_shims.store(n as u64, Ordering::Relaxed);
+        self.deliver_state(out);
+    }
+
+    /// A remote shim took an identity. Of two claims on one name, a claim that names
+    /// the holder it replaces wins; otherwise the earlier claim keeps it.
+    fn remote_join(&self, c: &Cluster, node: &Arc<str>, m: Member, out: &mut Effects) {
+        // A rename arrives as a leave then a join with the same serial: the leave went.
+        let old = c
+            .remote
+            .lock()
+            .get_mut(node)
+            .and_then(|g| g.remove(&m.serial));
+        if let Some(g) = old {
+            self.remove_remote(c, &g, "renamed");
+        }
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let ghost = Arc::new(Shim::remote(
+            serial,
+            c.core_for(node),
+            m.since_unix_ms,
+            out.now_ms,
+        ));
+        c.ghosts.lock().insert(
+            serial,
+            Arc::new(Remote {
+                node: node.clone(),
+                serial: m.serial,
+                udp: AtomicBool::new(m.udp),
+                user: m.user.map(Box::from),
+                claimed_unix_us: m.claimed_unix_us,
+            }),
+        );
+        let label: Arc<str> = Arc::from(m.identity.as_str());
+        let replaces = m.replaces.as_ref();
+        let stamp = (m.claimed_unix_us, node.clone());
+        let wins = |holder: &Shim| -> bool {
+            let (theirs, their_node) = match self.remote_of(holder) {
+                Some(r) => {
+                    if replaces.is_some_and(|(n, s)| **n == *r.node && *s == r.serial) {
+                        return true;
+                    }
+                    (r.claimed_unix_us, r.node.clone())
+                }
+                None => {
+                    if replaces.is_some_and(|(n, s)| **n == *c.node && *s == holder.serial) {
+                        return true;
+                    }
+                    (self.claimed_us(holder), c.node.clone())
+                }
+            };
+            stamp < (theirs, their_node)
+        };
+        let (claim, _) = self.router.claim(&ghost, label, wins, || {});
+        let displaced = match claim {
+            super::router::Claim::Held(d) => d,
+            // This node's holder keeps it; the claimant's node closes its own.
+            _ => {
+                debug!(node = %node, identity = %m.identity, "remote claim lost to a holder here");
+                c.ghosts.lock().remove(&serial);
+                return;
+            }
+        };
+        c.remote
+            .lock()
+            .entry(node.clone())
+            .or_default()
+            .insert(m.serial, ghost.clone());
+        if let Some(holder) = displaced {
+            match self.remote_of(&holder) {
+                Some(r) => {
+                    let r_node = r.node.clone();
+                    let r_serial = r.serial;
+                    c.remote
+                        .lock()
+                        .get_mut(&r_node)
+                        .map(|g| g.remove(&r_serial));
+                    self.remove_remote(
+                        c,
+                        &holder,
+                        "replaced by a newer connection with the same identity",
+                    );
+                }
+                None if replaces.is_some() => {
+                    Counters::bump(&self.counters().replaced);
+                    info!(conn = holder.serial, identity = %holder.identity(), node = %node,
+                        "identity taken by a newer connection on another node");
+                    self.send_last(&holder, CloseReason::Replaced, &QUIT);
+                    self.remove(&holder, CloseReason::Replaced);
+                }
+                None => {
+                    warn!(conn = holder.serial, identity = %holder.identity(), node = %node,
+                        "identity claimed earlier on another node: closing the later claim here");
+                    let mut f = Vec::new();
+                    let r = Reject::IdentityElsewhere(node.to_string());
+                    crate::proto::encode(Opcode::Error, r.to_string().as_bytes(), &mut f);
+                    f.extend_from_slice(&QUIT);
+                    self.metrics.reject(&r);
+                    self.send_last(&holder, CloseReason::IdentityElsewhere, &f);
+                    self.remove(&holder, CloseReason::IdentityElsewhere);
+                }
+            }
+        }
+        self.state_identity(&ghost, out);
+    }
+
+    /// Forgets the remote shim `ghost`, whose identity a local claim took: its node
+    /// closes it when it hears of the claim.
+    pub(crate) fn displace_remote(&self, ghost: &Shim) {
+        let Some(c) = &self.cluster else { return };
+        if let Some(r) = self.remote_of(ghost) {
+            c.remote
+                .lock()
+                .get_mut(&r.node)
+                .map(|g| g.remove(&r.serial));
+        }
+        self.remove_remote(
+            c,
+            ghost,
+            "replaced by a newer connection with the same identity",
+        );
+    }
+
+    /// Takes a remote shim out of sight: out of the router, its watchers told `why`.
+    fn remove_remote(&self, c: &Cluster, ghost: &Shim, why: &str) {
+        if !ghost.mark_closed() {
+            return;
+        }
+        c.ghosts.lock().remove(&ghost.serial);
+        self.router.remove(ghost);
+        self.state_gone(ghost, why);
+    }
+
+    /// A frame another node routed to shims here.
+    fn remote_routed(&self, c: &Cluster, node: &Arc<str>, r: Routed, out: &mut Effects) {
+        match r {
+            Routed::Route {
+                op,
+                from,
+                id,
+                target,
+                text,
+            } => {
+                let Some(op) = Opcode::from_byte(op) else {
+                    return;
+                };
+                let Ok(target) = Pattern::parse(&target) else {
+                    return;
+                };
+                let local = id.map(|id| c.proxy_id(node, id));
+                let mut f = Vec::with_capacity(from.len() + text.len() + 24);
+                reply::delivery(op, &from, local, &text, &mut f);
+                let frame = Bytes::from(f);
+                let window = self.config().answer_window;
+                let mut reached = 0u64;
+                self.router.for_each_match(&target, |to| {
+                    if to.is_remote() {
+                        return;
+                    }
+                    if let Some(id) = local {
+                        to.expect_answer(id, window);
+                    }
+                    if self
+                        .send(to, super::Route::Deliver(super::Via::Tcp), &frame, out)
+                        .is_some()
+                    {
+                        reached += 1;
+                    }
+                });
+                (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
+            }
+            Routed::Response { id, from, text } => {
+                let Some(sender) = self.table.by_serial(super::shim::serial_of_command_id(id))
+                else {
+                    Counters::bump(&self.counters().responses_dropped);
+                    return;
+                };
+                let mut id_text = Vec::with_capacity(20);
+                reply::push_u64(&mut id_text, id);
+                let mut f = Vec::with_capacity(id_text.len() + from.len() + text.len() + 4);
+                reply::response(&id_text, &from, &text, &mut f);
+                let sent = self.send(
+                    &sender,
+                    super::Route::Deliver(super::Via::Tcp),
+                    &Bytes::from(f),
+                    out,
+                );
+                match sent {
+                    Some(_) => Counters::bump(&self.counters().deliveries),
+                    None => Counters::bump(&self.counters().responses_dropped),
+                }
+            }
+        }
+    }
+}

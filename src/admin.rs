@@ -1173,7 +1173,7 @@ pub fn render(hub: &Hub) -> String {
         metric(
             "velium_cluster_dropped_total",
             "counter",
-            "Items for other nodes dropped because the queue to NATS was full.",
+            "Items to or from other nodes dropped because a queue between NATS and the cores was full.",
             &one(get(&s.dropped)),
         );
         metric(

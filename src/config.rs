@@ -1285,4 +1285,53 @@ mod tests {
         assert_eq!(applied.cores, old.cores);
         assert_eq!(applied.idle_timeout, Duration::from_secs(9));
     }
+
+    #[test]
+    fn cluster_settings() {
+        assert!(with_file("").unwrap().cluster.is_none());
+        let c = with_file(
+            "cluster_url = \"nats://127.0.0.1:4222\"\nnode_name = \"eu-1\"\n\
+             cluster_user = \"v\"\ncluster_password = \"s3cr3t\"\n",
+        )
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(
+            (cl.url.as_str(), cl.name.as_str()),
+            ("nats://127.0.0.1:4222", "velium")
+        );
+        assert_eq!(cl.node.as_deref(), Some("eu-1"));
+        assert!(cl.auth == ClusterAuth::UserPassword("v".into(), "s3cr3t".into()));
+        assert!(
+            !format!("{cl:?}").contains("s3cr3t"),
+            "the debug form hides credentials"
+        );
+        for (toml, needle) in [
+            (
+                "cluster_url = \"nats://h:1\"\nnode_name = \"a.b\"\n",
+                "node_name",
+            ),
+            (
+                "cluster_url = \"nats://h:1\"\ncluster_name = \"a b\"\n",
+                "cluster_name",
+            ),
+            ("cluster_url = \"nats://h:1/x\"\n", "cluster_url"),
+            (
+                "cluster_url = \"nats://h:1\"\ncluster_user = \"v\"\n",
+                "go together",
+            ),
+            (
+                "cluster_url = \"nats://h:1\"\ncluster_token = \"t\"\ncluster_user = \"v\"\n\
+                 cluster_password = \"p\"\n",
+                "one kind",
+            ),
+        ] {
+            let e = with_file(toml).unwrap_err().to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        }
+        // A restart setting: a reload keeps the running one.
+        let old = Config::default();
+        let new = with_file("cluster_url = \"nats://h:1\"\n").unwrap();
+        assert_eq!(old.diff(&new).1, vec!["cluster"]);
+        assert!(old.reloaded(new).cluster.is_none());
+    }
 }

@@ -126,6 +126,7 @@ fn uncommented(dir: &Path, shared: bool) -> String {
         ("tls_key", &key),
         ("tls_client_ca", &cert),
         ("admin_token_file", &secret),
+        ("cluster_password_file", &secret),
     ];
     let mut out = String::new();
     let mut in_user = false;
@@ -208,6 +209,14 @@ fn documented_values_are_the_defaults() {
     assert_eq!(c.tls_handshake_timeout, d.tls_handshake_timeout);
     assert_eq!(c.udp_plain, d.udp_plain);
     assert_eq!(c.admin_connections, d.admin_connections);
+    // The cluster is off by default; the example joins one, with a password from a file.
+    assert!(d.cluster.is_none());
+    let cluster = c.cluster.as_ref().expect("cluster example");
+    assert_eq!(cluster.name, "velium");
+    assert!(matches!(
+        &cluster.auth,
+        velium_server::config::ClusterAuth::UserPassword(u, p) if u == "velium" && p == "hunter2"
+    ));
     // TLS and the admin token are off by default; the examples turn them on.
     assert!(d.tls.is_none() && d.admin_token.is_none());
     let tls = c.tls.as_ref().expect("TLS example");
@@ -251,6 +260,7 @@ fn every_setting_is_documented() {
     for flag in flags {
         let key = match flag.as_str() {
             "allow-network" => "allow_networks".to_string(),
+            "cluster" => "cluster_url".to_string(),
             f => f.replace('-', "_"),
         };
         assert!(

@@ -37,6 +37,8 @@ const SNAPSHOT_PART: usize = 2000;
 const DIRECT_BYTES: usize = 256 * 1024;
 /// Messages taken from NATS per turn before what was taken is handed to the cores.
 const TURN: usize = 1024;
+/// Messages received and not yet taken, at most.
+const GOT_QUEUE: usize = 16 * 1024;
 
 /// Starts the cluster thread of `hub`.
 pub fn spawn(hub: Arc<Hub>, settings: Arc<ClusterSettings>) -> std::io::Result<()> {
@@ -92,7 +94,7 @@ struct Node {
     peers: HashMap<String, Peer>,
     /// Subscriptions for state, by subject pattern.
     interest: HashMap<String, tokio::task::JoinHandle<()>>,
-    got: mpsc::UnboundedSender<Got>,
+    got: mpsc::Sender<Got>,
     /// Items for the cores, by core, this turn.
     inbound: Vec<Vec<Inbound>>,
     connected_once: bool,
@@ -129,7 +131,9 @@ async fn run(hub: Arc<Hub>, settings: Arc<ClusterSettings>) {
             return;
         }
     };
-    let (got_tx, mut got_rx) = mpsc::unbounded_channel();
+    // Bounded: past it the subscriptions wait, NATS drops what they cannot take (a slow
+    // consumer), and the gap in a node's presence asks for a snapshot.
+    let (got_tx, mut got_rx) = mpsc::channel(GOT_QUEUE);
     let mut node = Node {
         prefix: wire::prefix(&settings.name),
         name,
@@ -209,7 +213,7 @@ impl Node {
                     let tx = self.got.clone();
                     tokio::spawn(async move {
                         while let Some(m) = s.next().await {
-                            if tx.send(kind(m.payload)).is_err() {
+                            if tx.send(kind(m.payload)).await.is_err() {
                                 break;
                             }
                         }
@@ -612,7 +616,7 @@ impl Node {
                     let tx = self.got.clone();
                     let task = tokio::spawn(async move {
                         while let Some(m) = s.next().await {
-                            if tx.send(Got::State(m.payload)).is_err() {
+                            if tx.send(Got::State(m.payload)).await.is_err() {
                                 break;
                             }
                         }

@@ -35,6 +35,8 @@ use tracing::{debug, info, warn};
 /// Items waiting for the cluster thread, at most; past it they are dropped and counted,
 /// and the node's presence is sent again whole.
 pub const OUTBOUND_LIMIT: usize = 65_536;
+/// Items waiting on one core's inbox, at most (see [`Cluster::deliver`]).
+pub const INBOX_LIMIT: usize = 65_536;
 /// Commands from other nodes whose responses can still find their way back: the oldest
 /// is forgotten first.
 pub const PROXY_WINDOW: usize = 65_536;
@@ -213,10 +215,21 @@ impl Cluster {
         (h % self.inboxes.len() as u64) as usize
     }
 
-    /// Hands `items` to core `core` (the cluster thread calls this).
+    /// Hands `items` to core `core` (the cluster thread calls this). Past
+    /// [`INBOX_LIMIT`] waiting items, routed frames and state are dropped and counted
+    /// (presence never is: it is bounded by the fleet, and a gap in it would need a
+    /// snapshot).
     pub fn deliver(&self, core: usize, items: Vec<Inbound>) {
         let (q, n) = &self.inboxes[core];
-        q.lock().extend(items);
+        let mut q = q.lock();
+        for item in items {
+            if q.len() >= INBOX_LIMIT && matches!(item, Inbound::Routed(..) | Inbound::State(..)) {
+                Counters::bump(&self.stats.dropped);
+                continue;
+            }
+            q.push(item);
+        }
+        drop(q);
         n.notify_one();
     }
 

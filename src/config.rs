@@ -315,6 +315,39 @@ impl User {
 }
 
 impl Config {
+    /// A digest of what every node of a cluster must agree on: the users (names, secrets
+    /// and permissions), the rule for a held identity, and the per-shim limits. Nodes
+    /// compare it and warn when theirs differ.
+    pub fn cluster_fingerprint(&self) -> u64 {
+        let mut h = Sha256::new();
+        for u in self.users.values() {
+            h.update(format!(
+                "{}|{:?}|{:?}|{:?}|{:?}|{:?}\n",
+                u.name, u.identities, u.commands, u.echoes, u.who, u.state
+            ));
+            h.update(u.secret.0);
+        }
+        if let Some(s) = &self.secret {
+            h.update(s.0);
+        }
+        h.update(format!(
+            "{:?}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            self.duplicate_identity,
+            self.answer_window,
+            self.max_frame,
+            self.routed_per_sec,
+            self.deliveries_per_sec,
+            self.who_per_sec,
+            self.state_value_bytes,
+            self.state_keys,
+            self.state_bytes,
+            self.state_sets_per_sec,
+            self.state_subscriptions
+        ));
+        let d: [u8; 32] = h.finalize().into();
+        u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+    }
+
     /// Whether a client must authenticate (Auth) before its first Identify.
     pub fn requires_auth(&self) -> bool {
         self.secret.is_some() || !self.users.is_empty()

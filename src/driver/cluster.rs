@@ -80,6 +80,8 @@ struct Peer {
     members: HashMap<u64, String>,
     /// A snapshot being received: its seq and the parts so far.
     snapshot: Option<(u64, u32, Vec<Member>)>,
+    /// Its settings' fingerprint, as last compared with this node's.
+    config: Option<(u64, u64)>,
 }
 
 struct Node {
@@ -367,6 +369,7 @@ impl Node {
                     asked: None,
                     members: HashMap::new(),
                     snapshot: None,
+                    config: None,
                 },
             );
             self.cluster()
@@ -377,8 +380,16 @@ impl Node {
                 self.want(&pat).await;
             }
         }
+        let mine = self.hub.config().cluster_fingerprint();
         let peer = self.peers.get_mut(&p.node).expect("just made");
         peer.heard = now;
+        if peer.config != Some((p.config, mine)) {
+            if p.config != mine {
+                warn!(node = %p.node,
+                    "node's users, identity rule or limits differ from this node's: give every node the same");
+            }
+            peer.config = Some((p.config, mine));
+        }
         let mut ask = false;
         match p.body {
             Body::Heartbeat => {
@@ -540,6 +551,7 @@ impl Node {
                 node: self.name.clone(),
                 epoch: self.epoch,
                 seq: self.seq,
+                config: self.hub.config().cluster_fingerprint(),
                 body: Body::Changes(chunk.to_vec()),
             });
             self.publish(self.subject("presence"), msg).await;
@@ -637,6 +649,7 @@ impl Node {
             node: self.name.clone(),
             epoch: self.epoch,
             seq: self.seq,
+            config: self.hub.config().cluster_fingerprint(),
             body: Body::Heartbeat,
         });
         self.publish(self.subject("presence"), msg).await;
@@ -675,6 +688,7 @@ impl Node {
                 node: self.name.clone(),
                 epoch: self.epoch,
                 seq: self.seq,
+                config: self.hub.config().cluster_fingerprint(),
                 body: Body::Snapshot {
                     part: i as u32,
                     parts,

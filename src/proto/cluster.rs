@@ -83,6 +83,8 @@ pub struct Presence {
     pub epoch: u64,
     /// The number of the last change this message includes.
     pub seq: u64,
+    /// The node's `Config::cluster_fingerprint`: nodes whose users or limits differ warn.
+    pub config: u64,
     /// What it says.
     pub body: Body,
 }
@@ -171,6 +173,7 @@ mod tests {
             node: "a".into(),
             epoch: 7,
             seq: 3,
+            config: 1,
             body: Body::Changes(vec![
                 Change::Join(Member {
                     serial: 5,

@@ -11,8 +11,8 @@
 //! members, so that a snapshot is applied as the joins and leaves it differs by.
 
 use crate::config::{ClusterAuth, ClusterSettings};
-use crate::hub::Hub;
 use crate::hub::cluster::{Cluster, Inbound, Outbound};
+use crate::hub::{Effects, Hub};
 use crate::proto::cluster::{
     self as wire, Body, Change, Direct, Hello, Member, Presence, Routed, State, Want,
 };
@@ -62,7 +62,6 @@ enum Got {
     Presence(Bytes),
     Hello(Bytes),
     Sync,
-    Direct(Bytes),
     Want(Bytes),
     State(Bytes),
 }
@@ -202,11 +201,20 @@ impl Node {
 
     async fn subscribe_fixed(&mut self) {
         let me = self.name.clone();
-        let subs: [(String, Wrap); 5] = [
+        // Frames for shims here are delivered by a task of their own as each message
+        // arrives: the latency of a Command across nodes never waits for a turn of the
+        // main loop.
+        let subject = self.subject(&format!("node.{me}"));
+        match self.client.subscribe(subject.clone()).await {
+            Ok(s) => {
+                tokio::spawn(deliver_direct(self.hub.clone(), s));
+            }
+            Err(e) => warn!(%subject, error = %e, "cluster: cannot subscribe"),
+        }
+        let subs: [(String, Wrap); 4] = [
             (self.subject("presence"), Got::Presence),
             (self.subject("hello"), Got::Hello),
             (self.subject(&format!("sync.{me}")), |_| Got::Sync),
-            (self.subject(&format!("node.{me}")), Got::Direct),
             (self.subject("want"), Got::Want),
         ];
         for (subject, kind) in subs {
@@ -311,13 +319,6 @@ impl Node {
             Got::Sync => {
                 self.count_in(0);
                 self.snapshot_due = true;
-            }
-            Got::Direct(b) => {
-                self.count_in(b.len());
-                if let Some(d) = wire::decode::<Direct>(&b) {
-                    let core = self.cluster().core_for(&d.node);
-                    self.inbound[core].push(Inbound::Routed(Arc::from(d.node.as_str()), d.items));
-                }
             }
             Got::Want(b) => {
                 self.count_in(b.len());
@@ -707,5 +708,39 @@ impl Node {
                 c.deliver(core, std::mem::take(items));
             }
         }
+    }
+}
+
+/// Delivers the frames other nodes route to shims here, from the cluster thread: outboxes
+/// take frames from any thread, and their flush is a non-blocking send. What arrived
+/// together is flushed together.
+async fn deliver_direct(hub: Arc<Hub>, mut sub: async_nats::Subscriber) {
+    let mut out = Effects::default();
+    while let Some(first) = sub.next().await {
+        out.begin(&hub, hub.ms(Instant::now()));
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(m) = next.take() {
+            if let Some(c) = hub.cluster() {
+                c.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                (c.stats.bytes_in).fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+            }
+            if let Some(d) = wire::decode::<Direct>(&m.payload) {
+                hub.cluster_routed(&Arc::from(d.node.as_str()), d.items, &mut out);
+            }
+            n += 1;
+            if n < TURN {
+                // What else has arrived, without waiting.
+                next = futures_util::FutureExt::now_or_never(sub.next()).flatten();
+            }
+        }
+        let now_ms = hub.ms(Instant::now());
+        for shim in out.flush.drain(..) {
+            shim.outbox.flush(now_ms);
+        }
+        // Routed frames from other nodes go over TCP: no datagram is made here.
+        out.datagrams.clear();
+        hub.finish(0, &mut out, Instant::now());
+        out.release_congested();
     }
 }

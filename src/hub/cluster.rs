@@ -1,20 +1,24 @@
 //! The hub as one node of a cluster: the rules for shims served by other nodes, with no
-//! I/O. The NATS connection is the driver's (`driver/cluster.rs`); the two meet in the
-//! queues of [`Cluster`]:
+//! I/O. The NATS connection is the driver's (`driver/cluster.rs`); the two meet here:
 //!
 //! - **outbound**: what this node tells the others (its shims' joins and leaves, frames
 //!   routed to their shims, its shims' state, the patterns its subscriptions want), pushed
 //!   by the cores as they handle input and taken by the cluster thread in batches;
-//! - **inbound**: what the others said, put by the cluster thread on one core's inbox
-//!   per sending node (so that one node's messages are applied in order) and applied by
-//!   [`Hub::cluster_apply`] in that core's `cluster_loop`.
+//! - **inbound**: what the others said about their shims (presence, state), put by the
+//!   cluster thread on one core's inbox per sending node (so that one node's messages are
+//!   applied in order) and applied by [`Hub::cluster_apply`] in that core's
+//!   `cluster_loop`;
+//! - **routed frames** for shims here ([`Hub::cluster_routed`]), which the cluster thread
+//!   delivers itself as they arrive: queueing on an outbox needs no core, and flushing one
+//!   is a non-blocking send, so a Command across nodes costs no hand-over on that side.
 //!
 //! A shim of another node is a *remote shim*: a [`Shim`] made by [`Shim::remote`], held
-//! in the router under its identity like a local one (where it lives, its [`Remote`], is
-//! kept here by its local serial, so that local shims pay nothing for it), so that Who, pattern matching,
-//! exclusive identities and state subscriptions treat it as one. It has no connection:
-//! frames routed to it go to its node in a [`Routed`] message, and its state is a mirror
-//! of what its node publishes, kept only while a subscription here wants it.
+//! in the router under its identity like a local one, so that Who, pattern matching,
+//! exclusive identities and state subscriptions treat it as one (where it lives, its
+//! [`Remote`], is kept here by its local serial, so that a local shim pays nothing for
+//! it). It has no connection: frames routed to it go to its node in a [`Routed`] message,
+//! and its state is a mirror of what its node publishes, kept while a subscription here
+//! wants it.
 
 use super::Hub;
 use super::send::Effects;
@@ -62,8 +66,6 @@ pub enum Inbound {
     Changes(Arc<str>, Vec<Change>),
     /// `node` is gone from sight, with its shims: they leave with `why`.
     NodeGone(Arc<str>, &'static str),
-    /// Frames from `node` for shims here.
-    Routed(Arc<str>, Vec<Routed>),
     /// The whole state of `node`'s shim `serial`.
     State(Arc<str>, u64, Vec<(String, u64, Vec<u8>)>),
 }
@@ -216,14 +218,14 @@ impl Cluster {
     }
 
     /// Hands `items` to core `core` (the cluster thread calls this). Past
-    /// [`INBOX_LIMIT`] waiting items, routed frames and state are dropped and counted
+    /// [`INBOX_LIMIT`] waiting items, state is dropped and counted
     /// (presence never is: it is bounded by the fleet, and a gap in it would need a
     /// snapshot).
     pub fn deliver(&self, core: usize, items: Vec<Inbound>) {
         let (q, n) = &self.inboxes[core];
         let mut q = q.lock();
         for item in items {
-            if q.len() >= INBOX_LIMIT && matches!(item, Inbound::Routed(..) | Inbound::State(..)) {
+            if q.len() >= INBOX_LIMIT && matches!(item, Inbound::State(..)) {
                 Counters::bump(&self.stats.dropped);
                 continue;
             }
@@ -493,6 +495,17 @@ impl Hub {
         Some(true)
     }
 
+    /// Delivers frames another node routed to shims here. The cluster thread calls this
+    /// itself, as they arrive (queueing on outboxes needs no core, and flushing one is a
+    /// non-blocking send from whichever thread): a Command across nodes costs no hand-over
+    /// to a core on the receiving side.
+    pub fn cluster_routed(&self, node: &Arc<str>, items: Vec<Routed>, out: &mut Effects) {
+        let Some(c) = &self.cluster else { return };
+        for r in items {
+            self.remote_routed(c, node, r, out);
+        }
+    }
+
     /// Applies what other nodes said (on a core, from its `cluster_loop`).
     pub fn cluster_apply(&self, items: Vec<Inbound>, out: &mut Effects) {
         let Some(c) = &self.cluster else { return };
@@ -526,11 +539,6 @@ impl Hub {
                     let gone = c.remote.lock().remove(&node);
                     for g in gone.into_iter().flat_map(|m| m.into_values()) {
                         self.remove_remote(c, &g, why);
-                    }
-                }
-                Inbound::Routed(node, routed) => {
-                    for r in routed {
-                        self.remote_routed(c, &node, r, out);
                     }
                 }
                 Inbound::State(node, serial, items) => {

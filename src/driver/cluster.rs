@@ -271,9 +271,6 @@ impl Node {
                 });
                 self.publish(self.subject("hello"), hello).await;
                 self.snapshot_due = true;
-                for p in self.interest.keys().cloned().collect::<Vec<_>>() {
-                    self.want(&p).await;
-                }
             }
             Event::Disconnected => {
                 if c.is_reachable() {
@@ -311,9 +308,6 @@ impl Node {
                     && h.node != self.name
                 {
                     self.snapshot_due = true;
-                    for p in self.interest.keys().cloned().collect::<Vec<_>>() {
-                        self.want(&p).await;
-                    }
                 }
             }
             Got::Sync => {
@@ -377,9 +371,6 @@ impl Node {
                 .stats
                 .nodes
                 .store(self.peers.len() as u64, Ordering::Relaxed);
-            for pat in self.interest.keys().cloned().collect::<Vec<_>>() {
-                self.want(&pat).await;
-            }
         }
         let mine = self.hub.config().cluster_fingerprint();
         let peer = self.peers.get_mut(&p.node).expect("just made");
@@ -392,6 +383,7 @@ impl Node {
             peer.config = Some((p.config, mine));
         }
         let mut ask = false;
+        let mut synced = false;
         match p.body {
             Body::Heartbeat => {
                 if !peer.synced || p.seq != peer.seq {
@@ -455,12 +447,20 @@ impl Node {
                             .map(|m| (m.serial, m.identity))
                             .collect();
                         peer.seq = seq;
+                        synced = !peer.synced;
                         peer.synced = true;
                         if !changes.is_empty() {
                             self.inbound[core].push(Inbound::Changes(node.clone(), changes));
                         }
                     }
                 }
+            }
+        }
+        if synced {
+            // Its shims are known here now: their state can be taken in. (Asked before
+            // the snapshot, it would be dropped, for shims not known yet.)
+            for pat in self.interest.keys().cloned().collect::<Vec<_>>() {
+                self.want(&pat).await;
             }
         }
         if ask {
@@ -726,7 +726,16 @@ async fn deliver_direct(hub: Arc<Hub>, mut sub: async_nats::Subscriber) {
                 (c.stats.bytes_in).fetch_add(m.payload.len() as u64, Ordering::Relaxed);
             }
             if let Some(d) = wire::decode::<Direct>(&m.payload) {
-                hub.cluster_routed(&Arc::from(d.node.as_str()), d.items, &mut out);
+                let node: Arc<str> = Arc::from(d.node.as_str());
+                // What goes on over UDP is sent by a core, from its UDP socket.
+                let (udp, tcp): (Vec<Routed>, Vec<Routed>) =
+                    d.items.into_iter().partition(Routed::udp);
+                hub.cluster_routed(&node, tcp, &mut out);
+                if !udp.is_empty()
+                    && let Some(c) = hub.cluster()
+                {
+                    c.deliver(c.core_for(&node), vec![Inbound::Routed(node, udp)]);
+                }
             }
             n += 1;
             if n < TURN {

@@ -66,6 +66,8 @@ pub enum Inbound {
     Changes(Arc<str>, Vec<Change>),
     /// `node` is gone from sight, with its shims: they leave with `why`.
     NodeGone(Arc<str>, &'static str),
+    /// Frames from `node` that go on over UDP: a core sends them, from its UDP socket.
+    Routed(Arc<str>, Vec<Routed>),
     /// The whole state of `node`'s shim `serial`.
     State(Arc<str>, u64, Vec<(String, u64, Vec<u8>)>),
 }
@@ -218,14 +220,14 @@ impl Cluster {
     }
 
     /// Hands `items` to core `core` (the cluster thread calls this). Past
-    /// [`INBOX_LIMIT`] waiting items, state is dropped and counted
+    /// [`INBOX_LIMIT`] waiting items, state and routed frames are dropped and counted
     /// (presence never is: it is bounded by the fleet, and a gap in it would need a
     /// snapshot).
     pub fn deliver(&self, core: usize, items: Vec<Inbound>) {
         let (q, n) = &self.inboxes[core];
         let mut q = q.lock();
         for item in items {
-            if q.len() >= INBOX_LIMIT && matches!(item, Inbound::State(..)) {
+            if q.len() >= INBOX_LIMIT && matches!(item, Inbound::State(..) | Inbound::Routed(..)) {
                 Counters::bump(&self.stats.dropped);
                 continue;
             }
@@ -356,6 +358,11 @@ impl Hub {
         }
     }
 
+    /// `now` as Unix microseconds.
+    pub(crate) fn unix_us_at(&self, now: std::time::Instant) -> u64 {
+        self.epoch_unix_us + now.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
     /// `now_ms` as Unix microseconds.
     pub(crate) fn unix_us(&self, now_ms: u64) -> u64 {
         self.epoch_unix_us + now_ms * 1000
@@ -476,7 +483,13 @@ impl Hub {
 
     /// The node answering `id` of a CommandResponse, if the Command came from another
     /// node: the response goes there with the id that node gave it.
-    pub(crate) fn cluster_respond(&self, id: u64, responder: &str, text: &[u8]) -> Option<bool> {
+    pub(crate) fn cluster_respond(
+        &self,
+        id: u64,
+        responder: &str,
+        text: &[u8],
+        udp: bool,
+    ) -> Option<bool> {
         let c = self.cluster.as_ref()?;
         if !c.is_proxy_id(id) {
             return None;
@@ -490,6 +503,7 @@ impl Hub {
                 id: origin,
                 from: responder.to_owned(),
                 text: text.to_vec(),
+                udp,
             },
         ));
         Some(true)
@@ -539,6 +553,11 @@ impl Hub {
                     let gone = c.remote.lock().remove(&node);
                     for g in gone.into_iter().flat_map(|m| m.into_values()) {
                         self.remove_remote(c, &g, why);
+                    }
+                }
+                Inbound::Routed(node, items) => {
+                    for r in items {
+                        self.remote_routed(c, &node, r, out);
                     }
                 }
                 Inbound::State(node, serial, items) => {
@@ -696,7 +715,9 @@ impl Hub {
                 id,
                 target,
                 text,
+                udp,
             } => {
+                let via = deliver_via(udp);
                 let Some(op) = Opcode::from_byte(op) else {
                     return;
                 };
@@ -717,7 +738,7 @@ impl Hub {
                         to.expect_answer(id, window);
                     }
                     if self
-                        .send(to, super::Route::Deliver(super::Via::Tcp), &frame, out)
+                        .send(to, super::Route::Deliver(via), &frame, out)
                         .is_some()
                     {
                         reached += 1;
@@ -725,7 +746,12 @@ impl Hub {
                 });
                 (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
             }
-            Routed::Response { id, from, text } => {
+            Routed::Response {
+                id,
+                from,
+                text,
+                udp,
+            } => {
                 let Some(sender) = self.table.by_serial(super::shim::serial_of_command_id(id))
                 else {
                     Counters::bump(&self.counters().responses_dropped);
@@ -737,7 +763,7 @@ impl Hub {
                 reply::response(&id_text, &from, &text, &mut f);
                 let sent = self.send(
                     &sender,
-                    super::Route::Deliver(super::Via::Tcp),
+                    super::Route::Deliver(deliver_via(udp)),
                     &Bytes::from(f),
                     out,
                 );
@@ -747,5 +773,15 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+/// How a frame from another node goes on: over UDP (to a shim that has a channel) when it
+/// came in over UDP on its node, as on one node. The address is not used for a delivery.
+fn deliver_via(udp: bool) -> super::Via {
+    if udp {
+        super::Via::Udp(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    } else {
+        super::Via::Tcp
     }
 }

@@ -280,6 +280,10 @@ impl Connection {
         }
         let now_ms = hub.ms(now);
         fx(&mut self.out).begin(hub, now_ms);
+        if hub.cluster().is_some() {
+            // A claim's time, for the race rule of a cluster.
+            fx(&mut self.out).now_unix_us = hub.unix_us_at(now);
+        }
         self.shim.touch(now_ms);
         let max = hub.config().max_frame;
         let mut used = 0;

@@ -245,7 +245,10 @@ impl Hub {
             self.allow_route(shim, send::Work::FanOut, out.now_ms)?;
         }
         let label: Arc<str> = Arc::from(label);
-        let now_us = self.unix_us(out.now_ms);
+        let now_us = match out.now_unix_us {
+            0 => self.unix_us(out.now_ms),
+            us => us,
+        };
         // On the first Identify the Session goes into the outbox while the router still
         // holds the shim out of sight: a frame routed to it by another core never reaches
         // the client ahead of its Session. The table entry is made there too, so that a

@@ -90,6 +90,7 @@ impl Hub {
                     id,
                     target: target_text.to_vec(),
                     text: text.to_vec(),
+                    udp: via != Via::Tcp,
                 },
             );
         }
@@ -140,7 +141,7 @@ impl Hub {
             return self.refuse(responder, Route::Reply(via), &r, out);
         }
         let identity = responder.identity();
-        if let Some(forwarded) = self.cluster_respond(id, &identity, text) {
+        if let Some(forwarded) = self.cluster_respond(id, &identity, text, via != Via::Tcp) {
             // A Command from another node: the response goes back there.
             if forwarded {
                 self.charge_deliveries(responder, 1);

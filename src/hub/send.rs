@@ -95,6 +95,8 @@ pub struct Effects {
     tally: Vec<(Transport, u8, u64, u64)>,
     /// The time the slice is handled at, hub milliseconds.
     pub(crate) now_ms: u64,
+    /// The same as Unix microseconds, when the driver gave an `Instant` (0: not given).
+    pub(crate) now_unix_us: u64,
     /// `outbound_limit`, read once per slice rather than once per delivery.
     limit: usize,
 }
@@ -110,6 +112,7 @@ impl Default for Effects {
             latencies: Vec::new(),
             tally: Vec::new(),
             now_ms: 0,
+            now_unix_us: 0,
             // Set from the settings by `begin`; a constant here, since effects are made
             // for every read (`Config::default` asks the system for the usable cores).
             limit: crate::config::DEFAULT_OUTBOUND_LIMIT,
@@ -124,6 +127,7 @@ impl Effects {
         self.congested.clear();
         self.queued = 0;
         self.now_ms = now_ms;
+        self.now_unix_us = 0;
         hub.tick_to(now_ms);
         self.limit = hub.config().outbound_limit;
     }

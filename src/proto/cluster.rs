@@ -112,6 +112,8 @@ pub enum Routed {
         target: Vec<u8>,
         /// The text.
         text: Vec<u8>,
+        /// It came in over UDP: it goes on over UDP to targets that have a channel.
+        udp: bool,
     },
     /// A CommandResponse for the Command `id` of the receiving node.
     Response {
@@ -121,7 +123,18 @@ pub enum Routed {
         from: String,
         /// The text.
         text: Vec<u8>,
+        /// It came in over UDP: it goes on over UDP if the sender has a channel.
+        udp: bool,
     },
+}
+
+impl Routed {
+    /// Whether it goes on over UDP where it can.
+    pub fn udp(&self) -> bool {
+        match self {
+            Routed::Route { udp, .. } | Routed::Response { udp, .. } => *udp,
+        }
+    }
 }
 
 /// Frames for one node, in the order they were routed.
@@ -197,6 +210,7 @@ mod tests {
                 id: Some(1 << 20),
                 target: b"peq.>".to_vec(),
                 text: b"/sit".to_vec(),
+                udp: false,
             }],
         };
         let bytes = encode(&d);

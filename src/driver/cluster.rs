@@ -111,7 +111,7 @@ async fn run(hub: Arc<Hub>, settings: Arc<ClusterSettings>) {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
-        .ping_interval(Duration::from_secs(2))
+        .ping_interval(Duration::from_secs(1))
         .reconnect_delay_callback(|n| Duration::from_millis((100 * n as u64).min(1000)))
         .event_callback(move |e| {
             let tx = ev_tx.clone();
@@ -138,7 +138,7 @@ async fn run(hub: Arc<Hub>, settings: Arc<ClusterSettings>) {
     let mut node = Node {
         prefix: wire::prefix(&settings.name),
         name,
-        epoch: rand::random(),
+        epoch: hub.cluster().map_or(0, |c| c.epoch),
         seq: 0,
         local: HashMap::new(),
         peers: HashMap::new(),
@@ -296,8 +296,10 @@ impl Node {
         match g {
             Got::Presence(b) => {
                 self.count_in(b.len());
+                // What was on its way when the connection dropped is not taken for news.
                 if let Some(p) = wire::decode::<Presence>(&b)
                     && p.node != self.name
+                    && self.cluster().is_reachable()
                 {
                     self.presence(p).await;
                 }
@@ -329,7 +331,7 @@ impl Node {
                     && self
                         .peers
                         .get(&s.node)
-                        .is_some_and(|p| p.members.contains_key(&s.serial))
+                        .is_some_and(|p| p.epoch == s.epoch && p.members.contains_key(&s.serial))
                 {
                     let core = self.cluster().core_for(&s.node);
                     self.inbound[core].push(Inbound::State(
@@ -429,29 +431,15 @@ impl Node {
                     }
                     if snap.1 == parts {
                         let (seq, _, members) = peer.snapshot.take().expect("being received");
-                        let mut changes = Vec::new();
-                        let now_in: HashMap<u64, &Member> =
-                            members.iter().map(|m| (m.serial, m)).collect();
-                        for (serial, identity) in &peer.members {
-                            if now_in.get(serial).is_none_or(|m| m.identity != *identity) {
-                                changes.push(Change::Leave(*serial, "left".into()));
-                            }
-                        }
-                        for m in &members {
-                            if peer.members.get(&m.serial) != Some(&m.identity) {
-                                changes.push(Change::Join(m.clone()));
-                            }
-                        }
-                        peer.members = members
-                            .into_iter()
-                            .map(|m| (m.serial, m.identity))
+                        peer.members = (members.iter())
+                            .map(|m| (m.serial, m.identity.clone()))
                             .collect();
                         peer.seq = seq;
                         synced = !peer.synced;
                         peer.synced = true;
-                        if !changes.is_empty() {
-                            self.inbound[core].push(Inbound::Changes(node.clone(), changes));
-                        }
+                        // The core compares it with the remote shims it holds, when it
+                        // gets there (after everything before it from this node).
+                        self.inbound[core].push(Inbound::Snapshot(node.clone(), members));
                     }
                 }
             }
@@ -484,18 +472,6 @@ impl Node {
     async fn outbound(&mut self) {
         let c = self.hub.cluster().expect("a clustered hub");
         let items = c.take_outbound();
-        if c.lost.swap(false, Ordering::Relaxed) {
-            // Changes were dropped: this node's members are read again, and sent whole.
-            self.local.clear();
-            let hub = self.hub.clone();
-            hub.router.for_each_match(&Pattern::all(), |s| {
-                if !s.is_remote() && !s.is_closed() {
-                    self.local.insert(s.serial, hub.member(s, None));
-                }
-            });
-            self.seq += 1;
-            self.snapshot_due = true;
-        }
         if items.is_empty() {
             return;
         }
@@ -560,6 +536,7 @@ impl Node {
         for (node, items, _) in direct {
             let msg = wire::encode(&Direct {
                 node: self.name.clone(),
+                epoch: self.epoch,
                 items,
             });
             self.publish(self.subject(&format!("node.{node}")), msg)
@@ -583,6 +560,7 @@ impl Node {
         let identity = shim.identity().to_ascii_lowercase();
         let msg = wire::encode(&State {
             node: self.name.clone(),
+            epoch: self.epoch,
             serial: shim.serial,
             items,
         });
@@ -730,11 +708,11 @@ async fn deliver_direct(hub: Arc<Hub>, mut sub: async_nats::Subscriber) {
                 // What goes on over UDP is sent by a core, from its UDP socket.
                 let (udp, tcp): (Vec<Routed>, Vec<Routed>) =
                     d.items.into_iter().partition(Routed::udp);
-                hub.cluster_routed(&node, tcp, &mut out);
+                hub.cluster_routed(&node, d.epoch, tcp, &mut out);
                 if !udp.is_empty()
                     && let Some(c) = hub.cluster()
                 {
-                    c.deliver(c.core_for(&node), vec![Inbound::Routed(node, udp)]);
+                    c.deliver(c.core_for(&node), vec![Inbound::Routed(node, d.epoch, udp)]);
                 }
             }
             n += 1;

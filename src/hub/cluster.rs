@@ -36,9 +36,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-/// Items waiting for the cluster thread, at most; past it they are dropped and counted,
-/// and the node's presence is sent again whole.
+/// Frames and state waiting for the cluster thread, at most; past it they are dropped
+/// and counted.
 pub const OUTBOUND_LIMIT: usize = 65_536;
+/// The bit that marks a proxy id.
+const PROXY_BIT: u64 = 1 << 63;
 /// Items waiting on one core's inbox, at most (see [`Cluster::deliver`]).
 pub const INBOX_LIMIT: usize = 65_536;
 /// Commands from other nodes whose responses can still find their way back: the oldest
@@ -64,10 +66,13 @@ pub enum Outbound {
 pub enum Inbound {
     /// `node`'s shims changed (in order).
     Changes(Arc<str>, Vec<Change>),
+    /// `node`'s whole membership: the remote shims held for it become these.
+    Snapshot(Arc<str>, Vec<Member>),
     /// `node` is gone from sight, with its shims: they leave with `why`.
     NodeGone(Arc<str>, &'static str),
-    /// Frames from `node` that go on over UDP: a core sends them, from its UDP socket.
-    Routed(Arc<str>, Vec<Routed>),
+    /// Frames from `node` (of that epoch) that go on over UDP: a core sends them, from
+    /// its UDP socket.
+    Routed(Arc<str>, u64, Vec<Routed>),
     /// The whole state of `node`'s shim `serial`.
     State(Arc<str>, u64, Vec<(String, u64, Vec<u8>)>),
 }
@@ -116,8 +121,8 @@ pub struct ClusterStats {
 struct Proxies {
     /// The local sequence number of the first entry.
     base: u64,
-    /// Sending node and its id, by local sequence number from `base`.
-    ids: VecDeque<(Arc<str>, u64)>,
+    /// Sending node, its epoch and its id, by local sequence number from `base`.
+    ids: VecDeque<(Arc<str>, u64, u64)>,
 }
 
 /// The queue to the cluster thread.
@@ -135,12 +140,11 @@ type Ghosts = HashMap<u64, Arc<Shim>>;
 pub struct Cluster {
     /// This node's name.
     pub node: Arc<str>,
-    /// The serial whose command ids stand for Commands from other nodes.
-    proxy_serial: u64,
+    /// A number drawn at start: the other nodes tell this process from an earlier one
+    /// under the same name by it.
+    pub epoch: u64,
     proxies: Mutex<Proxies>,
     outbound: Mutex<Queue>,
-    /// Set when outbound items were dropped: the thread sends the presence whole.
-    pub(crate) lost: AtomicBool,
     /// Wakes the cluster thread.
     pub wake: Notify,
     inboxes: Box<[(Mutex<Vec<Inbound>>, Notify)]>,
@@ -159,13 +163,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn new(node: &str, cores: usize, proxy_serial: u64) -> Cluster {
+    pub(crate) fn new(node: &str, cores: usize, epoch: u64) -> Cluster {
         Cluster {
             node: Arc::from(node),
-            proxy_serial,
+            epoch,
             proxies: Mutex::default(),
             outbound: Mutex::default(),
-            lost: AtomicBool::new(false),
             wake: Notify::new(),
             inboxes: (0..cores.max(1))
                 .map(|_| (Mutex::default(), Notify::new()))
@@ -187,13 +190,17 @@ impl Cluster {
         {
             return; // queued already: its whole state goes, as it is then
         }
-        if q.items.len() >= OUTBOUND_LIMIT {
+        // Past the limit, frames and state are dropped (counted); presence and interest
+        // never are (their number is bounded by the fleet's churn, which admission limits,
+        // and a gap in them would leave other nodes wrong until a resync).
+        if q.items.len() >= OUTBOUND_LIMIT
+            && matches!(item, Outbound::Route(..) | Outbound::State(_))
+        {
             if let Outbound::State(s) = &item {
                 q.states.remove(&s.serial);
             }
             drop(q);
             Counters::bump(&self.stats.dropped);
-            self.lost.store(true, Ordering::Relaxed);
             return;
         }
         let was_empty = q.items.is_empty();
@@ -271,34 +278,32 @@ impl Cluster {
         v
     }
 
-    /// A local id for the Command `id` of `node`.
-    fn proxy_id(&self, node: &Arc<str>, id: u64) -> u64 {
+    /// A local id for the Command `id` of `node` (in its process `epoch`): the top bit
+    /// set, then a sequence number that never wraps, so that no local Command id (a
+    /// serial, far below 2^43, shifted by 20) and no other proxy id is ever the same.
+    fn proxy_id(&self, node: &Arc<str>, epoch: u64, id: u64) -> u64 {
         let mut p = self.proxies.lock();
         if p.ids.len() >= PROXY_WINDOW {
             p.ids.pop_front();
             p.base += 1;
         }
         let seq = p.base + p.ids.len() as u64;
-        p.ids.push_back((node.clone(), id));
-        (self.proxy_serial << 20) | (seq & 0xFFFFF)
+        p.ids.push_back((node.clone(), epoch, id));
+        PROXY_BIT | seq
     }
 
-    /// Where the answers to the local id `id` go, if it stands for a remote Command that
-    /// is not forgotten.
-    fn proxied(&self, id: u64) -> Option<(Arc<str>, u64)> {
-        if id >> 20 != self.proxy_serial {
-            return None;
-        }
+    /// Where the answers to the local id `id` go (node, its epoch, its id), if it stands
+    /// for a remote Command that is not forgotten.
+    fn proxied(&self, id: u64) -> Option<(Arc<str>, u64, u64)> {
+        let seq = id.checked_sub(PROXY_BIT)?;
         let p = self.proxies.lock();
-        let low = id & 0xFFFFF;
-        // The entry whose sequence number has these low bits, within the window.
-        let off = low.wrapping_sub(p.base) & 0xFFFFF;
-        p.ids.get(off as usize).cloned()
+        let off = seq.checked_sub(p.base)?;
+        p.ids.get(usize::try_from(off).ok()?).cloned()
     }
 
-    /// Whether `id` is a Command id of this node's proxy serial (answers go elsewhere).
+    /// Whether `id` is a proxy id (its answers go to another node).
     pub(crate) fn is_proxy_id(&self, id: u64) -> bool {
-        id >> 20 == self.proxy_serial
+        id & PROXY_BIT != 0
     }
 }
 
@@ -368,25 +373,30 @@ impl Hub {
         self.epoch_unix_us + now_ms * 1000
     }
 
-    /// Tells the cluster that `shim` took its identity (`replaces`: the remote holder it
-    /// displaced); a rename is a leave of the old name first.
-    pub(crate) fn cluster_joined(
+    /// Tells the cluster that `shim` took its identity, under the router's lock: a rename
+    /// is a leave of the old name first. The claim's time decides a race between two
+    /// nodes (the earlier keeps the name); a claim that takes the name from a holder keeps
+    /// the holder's time, so that a third node racing for it compares with the original.
+    pub(crate) fn cluster_claimed(
         &self,
         shim: &Arc<Shim>,
-        renamed: bool,
-        replaces: Option<&Remote>,
+        old: &str,
+        displaced: Option<&Arc<Shim>>,
+        now_us: u64,
     ) {
         let Some(c) = &self.cluster else { return };
-        if renamed {
+        let us = displaced.map_or(now_us, |h| self.claimed_us(h).min(now_us));
+        self.set_claimed(shim, Some(us));
+        if !old.is_empty() {
             c.push(Outbound::Change(Change::Leave(
                 shim.serial,
                 "renamed".into(),
             )));
         }
-        c.push(Outbound::Change(Change::Join(self.member(shim, replaces))));
-        if shim.state.lock().as_ref().is_some_and(|s| s.has_entries()) {
-            self.cluster_state(shim);
-        }
+        let replaces = displaced.and_then(|h| self.remote_of(h));
+        c.push(Outbound::Change(Change::Join(
+            self.member(shim, replaces.as_deref()),
+        )));
     }
 
     /// `shim` as the other nodes know it.
@@ -425,10 +435,12 @@ impl Hub {
         }
     }
 
-    /// Tells the cluster that the local shim `shim`'s state changed.
-    pub(crate) fn cluster_state(&self, shim: &Arc<Shim>) {
+    /// Tells the cluster that the local shim `shim`'s state changed (`changed`), or that
+    /// it took a new name (its state then goes out if it has any).
+    pub(crate) fn cluster_state(&self, shim: &Arc<Shim>, changed: bool) {
         if let Some(c) = &self.cluster
             && !shim.is_remote()
+            && (changed || shim.state.lock().as_ref().is_some_and(|s| s.has_entries()))
         {
             c.push(Outbound::State(shim.clone()));
         }
@@ -456,8 +468,31 @@ impl Hub {
                 None => false,
             }
         };
+        let left: Vec<Pattern> = if changed && !add {
+            (i.keys())
+                .filter_map(|k| Pattern::parse(k.as_bytes()).ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         drop(i);
         if changed {
+            if !add {
+                // The mirrored state of remote shims no subscription here covers any more
+                // would go stale: it goes.
+                let mut stale = Vec::new();
+                self.router.for_each_match(pattern, |g| {
+                    if g.is_remote() && !left.iter().any(|p| p.matches(&g.identity())) {
+                        stale.push(g.clone());
+                    }
+                });
+                for g in stale {
+                    let watched = (g.state.lock().as_ref()).is_some_and(|s| s.is_watched());
+                    if !watched {
+                        self.state_gone(&g, "");
+                    }
+                }
+            }
             c.push(Outbound::Interest(subject, add));
         }
     }
@@ -494,12 +529,13 @@ impl Hub {
         if !c.is_proxy_id(id) {
             return None;
         }
-        let Some((node, origin)) = c.proxied(id) else {
+        let Some((node, epoch, origin)) = c.proxied(id) else {
             return Some(false);
         };
         c.push(Outbound::Route(
             node,
             Routed::Response {
+                epoch,
                 id: origin,
                 from: responder.to_owned(),
                 text: text.to_vec(),
@@ -513,10 +549,16 @@ impl Hub {
     /// itself, as they arrive (queueing on outboxes needs no core, and flushing one is a
     /// non-blocking send from whichever thread): a Command across nodes costs no hand-over
     /// to a core on the receiving side.
-    pub fn cluster_routed(&self, node: &Arc<str>, items: Vec<Routed>, out: &mut Effects) {
+    pub fn cluster_routed(
+        &self,
+        node: &Arc<str>,
+        epoch: u64,
+        items: Vec<Routed>,
+        out: &mut Effects,
+    ) {
         let Some(c) = &self.cluster else { return };
         for r in items {
-            self.remote_routed(c, node, r, out);
+            self.remote_routed(c, node, epoch, r, out);
         }
     }
 
@@ -549,15 +591,16 @@ impl Hub {
                         }
                     }
                 }
+                Inbound::Snapshot(node, members) => self.remote_snapshot(c, &node, members, out),
                 Inbound::NodeGone(node, why) => {
                     let gone = c.remote.lock().remove(&node);
                     for g in gone.into_iter().flat_map(|m| m.into_values()) {
                         self.remove_remote(c, &g, why);
                     }
                 }
-                Inbound::Routed(node, items) => {
+                Inbound::Routed(node, epoch, items) => {
                     for r in items {
-                        self.remote_routed(c, &node, r, out);
+                        self.remote_routed(c, &node, epoch, r, out);
                     }
                 }
                 Inbound::State(node, serial, items) => {
@@ -575,6 +618,36 @@ impl Hub {
         let n: usize = c.remote.lock().values().map(|m| m.len()).sum();
         c.stats.remote_shims.store(n as u64, Ordering::Relaxed);
         self.deliver_state(out);
+    }
+
+    /// `node`'s whole membership: remote shims it no longer has leave, and those it has
+    /// that are not held here (or under another name) join.
+    fn remote_snapshot(
+        &self,
+        c: &Cluster,
+        node: &Arc<str>,
+        members: Vec<Member>,
+        out: &mut Effects,
+    ) {
+        let held: Vec<(u64, Arc<Shim>)> = (c.remote.lock().get(node))
+            .map(|g| g.iter().map(|(s, g)| (*s, g.clone())).collect())
+            .unwrap_or_default();
+        let by: HashMap<u64, &Member> = members.iter().map(|m| (m.serial, m)).collect();
+        for (serial, g) in &held {
+            if by.get(serial).is_none_or(|m| *m.identity != *g.identity()) {
+                c.remote.lock().get_mut(node).map(|m| m.remove(serial));
+                self.remove_remote(c, g, "left");
+            }
+        }
+        for m in members {
+            let same = held
+                .iter()
+                .find(|(s, g)| *s == m.serial && *g.identity() == *m.identity && !g.is_closed());
+            match same.and_then(|(_, g)| self.remote_of(g)) {
+                Some(r) => r.udp.store(m.udp, Ordering::Relaxed),
+                None => self.remote_join(c, node, m, out),
+            }
+        }
     }
 
     /// A remote shim took an identity. Of two claims on one name, a claim that names
@@ -626,7 +699,7 @@ impl Hub {
             };
             stamp < (theirs, their_node)
         };
-        let (claim, _) = self.router.claim(&ghost, label, wins, || {});
+        let (claim, _) = self.router.claim(&ghost, label, wins, |_, _| {});
         let displaced = match claim {
             super::router::Claim::Held(d) => d,
             // This node's holder keeps it; the claimant's node closes its own.
@@ -656,7 +729,7 @@ impl Hub {
                         "replaced by a newer connection with the same identity",
                     );
                 }
-                None if replaces.is_some() => {
+                None if replaces.is_some_and(|(n, s)| **n == *c.node && *s == holder.serial) => {
                     Counters::bump(&self.counters().replaced);
                     info!(conn = holder.serial, identity = %holder.identity(), node = %node,
                         "identity taken by a newer connection on another node");
@@ -707,7 +780,14 @@ impl Hub {
     }
 
     /// A frame another node routed to shims here.
-    fn remote_routed(&self, c: &Cluster, node: &Arc<str>, r: Routed, out: &mut Effects) {
+    fn remote_routed(
+        &self,
+        c: &Cluster,
+        node: &Arc<str>,
+        epoch: u64,
+        r: Routed,
+        out: &mut Effects,
+    ) {
         match r {
             Routed::Route {
                 op,
@@ -724,7 +804,7 @@ impl Hub {
                 let Ok(target) = Pattern::parse(&target) else {
                     return;
                 };
-                let local = id.map(|id| c.proxy_id(node, id));
+                let local = id.map(|id| c.proxy_id(node, epoch, id));
                 let mut f = Vec::with_capacity(from.len() + text.len() + 24);
                 reply::delivery(op, &from, local, &text, &mut f);
                 let frame = Bytes::from(f);
@@ -747,11 +827,17 @@ impl Hub {
                 (self.counters().deliveries).fetch_add(reached, Ordering::Relaxed);
             }
             Routed::Response {
+                epoch,
                 id,
                 from,
                 text,
                 udp,
             } => {
+                if epoch != c.epoch {
+                    // For a Command of an earlier process under this node's name.
+                    Counters::bump(&self.counters().responses_dropped);
+                    return;
+                }
                 let Some(sender) = self.table.by_serial(super::shim::serial_of_command_id(id))
                 else {
                     Counters::bump(&self.counters().responses_dropped);

@@ -117,11 +117,9 @@ impl Hub {
         let fd_cap = open_files
             .saturating_sub(64 + config.admin_connections)
             .max(1);
-        // Command ids of this serial stand for Commands from other nodes.
-        let proxy_serial = 1;
         let cluster = config.cluster.as_ref().map(|c| {
             let node = c.node.as_deref().unwrap_or("node");
-            cluster::Cluster::new(node, config.cores, proxy_serial)
+            cluster::Cluster::new(node, config.cores, rand::random())
         });
         Arc::new(Hub {
             cluster,
@@ -133,7 +131,7 @@ impl Hub {
             epoch: now,
             clock_ms: AtomicU64::new(0),
             epoch_unix_us: unix.as_micros() as u64,
-            next_serial: AtomicU64::new(proxy_serial + 1),
+            next_serial: AtomicU64::new(1),
             open: AtomicUsize::new(0),
             sources: DashMap::new(),
             sources_pruned_ms: AtomicU64::new(0),
@@ -254,7 +252,9 @@ impl Hub {
         // the client ahead of its Session. The table entry is made there too, so that a
         // newer claim on the name, which may close this shim as soon as the lock is free,
         // always finds it to take out.
-        let session = || {
+        // On a node of a cluster the other nodes are told there too, under the same lock,
+        // so that what happens to one identity reaches them in the order it happened here.
+        let session = |displaced: Option<&Arc<Shim>>, old: &str| {
             if registering {
                 let mut f = Vec::with_capacity(18);
                 reply::session(&shim.token, &mut f);
@@ -262,18 +262,13 @@ impl Hub {
                 shim.mark_identified();
                 self.table.insert(shim);
             }
+            self.cluster_claimed(shim, old, displaced, now_us);
         };
-        // The claim's time: of two nodes of a cluster that accept one name before either
-        // hears of the other, the earlier claim keeps it.
-        let stamp = self.set_claimed(shim, Some(now_us));
         let (claim, old) =
             (self.router).claim(shim, label.clone(), |h| policy.replaces(self, h), session);
         let displaced = match claim {
             Claim::Held(displaced) => displaced,
-            Claim::Taken => {
-                self.set_claimed(shim, stamp);
-                return Err(Reject::IdentityInUse);
-            }
+            Claim::Taken => return Err(Reject::IdentityInUse),
             Claim::Closed => return Ok(Identified::Closed),
         };
         let done = if !registering {
@@ -286,17 +281,15 @@ impl Hub {
             info!(conn = shim.serial, identity = %label, user, token = %shim.token, "identify");
             Identified::Registered
         };
-        let mut replaced_remote = None;
         if let Some(holder) = displaced {
-            if let Some(r) = self.remote_of(&holder) {
+            if holder.is_remote() {
                 // A shim of another node: its node closes it when it hears of this claim.
                 self.displace_remote(&holder);
-                replaced_remote = Some(r);
             } else {
                 self.displace(&holder, shim);
             }
         }
-        self.cluster_joined(shim, !registering, replaced_remote.as_deref());
+        self.cluster_state(shim, false);
         // After the holder it displaced is gone: its watchers see its leave, then this
         // shim's join.
         let told = self.state_identity(shim, out);
@@ -321,10 +314,10 @@ impl Hub {
         // is the caller, or shares its thread): no lock for it, so a flood of connections
         // that never identify does not contend with routing.
         if !shim.identity().is_empty() {
-            self.router.remove(shim);
+            // The other nodes of a cluster are told under the same lock (see `identify`).
+            (self.router).remove_then(shim, || self.cluster_left(shim, reason));
         }
         self.state_closed(shim, reason);
-        self.cluster_left(shim, reason);
         if reason == CloseReason::SlowConsumer {
             Counters::bump(&self.counters().slow_consumers);
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");

@@ -112,13 +112,15 @@ impl Router {
     ///
     /// `first` runs under the lock when the claim succeeds, before the shim can be found by
     /// any match (the first Identify queues the Session there, so that no frame routed to
-    /// the shim can reach its client ahead of it).
+    /// the shim can reach its client ahead of it), with the holder it displaced and the
+    /// shim's old identity (a node of a cluster tells the others there, so that its
+    /// changes to one identity reach them in the order they were made here).
     pub fn claim(
         &self,
         shim: &Arc<Shim>,
         label: Arc<str>,
         replace: impl FnOnce(&Shim) -> bool,
-        first: impl FnOnce(),
+        first: impl FnOnce(Option<&Arc<Shim>>, &str),
     ) -> (Claim, Arc<str>) {
         let parts = key_parts(&label);
         let mut root = self.root.write();
@@ -149,17 +151,24 @@ impl Router {
         if !here && !old.is_empty() {
             root.remove(&key_parts(&old), shim.serial);
         }
-        first();
+        first(displaced.as_ref(), &old);
         (Claim::Held(displaced), old)
     }
 
     /// Takes `shim` out of the index (nothing if it is not in it).
     pub fn remove(&self, shim: &Shim) {
+        self.remove_then(shim, || {});
+    }
+
+    /// Takes `shim` out of the index, then runs `then` under the same lock (see
+    /// [`Router::claim`]'s `first`).
+    pub fn remove_then(&self, shim: &Shim, then: impl FnOnce()) {
         let mut root = self.root.write();
         let identity = shim.identity();
         if !identity.is_empty() {
             root.remove(&key_parts(&identity), shim.serial);
         }
+        then();
     }
 
     /// Calls `f` for every shim whose identity matches `pattern` (the sender included;
@@ -187,7 +196,7 @@ mod tests {
     }
 
     fn claim(r: &Router, s: &Arc<Shim>, id: &str, replace: bool) -> Claim {
-        r.claim(s, Arc::from(id), |_| replace, || {}).0
+        r.claim(s, Arc::from(id), |_| replace, |_, _| {}).0
     }
 
     #[test]

@@ -144,6 +144,11 @@ impl Store {
         !self.entries.is_empty()
     }
 
+    /// Whether a subscription watches it.
+    pub(crate) fn is_watched(&self) -> bool {
+        !self.watchers.is_empty()
+    }
+
     fn is_idle(&self) -> bool {
         self.entries.is_empty()
             && self.tombs.is_empty()
@@ -209,6 +214,8 @@ pub struct Subscription {
     keys: Vec<Box<str>>,
     interval_ms: u64,
     pending: Mutex<Pending>,
+    /// It counts in the cluster's interest (`hub/cluster.rs`).
+    interested: AtomicBool,
     ended: AtomicBool,
 }
 
@@ -420,7 +427,7 @@ impl Hub {
         let changed = self.apply_set(shim, store, items, &keep, max_keys, now_ms, None, out);
         drop(guard);
         if changed {
-            self.cluster_state(shim);
+            self.cluster_state(shim, true);
         }
     }
 
@@ -847,6 +854,7 @@ impl Hub {
                 ..Pending::default()
             }),
             ended: AtomicBool::new(false),
+            interested: AtomicBool::new(false),
         });
         (sender.state.lock().get_or_insert_with(Box::default).subs).push(sub.clone());
         // Registered under the registry's lock, which every join takes: a shim that
@@ -855,7 +863,12 @@ impl Hub {
         {
             let mut registry = self.states.registry.lock();
             registry.insert((sender.serial, s.sid), sub.clone());
-            self.cluster_interest(&s.pattern, true);
+            // Under the registry's lock, which the end of a subscription takes too: its
+            // interest across the cluster is added once and taken away once.
+            if !sub.ended.load(Ordering::Acquire) {
+                self.cluster_interest(&s.pattern, true);
+                sub.interested.store(true, Ordering::Release);
+            }
             self.router.for_each_match(&s.pattern, |shim| {
                 let identity = shim.identity();
                 if !sub.watches(shim, &identity, users) {
@@ -949,11 +962,12 @@ impl Hub {
     /// this returns, nothing more is queued for it: a delivery under way holds a store's
     /// lock, which this takes.
     fn end_subscription(&self, sub: &Arc<Subscription>) {
-        if !sub.ended.swap(true, Ordering::AcqRel) {
-            self.cluster_interest(&sub.pattern, false);
-        }
+        sub.ended.store(true, Ordering::Release);
         let mut registry = self.states.registry.lock();
         registry.remove(&(sub.owner_serial, sub.sid));
+        if sub.interested.swap(false, Ordering::AcqRel) {
+            self.cluster_interest(&sub.pattern, false);
+        }
         let watched: Vec<Weak<Shim>> = {
             let mut p = sub.pending.lock();
             p.dirty.clear();

@@ -117,6 +117,9 @@ pub enum Routed {
     },
     /// A CommandResponse for the Command `id` of the receiving node.
     Response {
+        /// The receiving node's epoch when it sent the Command: an answer for an
+        /// earlier process under the same name is dropped.
+        epoch: u64,
         /// The id the sender's node gave the Command.
         id: u64,
         /// The responder's identity.
@@ -142,6 +145,8 @@ impl Routed {
 pub struct Direct {
     /// The sending node.
     pub node: String,
+    /// Its epoch (see [`Presence::epoch`]).
+    pub epoch: u64,
     /// The frames.
     pub items: Vec<Routed>,
 }
@@ -160,6 +165,8 @@ pub struct Want {
 pub struct State {
     /// Its node.
     pub node: String,
+    /// Its node's epoch: state from an earlier process under that name is dropped.
+    pub epoch: u64,
     /// Its serial there.
     pub serial: u64,
     /// Each key: the key, how long ago it was set (milliseconds) and the value.
@@ -204,6 +211,7 @@ mod tests {
         assert_eq!(decode::<Presence>(&encode(&p)), Some(p));
         let d = Direct {
             node: "a".into(),
+            epoch: 9,
             items: vec![Routed::Route {
                 op: 4,
                 from: "x".into(),

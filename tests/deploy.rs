@@ -337,3 +337,58 @@ fn unit_matches_the_configs() {
         .unwrap();
     assert!(somaxconn >= 4096);
 }
+
+/// The three-node example: each node's config passes `--check-config` (with its NATS
+/// password file in place) and names a node of its own in one cluster; the nats-server
+/// configuration is one nats-server accepts; the compose file starts the three nodes.
+#[test]
+fn cluster_example_is_consistent() {
+    let dir = scratch("cluster");
+    let password = dir.join("nats.password");
+    std::fs::write(&password, "hunter2\n").unwrap();
+    let mut names = Vec::new();
+    for n in ["a", "b", "c"] {
+        let rel = format!("deploy/cluster/node-{n}.toml");
+        let toml = read(&rel).replace("/etc/velium/nats.password", &password.display().to_string());
+        let path = dir.join(format!("node-{n}.toml"));
+        std::fs::write(&path, &toml).unwrap();
+        let out = check(&path);
+        assert_eq!(out.status.code(), Some(0), "{rel}: {}", text(&out.stderr));
+        let c = Config::load(&Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .unwrap();
+        let cluster = c.cluster.expect("a cluster node");
+        assert_eq!(cluster.name, "fleet", "{rel}");
+        names.push(cluster.node.clone().expect("a node name"));
+    }
+    assert_eq!(names, ["a", "b", "c"]);
+    let compose = read("deploy/cluster/compose.yaml");
+    for n in ["a", "b", "c"] {
+        assert!(
+            compose.contains(&format!("./node-{n}.toml:/etc/velium/node.toml")),
+            "node {n}"
+        );
+    }
+    let unit = read("deploy/cluster/velium-server@.service");
+    assert!(unit.contains("--config /etc/velium/node-%i.toml"));
+    // nats-server -t: test the configuration and exit.
+    let nats = ["nats-server", "/usr/sbin/nats-server"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .expect("nats-server is installed (scripts/test-deps.sh installs it)");
+    let out = Command::new(nats)
+        .args(["-t", "-c"])
+        .arg(repo("deploy/cluster/nats-server.conf"))
+        .env("VELIUM_NATS_PASSWORD", "hunter2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nats-server -t: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

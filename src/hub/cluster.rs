@@ -871,3 +871,277 @@ fn deliver_via(udp: bool) -> super::Via {
         super::Via::Tcp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClusterAuth, ClusterSettings, Config, DuplicateIdentity};
+    use crate::hub::connection::{Connection, Flow};
+    use std::time::Instant;
+
+    fn hub(rule: DuplicateIdentity) -> Arc<Hub> {
+        let h = Hub::new(Config {
+            cores: 1,
+            duplicate_identity: rule,
+            cluster: Some(Arc::new(ClusterSettings {
+                url: "nats://127.0.0.1:1".into(),
+                name: "t".into(),
+                node: Some("here".into()),
+                auth: ClusterAuth::None,
+            })),
+            ..Config::default()
+        });
+        h.cluster().unwrap().set_reachable(true);
+        h
+    }
+
+    fn feed(c: &mut Connection, h: &Hub, data: &[u8]) -> Flow {
+        let now = Instant::now();
+        let (flow, _) = c.on_bytes(h, data, now);
+        h.finish(0, c.effects(), now);
+        flow
+    }
+
+    fn out(c: &Connection) -> Vec<u8> {
+        let mut v = Vec::new();
+        c.shim().outbox.take(&mut v);
+        c.shim().outbox.wrote(0);
+        v
+    }
+
+    fn shim(h: &Hub, name: &str) -> Connection {
+        let mut c = Connection::accept(h, 0, "127.0.0.1:5000".parse().unwrap(), Instant::now());
+        feed(&mut c, h, format!("\x01{name}\n").as_bytes());
+        assert_eq!(out(&c).len(), 18, "{name}: a Session");
+        c
+    }
+
+    fn member(serial: u64, identity: &str, claimed_unix_us: u64) -> Member {
+        Member {
+            serial,
+            identity: identity.into(),
+            since_unix_ms: 1,
+            udp: false,
+            user: None,
+            claimed_unix_us,
+            replaces: None,
+        }
+    }
+
+    fn apply(h: &Hub, items: Vec<Inbound>) {
+        let mut out = Effects::default();
+        out.begin(h, 0);
+        h.cluster_apply(items, &mut out);
+        h.finish(0, &mut out, Instant::now());
+    }
+
+    fn joins(h: &Hub, node: &str, ms: Vec<Member>) {
+        let changes = ms.into_iter().map(Change::Join).collect();
+        apply(h, vec![Inbound::Changes(Arc::from(node), changes)]);
+    }
+
+    fn outbound(h: &Hub) -> Vec<Outbound> {
+        h.cluster().unwrap().take_outbound().into_iter().collect()
+    }
+
+    #[test]
+    fn remote_shims_are_found_counted_and_routed_to_once_per_node() {
+        let h = hub(DuplicateIdentity::SameCredential);
+        let mut alice = shim(&h, "peq.z.alice");
+        assert!(
+            matches!(&outbound(&h)[..], [Outbound::Change(Change::Join(m))] if m.identity == "peq.z.alice")
+        );
+        joins(
+            &h,
+            "b",
+            vec![member(7, "peq.z.bob", 1), member(8, "peq.z.carol", 1)],
+        );
+        assert_eq!(
+            h.cluster().unwrap().remote_counts(),
+            vec![(Arc::from("b"), 2)]
+        );
+        feed(&mut alice, &h, b"\x0D>\n");
+        let who = String::from_utf8_lossy(&out(&alice)).into_owned();
+        assert!(
+            who.contains("peq.z.bob 1 - b\n") && who.contains("peq.z.alice "),
+            "{who}"
+        );
+        assert!(who.ends_with("\x0c0 3\n"), "{who}");
+        feed(&mut alice, &h, b"\x04peq.z.* /sit\n");
+        let ack = out(&alice);
+        assert!(
+            ack.starts_with(b"\x0c") && ack.ends_with(b" 2\n"),
+            "{ack:?}"
+        );
+        let sent = outbound(&h);
+        assert_eq!(
+            sent.len(),
+            1,
+            "one message for node b, for both of its shims"
+        );
+        assert!(
+            matches!(&sent[0], Outbound::Route(n, Routed::Route { target, udp: false, .. })
+            if &**n == "b" && target == b"peq.z.*")
+        );
+    }
+
+    #[test]
+    fn a_command_from_another_node_is_answered_there() {
+        let h = hub(DuplicateIdentity::SameCredential);
+        let mut bob = shim(&h, "peq.z.bob");
+        outbound(&h);
+        let node: Arc<str> = Arc::from("a");
+        let mut fx = Effects::default();
+        fx.begin(&h, 0);
+        let route = Routed::Route {
+            op: Opcode::Command as u8,
+            from: "peq.z.alice".into(),
+            id: Some(1 << 20),
+            target: b"peq.z.*".to_vec(),
+            text: b"/sit".to_vec(),
+            udp: false,
+        };
+        h.cluster_routed(&node, 42, vec![route], &mut fx);
+        let got = String::from_utf8_lossy(&out(&bob)).into_owned();
+        let id = got
+            .strip_prefix("\x04peq.z.alice ")
+            .and_then(|r| r.strip_suffix(" /sit\n"))
+            .unwrap_or_else(|| panic!("{got:?}"))
+            .to_owned();
+        assert_ne!(
+            id,
+            (1u64 << 20).to_string(),
+            "a local id stands for the remote one"
+        );
+        feed(&mut bob, &h, format!("\x05{id} done\n").as_bytes());
+        let sent = outbound(&h);
+        assert!(
+            matches!(&sent[..], [Outbound::Route(n, Routed::Response { epoch: 42, id, from, text, .. })]
+                if &**n == "a" && *id == 1 << 20 && from == "peq.z.bob" && text == b"done"),
+            "{sent:?}"
+        );
+        // An id it was not sent is refused here, as on one node.
+        feed(
+            &mut bob,
+            &h,
+            format!("\x05{} x\n", (1u64 << 63) + 999).as_bytes(),
+        );
+        assert!(out(&bob).starts_with(b"\x09response refused:"));
+        assert!(outbound(&h).is_empty());
+    }
+
+    #[test]
+    fn a_remote_holder_is_refused_or_replaced_as_policy_says() {
+        let h = hub(DuplicateIdentity::Refuse);
+        joins(&h, "b", vec![member(7, "peq.z.bob", 1)]);
+        let mut c = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), Instant::now());
+        feed(&mut c, &h, b"\x01PEQ.Z.BOB\n");
+        assert_eq!(out(&c), b"\x09identity in use\n");
+        let h = hub(DuplicateIdentity::Replace);
+        joins(&h, "b", vec![member(7, "peq.z.bob", 1)]);
+        outbound(&h);
+        let _c = shim(&h, "peq.z.bob");
+        let sent = outbound(&h);
+        assert!(
+            matches!(&sent[..], [Outbound::Change(Change::Join(m))]
+                if m.replaces == Some(("b".into(), 7)) && m.claimed_unix_us == 1),
+            "the claim names the holder it replaces and keeps its time: {sent:?}"
+        );
+        assert!(
+            h.cluster()
+                .unwrap()
+                .remote_counts()
+                .iter()
+                .all(|(_, n)| *n == 0)
+        );
+    }
+
+    #[test]
+    fn of_two_claims_made_apart_the_earlier_keeps_the_name() {
+        let h = hub(DuplicateIdentity::SameCredential);
+        let bob = shim(&h, "peq.z.bob");
+        let mine = h.claimed_us(bob.shim());
+        // A later claim elsewhere loses: nothing changes here.
+        joins(&h, "b", vec![member(7, "peq.z.bob", mine + 10)]);
+        assert!(!bob.shim().is_closed());
+        assert_eq!(h.cluster().unwrap().remote_counts(), vec![]);
+        // An earlier one wins: the shim here is told, and closed.
+        joins(&h, "c", vec![member(9, "peq.z.bob", mine - 10)]);
+        assert!(bob.shim().is_closed());
+        let told = out(&bob);
+        assert!(
+            told.starts_with(b"\x09identity in use on node c\n\x03"),
+            "{told:?}"
+        );
+        assert_eq!(
+            h.cluster().unwrap().remote_counts(),
+            vec![(Arc::from("c"), 1)]
+        );
+        assert!(
+            outbound(&h)
+                .iter()
+                .any(|o| matches!(o, Outbound::Change(Change::Leave(..))))
+        );
+    }
+
+    #[test]
+    fn a_snapshot_is_applied_as_the_changes_it_differs_by() {
+        let h = hub(DuplicateIdentity::SameCredential);
+        joins(
+            &h,
+            "b",
+            vec![member(1, "peq.z.one", 1), member(2, "peq.z.two", 1)],
+        );
+        let node: Arc<str> = Arc::from("b");
+        let snap = vec![member(2, "peq.z.two", 1), member(3, "peq.z.three", 1)];
+        apply(&h, vec![Inbound::Snapshot(node.clone(), snap)]);
+        let mut names = Vec::new();
+        h.router
+            .for_each_match(&Pattern::all(), |s| names.push(s.identity().to_string()));
+        names.sort();
+        assert_eq!(names, ["peq.z.three", "peq.z.two"]);
+        apply(&h, vec![Inbound::NodeGone(node, "node lost")]);
+        let mut n = 0;
+        h.router.for_each_match(&Pattern::all(), |_| n += 1);
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn proxy_ids_never_alias_and_old_ones_are_forgotten() {
+        let c = Cluster::new("here", 1, 5);
+        let node: Arc<str> = Arc::from("a");
+        let first = c.proxy_id(&node, 1, 100);
+        assert!(c.is_proxy_id(first) && !c.is_proxy_id(7 << 20));
+        assert_eq!(c.proxied(first), Some((node.clone(), 1, 100)));
+        for i in 0..PROXY_WINDOW as u64 {
+            c.proxy_id(&node, 1, i);
+        }
+        assert_eq!(c.proxied(first), None, "pushed out of the window");
+        let last = c.proxy_id(&node, 1, 5);
+        assert_eq!(c.proxied(last), Some((node, 1, 5)));
+        assert_eq!(c.proxied(last + 1), None);
+    }
+
+    #[test]
+    fn cut_off_a_wildcard_gets_its_answer_then_the_notice() {
+        let h = hub(DuplicateIdentity::SameCredential);
+        let mut alice = shim(&h, "peq.z.alice");
+        let _bob = shim(&h, "peq.z.bob");
+        h.cluster().unwrap().set_reachable(false);
+        feed(&mut alice, &h, b"\x04peq.z.* /sit\n");
+        let o = String::from_utf8_lossy(&out(&alice)).into_owned();
+        let (ack, notice) = o.split_once('\n').unwrap();
+        assert!(ack.starts_with('\x0c') && ack.ends_with(" 1"), "{o:?}");
+        assert!(notice.starts_with("\x09cluster unreachable:"), "{o:?}");
+        assert!(crate::proto::reject::answers_no_request(
+            &notice.as_bytes()[1..]
+        ));
+        // An exact identity held here gets no notice.
+        feed(&mut alice, &h, b"\x04peq.z.bob /sit\n");
+        let o = out(&alice);
+        assert!(
+            o.starts_with(b"\x0c") && o.iter().filter(|&&b| b == b'\n').count() == 1,
+            "{o:?}"
+        );
+    }
+}

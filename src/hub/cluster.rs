@@ -1144,4 +1144,118 @@ mod tests {
             "{o:?}"
         );
     }
+
+    /// What another node may send, as steps: joins (with any serial, name, claim time and
+    /// replace mark), leaves, UDP changes, snapshots, a node gone, and local claims.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Join(u8, u64, u8, u64, Option<u64>),
+        Leave(u8, u64),
+        Udp(u8, u64),
+        Snapshot(u8, Vec<(u64, u8, u64)>),
+        Gone(u8),
+        Local(u8),
+        Bytes(Vec<u8>),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let node = 0u8..3;
+        let serial = 1u64..6;
+        let name = 0u8..4;
+        prop_oneof![
+            (
+                node.clone(),
+                serial.clone(),
+                name.clone(),
+                0u64..20,
+                proptest::option::of(0u64..6)
+            )
+                .prop_map(|(n, s, i, t, r)| Step::Join(n, s, i, t, r)),
+            (node.clone(), serial.clone()).prop_map(|(n, s)| Step::Leave(n, s)),
+            (node.clone(), serial.clone()).prop_map(|(n, s)| Step::Udp(n, s)),
+            (
+                node.clone(),
+                proptest::collection::vec((serial, name.clone(), 0u64..20), 0..5)
+            )
+                .prop_map(|(n, m)| Step::Snapshot(n, m)),
+            node.prop_map(Step::Gone),
+            name.prop_map(Step::Local),
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(Step::Bytes),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever other nodes say, in any order, the hub never holds two live shims
+        /// under one identity, and every remote shim it holds is in the router, open, and
+        /// known by its node and serial.
+        #[test]
+        fn remote_presence_keeps_the_hub_consistent(
+            steps in proptest::collection::vec(step(), 1..40),
+        ) {
+            let h = hub(DuplicateIdentity::SameCredential);
+            let c = h.cluster().unwrap();
+            let names = ["peq.z.a", "peq.z.b", "PEQ.z.a", "peq.y.c"];
+            let nodes = ["n0", "n1", "n2"];
+            let mut locals = Vec::new();
+            for st in steps {
+                let item = |n: u8, ch: Vec<Change>| Inbound::Changes(Arc::from(nodes[n as usize]), ch);
+                match st {
+                    Step::Join(n, s, i, t, r) => {
+                        let mut m = member(s, names[i as usize], t);
+                        m.replaces = r.map(|r| ("here".to_string(), r));
+                        apply(&h, vec![item(n, vec![Change::Join(m)])]);
+                    }
+                    Step::Leave(n, s) => apply(&h, vec![item(n, vec![Change::Leave(s, "eof".into())])]),
+                    Step::Udp(n, s) => apply(&h, vec![item(n, vec![Change::Udp(s, true)])]),
+                    Step::Snapshot(n, ms) => {
+                        let ms = ms.into_iter().map(|(s, i, t)| member(s, names[i as usize], t)).collect();
+                        apply(&h, vec![Inbound::Snapshot(Arc::from(nodes[n as usize]), ms)]);
+                    }
+                    Step::Gone(n) => apply(&h, vec![Inbound::NodeGone(Arc::from(nodes[n as usize]), "node lost")]),
+                    Step::Local(i) => {
+                        let mut conn = Connection::accept(&h, 0, "127.0.0.1:5000".parse().unwrap(), Instant::now());
+                        feed(&mut conn, &h, format!("\x01{}\n", names[i as usize]).as_bytes());
+                        locals.push(conn);
+                    }
+                    Step::Bytes(b) => {
+                        // Bytes that are not a message are dropped by the thread; those
+                        // that are, are applied like any other.
+                        if let Some(d) = crate::proto::cluster::decode::<crate::proto::cluster::Direct>(&b) {
+                            let mut fx = Effects::default();
+                            fx.begin(&h, 0);
+                            h.cluster_routed(&Arc::from(d.node.as_str()), d.epoch, d.items, &mut fx);
+                        }
+                        if let Some(p) = crate::proto::cluster::decode::<crate::proto::cluster::Presence>(&b)
+                            && let crate::proto::cluster::Body::Changes(ch) = p.body
+                        {
+                            apply(&h, vec![Inbound::Changes(Arc::from(p.node.as_str()), ch)]);
+                        }
+                    }
+                }
+                let mut held: Vec<(String, u64)> = Vec::new();
+                h.router.for_each_match(&Pattern::all(), |s| {
+                    held.push((s.identity().to_ascii_lowercase(), s.serial));
+                });
+                let mut ids: Vec<&String> = held.iter().map(|(i, _)| i).collect();
+                ids.sort();
+                let n = ids.len();
+                ids.dedup();
+                proptest::prop_assert_eq!(ids.len(), n, "two shims under one identity: {:?}", held);
+                let remote = c.remote.lock();
+                let ghosts = c.ghosts.lock();
+                let mut count = 0;
+                for (node, g) in remote.iter() {
+                    for (serial, shim) in g {
+                        count += 1;
+                        proptest::prop_assert!(!shim.is_closed());
+                        proptest::prop_assert!(held.iter().any(|(_, s)| *s == shim.serial));
+                        let r = ghosts.get(&shim.serial);
+                        proptest::prop_assert!(r.is_some_and(|r| r.node == *node && r.serial == *serial));
+                    }
+                }
+                proptest::prop_assert_eq!(ghosts.len(), count);
+            }
+        }
+    }
 }

@@ -471,7 +471,22 @@ impl Node {
     /// What the cores queued: published in as few messages as it takes.
     async fn outbound(&mut self) {
         let c = self.hub.cluster().expect("a clustered hub");
-        let items = c.take_outbound();
+        let mut items = c.take_outbound();
+        if c.lost.swap(false, Ordering::AcqRel) {
+            // Presence changes were dropped: those taken now are no use either. This
+            // node's membership is read from the router (where every change is made under
+            // its lock), and sent whole.
+            items.retain(|i| !matches!(i, Outbound::Change(_)));
+            self.local.clear();
+            let hub = self.hub.clone();
+            hub.router.for_each_match(&Pattern::all(), |s| {
+                if !s.is_remote() && !s.is_closed() && s.is_identified() {
+                    self.local.insert(s.serial, hub.member(s, None));
+                }
+            });
+            self.seq += 1;
+            self.snapshot_due = true;
+        }
         if items.is_empty() {
             return;
         }

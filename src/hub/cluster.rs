@@ -41,6 +41,9 @@ use tracing::{debug, info, warn};
 pub const OUTBOUND_LIMIT: usize = 65_536;
 /// The bit that marks a proxy id.
 const PROXY_BIT: u64 = 1 << 63;
+/// Items waiting for the cluster thread past which presence changes are dropped too, and
+/// the node's membership is sent whole.
+pub const CHANGE_LIMIT: usize = 4 * OUTBOUND_LIMIT;
 /// Items waiting on one core's inbox, at most (see [`Cluster::deliver`]).
 pub const INBOX_LIMIT: usize = 65_536;
 /// Commands from other nodes whose responses can still find their way back: the oldest
@@ -145,6 +148,9 @@ pub struct Cluster {
     pub epoch: u64,
     proxies: Mutex<Proxies>,
     outbound: Mutex<Queue>,
+    /// Presence changes were dropped: the cluster thread reads this node's membership
+    /// again and sends it whole.
+    pub lost: AtomicBool,
     /// Wakes the cluster thread.
     pub wake: Notify,
     inboxes: Box<[(Mutex<Vec<Inbound>>, Notify)]>,
@@ -169,6 +175,7 @@ impl Cluster {
             epoch,
             proxies: Mutex::default(),
             outbound: Mutex::default(),
+            lost: AtomicBool::new(false),
             wake: Notify::new(),
             inboxes: (0..cores.max(1))
                 .map(|_| (Mutex::default(), Notify::new()))
@@ -190,9 +197,17 @@ impl Cluster {
         {
             return; // queued already: its whole state goes, as it is then
         }
-        // Past the limit, frames and state are dropped (counted); presence and interest
-        // never are (their number is bounded by the fleet's churn, which admission limits,
-        // and a gap in them would leave other nodes wrong until a resync).
+        // Past the limit, frames and state are dropped (counted). Presence changes are
+        // let through to `CHANGE_LIMIT` (a gap in them leaves other nodes wrong), and past
+        // it dropped too, and the node's membership is sent whole instead (`lost`).
+        // Interest changes never are (the Subscribe rate bounds them).
+        if matches!(item, Outbound::Change(_)) && q.items.len() >= CHANGE_LIMIT {
+            drop(q);
+            Counters::bump(&self.stats.dropped);
+            self.lost.store(true, Ordering::Release);
+            self.wake.notify_one();
+            return;
+        }
         if q.items.len() >= OUTBOUND_LIMIT
             && matches!(item, Outbound::Route(..) | Outbound::State(_))
         {
@@ -385,7 +400,17 @@ impl Hub {
         now_us: u64,
     ) {
         let Some(c) = &self.cluster else { return };
-        let us = displaced.map_or(now_us, |h| self.claimed_us(h).min(now_us));
+        let us = match displaced {
+            Some(h) => self.claimed_us(h).min(now_us),
+            // A rename in letter case only keeps the name, and its time.
+            None if !old.is_empty() && old.eq_ignore_ascii_case(&shim.identity()) => {
+                match self.claimed_us(shim) {
+                    0 => now_us,
+                    t => t,
+                }
+            }
+            None => now_us,
+        };
         self.set_claimed(shim, Some(us));
         if !old.is_empty() {
             c.push(Outbound::Change(Change::Leave(
@@ -609,7 +634,11 @@ impl Hub {
                         .lock()
                         .get(&node)
                         .and_then(|m| m.get(&serial).cloned());
-                    if let Some(g) = ghost {
+                    // Kept only while a subscription here watches it: state still on its
+                    // way after the last one ended would go stale.
+                    if let Some(g) = ghost
+                        && (g.state.lock().as_ref()).is_some_and(|s| s.is_watched())
+                    {
                         self.mirror_state(&g, &items, out);
                     }
                 }
@@ -685,7 +714,12 @@ impl Hub {
         let wins = |holder: &Shim| -> bool {
             let (theirs, their_node) = match self.remote_of(holder) {
                 Some(r) => {
-                    if replaces.is_some_and(|(n, s)| **n == *r.node && *s == r.serial) {
+                    // A node's changes come in the order it made them: its new claim on a
+                    // name its own shim held here means that shim gave it up (replaced,
+                    // or closing, its leave on the way).
+                    if r.node == *node
+                        || replaces.is_some_and(|(n, s)| **n == *r.node && *s == r.serial)
+                    {
                         return true;
                     }
                     (r.claimed_unix_us, r.node.clone())
@@ -1082,6 +1116,30 @@ mod tests {
                 .iter()
                 .any(|o| matches!(o, Outbound::Change(Change::Leave(..))))
         );
+    }
+
+    #[test]
+    fn a_node_that_gives_a_name_to_a_newer_shim_of_its_own_is_believed() {
+        // A client reconnected to node b: b's join for the new connection comes before the
+        // old one's leave, with the old claim's time.
+        let h = hub(DuplicateIdentity::SameCredential);
+        joins(&h, "b", vec![member(7, "peq.z.bob", 5)]);
+        let b: Arc<str> = Arc::from("b");
+        apply(
+            &h,
+            vec![Inbound::Changes(
+                b.clone(),
+                vec![
+                    Change::Join(member(8, "peq.z.bob", 5)),
+                    Change::Leave(7, "replaced".into()),
+                ],
+            )],
+        );
+        let mut held = Vec::new();
+        h.router.for_each_match(&Pattern::all(), |s| {
+            held.push(h.remote_of(s).unwrap().serial)
+        });
+        assert_eq!(held, [8]);
     }
 
     #[test]

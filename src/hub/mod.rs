@@ -255,6 +255,9 @@ impl Hub {
         // On a node of a cluster the other nodes are told there too, under the same lock,
         // so that what happens to one identity reaches them in the order it happened here.
         let session = |displaced: Option<&Arc<Shim>>, old: &str| {
+            // First: a UDP bind found through the table below reaches the other nodes
+            // after the join.
+            self.cluster_claimed(shim, old, displaced, now_us);
             if registering {
                 let mut f = Vec::with_capacity(18);
                 reply::session(&shim.token, &mut f);
@@ -262,7 +265,6 @@ impl Hub {
                 shim.mark_identified();
                 self.table.insert(shim);
             }
-            self.cluster_claimed(shim, old, displaced, now_us);
         };
         let (claim, old) =
             (self.router).claim(shim, label.clone(), |h| policy.replaces(self, h), session);

@@ -965,9 +965,6 @@ impl Hub {
         sub.ended.store(true, Ordering::Release);
         let mut registry = self.states.registry.lock();
         registry.remove(&(sub.owner_serial, sub.sid));
-        if sub.interested.swap(false, Ordering::AcqRel) {
-            self.cluster_interest(&sub.pattern, false);
-        }
         let watched: Vec<Weak<Shim>> = {
             let mut p = sub.pending.lock();
             p.dirty.clear();
@@ -979,6 +976,11 @@ impl Hub {
             if let Some(store) = shim.state.lock().as_mut() {
                 store.watchers.retain(|w| !Arc::ptr_eq(w, sub));
             }
+        }
+        // After it left the stores it watched: the mirrors of remote shims nothing
+        // watches any more go with the interest.
+        if sub.interested.swap(false, Ordering::AcqRel) {
+            self.cluster_interest(&sub.pattern, false);
         }
         drop(registry);
     }

@@ -394,14 +394,22 @@ async fn state_loop(core: Rc<Core>) {
         let now = Instant::now();
         out.begin(&hub, hub.ms(now));
         hub.state_tick(core.index, &mut out);
-        let now_ms = hub.ms(Instant::now());
-        for shim in out.flush.drain(..) {
-            shim.outbox.flush(now_ms);
-        }
-        send_datagrams(&core, &mut out);
-        hub.finish(core.index, &mut out, Instant::now());
-        out.release_congested();
+        carry_out_unprompted(&core, &mut out);
     }
+}
+
+/// What work done outside any connection's input produced (relay state, frames from
+/// other nodes): each listed outbox flushed once, the datagrams sent, the slice counted.
+/// Nobody waits for a congested recipient here.
+fn carry_out_unprompted(core: &Core, out: &mut Effects) {
+    let hub = &core.hub;
+    let now_ms = hub.ms(Instant::now());
+    for shim in out.flush.drain(..) {
+        shim.outbox.flush(now_ms);
+    }
+    send_datagrams(core, out);
+    hub.finish(core.index, out, Instant::now());
+    out.release_congested();
 }
 
 /// Applies what other nodes of the cluster said, as the cluster thread hands it over:
@@ -420,13 +428,7 @@ async fn cluster_loop(core: Rc<Core>) {
         let now = Instant::now();
         out.begin(&hub, hub.ms(now));
         hub.cluster_apply(items, &mut out);
-        let now_ms = hub.ms(Instant::now());
-        for shim in out.flush.drain(..) {
-            shim.outbox.flush(now_ms);
-        }
-        send_datagrams(&core, &mut out);
-        hub.finish(core.index, &mut out, Instant::now());
-        out.release_congested();
+        carry_out_unprompted(&core, &mut out);
     }
 }
 

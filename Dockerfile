@@ -10,6 +10,10 @@ COPY . .
 RUN cargo build --release --locked --bin velium-server --bin velium
 
 FROM debian:bookworm-slim
+# ca-certificates: the system roots `velium --tls` checks a public CA's certificate with.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/velium-server /src/target/release/velium /usr/local/bin/
 COPY deploy/velium-server.toml /etc/velium/velium-server.toml
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin velium

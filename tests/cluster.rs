@@ -40,16 +40,22 @@ const WINDOW: usize = 256;
 // Routing across nodes
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn a_command_reaches_every_node_and_the_answers_come_back() {
-    let (_nats, a, b) = pair("command", &[]);
+/// Two nodes: ctl.a and peq.z.a1 on a, peq.z.b1 and peq.z.b2 on b, each seen by both.
+fn routing_fleet(tag: &str) -> (Nats, Server, Server, [Tcp; 4]) {
+    let (nats, a, b) = pair(tag, &[]);
     let mut ctl = shim(&a, "ctl.a");
-    let mut a1 = shim(&a, "peq.z.a1");
+    let a1 = shim(&a, "peq.z.a1");
     let mut b1 = shim(&b, "peq.z.b1");
-    let mut b2 = shim(&b, "peq.z.b2");
+    let b2 = shim(&b, "peq.z.b2");
     let all = "ctl.a@a peq.z.a1@a peq.z.b1@b peq.z.b2@b";
     wait_who(&mut ctl, ">", all);
     wait_who(&mut b1, ">", all);
+    (nats, a, b, [ctl, a1, b1, b2])
+}
+
+#[test]
+fn a_command_reaches_every_node_and_the_answers_come_back() {
+    let (_nats, _a, _b, [mut ctl, mut a1, mut b1, mut b2]) = routing_fleet("command");
 
     // The Ack counts the shims of both nodes; each target gets the sender and the text.
     ctl.send(COMMAND, b"peq.z.* /sit\x0bnow");
@@ -111,14 +117,7 @@ fn a_command_reaches_every_node_and_the_answers_come_back() {
 
 #[test]
 fn an_echo_reaches_every_node() {
-    let (_nats, a, b) = pair("echo", &[]);
-    let mut ctl = shim(&a, "ctl.a");
-    let mut a1 = shim(&a, "peq.z.a1");
-    let mut b1 = shim(&b, "peq.z.b1");
-    let mut b2 = shim(&b, "peq.z.b2");
-    let all = "ctl.a@a peq.z.a1@a peq.z.b1@b peq.z.b2@b";
-    wait_who(&mut ctl, ">", all);
-    wait_who(&mut b1, ">", all);
+    let (_nats, _a, _b, [mut ctl, mut a1, mut b1, mut b2]) = routing_fleet("echo");
 
     ctl.send(ECHO, b"peq.z.* inc\x0bassist  me ");
     ctl.expect_frame(ACK, b"0 3");

@@ -160,6 +160,20 @@ async fn signals(sigs: Signals, hub: Arc<Hub>, reload: admin::Reload) -> ExitCod
         _ = term.recv() => return second_signal(),
         _ = int.recv() => return second_signal(),
     }
+    if let Some(c) = hub.cluster() {
+        // The other nodes hear of every leave now rather than of this node's silence
+        // later: once nothing waits for the cluster thread, one more turn flushes to NATS.
+        let until = Instant::now() + Duration::from_secs(1);
+        while c.has_outbound() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let turn = c.flushed.load(std::sync::atomic::Ordering::Acquire);
+        c.wake.notify_one();
+        while c.flushed.load(std::sync::atomic::Ordering::Acquire) <= turn && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let left = hub.connections();
     if left > 0 {
         hub.metrics

@@ -390,6 +390,21 @@ fn a_killed_node_is_lost_within_3_seconds() {
 }
 
 #[test]
+fn a_node_stopped_gracefully_says_goodbye_for_its_shims() {
+    let (_nats, a, mut b) = pair("stop", &[]);
+    let _b1 = shim(&b, "peq.z.b1");
+    let mut tool = shim(&a, "tool.watch");
+    wait_who(&mut tool, ">", "peq.z.b1@b tool.watch@a");
+    let (mut w, n) = Watch::new(tool, "peq.z.*");
+    assert_eq!(n, 1);
+    b.signal(libc::SIGTERM);
+    assert!(b.wait_exit().success());
+    // The leave names the real reason, not the node's silence afterwards.
+    w.until("b1's leave", |w| w.saw("-peq.z.b1 server shutdown"));
+    assert_eq!(w.presence.len(), 1, "{:?}", w.presence);
+}
+
+#[test]
 fn cut_off_from_nats_a_node_serves_its_own_shims() {
     let (nats, a, b) = pair("cutoff", &[]);
     let mut ctl = shim(&a, "ctl.a");

@@ -177,6 +177,12 @@ async fn run(hub: Arc<Hub>, settings: Arc<ClusterSettings>) {
             _ = tick.tick() => {}
         }
         node.outbound().await;
+        if hub.is_shutting_down() {
+            // The leaves of the shims this node says goodbye to reach the others before
+            // the process ends (the main thread waits for this, briefly).
+            let _ = node.client.flush().await;
+            c.flushed.fetch_add(1, Ordering::Release);
+        }
         let now = Instant::now();
         if now.duration_since(last_beat) >= HEARTBEAT {
             last_beat = now;

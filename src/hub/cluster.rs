@@ -153,6 +153,9 @@ pub struct Cluster {
     pub lost: AtomicBool,
     /// Wakes the cluster thread.
     pub wake: Notify,
+    /// Turns of the cluster thread during a shutdown that ended with everything taken
+    /// published and flushed to NATS.
+    pub flushed: AtomicU64,
     inboxes: Box<[(Mutex<Vec<Inbound>>, Notify)]>,
     /// Connected to NATS.
     reachable: AtomicBool,
@@ -177,6 +180,7 @@ impl Cluster {
             outbound: Mutex::default(),
             lost: AtomicBool::new(false),
             wake: Notify::new(),
+            flushed: AtomicU64::new(0),
             inboxes: (0..cores.max(1))
                 .map(|_| (Mutex::default(), Notify::new()))
                 .collect(),
@@ -224,6 +228,11 @@ impl Cluster {
         if was_empty {
             self.wake.notify_one();
         }
+    }
+
+    /// Whether anything waits for the cluster thread.
+    pub fn has_outbound(&self) -> bool {
+        !self.outbound.lock().items.is_empty()
     }
 
     /// Everything queued for the cluster thread.

@@ -51,9 +51,10 @@ mod common;
 
 use bytes::Bytes;
 use common::{
-    Hist, LatRow, System, Via, banner, cap_connections, connect_from, cpu_secs, current_velium,
-    find_binary, fmt_bytes, fmt_cpu, fmt_rate, part, print_latency_table, ratio, rss_of, runtime,
-    setting, shim_limit_args, source_ip, storm, velium_extra_args, velium_identify,
+    Hist, LatRow, Progress, System, Via, banner, cap_connections, connect_from, cpu_secs,
+    current_velium, find_binary, fmt_bytes, fmt_cpu, fmt_rate, part, print_latency_table, ratio,
+    rss_of, runtime, setting, shim_limit_args, source_ip, storm, velium_extra_args,
+    velium_identify,
 };
 use futures_util::StreamExt;
 use std::cell::{Cell, RefCell};
@@ -66,7 +67,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::Notify;
 
 /// How long a node may settle before and after the remote shims arrive.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -840,47 +840,6 @@ struct FanParams {
     window: u64,
 }
 
-/// Per-receiver delivery counts, and the sender's wake-up when they move.
-struct Progress {
-    counts: Vec<Cell<u64>>,
-    moved: Notify,
-}
-
-impl Progress {
-    fn add(&self, i: usize, k: u64) {
-        if k > 0 {
-            self.counts[i].set(self.counts[i].get() + k);
-            self.moved.notify_one();
-        }
-    }
-
-    fn min(&self) -> u64 {
-        self.counts.iter().map(Cell::get).min().unwrap_or(0)
-    }
-
-    fn total(&self) -> u64 {
-        self.counts.iter().map(Cell::get).sum()
-    }
-
-    async fn wait_min(&self, n: u64, limit: Duration) -> Result<(), String> {
-        let end = tokio::time::Instant::now() + limit;
-        loop {
-            let moved = self.moved.notified();
-            let min = self.min();
-            if min >= n {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(end, moved).await.is_err() {
-                return Err(format!(
-                    "stalled: the slowest receiver has {min} of {n} messages ({} deliveries \
-                     in all)",
-                    self.total()
-                ));
-            }
-        }
-    }
-}
-
 #[derive(Clone, Copy)]
 struct FanStats {
     rate: f64,
@@ -946,10 +905,7 @@ async fn fan_round(
     let cross = to.is_some();
     let recv = to.unwrap_or(a);
     let remote0 = a.metric("velium_cluster_remote_shims").unwrap_or(0.0);
-    let progress = Rc::new(Progress {
-        counts: (0..p.receivers).map(|_| Cell::new(0)).collect(),
-        moved: Notify::new(),
-    });
+    let progress = Progress::new(p.receivers);
     let mut tasks = Vec::new();
     for i in 0..p.receivers {
         let f = Frames::connect(recv.addr, &format!("fan.{tag}.r{i}"), i).await?;

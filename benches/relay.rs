@@ -28,9 +28,10 @@
 mod common;
 
 use common::{
-    Conn, CpuMeter, Hist, LatRow, QUIET, Server, Subject, System, Via, banner, cap_connections,
-    connect_from, find_row, floor, fmt_cpu, fmt_rate, nats_handshake, part, print_after_vs_before,
-    print_latency_table, ratio, runtime, selected, setting, storm, target, velium_identify,
+    Conn, CpuMeter, Hist, LatRow, Progress, QUIET, Server, Subject, System, Via, banner,
+    cap_connections, connect_from, find_row, floor, fmt_cpu, fmt_rate, nats_handshake, part,
+    print_after_vs_before, print_latency_table, ratio, runtime, selected, setting, storm, target,
+    velium_identify,
 };
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -299,55 +300,6 @@ fn main() {
 // ---------------------------------------------------------------------------------------
 // Fan-out
 // ---------------------------------------------------------------------------------------
-
-/// Per-receiver delivery counts, and the sender's wake-up when they move.
-struct Progress {
-    counts: Vec<Cell<u64>>,
-    moved: Notify,
-}
-
-impl Progress {
-    fn new(n: usize) -> Rc<Progress> {
-        Rc::new(Progress {
-            counts: (0..n).map(|_| Cell::new(0)).collect(),
-            moved: Notify::new(),
-        })
-    }
-
-    fn add(&self, i: usize, k: u64) {
-        if k > 0 {
-            self.counts[i].set(self.counts[i].get() + k);
-            self.moved.notify_one();
-        }
-    }
-
-    fn min(&self) -> u64 {
-        self.counts.iter().map(Cell::get).min().unwrap_or(0)
-    }
-
-    fn total(&self) -> u64 {
-        self.counts.iter().map(Cell::get).sum()
-    }
-
-    /// Waits until every receiver has at least `n`, or `limit` passes.
-    async fn wait_min(&self, n: u64, limit: Duration) -> Result<(), String> {
-        let end = tokio::time::Instant::now() + limit;
-        loop {
-            let moved = self.moved.notified();
-            let min = self.min();
-            if min >= n {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(end, moved).await.is_err() {
-                return Err(format!(
-                    "stalled: the slowest receiver has {min} of {n} messages \
-                     ({} deliveries in all)",
-                    self.total()
-                ));
-            }
-        }
-    }
-}
 
 /// What one fan-out round measured.
 #[derive(Clone, Copy)]

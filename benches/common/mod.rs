@@ -17,6 +17,7 @@ pub mod floor;
 pub mod hist;
 pub mod machine;
 pub mod procfs;
+pub mod progress;
 pub mod raw;
 pub mod report;
 pub mod servers;
@@ -28,6 +29,6 @@ pub mod tls;
 // Not every bench uses every part (soak uses nothing from storm).
 #[allow(unused_imports)]
 pub use {
-    hist::*, machine::*, procfs::*, raw::*, report::*, servers::*, sockets::*, storm::*, system::*,
-    tls::*,
+    hist::*, machine::*, procfs::*, progress::*, raw::*, report::*, servers::*, sockets::*,
+    storm::*, system::*, tls::*,
 };

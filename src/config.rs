@@ -1089,26 +1089,25 @@ fn load_cluster(args: &Args, file: &FileConfig) -> Result<Option<ClusterSettings
         }
         Ok(t)
     };
-    let password = match (&file.cluster_password, &file.cluster_password_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid(
-                "give cluster_password or cluster_password_file, not both".into(),
-            ));
-        }
-        (Some(p), None) => Some(p.clone()),
-        (None, Some(f)) => Some(read(f, "cluster_password_file")?),
-        (None, None) => None,
+    // A secret given inline or in a file (not both).
+    let either = |inline: &Option<String>, path: &Option<PathBuf>, key: &str| match (inline, path) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(format!(
+            "give {key} or {key}_file, not both"
+        ))),
+        (Some(v), None) => Ok(Some(v.clone())),
+        (None, Some(f)) => read(f, &format!("{key}_file")).map(Some),
+        (None, None) => Ok(None),
     };
-    let token = match (&file.cluster_token, &file.cluster_token_file) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::Invalid(
-                "give cluster_token or cluster_token_file, not both".into(),
-            ));
-        }
-        (Some(t), None) => Some(t.clone()),
-        (None, Some(f)) => Some(read(f, "cluster_token_file")?),
-        (None, None) => None,
-    };
+    let password = either(
+        &file.cluster_password,
+        &file.cluster_password_file,
+        "cluster_password",
+    )?;
+    let token = either(
+        &file.cluster_token,
+        &file.cluster_token_file,
+        "cluster_token",
+    )?;
     let nkey = match &file.cluster_nkey_file {
         Some(f) => Some(read(f, "cluster_nkey_file")?),
         None => None,

@@ -1352,6 +1352,10 @@ mod tests {
                 "go together",
             ),
             (
+                "cluster_url = \"nats://h:1\"\ncluster_token = \"t\"\ncluster_token_file = \"/x\"\n",
+                "cluster_token or cluster_token_file, not both",
+            ),
+            (
                 "cluster_url = \"nats://h:1\"\ncluster_token = \"t\"\ncluster_user = \"v\"\n\
                  cluster_password = \"p\"\n",
                 "one kind",

@@ -62,7 +62,9 @@ fn main() -> ExitCode {
         Arc::new(move || {
             let new = Config::load(&args).map_err(|e| {
                 warn!(error = %e, "reload failed; settings unchanged");
-                format!("reload failed, settings unchanged: {e}")
+                let text = format!("reload failed, settings unchanged: {e}");
+                journal(&hub, false, &text);
+                text
             })?;
             let level = new.log_level.clone();
             let (live, restart) = hub.reload(new);
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
                 list(&restart)
             );
             info!(applied = %list(&live), restart_needed = %list(&restart), "reloaded");
+            journal(&hub, true, &msg);
             Ok(msg)
         })
     };
@@ -104,7 +107,7 @@ fn main() -> ExitCode {
         hub.config().cores
     );
     if let Some(addr) = admin_addr {
-        match admin::start(addr, hub.clone(), reload.clone()) {
+        match admin::start(addr, hub.clone(), reload.clone(), running.addr) {
             Ok(bound) => banner.push_str(&format!("velium-server admin on http://{bound}\n")),
             Err(e) => {
                 eprintln!("velium-server: cannot serve admin on {addr}: {e}");
@@ -116,6 +119,18 @@ fn main() -> ExitCode {
     let _ = stdout.write_all(banner.as_bytes());
     let _ = stdout.flush();
     rt.block_on(signals(signals_in, hub, reload))
+}
+
+/// Notes a reload in the hub's journal (the dashboard's event log).
+fn journal(hub: &Hub, ok: bool, text: &str) {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let text = text.to_string();
+    (hub.journal).push(
+        unix_ms,
+        velium_server::hub::journal::Happened::Reload { ok, text },
+    );
 }
 
 /// The signals the server handles.

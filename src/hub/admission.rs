@@ -127,6 +127,12 @@ impl Hub {
         if last.is_none_or(|t| now_ms.saturating_sub(t) >= REFUSAL_LOG_MS) {
             logged.insert(ip, now_ms);
             drop(logged);
+            let unix_ms = self.unix_us(now_ms) / 1000;
+            let what = super::journal::Happened::Refused {
+                source: ip,
+                reason: why.label(),
+            };
+            self.journal.push(unix_ms, what);
             if detail.is_empty() {
                 warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source)");
             } else {

@@ -24,6 +24,7 @@ pub mod admission;
 pub mod cluster;
 pub mod connection;
 pub mod datagram;
+pub mod journal;
 pub mod outbox;
 pub mod route;
 pub mod router;
@@ -43,6 +44,7 @@ use admission::Source;
 use arc_swap::{ArcSwap, Guard};
 use bytes::Bytes;
 use dashmap::DashMap;
+use journal::Happened;
 use parking_lot::Mutex;
 use router::{Claim, Router};
 use shim::{CloseReason, Shim};
@@ -96,6 +98,8 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     /// The cluster side, on a node of a cluster.
     cluster: Option<cluster::Cluster>,
+    /// The last joins, leaves, refusals and reloads (the dashboard's event log).
+    pub journal: journal::Journal,
 }
 
 impl Hub {
@@ -138,6 +142,7 @@ impl Hub {
             refusals_logged: Mutex::new(HashMap::new()),
             fd_cap,
             shutdown: watch::Sender::new(false),
+            journal: journal::Journal::default(),
         })
     }
 
@@ -273,14 +278,26 @@ impl Hub {
             Claim::Taken => return Err(Reject::IdentityInUse),
             Claim::Closed => return Ok(Identified::Closed),
         };
+        let unix_ms = now_us / 1000;
         let done = if !registering {
             info!(conn = shim.serial, old = %old, new = %label, "rename");
+            let (from, to) = (old.clone(), label.clone());
+            self.journal.push(unix_ms, Happened::Rename { from, to });
             Identified::Renamed(old.clone())
         } else {
             Counters::bump(&self.counters().identified);
             let user = shim.user();
+            let name = user.as_ref().map(|u| u.name.clone());
             let user = user.as_ref().map_or("-", |u| &*u.name);
             info!(conn = shim.serial, identity = %label, user, token = %shim.token, "identify");
+            let identity = label.clone();
+            self.journal.push(
+                unix_ms,
+                Happened::Join {
+                    identity,
+                    user: name,
+                },
+            );
             Identified::Registered
         };
         if let Some(holder) = displaced {
@@ -325,5 +342,11 @@ impl Hub {
             warn!(conn = shim.serial, identity = %shim.identity(), "slow consumer cut off");
         }
         info!(conn = shim.serial, identity = %shim.identity(), %reason, "close");
+        if shim.is_identified() {
+            let identity = shim.identity();
+            let unix_ms = self.unix_us(self.now_ms()) / 1000;
+            self.journal
+                .push(unix_ms, Happened::Leave { identity, reason });
+        }
     }
 }

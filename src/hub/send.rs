@@ -309,7 +309,12 @@ impl Hub {
     pub(crate) fn log_refusal(&self, sender: &Shim, r: &Reject, now_ms: u64) {
         self.log_once_a_minute(sender, now_ms, || {
             warn!(conn = sender.serial, identity = %sender.identity(), reason = %r,
-                "refused (logged once a minute per shim)")
+                "refused (logged once a minute per shim)");
+            let what = super::journal::Happened::Rate {
+                identity: sender.identity(),
+                reason: r.to_string(),
+            };
+            self.journal.push(self.unix_us(now_ms) / 1000, what);
         });
     }
 

@@ -102,6 +102,9 @@ pub(crate) struct Store {
     floor: u64,
     /// The sequence number of the last change.
     seq: u64,
+    /// When the last Set was applied, changed anything or not (hub milliseconds; 0:
+    /// never): what tells a live shim from a frozen one whose values stand still.
+    last_set_ms: u64,
     /// Bytes of keys and values held.
     bytes: usize,
     /// The subscriptions watching this shim.
@@ -360,6 +363,14 @@ impl Hub {
         }
     }
 
+    /// The sequence number of `shim`'s last state change and when its last Set was applied
+    /// (hub milliseconds); `None` for a shim that never set a key.
+    pub fn state_mark(&self, shim: &Shim) -> Option<(u64, u64)> {
+        let guard = shim.state.lock();
+        let store = guard.as_ref()?;
+        (store.last_set_ms > 0 || store.seq > 0).then_some((store.seq, store.last_set_ms))
+    }
+
     /// A Set from `shim`: applied whole or not at all. Not answered when applied; a
     /// refusal is an Error that starts `state refused:` (it answers no request).
     pub(crate) fn set_state(
@@ -452,6 +463,7 @@ impl Hub {
                 now_ms.saturating_sub(a.get(i).copied().unwrap_or(0))
             })
         };
+        store.last_set_ms = now_ms;
         let seq = store.seq + 1;
         // Keys changed (each change is stamped `seq`: the watchers count theirs from that).
         let mut changed = 0usize;

@@ -38,6 +38,9 @@
 //! minute per reason; connections closed by the listener are counted in
 //! `velium_admin_closed_total{reason}`.
 
+mod dashboard;
+pub mod history;
+
 use crate::hub::Hub;
 use crate::metrics::{Dir, Latency, Transport};
 use crate::proto::Opcode;
@@ -104,7 +107,13 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Binds the admin listener on `addr` and serves it from a new thread; returns the bound
 /// address (the real port when port 0 was asked for).
-pub fn start(addr: SocketAddr, hub: Arc<Hub>, reload: Reload) -> io::Result<SocketAddr> {
+/// `hub_addr` is the hub's own TCP address, where the dashboard's send box connects.
+pub fn start(
+    addr: SocketAddr,
+    hub: Arc<Hub>,
+    reload: Reload,
+    hub_addr: SocketAddr,
+) -> io::Result<SocketAddr> {
     let listener = bind(addr)?;
     let bound = listener.local_addr()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -116,7 +125,7 @@ pub fn start(addr: SocketAddr, hub: Arc<Hub>, reload: Reload) -> io::Result<Sock
         .spawn(move || {
             LocalSet::new().block_on(&runtime, async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => serve(l, Rc::new(Admin::new(hub, reload, limit))).await,
+                    Ok(l) => serve(l, Rc::new(Admin::new(hub, reload, limit, hub_addr))).await,
                     Err(e) => warn!(error = %e, "admin listener failed"),
                 }
             })
@@ -168,6 +177,16 @@ struct Admin {
     conns: RefCell<Conns>,
     reloads: RefCell<Bucket>,
     counts: Counts,
+    /// Login attempts still allowed this second.
+    logins: RefCell<Bucket>,
+    /// The last 15 minutes, sampled each second, and the channel of new samples.
+    history: Rc<RefCell<history::History>>,
+    samples: tokio::sync::broadcast::Sender<history::Sample>,
+    /// Dashboard streams open, and sends running.
+    streams: Cell<usize>,
+    sends: Cell<usize>,
+    /// The hub's own TCP address (the send box connects there).
+    hub_addr: SocketAddr,
 }
 
 /// What `/metrics` reports about the listener itself, and when each refusal was logged.
@@ -205,6 +224,9 @@ enum Phase {
     },
     /// A complete head is being answered (its body read, its response made).
     Answering,
+    /// A dashboard stream is being sent: no request is expected meanwhile, and the write
+    /// timeout still ends it should the page stop reading.
+    Streaming,
     /// A read or write passed its deadline: the connection is closing.
     Expired,
 }
@@ -222,15 +244,21 @@ enum Refusal {
     Timeout,
     /// A head or body that is not HTTP/1 (400).
     BadRequest,
+    /// A dashboard stream beyond the limit of streams open at once (503).
+    Streams,
+    /// `POST /login` beyond its rate (429).
+    LoginRate,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 5] = [
+    const ALL: [Refusal; 7] = [
         Refusal::Token,
         Refusal::ReloadRate,
         Refusal::TooLarge,
         Refusal::Timeout,
         Refusal::BadRequest,
+        Refusal::Streams,
+        Refusal::LoginRate,
     ];
 
     fn label(self) -> &'static str {
@@ -240,6 +268,8 @@ impl Refusal {
             Refusal::TooLarge => "too_large",
             Refusal::Timeout => "timeout",
             Refusal::BadRequest => "bad_request",
+            Refusal::Streams => "streams",
+            Refusal::LoginRate => "login_rate",
         }
     }
 
@@ -275,15 +305,39 @@ impl Refusal {
                 format!("request body not received within {HEAD_TIMEOUT:?}\n"),
             )),
             Refusal::BadRequest => closing(text(StatusCode::BAD_REQUEST, "bad request body\n")),
+            Refusal::Streams => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many dashboard pages open: close one, or raise admin_connections\n",
+            ),
+            Refusal::LoginRate => {
+                let mut r = text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "too many logins: at most {} a second\n",
+                        dashboard::LOGINS_PER_SEC
+                    ),
+                );
+                r.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
         }
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+/// A response: whole (most routes) or streamed (the dashboard's events and sends).
+/// The body is a local trait object: a stream's state lives on the listener's thread.
+type Reply = Response<LocalBody>;
+type LocalBody = Pin<Box<dyn Body<Data = Bytes, Error = Infallible>>>;
+
+/// `body` as a [`LocalBody`].
+fn local(body: impl Body<Data = Bytes, Error = Infallible> + 'static) -> LocalBody {
+    Box::pin(body)
+}
 
 /// A response with `body` of type `ctype`.
 fn reply(status: StatusCode, ctype: &'static str, body: String) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(local(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
@@ -303,8 +357,16 @@ fn text(status: StatusCode, body: impl Into<String>) -> Reply {
 }
 
 impl Admin {
-    fn new(hub: Arc<Hub>, reload: Reload, limit: usize) -> Admin {
+    /// Made on the listener's thread, inside its `LocalSet` (the sampler is a task there).
+    fn new(hub: Arc<Hub>, reload: Reload, limit: usize, hub_addr: SocketAddr) -> Admin {
+        let (history, samples) = history::start(hub.clone());
         Admin {
+            logins: RefCell::new(Bucket::full(dashboard::LOGINS_PER_SEC)),
+            history,
+            samples,
+            streams: Cell::new(0),
+            sends: Cell::new(0),
+            hub_addr,
             hub,
             reload,
             conns: RefCell::new(Conns {
@@ -401,38 +463,97 @@ impl Admin {
         phase: Rc<Cell<Phase>>,
     ) -> Result<Reply, Infallible> {
         phase.set(Phase::Answering);
-        let _waiting_again = Answering(phase);
+        let _waiting_again = Answering(phase.clone());
         // One request per connection per turn of the runtime (this yield wakes the task
         // only after the others ran and the sockets were polled): a client pipelining
         // requests cannot keep the other connections, or the accept, waiting.
         tokio::task::yield_now().await;
-        Ok(self.respond(req, peer).await)
+        Ok(self.respond(req, peer, &phase).await)
     }
 
-    /// The response to one request: the token, then the body, then the route.
-    async fn respond(&self, req: Request<Incoming>, peer: SocketAddr) -> Reply {
+    /// The response to one request: the token, then the body, then the route. What needs
+    /// no token: `/healthz`, the page's assets, the login form and its answer.
+    async fn respond(
+        self: &Rc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        phase: &Rc<Cell<Phase>>,
+    ) -> Reply {
         let (head, body) = req.into_parts();
         let path = head.uri.path();
-        if path != "/healthz" && !self.authorized(&head.headers) {
+        let method = &head.method;
+        if method == Method::GET
+            && let Some(asset) = dashboard::asset(path)
+        {
+            return asset;
+        }
+        let authorized = self.authorized(&head.headers);
+        let limit = match (method, path) {
+            (&Method::POST, "/api/send") => dashboard::MAX_SEND_BODY,
+            _ => MAX_BODY,
+        };
+        let public = matches!(path, "/healthz" | "/login" | "/logout")
+            || (path == "/" && method == Method::GET);
+        if !public && !authorized {
             return self.refuse(Refusal::Token, peer);
         }
-        if let Err(refusal) = read_body(body).await {
-            return self.refuse(refusal, peer);
+        let body = match read_body(body, limit).await {
+            Ok(b) => b,
+            Err(refusal) => return self.refuse(refusal, peer),
+        };
+        debug!(%method, %path, "admin request");
+        let query = head.uri.query().unwrap_or("");
+        match (method, path) {
+            (&Method::GET, "/") if authorized => dashboard::index(),
+            (&Method::GET, "/") => dashboard::login_page(None),
+            (&Method::POST, "/login") => self.login(&body, peer),
+            (&Method::POST, "/logout") => dashboard::logged_out(),
+            (&Method::GET, "/api/stream") => dashboard::stream(self, query, phase)
+                .unwrap_or_else(|refusal| self.refuse(refusal, peer)),
+            (&Method::POST, "/api/send") => dashboard::send(self, &head.headers, &body),
+            (_, "/" | "/login" | "/logout" | "/api/stream" | "/api/send") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => self.route(method, path, query, peer),
         }
-        debug!(method = %head.method, %path, "admin request");
-        self.route(&head.method, path, head.uri.query().unwrap_or(""), peer)
     }
 
-    /// Whether the request carries the admin token, when one is set.
+    /// `POST /login`: the token from the form, within the login rate.
+    fn login(&self, body: &[u8], peer: SocketAddr) -> Reply {
+        if !self.logins.borrow_mut().take(Instant::now()) {
+            return self.refuse(Refusal::LoginRate, peer);
+        }
+        let presented = dashboard::form_token(body);
+        let config = self.hub.config();
+        match &config.admin_token {
+            None => dashboard::logged_in(b""),
+            Some(token) if token.verify(&presented) => dashboard::logged_in(&presented),
+            Some(_) => {
+                drop(config);
+                self.refused(Refusal::Token, peer);
+                dashboard::login_page(Some("wrong token"))
+            }
+        }
+    }
+
+    /// How many dashboard streams may be open at once: half the admin connections, so
+    /// that open pages always leave room for scrapes and `/healthz`.
+    fn stream_limit(&self) -> usize {
+        (self.conns.borrow().limit / 2).max(1)
+    }
+
+    /// Whether the request carries the admin token (the bearer header, or the dashboard's
+    /// cookie), when one is set.
     fn authorized(&self, headers: &HeaderMap) -> bool {
         let config = self.hub.config();
         let Some(token) = &config.admin_token else {
             return true;
         };
-        headers
+        let header = headers
             .get(AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()))
-            .is_some_and(|presented| token.verify(presented))
+            .is_some_and(|presented| token.verify(presented));
+        header || dashboard::cookie_token(headers).is_some_and(|t| token.verify(&t))
     }
 
     /// The response of a route.
@@ -456,7 +577,7 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /shims?pattern=P, /state?pattern=P, POST /reload\n",
+                "not found: try / (the dashboard), /metrics, /healthz, /shims?pattern=P, /state?pattern=P, POST /reload\n",
             ),
         }
     }
@@ -608,7 +729,7 @@ impl Phase {
     fn waiting_since(self) -> Option<Instant> {
         match self {
             Phase::Waiting { since, .. } => Some(since),
-            Phase::Answering | Phase::Expired => None,
+            Phase::Answering | Phase::Streaming | Phase::Expired => None,
         }
     }
 
@@ -632,7 +753,7 @@ impl Phase {
             Phase::Waiting {
                 head: Some(head), ..
             } => Some((head + HEAD_TIMEOUT, "request head not complete in time")),
-            Phase::Answering | Phase::Expired => None,
+            Phase::Answering | Phase::Streaming | Phase::Expired => None,
         }
     }
 }
@@ -693,14 +814,14 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
         .then(|| token.trim_ascii())
 }
 
-/// Reads and drops a request body: at most [`MAX_BODY`] bytes, within [`HEAD_TIMEOUT`].
-async fn read_body(body: Incoming) -> Result<(), Refusal> {
-    if body.size_hint().lower() > MAX_BODY as u64 {
+/// Reads a request body: at most `limit` bytes, within [`HEAD_TIMEOUT`].
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Refusal> {
+    if body.size_hint().lower() > limit as u64 {
         return Err(Refusal::TooLarge);
     }
-    let limited = Limited::new(body, MAX_BODY).collect();
+    let limited = Limited::new(body, limit).collect();
     match tokio::time::timeout(HEAD_TIMEOUT, limited).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
         Ok(Err(e)) if e.is::<LengthLimitError>() => Err(Refusal::TooLarge),
         Ok(Err(_)) => Err(Refusal::BadRequest),
         Err(_) => Err(Refusal::Timeout),

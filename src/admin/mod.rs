@@ -1,5 +1,7 @@
 //! The admin HTTP listener: `GET /healthz`, `GET /metrics` (Prometheus text),
-//! `GET /shims?pattern=P` (JSON) and `POST /reload`.
+//! `GET /shims?pattern=P` and `GET /state?pattern=P` (JSON), `POST /reload`, and the live
+//! dashboard (`dashboard.rs`: `GET /`, `POST /login`, `POST /logout`, `/assets/*`,
+//! `GET /api/stream`, `POST /api/send`).
 //!
 //! It runs on a thread of its own with a single-threaded runtime, outside the pinned cores,
 //! so a scrape never takes a turn from the shim path: what it reads (atomic counters, the
@@ -7,8 +9,9 @@
 //! publish. It lists every shim and can reload the settings, so it is off unless
 //! configured, and the examples bind it to 127.0.0.1.
 //!
-//! With `admin_token` set, every route but `/healthz` needs `Authorization: Bearer TOKEN`;
-//! without it the answer is 401 with `WWW-Authenticate: Bearer`. The token is read from the
+//! With `admin_token` set, every route but `/healthz`, the login form and the page's
+//! assets needs `Authorization: Bearer TOKEN` or the dashboard's login cookie; without
+//! it the answer is 401 with `WWW-Authenticate: Bearer`. The token is read from the
 //! settings on each request, so a reload that changes it applies to the next request.
 //!
 //! No admin client can delay the others, keep `/healthz` out or take descriptors the
@@ -24,7 +27,7 @@
 //!   requests delays the rest by one answer at most.
 //! - **Sizes**: a request head (request line and headers) of at most 8 KiB and 32 headers,
 //!   else 431 and the connection is closed having read no more than that; a body of at
-//!   most 1 KiB (no route takes one), else 413. A connection's socket send buffer is fixed
+//!   most 1 KiB (4 KiB for a dashboard send), else 413. A connection's socket send buffer is fixed
 //!   at 64 KiB. So memory per connection stays small whatever a client sends, and a client
 //!   that asks again and again without reading gets a few answers made, then none.
 //! - **Time**: a request head must be complete within 5 s of its first byte, and its body
@@ -33,6 +36,10 @@
 //!   closes the connection. A slow or silent client holds its connection for seconds.
 //! - **Reloads**: `POST /reload` at most 2 a second (a burst of 2), else 429: a reload
 //!   re-reads files and logs a line.
+//! - **Dashboard**: at most half of `admin_connections` streams open at once (503 beyond),
+//!   so open pages always leave room for scrapes and `/healthz`; a stream is made only as
+//!   fast as its page reads it, and one that stops reading meets the write timeout; at
+//!   most 4 sends running at once, each for at most 60 s; logins at most 5 a second.
 //!
 //! Refusals are counted in `velium_admin_refused_total{reason}` and logged at most once a
 //! minute per reason; connections closed by the listener are counted in

@@ -248,6 +248,22 @@ impl Secret {
         let d: [u8; 32] = Sha256::digest(presented).into();
         d.ct_eq(&self.0).into()
     }
+
+    /// A value derived from the secret for `context` (HMAC-SHA-256 keyed by its digest):
+    /// what a credential made from the secret carries instead of the secret itself, and
+    /// what stops holding when the secret changes.
+    pub fn derive(&self, context: &[u8]) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let tag = ring::hmac::sign(&key, context);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Whether `presented` is [`Secret::derive`] of `context`, compared in constant time.
+    pub fn verify_derived(&self, context: &[u8], presented: &[u8]) -> bool {
+        presented.ct_eq(&self.derive(context)).into()
+    }
 }
 
 impl fmt::Debug for Secret {

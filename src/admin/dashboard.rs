@@ -22,6 +22,7 @@
 use super::history::Sample;
 use super::{Admin, Refusal, Reply, closing, local, reply, text};
 use crate::client::{Client, ClientError, ClientOptions, TlsOptions};
+use crate::config::Secret;
 use crate::hub::Hub;
 use crate::hub::journal::{Entry, Happened};
 use crate::hub::shim::Shim;
@@ -46,6 +47,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 use tokio::sync::broadcast;
 
 const INDEX: &str = include_str!("assets/index.html");
@@ -65,6 +67,8 @@ pub const TICK: Duration = Duration::from_millis(250);
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// How often a page is sent the key names its shims hold.
 const KEYS_EVERY: Duration = Duration::from_secs(5);
+/// Shims a page's tick looks at between two turns of the listener's other tasks.
+const YIELD_EVERY: usize = 256;
 /// Rows per `fleet` event: a large fleet's first picture goes in parts.
 const ROWS_PER_EVENT: usize = 1000;
 /// Journal entries a page gets when it opens.
@@ -96,7 +100,7 @@ fn page(status: StatusCode, html: String) -> Reply {
         HeaderValue::from_static("nosniff"),
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
@@ -143,27 +147,41 @@ pub fn asset(path: &str) -> Option<Reply> {
     Some(r)
 }
 
-/// The token in the request's `velium_admin` cookie, if any.
-pub fn cookie_token(headers: &HeaderMap) -> Option<Vec<u8>> {
+/// What the cookie is derived for: it carries this value's HMAC under the token, never
+/// the token itself (a browser sends a host's cookies to its every port), and it stops
+/// opening the page when the token changes.
+const COOKIE_CONTEXT: &[u8] = b"velium admin dashboard cookie v1";
+
+/// The cookie's value for `token` (hex).
+fn cookie_value(token: &Secret) -> String {
+    token
+        .derive(COOKIE_CONTEXT)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether any `velium_admin` cookie of the request is the one `token` makes (every one
+/// is tried: another port of the same host may have set one of that name too).
+pub fn cookie_valid(headers: &HeaderMap, token: &Secret) -> bool {
+    let want = cookie_value(token);
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE_NAME)
-        .map(|(_, v)| {
-            let decoded: String = form_urlencoded::parse(format!("t={v}").as_bytes())
-                .next()
-                .map(|(_, v)| v.into_owned())
-                .unwrap_or_default();
-            decoded.into_bytes()
+        .filter(|(k, _)| *k == COOKIE_NAME)
+        .fold(false, |ok, (_, v)| {
+            let same: bool = v.as_bytes().ct_eq(want.as_bytes()).into();
+            ok | same
         })
 }
 
-/// The answer to a right login: the cookie, and back to the page.
-pub fn logged_in(token: &[u8]) -> Reply {
-    let value: String = form_urlencoded::byte_serialize(token).collect();
+/// The answer to a right login: the cookie, and back to the page. Without a token (an
+/// open listener) the cookie holds nothing of value.
+pub fn logged_in(token: Option<&Secret>) -> Reply {
+    let value = token.map_or_else(|| "open".to_string(), cookie_value);
     let cookie = format!("{COOKIE_NAME}={value}; Path=/; HttpOnly; SameSite=Strict");
     see_other(Some(cookie))
 }
@@ -330,20 +348,45 @@ struct Page {
     opened: bool,
     /// Parts of the first picture still to send, the next last.
     queued: Vec<String>,
+    /// The request's credentials, checked again every tick: a reload that changes the
+    /// token ends the streams it opened.
+    credentials: HeaderMap,
+    /// What the last tick's work took: the next waits at least four times as long, so a
+    /// page of a large fleet takes a bounded share of the admin thread.
+    work: Duration,
     _slot: StreamSlot,
 }
 
-/// Counts a page's stream as open while it lives, and puts its connection back to
-/// waiting for a request when it ends.
+/// Counts a page's stream as open while it lives (when `counted`), and puts its
+/// connection back to waiting for a request when the streamed body ends.
 struct StreamSlot {
     admin: Rc<Admin>,
     phase: Rc<Cell<super::Phase>>,
+    counted: bool,
+}
+
+impl StreamSlot {
+    /// Marks the connection streaming (no request is read meanwhile, and it is evicted
+    /// last) until the slot is dropped with the body.
+    fn new(admin: &Rc<Admin>, phase: &Rc<Cell<super::Phase>>, counted: bool) -> StreamSlot {
+        if counted {
+            admin.streams.set(admin.streams.get() + 1);
+        }
+        phase.set(super::Phase::Streaming);
+        StreamSlot {
+            admin: admin.clone(),
+            phase: phase.clone(),
+            counted,
+        }
+    }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let open = &self.admin.streams;
-        open.set(open.get().saturating_sub(1));
+        if self.counted {
+            let open = &self.admin.streams;
+            open.set(open.get().saturating_sub(1));
+        }
         if let super::Phase::Streaming = self.phase.get() {
             self.phase
                 .set(super::Phase::waiting(tokio::time::Instant::now()));
@@ -357,63 +400,60 @@ fn event(name: &str, data: &impl Serialize) -> String {
     format!("event: {name}\ndata: {json}\n\n")
 }
 
-/// `fleet` events carrying `rows` and `removed`, in parts of [`ROWS_PER_EVENT`] rows.
-fn fleet_events(
-    reset: bool,
-    rows: &[serde_json::Value],
-    removed: &[u64],
-    matched: usize,
-) -> Vec<String> {
+/// `fleet` events carrying `rows` (each a row's JSON, made once) and `removed`, in
+/// parts of [`ROWS_PER_EVENT`] rows.
+fn fleet_events(reset: bool, rows: &[String], removed: &[u64], matched: usize) -> Vec<String> {
+    let one = |reset: bool, part: &[String], remove: &[u64]| {
+        let remove = serde_json::to_string(remove).unwrap_or_else(|_| "[]".into());
+        format!(
+            "event: fleet\ndata: {{\"reset\":{reset},\"upsert\":[{}],\"remove\":{remove},\"matched\":{matched}}}\n\n",
+            part.join(",")
+        )
+    };
     let mut parts: Vec<String> = rows
         .chunks(ROWS_PER_EVENT)
         .enumerate()
-        .map(|(i, part)| {
-            let (reset, remove) = if i == 0 {
-                (reset, removed)
-            } else {
-                (false, &[][..])
-            };
-            event(
-                "fleet",
-                &json!({"reset": reset, "upsert": part, "remove": remove, "matched": matched}),
-            )
+        .map(|(i, part)| match i {
+            0 => one(reset, part, removed),
+            _ => one(false, part, &[]),
         })
         .collect();
     if parts.is_empty() && (reset || !removed.is_empty()) {
-        parts.push(event(
-            "fleet",
-            &json!({"reset": reset, "upsert": [], "remove": removed, "matched": matched}),
-        ));
+        parts.push(one(reset, &[], removed));
     }
     parts
 }
 
 impl Page {
-    /// The next bytes of the stream: the first picture, then changes every tick.
-    async fn next(&mut self) -> Bytes {
+    /// The next bytes of the stream: the first picture, then changes every tick; `None`
+    /// ends it (the credentials it was opened with no longer hold).
+    async fn next(&mut self) -> Option<Bytes> {
         if !self.opened {
             self.opened = true;
-            return Bytes::from(self.open());
+            return Some(Bytes::from(self.open().await));
         }
         if let Some(part) = self.queued.pop() {
-            return Bytes::from(part);
+            return Some(Bytes::from(part));
         }
         loop {
-            tokio::time::sleep(TICK).await;
-            let out = self.tick();
+            tokio::time::sleep(TICK.max(self.work * 4)).await;
+            self.admin.authorized(&self.credentials)?;
+            let started = Instant::now();
+            let out = self.tick().await;
+            self.work = started.elapsed();
             if !out.is_empty() {
                 self.spoke_at = Instant::now();
-                return Bytes::from(out);
+                return Some(Bytes::from(out));
             }
             if self.spoke_at.elapsed() >= PING_EVERY {
                 self.spoke_at = Instant::now();
-                return Bytes::from_static(b": ping\n\n");
+                return Some(Bytes::from_static(b": ping\n\n"));
             }
         }
     }
 
     /// The first picture: hello, every row (in parts), recent events, the history.
-    fn open(&mut self) -> String {
+    async fn open(&mut self) -> String {
         let hub = self.admin.hub.clone();
         let mut o = event(
             "hello",
@@ -426,7 +466,7 @@ impl Page {
                 "keys": self.view.keys,
             }),
         );
-        let (rows, removed, matched) = self.diff();
+        let (rows, removed, matched) = self.diff().await;
         let mut parts = fleet_events(true, &rows, &removed, matched);
         o.push_str(&parts.remove(0));
         parts.reverse();
@@ -448,8 +488,8 @@ impl Page {
     }
 
     /// What changed since the last tick.
-    fn tick(&mut self) -> String {
-        let (rows, removed, matched) = self.diff();
+    async fn tick(&mut self) -> String {
+        let (rows, removed, matched) = self.diff().await;
         let mut o = fleet_events(false, &rows, &removed, matched).concat();
         let journal = &self.admin.hub.journal;
         if journal.last() > self.journal {
@@ -472,15 +512,20 @@ impl Page {
         o
     }
 
-    /// The rows that changed since the last call, the ids gone, and how many match.
-    fn diff(&mut self) -> (Vec<serde_json::Value>, Vec<u64>, usize) {
+    /// The rows that changed since the last call, the ids gone, and how many match. It
+    /// yields to the listener's other tasks every [`YIELD_EVERY`] shims, so that a page of
+    /// a large fleet never keeps `/healthz` or a scrape waiting for more than a moment.
+    async fn diff(&mut self) -> (Vec<String>, Vec<u64>, usize) {
         let hub = self.admin.hub.clone();
         let now_ms = hub.ms(Instant::now());
         let stale_ms = self.view.stale.as_millis() as u64;
         let shims = matched(&hub, &self.view.pattern);
         let mut next = HashMap::with_capacity(shims.len());
         let mut rows = Vec::new();
-        for s in &shims {
+        for (i, s) in shims.iter().enumerate() {
+            if i > 0 && i % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
             let identity = s.identity();
             let mark = hub.state_mark(s);
             let remote = hub.remote_of(s);
@@ -545,8 +590,8 @@ impl Page {
                 stale,
                 keys,
             };
-            if let Ok(v) = serde_json::to_value(&row) {
-                rows.push(v);
+            if let Ok(json) = serde_json::to_string(&row) {
+                rows.push(json);
             }
         }
         let removed = (self.sent.keys())
@@ -586,6 +631,7 @@ impl Page {
 pub fn stream(
     admin: &Rc<Admin>,
     query: &str,
+    headers: &HeaderMap,
     phase: &Rc<Cell<super::Phase>>,
 ) -> Result<Reply, Refusal> {
     let limit = admin.stream_limit();
@@ -594,9 +640,15 @@ pub fn stream(
     }
     let body = match View::parse(query) {
         Ok(view) => {
-            admin.streams.set(admin.streams.get() + 1);
-            phase.set(super::Phase::Streaming);
+            let mut credentials = HeaderMap::new();
+            for name in [hyper::header::AUTHORIZATION, COOKIE] {
+                for v in headers.get_all(&name) {
+                    credentials.append(name.clone(), v.clone());
+                }
+            }
             let page = Page {
+                credentials,
+                work: Duration::ZERO,
                 admin: admin.clone(),
                 view,
                 sent: HashMap::new(),
@@ -607,13 +659,10 @@ pub fn stream(
                 spoke_at: Instant::now(),
                 opened: false,
                 queued: Vec::new(),
-                _slot: StreamSlot {
-                    admin: admin.clone(),
-                    phase: phase.clone(),
-                },
+                _slot: StreamSlot::new(admin, phase, true),
             };
             let frames = stream::unfold(page, |mut page| async move {
-                let bytes = page.next().await;
+                let bytes = page.next().await?;
                 Some((Ok::<_, Infallible>(Frame::data(bytes)), page))
             });
             local(StreamBody::new(frames))
@@ -656,7 +705,12 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 }
 
 /// `POST /api/send`: the answers as NDJSON lines, streamed as they arrive.
-pub fn send(admin: &Rc<Admin>, headers: &HeaderMap, body: &[u8]) -> Reply {
+pub fn send(
+    admin: &Rc<Admin>,
+    headers: &HeaderMap,
+    body: &[u8],
+    phase: &Rc<Cell<super::Phase>>,
+) -> Reply {
     if headers.get(SEND_HEADER).is_none() {
         return text(
             StatusCode::FORBIDDEN,
@@ -692,7 +746,13 @@ pub fn send(admin: &Rc<Admin>, headers: &HeaderMap, body: &[u8]) -> Reply {
         let _running = running;
         let timeout = Duration::from_millis(req.timeout_ms.unwrap_or(5000)).min(MAX_SEND_TIMEOUT);
         let line = |v: serde_json::Value| format!("{v}\n");
-        let done = match run_send(&hub, addr, &req, command, timeout, &tx).await {
+        // A page that goes away ends the send at once (its slot is free again).
+        let run = run_send(&hub, addr, &req, command, timeout, &tx);
+        let outcome = tokio::select! {
+            r = run => r,
+            _ = tx.closed() => return,
+        };
+        let done = match outcome {
             Ok(done) => done,
             Err(e) => {
                 let _ = tx
@@ -703,9 +763,12 @@ pub fn send(admin: &Rc<Admin>, headers: &HeaderMap, body: &[u8]) -> Reply {
         };
         let _ = tx.send(line(done)).await;
     });
-    let lines = stream::unfold(rx, |mut rx| async move {
+    // The answers come for as long as the send's timeout: the connection is streaming
+    // meanwhile, like a page's.
+    let slot = StreamSlot::new(admin, phase, false);
+    let lines = stream::unfold((rx, slot), |(mut rx, slot)| async move {
         let l = rx.recv().await?;
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(l))), rx))
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(l))), (rx, slot)))
     });
     let mut r = hyper::Response::new(local(StreamBody::new(lines)));
     let h = r.headers_mut();
@@ -845,17 +908,21 @@ mod tests {
     }
 
     #[test]
-    fn the_cookie_carries_any_token() {
-        let token = "a b;c=d%\u{e9}".as_bytes();
-        let r = logged_in(token);
+    fn the_cookie_opens_for_its_token_only_and_never_holds_it() {
+        let token = Secret::new(b"a b;c=d");
+        let r = logged_in(Some(&token));
         let set = r.headers()[SET_COOKIE].to_str().unwrap().to_string();
         assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"));
+        assert!(!set.contains("a b;c=d") && !set.contains("a+b"));
         let pair = set.split(';').next().unwrap();
         let mut h = HeaderMap::new();
-        h.insert(
-            COOKIE,
-            HeaderValue::from_str(&format!("x=1; {pair}")).unwrap(),
-        );
-        assert_eq!(cookie_token(&h).unwrap(), token);
+        // A cookie of the same name set by another port comes first: still valid.
+        let value = format!("{COOKIE_NAME}=tossed; x=1; {pair}");
+        h.insert(COOKIE, HeaderValue::from_str(&value).unwrap());
+        assert!(cookie_valid(&h, &token));
+        assert!(!cookie_valid(&h, &Secret::new(b"another token")));
+        let mut h = HeaderMap::new();
+        h.insert(COOKIE, HeaderValue::from_static("velium_admin=open"));
+        assert!(!cookie_valid(&h, &token));
     }
 }

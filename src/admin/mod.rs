@@ -3,7 +3,8 @@
 //! dashboard (`dashboard.rs`: `GET /`, `POST /login`, `POST /logout`, `/assets/*`,
 //! `GET /api/stream`, `POST /api/send`).
 //!
-//! It runs on a thread of its own with a single-threaded runtime, outside the pinned cores,
+//! It runs on a thread of its own with a single-threaded runtime, outside the pinned cores
+//! and five nice levels below them,
 //! so a scrape never takes a turn from the shim path: what it reads (atomic counters, the
 //! per-core histograms, the router under a read lock) is shared state the cores only
 //! publish. It lists every shim and can reload the settings, so it is off unless
@@ -107,6 +108,14 @@ const BACKLOG: i32 = 1024;
 /// Each connection's socket send buffer (fixed, not grown by the kernel): bounds what a
 /// client that does not read makes the listener render before its writes stop.
 const SEND_BUFFER: usize = 64 * 1024;
+/// Sources whose login rate is kept (the table is forgotten beyond: a flood of sources
+/// buys each a fresh burst, never more memory).
+const LOGIN_SOURCES: usize = 1024;
+/// A peer that stops acknowledging (a laptop asleep with a page open) is given up after
+/// this, so that it does not hold a dashboard stream for the minutes TCP would retry.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Nice levels the admin thread runs below the serving cores.
+const ADMIN_NICE: i32 = 5;
 /// The pause after an accept failed for lack of descriptors or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -130,6 +139,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("velium-admin".into())
         .spawn(move || {
+            crate::driver::sys::lower_thread_priority(ADMIN_NICE);
             LocalSet::new().block_on(&runtime, async move {
                 match TcpListener::from_std(listener) {
                     Ok(l) => serve(l, Rc::new(Admin::new(hub, reload, limit, hub_addr))).await,
@@ -184,8 +194,9 @@ struct Admin {
     conns: RefCell<Conns>,
     reloads: RefCell<Bucket>,
     counts: Counts,
-    /// Login attempts still allowed this second.
-    logins: RefCell<Bucket>,
+    /// Login attempts still allowed this second, per source (so that nobody can lock the
+    /// others out); forgotten once [`LOGIN_SOURCES`] sources are held.
+    logins: RefCell<std::collections::HashMap<std::net::IpAddr, Bucket>>,
     /// The last 15 minutes, sampled each second, and the channel of new samples.
     history: Rc<RefCell<history::History>>,
     samples: tokio::sync::broadcast::Sender<history::Sample>,
@@ -255,10 +266,13 @@ enum Refusal {
     Streams,
     /// `POST /login` beyond its rate (429).
     LoginRate,
+    /// A request another site's page made: a foreign `Origin` on a change, or, with no
+    /// token set, a `Host` that is not this listener's address (403).
+    Origin,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 7] = [
+    const ALL: [Refusal; 8] = [
         Refusal::Token,
         Refusal::ReloadRate,
         Refusal::TooLarge,
@@ -266,6 +280,7 @@ impl Refusal {
         Refusal::BadRequest,
         Refusal::Streams,
         Refusal::LoginRate,
+        Refusal::Origin,
     ];
 
     fn label(self) -> &'static str {
@@ -277,6 +292,7 @@ impl Refusal {
             Refusal::BadRequest => "bad_request",
             Refusal::Streams => "streams",
             Refusal::LoginRate => "login_rate",
+            Refusal::Origin => "origin",
         }
     }
 
@@ -315,6 +331,10 @@ impl Refusal {
             Refusal::Streams => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many dashboard pages open: close one, or raise admin_connections\n",
+            ),
+            Refusal::Origin => text(
+                StatusCode::FORBIDDEN,
+                "refused: a request from another site (Origin or Host is not this listener)\n",
             ),
             Refusal::LoginRate => {
                 let mut r = text(
@@ -368,7 +388,7 @@ impl Admin {
     fn new(hub: Arc<Hub>, reload: Reload, limit: usize, hub_addr: SocketAddr) -> Admin {
         let (history, samples) = history::start(hub.clone());
         Admin {
-            logins: RefCell::new(Bucket::full(dashboard::LOGINS_PER_SEC)),
+            logins: RefCell::new(std::collections::HashMap::new()),
             history,
             samples,
             streams: Cell::new(0),
@@ -391,7 +411,14 @@ impl Admin {
         bump(&self.counts.accepted);
         self.make_room();
         let _ = stream.set_nodelay(true);
-        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock.set_send_buffer_size(SEND_BUFFER);
+        let _ = sock.set_tcp_user_timeout(Some(PEER_TIMEOUT));
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(PEER_TIMEOUT / 2)
+            .with_interval(PEER_TIMEOUT / 6)
+            .with_retries(3);
+        let _ = sock.set_tcp_keepalive(&keepalive);
         let phase = Rc::new(Cell::new(Phase::waiting(Instant::now())));
         let id = self.conns.borrow_mut().next();
         let registered = Registered {
@@ -494,7 +521,18 @@ impl Admin {
         {
             return asset;
         }
-        let authorized = self.authorized(&head.headers);
+        if let Err(why) = self.same_origin(method, path, &head.headers) {
+            return self.refuse(why, peer);
+        }
+        let by = self.authorized(&head.headers);
+        // A cookie goes with any request the browser makes to this host, whoever asked
+        // for it: it authorises what changes nothing, and a send (whose header no other
+        // site can set without a preflight this listener never grants), nothing else.
+        let authorized = match by {
+            Some(By::Cookie) => method == Method::GET || path == "/api/send",
+            Some(_) => true,
+            None => false,
+        };
         let limit = match (method, path) {
             (&Method::POST, "/api/send") => dashboard::MAX_SEND_BODY,
             _ => MAX_BODY,
@@ -515,9 +553,9 @@ impl Admin {
             (&Method::GET, "/") => dashboard::login_page(None),
             (&Method::POST, "/login") => self.login(&body, peer),
             (&Method::POST, "/logout") => dashboard::logged_out(),
-            (&Method::GET, "/api/stream") => dashboard::stream(self, query, phase)
+            (&Method::GET, "/api/stream") => dashboard::stream(self, query, &head.headers, phase)
                 .unwrap_or_else(|refusal| self.refuse(refusal, peer)),
-            (&Method::POST, "/api/send") => dashboard::send(self, &head.headers, &body),
+            (&Method::POST, "/api/send") => dashboard::send(self, &head.headers, &body, phase),
             (_, "/" | "/login" | "/logout" | "/api/stream" | "/api/send") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
@@ -525,16 +563,25 @@ impl Admin {
         }
     }
 
-    /// `POST /login`: the token from the form, within the login rate.
+    /// `POST /login`: the token from the form, within the login rate of its source.
     fn login(&self, body: &[u8], peer: SocketAddr) -> Reply {
-        if !self.logins.borrow_mut().take(Instant::now()) {
+        let allowed = {
+            let mut logins = self.logins.borrow_mut();
+            if logins.len() >= LOGIN_SOURCES {
+                logins.clear();
+            }
+            (logins.entry(peer.ip()))
+                .or_insert_with(|| Bucket::full(dashboard::LOGINS_PER_SEC))
+                .take(Instant::now())
+        };
+        if !allowed {
             return self.refuse(Refusal::LoginRate, peer);
         }
         let presented = dashboard::form_token(body);
         let config = self.hub.config();
         match &config.admin_token {
-            None => dashboard::logged_in(b""),
-            Some(token) if token.verify(&presented) => dashboard::logged_in(&presented),
+            None => dashboard::logged_in(None),
+            Some(token) if token.verify(&presented) => dashboard::logged_in(Some(token)),
             Some(_) => {
                 drop(config);
                 self.refused(Refusal::Token, peer);
@@ -549,18 +596,55 @@ impl Admin {
         (self.conns.borrow().limit / 2).max(1)
     }
 
-    /// Whether the request carries the admin token (the bearer header, or the dashboard's
-    /// cookie), when one is set.
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    /// How the request is authorised, if it is: no token set, the bearer header, or the
+    /// dashboard's cookie.
+    fn authorized(&self, headers: &HeaderMap) -> Option<By> {
         let config = self.hub.config();
         let Some(token) = &config.admin_token else {
-            return true;
+            return Some(By::Open);
         };
         let header = headers
             .get(AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()))
             .is_some_and(|presented| token.verify(presented));
-        header || dashboard::cookie_token(headers).is_some_and(|t| token.verify(&t))
+        if header {
+            return Some(By::Bearer);
+        }
+        dashboard::cookie_valid(headers, token).then_some(By::Cookie)
+    }
+
+    /// Refuses what a browser sends on another site's behalf. Without a token, a browser's
+    /// request is served only when it names this host by address (or `localhost`): a page
+    /// that rebinds its own name to 127.0.0.1 names itself in `Host`. A request that
+    /// changes something and carries an `Origin` must come from this listener's own page.
+    fn same_origin(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
+        let host = headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        // What a browser asks (the page's routes, or anything sent with the headers every
+        // current browser adds); a scraper or curl naming the host is not concerned.
+        let browser = dashboard_route(path)
+            || headers.contains_key("sec-fetch-site")
+            || headers.contains_key(hyper::header::ORIGIN);
+        let open = self.hub.config().admin_token.is_none();
+        if open && browser && !host.is_empty() && !literal_host(host) {
+            return Err(Refusal::Origin);
+        }
+        if method != Method::GET && method != Method::HEAD {
+            let origin = headers
+                .get(hyper::header::ORIGIN)
+                .and_then(|o| o.to_str().ok());
+            if let Some(origin) = origin {
+                let own = origin
+                    .strip_prefix("http://")
+                    .is_some_and(|o| o.eq_ignore_ascii_case(host));
+                if !own {
+                    return Err(Refusal::Origin);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The response of a route.
@@ -688,15 +772,22 @@ impl Conns {
     }
 
     /// The connection to close to make room: the one waiting longest for a request, else
-    /// the oldest.
+    /// the oldest one not streaming to a dashboard page, else the oldest. (Streams are at
+    /// most half the connections, so a page is closed only for another page.)
     fn victim(&self) -> Option<u64> {
         let waiting = self
             .open
             .iter()
             .filter_map(|(&id, slot)| Some((slot.phase.get().waiting_since()?, id)))
             .min();
+        let busy = || {
+            (self.open.iter())
+                .find(|(_, slot)| !matches!(slot.phase.get(), Phase::Streaming))
+                .map(|(&id, _)| id)
+        };
         waiting
             .map(|(_, id)| id)
+            .or_else(busy)
             .or_else(|| self.open.keys().next().copied())
     }
 }
@@ -811,6 +902,37 @@ fn due(last: &Cell<Option<Instant>>) -> bool {
     }
     last.set(Some(now));
     true
+}
+
+/// How a request was authorised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum By {
+    /// No admin token is set.
+    Open,
+    /// `Authorization: Bearer TOKEN`.
+    Bearer,
+    /// The dashboard's login cookie.
+    Cookie,
+}
+
+/// Whether `path` is one of the dashboard's own routes.
+fn dashboard_route(path: &str) -> bool {
+    matches!(path, "/" | "/login" | "/logout") || path.starts_with("/api/")
+}
+
+/// Whether a `Host` header names the listener by an IP address or as `localhost` (with or
+/// without a port): never a name a page elsewhere could have pointed here.
+fn literal_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 /// The token of an `Authorization: Bearer TOKEN` value (the scheme in any case).

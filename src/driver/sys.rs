@@ -223,6 +223,19 @@ pub fn tune_allocator() {
     }
 }
 
+/// Lowers the calling thread's scheduling priority by `by` nice levels (Linux sets nice
+/// per thread). The admin thread calls it: on a machine whose cores are all serving, a
+/// dashboard's burst of work then waits for the shims' cores rather than delaying them.
+pub fn lower_thread_priority(by: i32) {
+    // SAFETY: gettid takes no arguments; setpriority on our own thread id changes only
+    // this thread's nice value, and its failure (no permission) is harmless.
+    unsafe {
+        let tid = libc::gettid();
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, (now + by).min(19));
+    }
+}
+
 /// This host's name (empty if it cannot be read).
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];

@@ -14,8 +14,10 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// Entries kept; the oldest is dropped for a new one.
-pub const CAPACITY: usize = 1024;
+/// Entries kept; the oldest is dropped for a new one. A page reads the journal every
+/// 250 ms: this holds a quarter second of a storm of 16,000 connections a second (a join
+/// and a leave each), and costs about 300 KiB.
+pub const CAPACITY: usize = 4096;
 
 /// One thing that happened.
 #[derive(Clone, Debug)]

@@ -285,7 +285,7 @@
       tr.appendChild(th);
     }
     thead.replaceChildren(tr);
-    table.style.minWidth = `${552 + (cols.length - BASE.length) * 92}px`;   // widths as in app.css
+    table.style.minWidth = `${552 + (cols.length - BASE.length) * 80}px`;   // widths as in app.css
     updateSortMarks();
   }
   function updateSortMarks() {

@@ -60,8 +60,9 @@ mod common;
 
 use common::{
     Conn, Hist, Progress, System, TempDir, Via, banner, cap_connections, connect_from, cpu_secs,
-    current_velium, floor, fmt_bytes, fmt_rate, ratio, rss_of, runtime, setting, shim_limit_args,
-    source_ip, storm, udp_bind_confirm, udp_to, velium_extra_args, velium_identify,
+    current_velium, floor, fmt_bytes, fmt_rate, ratio, rss_of, runtime, send_window, setting,
+    shim_limit_args, source_ip, storm, udp_bind_confirm, udp_to, velium_extra_args,
+    velium_identify,
 };
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -1358,47 +1359,6 @@ async fn fan_out(
     drop(wr);
     drop(other_writers);
     Ok((steady, fan, rate))
-}
-
-/// Sends `count` copies of `frame`, up to 32 per write, never more than `window` ahead of
-/// the slowest receiver, whose count started at `from`.
-async fn send_window(
-    wr: &mut OwnedWriteHalf,
-    progress: &Progress,
-    frame: &[u8],
-    window: u64,
-    from: u64,
-    count: u64,
-) -> Result<(), String> {
-    let mut sent = 0u64;
-    let mut batch = Vec::new();
-    while sent < count {
-        let moved = progress.moved.notified();
-        let behind = (from + sent).saturating_sub(progress.min());
-        let room = window.saturating_sub(behind).min(count - sent);
-        if room == 0 {
-            if tokio::time::timeout(Duration::from_secs(30), moved)
-                .await
-                .is_err()
-            {
-                return Err(format!(
-                    "stalled at {sent} of {count} sent; slowest receiver at {}",
-                    progress.min()
-                ));
-            }
-            continue;
-        }
-        let k = room.min(32);
-        batch.clear();
-        for _ in 0..k {
-            batch.extend_from_slice(frame);
-        }
-        wr.write_all(&batch)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        sent += k;
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 //! Fan-out progress: how many deliveries each receiver has, and a wake-up for the sender
-//! when they move (the relay and cluster benches share it).
+//! when they move, and the windowed sender that waits on it (the relay, cluster and
+//! dashboard benches share them).
 
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 /// Per-receiver delivery counts, and the sender's wake-up when they move.
@@ -55,4 +58,45 @@ impl Progress {
             }
         }
     }
+}
+
+/// Sends `count` copies of `frame`, up to 32 per write, never more than `window` ahead of
+/// the slowest receiver, whose count started at `from`.
+pub async fn send_window(
+    wr: &mut OwnedWriteHalf,
+    progress: &Progress,
+    frame: &[u8],
+    window: u64,
+    from: u64,
+    count: u64,
+) -> Result<(), String> {
+    let mut sent = 0u64;
+    let mut batch = Vec::new();
+    while sent < count {
+        let moved = progress.moved.notified();
+        let behind = (from + sent).saturating_sub(progress.min());
+        let room = window.saturating_sub(behind).min(count - sent);
+        if room == 0 {
+            if tokio::time::timeout(Duration::from_secs(30), moved)
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "stalled at {sent} of {count} sent; slowest receiver at {}",
+                    progress.min()
+                ));
+            }
+            continue;
+        }
+        let k = room.min(32);
+        batch.clear();
+        for _ in 0..k {
+            batch.extend_from_slice(frame);
+        }
+        wr.write_all(&batch)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        sent += k;
+    }
+    Ok(())
 }

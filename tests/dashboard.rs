@@ -1476,3 +1476,51 @@ fn a_new_token_ends_the_streams_of_the_old_one() {
     let (status, _, _) = get(&srv, "/", &[("Cookie", &cookie)]);
     assert_eq!(status, 401, "the old cookie still opens the page");
 }
+
+/// Open pages are bounded (half of `admin_connections`; another page is told why), and a
+/// connection made while the listener is full closes an idle one, never a page's stream.
+#[test]
+fn pages_are_bounded_and_evicted_last() {
+    let token = TempFile::new("admin.token", &format!("{TOKEN}\n"));
+    let srv = Server::with_admin(
+        "uring",
+        &[
+            "--admin-token-file",
+            token.arg(),
+            "--admin-connections",
+            "4",
+        ],
+    );
+    let admin = srv.admin.unwrap();
+    let (b, v) = bearer();
+    let mut pages: Vec<_> = (0..2)
+        .map(|_| {
+            let r = request(admin, "GET", "/api/stream", &[(b, &v)], "");
+            assert_eq!(r.status, 200, "{:?}", r.head);
+            let mut body = r.body;
+            let mut line = String::new();
+            body.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "event: hello");
+            body
+        })
+        .collect();
+    let (status, _, text) = request(admin, "GET", "/api/stream", &[(b, &v)], "").text();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("too many dashboard pages"), "{text}");
+    // Fill the listener with two connections that send nothing, then one more: an idle
+    // one makes room for it, and both pages keep streaming.
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(admin).unwrap()).collect();
+    let (status, _, body) = request(admin, "GET", "/healthz", &[], "").text();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    for page in &mut pages {
+        // A stats sample comes every second: the stream is still open.
+        let mut seen = String::new();
+        while !seen.contains("\"sample\"") {
+            let mut line = String::new();
+            let n = page.read_line(&mut line).expect("the page's stream");
+            assert!(n > 0, "a page's stream was closed to make room");
+            seen.push_str(&line);
+        }
+    }
+    drop(idle);
+}

@@ -178,7 +178,7 @@ fn the_token_is_required_everywhere_but_healthz() {
     }
     let answer = exchange(
         admin,
-        b"GET /shims HTTP/1.1\r\nHost: a\r\nAuthorization: Basic czNjcmV0\r\nConnection: close\r\n\r\n",
+        b"GET /shims HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic czNjcmV0\r\nConnection: close\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 401 "), "{answer}");
     assert!(
@@ -204,7 +204,7 @@ fn the_token_is_required_everywhere_but_healthz() {
     );
     let answer = exchange(
         admin,
-        b"GET /shims HTTP/1.1\r\nHost: a\r\nAuthorization: bearer s3cret\r\nConnection: close\r\n\r\n",
+        b"GET /shims HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: bearer s3cret\r\nConnection: close\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     assert_eq!(metric_with(&srv, "s3cret", &refused("token")), 9.0);
@@ -277,7 +277,7 @@ fn a_huge_url_from_a_client_that_never_reads_is_cut_short() {
 fn a_client_asking_for_metrics_again_and_again_without_reading_is_closed() {
     let srv = Server::with_admin("epoll", &[]);
     let mut bad = small_buffers(srv.admin.unwrap());
-    let request = b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
     let requests = request.repeat(1024);
 
     // Pipelines requests until the listener stops taking them: its answers fill the
@@ -357,7 +357,7 @@ drivers!(idle_admin_connections_leave_healthz_and_shims_served);
 fn the_connection_idle_longest_makes_room() {
     let srv = Server::with_admin("epoll", &["--admin-connections", "2"]);
     let admin = srv.admin.unwrap();
-    let request = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 
     // a never sends; b is answered (idle since); c arrives and a, idle longest, goes.
     let mut a = connect(admin);
@@ -383,7 +383,7 @@ fn heads_and_bodies_over_their_limits_are_refused() {
     let srv = Server::with_admin("epoll", &[]);
     let admin = srv.admin.unwrap();
 
-    let mut big = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    let mut big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".to_vec();
     big.resize(9 * 1024, b'b');
     big.extend_from_slice(b"\r\n\r\n");
     let answer = exchange(admin, &big);
@@ -392,7 +392,7 @@ fn heads_and_bodies_over_their_limits_are_refused() {
         "{answer}"
     );
 
-    let mut many = b"GET /healthz HTTP/1.1\r\nHost: a\r\n".to_vec();
+    let mut many = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_vec();
     for i in 0..40 {
         many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
     }
@@ -404,7 +404,7 @@ fn heads_and_bodies_over_their_limits_are_refused() {
     // A declared body over 1 KiB is refused unread; a chunked one once it passes 1 KiB.
     let answer = exchange(
         admin,
-        b"POST /reload HTTP/1.1\r\nHost: a\r\nContent-Length: 1048576\r\n\r\n",
+        b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048576\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     assert!(
@@ -412,7 +412,8 @@ fn heads_and_bodies_over_their_limits_are_refused() {
         "{answer}"
     );
     let mut chunked =
-        b"POST /reload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n500\r\n".to_vec();
+        b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n500\r\n"
+            .to_vec();
     chunked.resize(chunked.len() + 0x500, b'c');
     chunked.extend_from_slice(b"\r\n0\r\n\r\n");
     let answer = exchange(admin, &chunked);
@@ -421,10 +422,10 @@ fn heads_and_bodies_over_their_limits_are_refused() {
 
     // A small body is read and ignored; the connection stays usable.
     let mut s = connect(admin);
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n\r\nhello")
         .unwrap();
     assert!(response(&mut s).ends_with("\r\n\r\nok\n"));
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     assert!(response(&mut s).ends_with("\r\n\r\nok\n"));
 
@@ -443,14 +444,14 @@ fn stalled_heads_bodies_and_idle_connections_are_closed() {
     let mut never = connect(admin);
     let mut partial = connect(admin);
     partial
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .unwrap();
     let mut no_body = connect(admin);
     no_body
-        .write_all(b"POST /reload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+        .write_all(b"POST /reload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n")
         .unwrap();
     let mut kept = connect(admin);
-    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
     assert!(response(&mut kept).ends_with("\r\n\r\nok\n"));
     let answered = Instant::now();

@@ -1415,13 +1415,30 @@ fn requests_of_other_sites_are_refused() {
         "",
     );
     assert_eq!(r.status, 200, "the listener's own origin: {:?}", r.head);
+    let behind_proxy = format!("https://{admin}");
+    let proxied = [(b, value.as_str()), ("Origin", behind_proxy.as_str())];
+    let r = request(admin, "POST", "/reload", &proxied, "");
+    assert_eq!(r.status, 200, "an https origin of this host: {:?}", r.head);
+    let same = [(b, value.as_str()), ("Sec-Fetch-Site", "same-origin")];
+    let r = request(admin, "POST", "/logout", &same, "");
+    assert_eq!(r.status, 303, "{:?}", r.head);
+    let cross = [
+        ("Cookie", cookie.as_str()),
+        ("Sec-Fetch-Site", "cross-site"),
+    ];
+    let r = request(admin, "GET", "/api/stream", &cross, "");
+    assert_eq!(
+        r.status, 403,
+        "a stream opened for another site: {:?}",
+        r.head
+    );
     let foreign = [(b, value.as_str()), ("Origin", "http://attacker.example")];
     let (status, _, body) = request(admin, "POST", "/reload", &foreign, "").text();
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("another site"), "{body}");
     let (_, _, metrics) = request(admin, "GET", "/metrics", &[(b, &value)], "").text();
     assert!(
-        metrics.contains("velium_admin_refused_total{reason=\"origin\"} 1"),
+        metrics.contains("velium_admin_refused_total{reason=\"origin\"} 2"),
         "{metrics}"
     );
 
@@ -1439,9 +1456,17 @@ fn requests_of_other_sites_are_refused() {
         "GET /api/stream HTTP/1.1\r\nHost: attacker.example:9100\r\nSec-Fetch-Site: same-origin\r\nConnection: close\r\n\r\n",
     );
     assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
-    let scrape =
-        raw("GET /metrics HTTP/1.1\r\nHost: hub.internal:9100\r\nConnection: close\r\n\r\n");
+    // A plain-HTTP page sends no Sec-Fetch headers: the Host alone tells it, so an open
+    // listener answers only requests naming it by address (`/healthz` answers anyone).
+    let rebound =
+        raw("GET /shims HTTP/1.1\r\nHost: attacker.example:9100\r\nConnection: close\r\n\r\n");
+    assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+    let scrape = raw(&format!(
+        "GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    ));
     assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    let health = raw("GET /healthz HTTP/1.1\r\nHost: hub.internal\r\nConnection: close\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let local = raw(&format!(
         "GET / HTTP/1.1\r\nHost: localhost:{}\r\nSec-Fetch-Site: none\r\nConnection: close\r\n\r\n",
         admin.port()

@@ -483,7 +483,7 @@ impl Page {
             .cloned()
             .collect();
         o.push_str(&event("stats", &json!({ "history": history })));
-        o.push_str(&self.key_names_event().unwrap_or_default());
+        o.push_str(&self.key_names_event().await.unwrap_or_default());
         o
     }
 
@@ -507,7 +507,7 @@ impl Page {
             }
         }
         if self.keys_at.elapsed() >= KEYS_EVERY {
-            o.push_str(&self.key_names_event().unwrap_or_default());
+            o.push_str(&self.key_names_event().await.unwrap_or_default());
         }
         o
     }
@@ -603,12 +603,15 @@ impl Page {
     }
 
     /// The state key names the matched shims hold: at open, then when they changed.
-    fn key_names_event(&mut self) -> Option<String> {
+    async fn key_names_event(&mut self) -> Option<String> {
         self.keys_at = Instant::now();
         let hub = self.admin.hub.clone();
         let mut names = BTreeSet::new();
-        for s in matched(&hub, &self.view.pattern) {
-            hub.state_items(&s, |k, _, _| {
+        for (i, s) in matched(&hub, &self.view.pattern).iter().enumerate() {
+            if i > 0 && i % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
+            hub.state_items(s, |k, _, _| {
                 if names.len() < MAX_KEY_NAMES {
                     names.insert(k.to_ascii_lowercase());
                 }

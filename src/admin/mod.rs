@@ -40,7 +40,8 @@
 //! - **Dashboard**: at most half of `admin_connections` streams open at once (503 beyond),
 //!   so open pages always leave room for scrapes and `/healthz`; a stream is made only as
 //!   fast as its page reads it, and one that stops reading meets the write timeout; at
-//!   most 4 sends running at once, each for at most 60 s; logins at most 5 a second.
+//!   most 4 sends running at once, each for at most 60 s; logins at most 5 a second
+//!   from one source (a /64 for IPv6) and 50 a second in all.
 //!
 //! Refusals are counted in `velium_admin_refused_total{reason}` and logged at most once a
 //! minute per reason; connections closed by the listener are counted in
@@ -108,9 +109,11 @@ const BACKLOG: i32 = 1024;
 /// Each connection's socket send buffer (fixed, not grown by the kernel): bounds what a
 /// client that does not read makes the listener render before its writes stop.
 const SEND_BUFFER: usize = 64 * 1024;
-/// Sources whose login rate is kept (the table is forgotten beyond: a flood of sources
-/// buys each a fresh burst, never more memory).
+/// Sources whose login rate is kept apart; beyond, new sources share one bucket (a flood
+/// of sources buys neither memory nor attempts).
 const LOGIN_SOURCES: usize = 1024;
+/// Login attempts a second from every source together.
+const ALL_LOGINS_PER_SEC: f64 = 50.0;
 /// A peer that stops acknowledging (a laptop asleep with a page open) is given up after
 /// this, so that it does not hold a dashboard stream for the minutes TCP would retry.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,6 +200,8 @@ struct Admin {
     /// Login attempts still allowed this second, per source (so that nobody can lock the
     /// others out); forgotten once [`LOGIN_SOURCES`] sources are held.
     logins: RefCell<std::collections::HashMap<std::net::IpAddr, Bucket>>,
+    /// Login attempts still allowed this second from every source together.
+    all_logins: RefCell<Bucket>,
     /// The last 15 minutes, sampled each second, and the channel of new samples.
     history: Rc<RefCell<history::History>>,
     samples: tokio::sync::broadcast::Sender<history::Sample>,
@@ -334,7 +339,8 @@ impl Refusal {
             ),
             Refusal::Origin => text(
                 StatusCode::FORBIDDEN,
-                "refused: a request from another site (Origin or Host is not this listener)\n",
+                "refused: a request made for another site, or naming this listener by a host \
+                 name while it has no admin_token (name it by address, or set a token)\n",
             ),
             Refusal::LoginRate => {
                 let mut r = text(
@@ -389,6 +395,7 @@ impl Admin {
         let (history, samples) = history::start(hub.clone());
         Admin {
             logins: RefCell::new(std::collections::HashMap::new()),
+            all_logins: RefCell::new(Bucket::full(ALL_LOGINS_PER_SEC)),
             history,
             samples,
             streams: Cell::new(0),
@@ -565,14 +572,28 @@ impl Admin {
 
     /// `POST /login`: the token from the form, within the login rate of its source.
     fn login(&self, body: &[u8], peer: SocketAddr) -> Reply {
-        let allowed = {
+        let now = Instant::now();
+        let allowed = self.all_logins.borrow_mut().take(now) && {
             let mut logins = self.logins.borrow_mut();
-            if logins.len() >= LOGIN_SOURCES {
-                logins.clear();
-            }
-            (logins.entry(peer.ip()))
+            // One source is an IPv4 address or an IPv6 /64 (what one host can hold);
+            // past the table's size every new source shares one bucket.
+            let source = match peer.ip().to_canonical() {
+                std::net::IpAddr::V6(a) => {
+                    let s = a.segments();
+                    std::net::IpAddr::V6(std::net::Ipv6Addr::new(
+                        s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+                    ))
+                }
+                v4 => v4,
+            };
+            let key = if logins.len() < LOGIN_SOURCES || logins.contains_key(&source) {
+                source
+            } else {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            };
+            (logins.entry(key))
                 .or_insert_with(|| Bucket::full(dashboard::LOGINS_PER_SEC))
-                .take(Instant::now())
+                .take(now)
         };
         if !allowed {
             return self.refuse(Refusal::LoginRate, peer);
@@ -613,38 +634,55 @@ impl Admin {
         dashboard::cookie_valid(headers, token).then_some(By::Cookie)
     }
 
-    /// Refuses what a browser sends on another site's behalf. Without a token, a browser's
-    /// request is served only when it names this host by address (or `localhost`): a page
-    /// that rebinds its own name to 127.0.0.1 names itself in `Host`. A request that
-    /// changes something and carries an `Origin` must come from this listener's own page.
+    /// Refuses what a browser sends on another site's behalf.
+    ///
+    /// - Without a token, only requests naming this listener by IP address or as
+    ///   `localhost` are served (`/healthz` excepted): a page that rebinds its own name
+    ///   to 127.0.0.1 names itself in `Host`, and plain-HTTP pages get no `Sec-Fetch-*`
+    ///   headers to tell them by. A listener reached by a host name needs `admin_token`.
+    /// - A request that changes something, or opens the dashboard's stream or send, is
+    ///   refused when the browser says another site asked for it (`Sec-Fetch-Site`
+    ///   `cross-site` or `same-site`), or, from a browser that does not say, when its
+    ///   `Origin` names another host than `Host`.
     fn same_origin(&self, method: &Method, path: &str, headers: &HeaderMap) -> Result<(), Refusal> {
         let host = headers
             .get(hyper::header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
-        // What a browser asks (the page's routes, or anything sent with the headers every
-        // current browser adds); a scraper or curl naming the host is not concerned.
-        let browser = dashboard_route(path)
-            || headers.contains_key("sec-fetch-site")
-            || headers.contains_key(hyper::header::ORIGIN);
         let open = self.hub.config().admin_token.is_none();
-        if open && browser && !host.is_empty() && !literal_host(host) {
+        if open && path != "/healthz" && !literal_host(host) {
             return Err(Refusal::Origin);
         }
-        if method != Method::GET && method != Method::HEAD {
-            let origin = headers
-                .get(hyper::header::ORIGIN)
-                .and_then(|o| o.to_str().ok());
-            if let Some(origin) = origin {
-                let own = origin
-                    .strip_prefix("http://")
-                    .is_some_and(|o| o.eq_ignore_ascii_case(host));
-                if !own {
-                    return Err(Refusal::Origin);
+        let guarded =
+            (method != Method::GET && method != Method::HEAD) || path.starts_with("/api/");
+        if !guarded {
+            return Ok(());
+        }
+        let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+        match site {
+            Some(s) if s.eq_ignore_ascii_case("same-origin") || s.eq_ignore_ascii_case("none") => {
+                Ok(())
+            }
+            Some(_) => Err(Refusal::Origin),
+            None => {
+                let origin = headers
+                    .get(hyper::header::ORIGIN)
+                    .and_then(|o| o.to_str().ok());
+                match origin {
+                    None => Ok(()),
+                    Some(o) => {
+                        let named = o
+                            .strip_prefix("http://")
+                            .or_else(|| o.strip_prefix("https://"));
+                        if named.is_some_and(|n| n.eq_ignore_ascii_case(host)) {
+                            Ok(())
+                        } else {
+                            Err(Refusal::Origin)
+                        }
+                    }
                 }
             }
         }
-        Ok(())
     }
 
     /// The response of a route.
@@ -772,8 +810,7 @@ impl Conns {
     }
 
     /// The connection to close to make room: the one waiting longest for a request, else
-    /// the oldest one not streaming to a dashboard page, else the oldest. (Streams are at
-    /// most half the connections, so a page is closed only for another page.)
+    /// the oldest one not streaming to a dashboard page or a send, else the oldest.
     fn victim(&self) -> Option<u64> {
         let waiting = self
             .open
@@ -913,11 +950,6 @@ enum By {
     Bearer,
     /// The dashboard's login cookie.
     Cookie,
-}
-
-/// Whether `path` is one of the dashboard's own routes.
-fn dashboard_route(path: &str) -> bool {
-    matches!(path, "/" | "/login" | "/logout") || path.starts_with("/api/")
 }
 
 /// Whether a `Host` header names the listener by an IP address or as `localhost` (with or

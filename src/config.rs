@@ -29,6 +29,17 @@ pub enum IoMode {
     Auto,
 }
 
+impl IoMode {
+    /// The driver's name as logs and the banner write it.
+    pub fn label(self) -> &'static str {
+        match self {
+            IoMode::Uring => "io_uring",
+            IoMode::Epoll => "epoll",
+            IoMode::Auto => "auto",
+        }
+    }
+}
+
 /// What happens when a shim asks for an identity another live shim holds (compared
 /// ignoring ASCII case): two shims never hold the same identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]

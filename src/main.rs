@@ -15,7 +15,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt, reload};
 use velium_server::admin;
-use velium_server::config::{Args, Config, IoMode};
+use velium_server::config::{Args, Config};
 use velium_server::driver;
 use velium_server::hub::Hub;
 use velium_server::metrics::Latency;
@@ -95,10 +95,7 @@ fn main() -> ExitCode {
             hup: signal(SignalKind::hangup()).expect("SIGHUP handler"),
         }
     };
-    let io = match running.io {
-        IoMode::Epoll => "epoll",
-        _ => "io_uring",
-    };
+    let io = running.io.label();
     // Scripts and tests read the real addresses (port 0 picks one) from these lines. A
     // reader may close the pipe after them, so write errors are ignored.
     let mut banner = format!(
@@ -108,7 +105,10 @@ fn main() -> ExitCode {
     );
     if let Some(addr) = admin_addr {
         match admin::start(addr, hub.clone(), reload.clone(), running.addr) {
-            Ok(bound) => banner.push_str(&format!("velium-server admin on http://{bound}\n")),
+            Ok(bound) => {
+                info!(addr = %bound, "admin listener (the dashboard at /)");
+                banner.push_str(&format!("velium-server admin on http://{bound}\n"))
+            }
             Err(e) => {
                 eprintln!("velium-server: cannot serve admin on {addr}: {e}");
                 return ExitCode::from(1);
@@ -203,11 +203,23 @@ async fn signals(sigs: Signals, hub: Arc<Hub>, reload: admin::Reload) -> ExitCod
     let m = &hub.metrics;
     let errors = nonzero(m.errors().map(|(k, n)| (k.label(), n)));
     let refused = nonzero(m.refusals().map(|(k, n)| (k.label(), n)));
+    let c = &hub.metrics.counters;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     info!(
-        took = ?started.elapsed(),
+        took_ms = started.elapsed().as_millis() as u64,
         handshake = %hub.metrics.summary(Latency::Handshake),
         udp_bind = %hub.metrics.summary(Latency::UdpBind),
-        counters = ?hub.metrics.counters,
+        accepted = n(&c.accepted),
+        identified = n(&c.identified),
+        replaced = n(&c.replaced),
+        slow_consumers = n(&c.slow_consumers),
+        shutdown_cut = n(&c.shutdown_cut),
+        deliveries = n(&c.deliveries),
+        responses_dropped = n(&c.responses_dropped),
+        udp_dropped = n(&c.udp_dropped),
+        tls_established = n(&c.tls_established),
+        state_sets = n(&c.state_sets),
+        state_changes = n(&c.state_changes),
         errors = %errors,
         refused = %refused,
         "shut down"

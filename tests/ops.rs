@@ -261,7 +261,16 @@ fn sigterm_sends_quit_to_every_connection_and_exits_zero(io: &str) {
     assert_eq!(pending.expect_closed(), vec![(0x03, vec![])]);
     let status = srv.wait_exit();
     assert!(status.success(), "{status}");
-    srv.wait_log(&["shut down", "handshake"]);
+    // The last line: each counter a field of its own, durations in one unit.
+    let last = srv.wait_log(&["shut down", "handshake"]);
+    for field in ["accepted=2 ", "identified=1 ", "took_ms="] {
+        assert!(last.contains(field), "{field} missing: {last}");
+    }
+    assert!(!last.contains("Counters {"), "debug output in {last}");
+    // The driver as the banner names it, and the admin listener's start.
+    let want = if io == "epoll" { "io=epoll" } else { "io=io_uring" };
+    srv.wait_log(&["listening", want]);
+    srv.wait_log(&["admin listener", "addr=127.0.0.1:"]);
 }
 
 fn sighup_and_post_reload_apply_live_settings(io: &str) {

@@ -187,7 +187,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
             msg,
         })?;
     }
-    info!(%addr, cores = hub.config().cores, io = ?io, "listening");
+    info!(%addr, cores = hub.config().cores, io = %io.label(), "listening");
     if let Some(settings) = cluster {
         info!(node = %hub.cluster().map_or("", |c| &*c.node), url = %settings.url,
             name = %settings.name, "joining the cluster");

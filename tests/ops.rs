@@ -268,7 +268,11 @@ fn sigterm_sends_quit_to_every_connection_and_exits_zero(io: &str) {
     }
     assert!(!last.contains("Counters {"), "debug output in {last}");
     // The driver as the banner names it, and the admin listener's start.
-    let want = if io == "epoll" { "io=epoll" } else { "io=io_uring" };
+    let want = if io == "epoll" {
+        "io=epoll"
+    } else {
+        "io=io_uring"
+    };
     srv.wait_log(&["listening", want]);
     srv.wait_log(&["admin listener", "addr=127.0.0.1:"]);
 }

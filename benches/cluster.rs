@@ -50,6 +50,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::check_delivered;
 use common::{
     Hist, LatRow, Progress, System, Via, banner, cap_connections, connect_from, cpu_secs,
     current_velium, find_binary, fmt_bytes, fmt_cpu, fmt_rate, part, print_latency_table, ratio,
@@ -955,29 +956,7 @@ async fn fan_round(
             .unwrap_or(0.0),
     );
     // Every Echo acknowledged as reaching every receiver; nothing more delivered.
-    let want_acks = warm + p.messages;
-    let end = Instant::now() + Duration::from_secs(10);
-    while acks.get() < want_acks && bad_ack.borrow().is_empty() && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    if !bad_ack.borrow().is_empty() {
-        return Err(format!(
-            "sender got {} (an Ack counting {} expected)",
-            bad_ack.borrow(),
-            p.receivers
-        ));
-    }
-    if acks.get() != want_acks {
-        return Err(format!("{} Echo Acks, {want_acks} expected", acks.get()));
-    }
-    let want = want_acks * p.receivers as u64;
-    if progress.total() != want {
-        return Err(format!(
-            "{} deliveries counted, {want} expected",
-            progress.total()
-        ));
-    }
+    check_delivered(&progress, &acks, &bad_ack, warm + p.messages, p.receivers).await?;
     drop(wr);
     for t in tasks {
         t.abort();

@@ -58,6 +58,7 @@
 
 mod common;
 
+use common::check_delivered;
 use common::{
     Conn, Hist, Progress, System, TempDir, Via, banner, cap_connections, connect_from, cpu_secs,
     current_velium, floor, fmt_bytes, fmt_rate, ratio, rss_of, runtime, send_window, setting,
@@ -1329,29 +1330,7 @@ async fn fan_out(
     let fan = probe.since(&a, "fan-out");
     let rate = (p.messages * p.receivers as u64) as f64 / fan.secs;
     // Every Echo acknowledged as reaching every receiver; nothing more delivered.
-    let want_acks = warm + p.messages;
-    let end = Instant::now() + Duration::from_secs(10);
-    while acks.get() < want_acks && bad_ack.borrow().is_empty() && Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    if !bad_ack.borrow().is_empty() {
-        return Err(format!(
-            "the sender got {} (an Ack counting {} expected)",
-            bad_ack.borrow(),
-            p.receivers
-        ));
-    }
-    if acks.get() != want_acks {
-        return Err(format!("{} Echo Acks, {want_acks} expected", acks.get()));
-    }
-    let want = want_acks * p.receivers as u64;
-    if progress.total() != want {
-        return Err(format!(
-            "{} deliveries counted, {want} expected",
-            progress.total()
-        ));
-    }
+    check_delivered(&progress, &acks, &bad_ack, warm + p.messages, p.receivers).await?;
     bg.stop().await?;
     for t in tasks {
         t.abort();

@@ -2,7 +2,7 @@
 //! when they move, and the windowed sender that waits on it (the relay, cluster and
 //! dashboard benches share them).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -97,6 +97,40 @@ pub async fn send_window(
             .await
             .map_err(|e| format!("send: {e}"))?;
         sent += k;
+    }
+    Ok(())
+}
+
+/// Waits (up to 10 s) until the sender has `want_acks` Echo Acks, then checks that every
+/// Ack counted `receivers` (`bad_ack` holds the first that did not) and that the
+/// receivers got exactly `want_acks` each, nothing more.
+pub async fn check_delivered(
+    progress: &Progress,
+    acks: &Cell<u64>,
+    bad_ack: &RefCell<String>,
+    want_acks: u64,
+    receivers: usize,
+) -> Result<(), String> {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while acks.get() < want_acks && bad_ack.borrow().is_empty() && std::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if !bad_ack.borrow().is_empty() {
+        return Err(format!(
+            "the sender got {} (an Ack counting {receivers} expected)",
+            bad_ack.borrow()
+        ));
+    }
+    if acks.get() != want_acks {
+        return Err(format!("{} Echo Acks, {want_acks} expected", acks.get()));
+    }
+    let want = want_acks * receivers as u64;
+    if progress.total() != want {
+        return Err(format!(
+            "{} deliveries counted, {want} expected",
+            progress.total()
+        ));
     }
     Ok(())
 }

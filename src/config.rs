@@ -139,6 +139,9 @@ pub struct Config {
     pub state_sets_per_sec: u32,
     /// Subscriptions one connection may hold.
     pub state_subscriptions: usize,
+    /// The state keys indexed for target filters (lowercase): a filter on one of them
+    /// finds its shims without looking at the others. Fixed at startup.
+    pub state_index: Vec<Box<str>>,
     /// The cluster this hub is a node of (`cluster_url`); `None`: a hub on its own.
     pub cluster: Option<Arc<ClusterSettings>>,
 }
@@ -238,6 +241,7 @@ impl Default for Config {
             state_bytes: 16 * 1024,
             state_sets_per_sec: 100,
             state_subscriptions: 16,
+            state_index: DEFAULT_STATE_INDEX.iter().map(|&k| Box::from(k)).collect(),
             cluster: None,
         }
     }
@@ -406,6 +410,7 @@ impl Config {
             io,
             admin,
             admin_connections,
+            state_index,
             cluster
         );
         cmp!(
@@ -452,6 +457,7 @@ impl Config {
             io: self.io,
             admin: self.admin,
             admin_connections: self.admin_connections,
+            state_index: self.state_index.clone(),
             cluster: self.cluster.clone(),
             ..new
         }
@@ -624,6 +630,10 @@ pub struct Args {
     /// State subscriptions one connection may hold [default: 16]
     #[arg(long, value_name = "N")]
     pub state_subscriptions: Option<usize>,
+    /// State keys indexed for target filters, comma-separated, or "none"
+    /// [default: group,raid,class,level,zone,channels]
+    #[arg(long, value_name = "KEYS")]
+    pub state_index: Option<String>,
     /// Join a cluster of hubs through this NATS server, e.g. nats://127.0.0.1:4222
     /// [default: off, a hub on its own]
     #[arg(long = "cluster", value_name = "URL")]
@@ -677,6 +687,7 @@ struct FileConfig {
     state_bytes: Option<usize>,
     state_sets_per_sec: Option<u32>,
     state_subscriptions: Option<usize>,
+    state_index: Option<Vec<String>>,
     cluster_url: Option<String>,
     cluster_name: Option<String>,
     node_name: Option<String>,
@@ -703,6 +714,35 @@ struct FileUser {
     echoes: Option<Vec<String>>,
     who: Option<Vec<String>>,
     state: Option<Vec<String>>,
+}
+
+/// The state keys indexed when `state_index` is not set: those docs/protocol.md suggests
+/// for targets.
+pub const DEFAULT_STATE_INDEX: [&str; 6] = ["group", "raid", "class", "level", "zone", "channels"];
+/// The most keys `state_index` may list.
+pub const MAX_STATE_INDEX: usize = 16;
+
+/// Checks `state_index`: keys of the key grammar, at most [`MAX_STATE_INDEX`], each once.
+fn parse_state_index(keys: &[String]) -> Result<Vec<Box<str>>, ConfigError> {
+    if keys.len() > MAX_STATE_INDEX {
+        return Err(ConfigError::Invalid(format!(
+            "state_index lists {} keys; at most {MAX_STATE_INDEX}",
+            keys.len()
+        )));
+    }
+    let mut out: Vec<Box<str>> = Vec::with_capacity(keys.len());
+    for k in keys {
+        crate::proto::state::check_key(k.as_bytes())
+            .map_err(|e| ConfigError::Invalid(format!("bad state_index key {k:?}: {e}")))?;
+        let k = k.to_ascii_lowercase();
+        if out.iter().any(|o| **o == *k) {
+            return Err(ConfigError::Invalid(format!(
+                "state_index lists {k:?} twice"
+            )));
+        }
+        out.push(k.into_boxed_str());
+    }
+    Ok(out)
 }
 
 impl Config {
@@ -881,6 +921,14 @@ impl Config {
             .or(file.connect_rate_per_source)
         {
             c.connect_rate_per_source = v;
+        }
+        let index = match (&args.state_index, file.state_index) {
+            (Some(v), _) if v == "none" => Some(Vec::new()),
+            (Some(v), _) => Some(v.split(',').map(|k| k.trim().to_string()).collect()),
+            (None, v) => v,
+        };
+        if let Some(keys) = index {
+            c.state_index = parse_state_index(&keys)?;
         }
         let nets = if args.allow_network.is_empty() {
             file.allow_networks.unwrap_or_default()
@@ -1229,6 +1277,39 @@ mod tests {
             config: Some(path),
             ..Args::default()
         })
+    }
+
+    #[test]
+    fn state_index_is_checked_and_lowercased() {
+        let c = Config::load(&Args::default()).unwrap();
+        assert_eq!(c.state_index.len(), DEFAULT_STATE_INDEX.len());
+        let c = with_file("state_index = [\"Role\", \"class\"]\n").unwrap();
+        assert_eq!(c.state_index, vec![Box::from("role"), Box::from("class")]);
+        assert!(
+            with_file("state_index = []\n")
+                .unwrap()
+                .state_index
+                .is_empty()
+        );
+        let e = with_file("state_index = [\"a.b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad state_index key \"a.b\""), "{e}");
+        let e = with_file("state_index = [\"x\", \"X\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("twice"), "{e}");
+        let args = Args {
+            state_index: Some("none".into()),
+            ..Args::default()
+        };
+        assert!(Config::load(&args).unwrap().state_index.is_empty());
+        let args = Args {
+            state_index: Some("zone, level".into()),
+            ..Args::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.state_index, vec![Box::from("zone"), Box::from("level")]);
     }
 
     #[test]

@@ -56,6 +56,12 @@ pub struct Counters {
     /// Changes that reached no subscriber on their own because a later value replaced
     /// them before the delivery (coalesced away).
     pub state_coalesced: AtomicU64,
+    /// Shims that entered or left a filtered subscription's selection.
+    pub state_reselected: AtomicU64,
+    /// Routed frames (Command, Echo, Who, Get) whose target carried filters.
+    pub filtered_targets: AtomicU64,
+    /// Shims a filtered target's lookup looked at (index candidates or pattern matches).
+    pub filter_candidates: AtomicU64,
 }
 
 impl Counters {

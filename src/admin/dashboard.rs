@@ -26,7 +26,7 @@ use crate::config::Secret;
 use crate::hub::Hub;
 use crate::hub::journal::{Entry, Happened};
 use crate::hub::shim::Shim;
-use crate::proto::pattern::Pattern;
+use crate::proto::target::Target;
 use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::StreamBody;
@@ -212,7 +212,8 @@ pub fn form_token(body: &[u8]) -> Vec<u8> {
 
 /// What a page asked for: the shims, the keys, the stale time.
 struct View {
-    pattern: Pattern,
+    /// A target: a pattern, perhaps with filters (`peq.>,class=CLR`).
+    pattern: Target,
     pattern_text: String,
     keys: Vec<String>,
     stale: Duration,
@@ -221,7 +222,7 @@ struct View {
 impl View {
     fn parse(query: &str) -> Result<View, String> {
         let mut view = View {
-            pattern: Pattern::all(),
+            pattern: Target::all(),
             pattern_text: String::new(),
             keys: Vec::new(),
             stale: Duration::from_secs(30),
@@ -230,7 +231,7 @@ impl View {
             match &*k {
                 "pattern" if !v.trim().is_empty() => {
                     let p = v.trim();
-                    view.pattern = Pattern::parse(p.as_bytes())
+                    view.pattern = Target::parse(p.as_bytes())
                         .map_err(|e| format!("bad pattern {p:?}: {e}"))?;
                     view.pattern_text = p.to_string();
                 }
@@ -290,11 +291,11 @@ fn segments(identity: &str) -> (&str, &str, &str) {
     }
 }
 
-/// The identified shims `pattern` matches, copied out of the router (its lock is held
+/// The identified shims `pattern` names, copied out of the router (its lock is held
 /// for the copy only).
-fn matched(hub: &Hub, pattern: &Pattern) -> Vec<Arc<Shim>> {
+fn matched(hub: &Hub, pattern: &Target) -> Vec<Arc<Shim>> {
     let mut v = Vec::new();
-    hub.router.for_each_match(pattern, |s| {
+    hub.for_each_selected(pattern, false, |s| {
         if s.is_identified() {
             v.push(s.clone())
         }

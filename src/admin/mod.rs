@@ -53,8 +53,8 @@ pub mod history;
 use crate::hub::Hub;
 use crate::metrics::{Dir, Latency, Transport};
 use crate::proto::Opcode;
-use crate::proto::pattern::Pattern;
 use crate::proto::sealed::SealError;
+use crate::proto::target::Target;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
@@ -1116,14 +1116,15 @@ struct ShimInfo {
     frames_out: u64,
 }
 
-/// The `pattern` query parameter (every shim without one).
-fn pattern_of(query: &str) -> Result<Pattern, String> {
+/// The `pattern` query parameter, a target that may carry filters (every shim without
+/// one).
+fn pattern_of(query: &str) -> Result<Target, String> {
     let pattern = form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "pattern")
         .map(|(_, v)| v.into_owned());
     match pattern.as_deref() {
-        None | Some("") => Ok(Pattern::all()),
-        Some(p) => Pattern::parse(p.as_bytes()).map_err(|e| format!("bad pattern {p:?}: {e}")),
+        None | Some("") => Ok(Target::all()),
+        Some(p) => Target::parse(p.as_bytes()).map_err(|e| format!("bad pattern {p:?}: {e}")),
     }
 }
 
@@ -1150,7 +1151,7 @@ fn state(hub: &Hub, query: &str) -> Result<String, String> {
     let pattern = pattern_of(query)?;
     let now_ms = hub.ms(std::time::Instant::now());
     let mut list = Vec::new();
-    hub.router.for_each_match(&pattern, |s| {
+    hub.for_each_selected(&pattern, false, |s| {
         if !s.is_identified() {
             return;
         }
@@ -1181,7 +1182,7 @@ fn state(hub: &Hub, query: &str) -> Result<String, String> {
 fn shims(hub: &Hub, query: &str) -> Result<String, String> {
     let pattern = pattern_of(query)?;
     let mut list = Vec::new();
-    hub.router.for_each_match(&pattern, |s| {
+    hub.for_each_selected(&pattern, false, |s| {
         if !s.is_identified() {
             return;
         }
@@ -1407,6 +1408,24 @@ pub fn render(hub: &Hub) -> String {
         "counter",
         "State changes replaced by a later value before their delivery (coalesced away).",
         &one(get(&c.state_coalesced)),
+    );
+    metric(
+        "velium_state_reselected_total",
+        "counter",
+        "Shims that entered or left a filtered subscription's selection.",
+        &one(get(&c.state_reselected)),
+    );
+    metric(
+        "velium_filtered_targets_total",
+        "counter",
+        "Command, Echo, Who and Get frames whose target carried filters.",
+        &one(get(&c.filtered_targets)),
+    );
+    metric(
+        "velium_filter_candidates_total",
+        "counter",
+        "Shims looked at to resolve filtered targets (index candidates or pattern matches).",
+        &one(get(&c.filter_candidates)),
     );
     metric(
         "velium_slow_consumers_total",

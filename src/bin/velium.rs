@@ -30,13 +30,17 @@ Which shims to address. Identities are dot-separated segments (server.zone.chara
 e.g. peq.ecommons.bob). In a target, a `*` segment matches any one segment \
 (peq.*.bob: bob in any zone) and a last `>` segment matches one or more segments \
 (peq.>: everybody on peq); case is ignored. The sender is left out of its own targets \
-unless the target starts with `+` (+peq.>). Quote targets holding `*` or `>` in the shell.";
+unless the target starts with `+` (+peq.>). Quote targets holding `*` or `>` in the shell.
+
+Filters narrow a target by the state the shims publish: the words right after the target of the form KEY=VALUE (the key's value equals VALUE) or KEY~WORD (WORD is one of the key's space-separated words) are filters, all of which must hold; case is ignored, and a shim without the key passes no filter on it. They need no quoting: `velium send 'peq.>' class=CLR group=Bob /cast 1`. They can also follow the pattern after commas, in one word: 'peq.>,class=CLR'. Filters never widen what the pattern names.";
 
 const SEND_EXAMPLES: &str = "\
 Examples:
   velium send peq.ecommons.bob /sit              one shim
   velium send 'peq.*.bob' /loc                   bob, whichever zone he is in
   velium send --timeout 10 'peq.>' /who          every shim on peq, wait up to 10 s
+  velium send 'peq.>' class=CLR '/cast 1'        every cleric on peq
+  velium send 'peq.>' group=Bob /follow          everybody in Bob's group
 
 Waits until every shim reached has answered (or --timeout), then prints one line per shim \
 that answered, sorted: `IDENTITY: RESPONSE`, several answers of one shim joined by ` | `, \
@@ -48,6 +52,7 @@ const TELL_EXAMPLES: &str = "\
 Examples:
   velium tell 'peq.>' server restart in 5 minutes
   velium tell peq.ecommons.bob hello bob
+  velium tell 'peq.>' raid=Alice pull in 10
 
 Prints `reached N shims`. Exit status: 0 when at least one shim was reached, 2 if no shim \
 matches or the hub cannot be reached.";
@@ -56,6 +61,8 @@ const WHO_EXAMPLES: &str = "\
 Examples:
   velium who                      every connected shim
   velium who 'peq.ecommons.*'     the shims in one zone
+  velium who class=CLR            every shim whose class is CLR
+  velium who 'peq.>' zone=pok     the shims on peq in the Plane of Knowledge
 
 Prints one line per shim: identity, connected since (UTC, RFC 3339), then `udp` if it has \
 a bound UDP channel or `-` if not, then, on a hub that is a node of a cluster, the node \
@@ -95,6 +102,7 @@ const STATE_EXAMPLES: &str = "\
 Examples:
   velium state 'peq.ecommons.*'          every key of the shims in one zone
   velium state 'peq.>' hp target         only these keys
+  velium state group=Bob hp mana         Bob's group's hp and mana
 
 Prints one line per matching shim, sorted: `IDENTITY KEY=VALUE KEY=VALUE ...`, the keys in \
 the order the shim holds them. A value that is empty or holds a space, a double quote or \
@@ -106,11 +114,13 @@ const WATCH_EXAMPLES: &str = "\
 Examples:
   velium watch 'peq.ecommons.*'
   velium watch --interval 500ms 'peq.>' hp
+  velium watch 'peq.>' group=Bob hp      Bob's group, as members come and go
 
 Prints the matching shims' state as `velium state` does, then one line per change until \
 interrupted: `IDENTITY KEY=VALUE ...` with only what changed (a deleted key as `-KEY`), \
 `+IDENTITY` when a matching shim appears and `-IDENTITY REASON` when it goes (REASON as \
-the hub's close line gives it: eof, quit, idle timeout, renamed, ...). --interval is the \
+the hub's close line gives it: eof, quit, idle timeout, renamed, ...; `not selected` when \
+its state no longer passes the filters). --interval is the \
 shortest time between two deliveries (the latest values are sent; 0, the default: as \
 soon as possible). Ctrl-C or SIGTERM exits 0; losing the connection exits 1.";
 
@@ -244,10 +254,20 @@ enum Cmd {
         /// Seconds to wait for the responses
         #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
         timeout: Duration,
-        #[arg(help = "Which shims to address (see --help for the pattern syntax)", long_help = TARGET_HELP)]
+        /// Every word after the target is the command: filters go in the target, after
+        /// commas ('peq.>,class=CLR'), and a command may start with a KEY=VALUE word
+        #[arg(long)]
+        literal: bool,
+        #[arg(help = "Which shims to address (see --help for the pattern and filter syntax)", long_help = TARGET_HELP)]
         target: String,
-        /// The command; its words are joined with single spaces
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        /// Filters (KEY=VALUE, KEY~WORD), then the command; its words are joined with
+        /// single spaces
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "[FILTER]... COMMAND"
+        )]
         command: Vec<String>,
     },
     /// Send a text (an Echo, which is not answered) to shims
@@ -255,10 +275,20 @@ enum Cmd {
     Tell {
         #[command(flatten)]
         op: Operator,
-        #[arg(help = "Which shims to address (see --help for the pattern syntax)", long_help = TARGET_HELP)]
+        /// Every word after the target is the text: filters go in the target, after
+        /// commas ('peq.>,class=CLR'), and a text may start with a KEY=VALUE word
+        #[arg(long)]
+        literal: bool,
+        #[arg(help = "Which shims to address (see --help for the pattern and filter syntax)", long_help = TARGET_HELP)]
         target: String,
-        /// The text; its words are joined with single spaces
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        /// Filters (KEY=VALUE, KEY~WORD), then the text; its words are joined with single
+        /// spaces
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "[FILTER]... TEXT"
+        )]
         text: Vec<String>,
     },
     /// List connected shims
@@ -266,8 +296,12 @@ enum Cmd {
     Who {
         #[command(flatten)]
         op: Operator,
-        /// Only shims matching this pattern (same syntax as a send target, without `+`)
+        /// Only shims matching this pattern (same syntax as a send target, without `+`),
+        /// or a first filter (then every shim)
         pattern: Option<String>,
+        /// Only shims whose state passes these filters (KEY=VALUE, KEY~WORD)
+        #[arg(value_name = "FILTER")]
+        filters: Vec<String>,
     },
     /// Show the hub's counters and latency (from its admin listener)
     #[command(after_help = STATS_EXAMPLES)]
@@ -277,9 +311,10 @@ enum Cmd {
     State {
         #[command(flatten)]
         op: Operator,
-        /// Whose state (same syntax as a send target)
+        /// Whose state (same syntax as a send target), or a first filter (then every shim)
         pattern: String,
-        /// Only these keys [default: every key]
+        /// Filters (KEY=VALUE, KEY~WORD), and the keys to print [default: every key]
+        #[arg(value_name = "FILTER|KEY")]
         keys: Vec<String>,
     },
     /// Print the relay state of the shims a pattern names, then every change to it
@@ -290,9 +325,10 @@ enum Cmd {
         /// Shortest time between two deliveries: seconds (1.5) or with a unit (500ms)
         #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_interval)]
         interval: Duration,
-        /// Whose state (same syntax as a send target)
+        /// Whose state (same syntax as a send target), or a first filter (then every shim)
         pattern: String,
-        /// Only these keys [default: every key]
+        /// Filters (KEY=VALUE, KEY~WORD), and the keys to print [default: every key]
+        #[arg(value_name = "FILTER|KEY")]
         keys: Vec<String>,
     },
     /// Run a stand-in shim that prints what it receives and answers every command
@@ -346,6 +382,76 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 /// `--set KEY=VALUE`: the key in the hub's grammar, the value anything (even empty).
+/// Whether `word` has the form of a target filter: `KEY=VALUE` or `KEY~WORD`, KEY of the
+/// key grammar.
+fn is_filter(word: &str) -> bool {
+    word.find(['=', '~'])
+        .is_some_and(|at| check_key(&word.as_bytes()[..at]).is_ok())
+}
+
+/// `target` with `filters` after it, each after a comma.
+fn with_filters<'a>(target: &str, filters: impl IntoIterator<Item = &'a String>) -> String {
+    let mut t = target.to_string();
+    for f in filters {
+        t.push(',');
+        t.push_str(f);
+    }
+    t
+}
+
+/// `send` and `tell`: the target with the filter words that follow it, and the text (the
+/// rest, joined with spaces).
+fn routed(
+    target: &str,
+    words: &[String],
+    literal: bool,
+    what: &str,
+) -> Result<(String, String), Fatal> {
+    let n = if literal {
+        0
+    } else {
+        words.iter().take_while(|w| is_filter(w)).count()
+    };
+    if n == words.len() {
+        return Err(Fatal(format!(
+            "no {what} after the filters (every word after the target has the form \
+             KEY=VALUE or KEY~WORD; give --literal to send such words as the {what})"
+        )));
+    }
+    Ok((with_filters(target, &words[..n]), words[n..].join(" ")))
+}
+
+/// `who`: the pattern (or, when it is a filter, every shim) with the filters.
+fn listing_target(pattern: Option<&str>, filters: &[String]) -> Result<Option<String>, Fatal> {
+    if let Some(bad) = filters.iter().find(|f| !is_filter(f)) {
+        return Err(Fatal(format!(
+            "{bad:?} is not a filter: expected KEY=VALUE or KEY~WORD"
+        )));
+    }
+    Ok(match pattern {
+        Some(p) if is_filter(p) => Some(with_filters(
+            ">",
+            std::iter::once(&p.to_string()).chain(filters),
+        )),
+        Some(p) => Some(with_filters(p, filters)),
+        None if filters.is_empty() => None,
+        None => Some(with_filters(">", filters)),
+    })
+}
+
+/// `state` and `watch`: the target (the pattern, or every shim when it is a filter, with
+/// the filter words) and the keys (the other words).
+fn state_target(pattern: &str, words: &[String]) -> (String, Vec<String>) {
+    let (filters, keys): (Vec<String>, Vec<String>) =
+        words.iter().cloned().partition(|w| is_filter(w));
+    let target = if is_filter(pattern) {
+        with_filters(">", std::iter::once(&pattern.to_string()).chain(&filters))
+    } else {
+        with_filters(pattern, &filters)
+    };
+    (target, keys)
+}
+
 fn parse_item(s: &str) -> Result<(String, String), String> {
     let (key, value) = s
         .split_once('=')
@@ -403,7 +509,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
                 "stats reads the hub's admin listener: give --admin ADDR".into(),
             ));
         }
-        (Cmd::Who { pattern, .. }, Some(admin)) => return who_admin(admin, pattern.as_deref()),
+        (
+            Cmd::Who {
+                pattern, filters, ..
+            },
+            Some(admin),
+        ) => {
+            let target = listing_target(pattern.as_deref(), filters)?;
+            return who_admin(admin, target.as_deref());
+        }
         _ => {}
     }
     let addr = resolve(&cli.server).await?;
@@ -423,25 +537,43 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         Cmd::Send {
             op,
             timeout,
+            literal,
             target,
             command,
         } => {
-            let text = command.join(" ");
+            let (target, text) = routed(&target, &command, literal, "command")?;
             send(addr, &op.identity(), options, &target, &text, timeout).await
         }
-        Cmd::Tell { op, target, text } => {
-            tell(addr, &op.identity(), options, &target, &text.join(" ")).await
+        Cmd::Tell {
+            op,
+            literal,
+            target,
+            text,
+        } => {
+            let (target, text) = routed(&target, &text, literal, "text")?;
+            tell(addr, &op.identity(), options, &target, &text).await
         }
-        Cmd::Who { op, pattern } => who(addr, &op.identity(), options, pattern.as_deref()).await,
+        Cmd::Who {
+            op,
+            pattern,
+            filters,
+        } => {
+            let target = listing_target(pattern.as_deref(), &filters)?;
+            who(addr, &op.identity(), options, target.as_deref()).await
+        }
         Cmd::State { op, pattern, keys } => {
-            state(addr, &op.identity(), options, &pattern, &keys).await
+            let (target, keys) = state_target(&pattern, &keys);
+            state(addr, &op.identity(), options, &target, &keys).await
         }
         Cmd::Watch {
             op,
             interval,
             pattern,
             keys,
-        } => watch(addr, &op.identity(), options, &pattern, &keys, interval).await,
+        } => {
+            let (target, keys) = state_target(&pattern, &keys);
+            watch(addr, &op.identity(), options, &target, &keys, interval).await
+        }
         Cmd::Shim {
             name,
             no_udp,

@@ -27,6 +27,7 @@ use crate::metrics::Counters;
 use crate::proto::cluster::{Change, Member, Routed};
 use crate::proto::pattern::Pattern;
 use crate::proto::reject::Reject;
+use crate::proto::target::Target;
 use crate::proto::{Opcode, QUIT, reply};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -844,7 +845,7 @@ impl Hub {
                 let Some(op) = Opcode::from_byte(op) else {
                     return;
                 };
-                let Ok(target) = Pattern::parse(&target) else {
+                let Ok(target) = Target::parse(&target) else {
                     return;
                 };
                 let local = id.map(|id| c.proxy_id(node, epoch, id));
@@ -853,7 +854,7 @@ impl Hub {
                 let frame = Bytes::from(f);
                 let window = self.config().answer_window;
                 let mut reached = 0u64;
-                self.router.for_each_match(&target, |to| {
+                self.for_each_selected(&target, false, |to| {
                     if to.is_remote() {
                         return;
                     }

@@ -438,14 +438,14 @@ impl Connection {
             Ok(Request::Respond { id, id_text, text }) => {
                 hub.respond(&self.shim, id, id_text, text, Via::Tcp, fx(&mut self.out))
             }
-            Ok(Request::Who(pattern)) => hub.who(&self.shim, &pattern, Via::Tcp, fx(&mut self.out)),
+            Ok(Request::Who(target)) => hub.who(&self.shim, &target, Via::Tcp, fx(&mut self.out)),
             Ok(Request::Set(items)) => {
                 hub.set_state(&self.shim, &items, Via::Tcp, fx(&mut self.out))
             }
             Ok(Request::Subscribe(s)) => hub.subscribe(&self.shim, &s, fx(&mut self.out)),
             Ok(Request::Unsubscribe(sid)) => hub.unsubscribe(&self.shim, sid, fx(&mut self.out)),
-            Ok(Request::Get { pattern, keys }) => {
-                hub.get_state(&self.shim, &pattern, &keys, fx(&mut self.out))
+            Ok(Request::Get { target, keys }) => {
+                hub.get_state(&self.shim, &target, &keys, fx(&mut self.out))
             }
         }
         Flow::Continue

@@ -6,6 +6,8 @@
 //! - [`connection`]: the TCP state machine, fed the bytes a read returned;
 //! - [`datagram`]: the UDP side, fed one datagram at a time;
 //! - [`route`]: Command, Echo, CommandResponse and Who;
+//! - [`state`]: relay state (Set, Subscribe, Get) and [`index`], the state index that
+//!   resolves a target's filters;
 //! - [`send`]: the one send path, with the outbound limit and the per-shim rates;
 //! - [`timers`]: identify deadline, idle timeout, write deadline, shutdown Quit;
 //! - [`access`]: who may be whom: Auth, the identity a user may take, a second claim on a
@@ -24,6 +26,7 @@ pub mod admission;
 pub mod cluster;
 pub mod connection;
 pub mod datagram;
+pub mod index;
 pub mod journal;
 pub mod outbox;
 pub mod route;
@@ -80,6 +83,8 @@ pub struct Hub {
     pub metrics: Metrics,
     /// Relay state: subscriptions and each core's waiting deliveries.
     pub states: state::States,
+    /// The `state_index` keys' values, for target filters.
+    pub index: index::Index,
     epoch: Instant,
     /// The latest time a slice of input was handled at (hub milliseconds): the time of
     /// what the hub does outside any slice.
@@ -129,6 +134,7 @@ impl Hub {
             cluster,
             metrics: Metrics::new(config.cores),
             states: state::States::new(config.cores),
+            index: index::Index::new(&config.state_index),
             config: ArcSwap::from_pointee(config),
             table: Table::default(),
             router: Router::default(),

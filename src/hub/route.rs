@@ -11,9 +11,9 @@ use super::send::{Effects, Route, Via, Work};
 use super::shim::{Shim, serial_of_command_id};
 use crate::metrics::{Counters, Transport};
 use crate::proto::cluster::Routed as ToNode;
-use crate::proto::pattern::Pattern;
 use crate::proto::reject::Reject;
 use crate::proto::request::Routed;
+use crate::proto::target::Target;
 use crate::proto::{Opcode, reply};
 use bytes::Bytes;
 use std::sync::Arc;
@@ -38,10 +38,14 @@ impl Hub {
             // Decided by the sender's user, never by the name it picked.
             let user = sender.user();
             let refused = match op {
-                Opcode::Command if !user.as_ref().is_some_and(|u| u.may_command(target)) => {
+                Opcode::Command
+                    if !user
+                        .as_ref()
+                        .is_some_and(|u| u.may_command(&target.pattern)) =>
+                {
                     Some(Reject::NotPermitted(lossy(target_text)))
                 }
-                Opcode::Echo if !user.as_ref().is_some_and(|u| u.may_echo(target)) => {
+                Opcode::Echo if !user.as_ref().is_some_and(|u| u.may_echo(&target.pattern)) => {
                     Some(Reject::EchoNotPermitted(lossy(target_text)))
                 }
                 _ => None,
@@ -61,7 +65,7 @@ impl Hub {
         drop(c);
         let mut reached = 0u64;
         let mut nodes: Vec<Arc<str>> = Vec::new();
-        self.router.for_each_match(target, |to| {
+        self.for_each_selected(target, true, |to| {
             if let Some(r) = self.remote_of(to) {
                 // A shim of another node: its node delivers it (one message per node).
                 if !nodes.contains(&r.node) {
@@ -70,7 +74,7 @@ impl Hub {
                 reached += 1;
                 return;
             }
-            if target.include_self || to.serial != sender.serial {
+            if target.pattern.include_self || to.serial != sender.serial {
                 // Recorded before the frame is queued: once queued, another core's flush
                 // may write it out, and the target answer it, at any moment.
                 if let Some(id) = id {
@@ -96,7 +100,7 @@ impl Hub {
         }
         // Cut off from the cluster, a target that may name shims elsewhere gets a notice
         // after its answer.
-        let notice = target.is_wildcard() || reached == 0;
+        let notice = target.pattern.is_wildcard() || reached == 0;
         if reached == 0 {
             let r = Reject::NoMatch(lossy(target_text));
             self.refuse(sender, answer, &r, out);
@@ -167,9 +171,9 @@ impl Hub {
         }
     }
 
-    /// Who over TCP: one WhoEntry per shim `pattern` names, then `Ack 0 COUNT`, queued as
+    /// Who over TCP: one WhoEntry per shim `target` names, then `Ack 0 COUNT`, queued as
     /// one listing.
-    pub(crate) fn who(&self, sender: &Arc<Shim>, pattern: &Pattern, via: Via, out: &mut Effects) {
+    pub(crate) fn who(&self, sender: &Arc<Shim>, target: &Target, via: Via, out: &mut Effects) {
         if via != Via::Tcp {
             return self.refuse(sender, Route::Reply(via), &Reject::WhoOverUdp, out);
         }
@@ -189,7 +193,7 @@ impl Hub {
         let mut listing = Vec::new();
         let mut n = 0u64;
         let here = self.cluster().map(|c| c.node.clone());
-        self.router.for_each_match(pattern, |s| {
+        self.for_each_selected(target, false, |s| {
             match &view {
                 View::All => {}
                 View::Only(u) if u.sees(&s.identity()) => {}

@@ -27,13 +27,14 @@ use super::Hub;
 use super::send::{Bucket, Effects, Route, Via, Work};
 use super::shim::{CloseReason, Shim};
 use crate::config::User;
+use crate::metrics::Counters;
 use crate::proto::Opcode;
-use crate::proto::pattern::Pattern;
 use crate::proto::reject::{Rate, Reject};
 use crate::proto::reply;
 use crate::proto::state::{
     MAX_STATE_DATAGRAM, Mode, SetItem, StateFrame, Subscribe, item_len, presence,
 };
+use crate::proto::target::Target;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +58,9 @@ pub const STATE_REFRESH_SPREAD_MS: u64 = 10_000;
 const BACKLOG: usize = 64 * 1024;
 /// A Subscribe or Get listing may be this many times `outbound_limit`, at most.
 pub const LISTING_FACTOR: usize = 8;
+/// The reason of the leave a subscriber is sent when a shim's state no longer passes the
+/// subscription's filters.
+pub const NOT_SELECTED: &str = "not selected";
 
 /// One key of a shim's state.
 struct Entry {
@@ -142,6 +146,22 @@ impl Store {
         (set + deleted) as u64
     }
 
+    /// The value of `key` (ignoring ASCII case).
+    pub(crate) fn value_of(&self, key: &str) -> Option<&[u8]> {
+        self.find(key).map(|i| self.entries[i].value())
+    }
+
+    /// Whether it passes `target`'s filters.
+    pub(crate) fn passes(&self, target: &Target) -> bool {
+        target.passes(|k| self.value_of(k))
+    }
+
+    /// Whether any key `target`'s filters test changed at `seq`.
+    fn filters_changed(&self, seq: u64, target: &Target) -> bool {
+        (self.entries.iter()).any(|e| e.seq == seq && target.tests_key(e.key_bytes()))
+            || (self.tombs.iter()).any(|(k, s)| *s == seq && target.tests_key(k.as_bytes()))
+    }
+
     /// Whether it holds any key.
     pub(crate) fn has_entries(&self) -> bool {
         !self.entries.is_empty()
@@ -178,6 +198,13 @@ struct Track {
     full: bool,
     /// A delta went over UDP since the last whole state: the refresh resends it.
     udp: bool,
+    /// It passes the subscription's filters: the subscriber knows it (a join or the
+    /// listing) and is sent its state. A shim the pattern names but the filters do not is
+    /// watched all the same, so that a change of its filtered keys is seen at once.
+    selected: bool,
+    /// Found by the Subscribe, not yet in its listing: a change of selection until then
+    /// only changes `selected` (the listing says the rest).
+    unlisted: bool,
 }
 
 /// What a subscription has not yet delivered, and when it runs next.
@@ -205,14 +232,14 @@ struct Pending {
     due_key: Option<(u64, u64)>,
 }
 
-/// A standing request for the state of the shims a pattern names.
+/// A standing request for the state of the shims a target names.
 pub struct Subscription {
     /// The subscriber's id for it.
     pub sid: u32,
     owner: Weak<Shim>,
     owner_serial: u64,
     core: usize,
-    pattern: Pattern,
+    target: Target,
     /// The keys wanted; empty: every key.
     keys: Vec<Box<str>>,
     interval_ms: u64,
@@ -236,8 +263,8 @@ impl Subscription {
     /// the hub has users (then the subscriber's user must be allowed to read it, as the
     /// last reload left it).
     fn watches(&self, shim: &Shim, identity: &str, users: bool) -> bool {
-        (self.pattern.include_self || shim.serial != self.owner_serial)
-            && self.pattern.matches(identity)
+        (self.target.pattern.include_self || shim.serial != self.owner_serial)
+            && self.target.pattern.matches(identity)
             && (!users || self.reads(identity))
     }
 
@@ -251,7 +278,7 @@ impl Subscription {
     fn mark(&self, serial: u64, n: u64) -> bool {
         let mut p = self.pending.lock();
         let p = &mut *p;
-        let Some(t) = p.watched.get_mut(&serial) else {
+        let Some(t) = p.watched.get_mut(&serial).filter(|t| t.selected) else {
             return false;
         };
         if !std::mem::replace(&mut t.dirty, true) {
@@ -269,7 +296,15 @@ impl Subscription {
             dirty: false,
             full,
             udp: false,
+            selected: true,
+            unlisted: false,
         }
+    }
+
+    /// Whether the shim whose store is `store` (`None`: it holds nothing) passes the
+    /// filters.
+    fn selects(&self, store: Option<&Store>) -> bool {
+        !self.target.is_filtered() || store.is_some_and(|s| s.passes(&self.target))
     }
 }
 
@@ -489,6 +524,7 @@ impl Hub {
                     e.at_ms = at(i);
                     e.seq = seq;
                     changed += 1;
+                    self.index.update(shim, key, Some(v));
                 }
                 (None, Some(v)) => {
                     let key = first_spelling(items, key);
@@ -504,11 +540,13 @@ impl Hub {
                     });
                     store.tombs.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
                     changed += 1;
+                    self.index.update(shim, key, Some(v));
                 }
                 (Some(j), None) => {
                     let e = store.entries.remove(j);
                     store.bytes -= e.size();
                     store.tombs.push((Box::from(e.key()), seq));
+                    self.index.update(shim, e.key(), None);
                     if store.tombs.len() > max_keys {
                         let (_, dropped) = store.tombs.remove(0);
                         store.floor = store.floor.max(dropped);
@@ -540,6 +578,12 @@ impl Hub {
             .state_changes
             .fetch_add(changed as u64, Ordering::Relaxed);
         for sub in &store.watchers {
+            if sub.target.is_filtered() && store.filters_changed(seq, &sub.target) {
+                let now = store.passes(&sub.target);
+                if self.reselect(sub, shim.serial, now, store.seq, out) {
+                    continue;
+                }
+            }
             let n = if sub.keys.is_empty() {
                 changed as u64
             } else {
@@ -549,6 +593,53 @@ impl Hub {
                 out.state.push(sub.clone());
             }
         }
+        true
+    }
+
+    /// A change of the keys `sub`'s filters test, on the shim `serial` (its store locked,
+    /// at sequence number `seq`): when the shim enters the selection the subscriber is
+    /// sent its join and then its whole state; when it leaves, its leave (`not
+    /// selected`). Returns whether the selection changed (nothing more to mark).
+    fn reselect(
+        &self,
+        sub: &Arc<Subscription>,
+        serial: u64,
+        now: bool,
+        seq: u64,
+        out: &mut Effects,
+    ) -> bool {
+        let mut guard = sub.pending.lock();
+        let p = &mut *guard;
+        let Some(t) = p.watched.get_mut(&serial) else {
+            return false;
+        };
+        if t.selected == now {
+            return false;
+        }
+        t.selected = now;
+        if t.unlisted {
+            // The listing, still to be built, says whether it is there.
+            return true;
+        }
+        let identity = t.identity.clone();
+        let mut f = Vec::with_capacity(identity.len() + 24);
+        if now {
+            t.full = true;
+            t.delivered = seq;
+            if !std::mem::replace(&mut t.dirty, true) {
+                p.dirty.push(serial);
+            }
+            presence(sub.sid, &identity, None, &mut f);
+            self.present(sub, p, Bytes::from(f), Some(out));
+            if !p.held && !std::mem::replace(&mut p.scheduled, true) {
+                out.state.push(sub.clone());
+            }
+        } else {
+            (t.dirty, t.full, t.udp) = (false, false, false);
+            presence(sub.sid, &identity, Some(NOT_SELECTED), &mut f);
+            self.present(sub, p, Bytes::from(f), Some(out));
+        }
+        Counters::bump(&self.counters().state_reselected);
         true
     }
 
@@ -672,7 +763,7 @@ impl Hub {
             if p.refresh_ms.is_some_and(|at| now_ms >= at) {
                 p.refresh_ms = None;
                 for (serial, t) in p.watched.iter_mut() {
-                    if std::mem::take(&mut t.udp) {
+                    if t.selected && std::mem::take(&mut t.udp) {
                         t.full = true;
                         if !std::mem::replace(&mut t.dirty, true) {
                             p.dirty.push(*serial);
@@ -730,7 +821,7 @@ impl Hub {
                 if sub.ended.load(Ordering::Acquire) {
                     break;
                 }
-                let Some(t) = p.watched.get_mut(&serial) else {
+                let Some(t) = p.watched.get_mut(&serial).filter(|t| t.selected) else {
                     continue;
                 };
                 let built = build(store, sub, t, now_ms, udp);
@@ -858,7 +949,7 @@ impl Hub {
             owner: Arc::downgrade(sender),
             owner_serial: sender.serial,
             core: sender.core as usize,
-            pattern: s.pattern.clone(),
+            target: s.target.clone(),
             keys: s.keys.iter().map(|k| Box::from(*k)).collect(),
             interval_ms: s.interval_ms,
             pending: Mutex::new(Pending {
@@ -878,10 +969,12 @@ impl Hub {
             // Under the registry's lock, which the end of a subscription takes too: its
             // interest across the cluster is added once and taken away once.
             if !sub.ended.load(Ordering::Acquire) {
-                self.cluster_interest(&s.pattern, true);
+                self.cluster_interest(&s.target.pattern, true);
                 sub.interested.store(true, Ordering::Release);
             }
-            self.router.for_each_match(&s.pattern, |shim| {
+            // Every shim the pattern names is watched, selected or not: a shim that comes
+            // to pass the filters is seen when its keys change.
+            self.router.for_each_match(&s.target.pattern, |shim| {
                 let identity = shim.identity();
                 if !sub.watches(shim, &identity, users) {
                     return;
@@ -897,7 +990,8 @@ impl Hub {
                     return;
                 }
                 store.watchers.push(sub.clone());
-                let t = sub.track(shim, identity, store.seq, false);
+                let mut t = sub.track(shim, identity, store.seq, false);
+                t.unlisted = true;
                 sub.pending.lock().watched.insert(shim.serial, t);
                 members.push(shim.clone());
             });
@@ -913,6 +1007,13 @@ impl Hub {
             let Some(t) = p.watched.get_mut(&shim.serial) else {
                 continue;
             };
+            // Decided here, under the store's lock: from now on a change of selection is
+            // told by a join or a leave, queued after the listing.
+            t.unlisted = false;
+            t.selected = sub.selects(Some(store));
+            if !t.selected {
+                continue;
+            }
             let mut f = StateFrame::new(s.sid, Mode::Full, &t.identity, store.seq);
             store.full(&sub.keys, now_ms, &mut f);
             t.delivered = store.seq;
@@ -992,16 +1093,17 @@ impl Hub {
         // After it left the stores it watched: the mirrors of remote shims nothing
         // watches any more go with the interest.
         if sub.interested.swap(false, Ordering::AcqRel) {
-            self.cluster_interest(&sub.pattern, false);
+            self.cluster_interest(&sub.target.pattern, false);
         }
         drop(registry);
     }
 
-    /// Get over TCP: one `F` State frame (SID 0) per matching shim, then `Ack 0 COUNT`.
+    /// Get over TCP: one `F` State frame (SID 0) per shim the target names, then `Ack 0
+    /// COUNT`.
     pub(crate) fn get_state(
         &self,
         sender: &Arc<Shim>,
-        pattern: &Pattern,
+        target: &Target,
         keys: &[&str],
         out: &mut Effects,
     ) {
@@ -1025,7 +1127,7 @@ impl Hub {
         let mut listing = Vec::new();
         let mut n = 0u64;
         let mut too_large = false;
-        self.router.for_each_match(pattern, |shim| {
+        self.for_each_selected(target, false, |shim| {
             let identity = shim.identity();
             if too_large || !may_read(users, reader.as_deref(), &identity) {
                 return;
@@ -1078,11 +1180,13 @@ impl Hub {
                 continue;
             }
             let told = t.identity.clone();
-            p.watched.remove(&shim.serial);
-            let mut f = Vec::with_capacity(told.len() + 24);
-            presence(sub.sid, &told, Some("renamed"), &mut f);
-            self.present(&sub, &mut p, Bytes::from(f), Some(out));
-            sent += 1;
+            let t = p.watched.remove(&shim.serial).expect("watched");
+            if t.selected && !t.unlisted {
+                let mut f = Vec::with_capacity(told.len() + 24);
+                presence(sub.sid, &told, Some("renamed"), &mut f);
+                self.present(&sub, &mut p, Bytes::from(f), Some(out));
+                sent += 1;
+            }
         }
         let joined: Vec<Arc<Subscription>> = registry
             .values()
@@ -1107,23 +1211,36 @@ impl Hub {
         let has_keys = !store.entries.is_empty();
         let seq = store.seq;
         for sub in &joined {
+            let selected = sub.selects(Some(store));
             let mut p = sub.pending.lock();
-            // A holder of the name that was closing (so nobody displaced it) is dropped
-            // without a word: the join stands for its leave, and nothing of it follows.
+            // A holder of the name that was closing (so nobody displaced it) is dropped:
+            // the join stands for its leave, and nothing of it follows. When this one is
+            // not selected, the subscriber that knew the other is told it left.
+            let mut gone = None;
             p.watched.retain(|serial, t| {
-                *serial == shim.serial || !t.identity.eq_ignore_ascii_case(&identity)
+                let keep = *serial == shim.serial || !t.identity.eq_ignore_ascii_case(&identity);
+                if !keep && t.selected && !t.unlisted {
+                    gone = Some(t.identity.clone());
+                }
+                keep
             });
             let mut t = sub.track(shim, identity.clone(), seq, has_keys);
-            t.dirty = has_keys;
+            t.selected = selected;
+            let dirty = has_keys && selected;
+            t.dirty = dirty;
             p.watched.insert(shim.serial, t);
-            if has_keys && !p.dirty.contains(&shim.serial) {
+            if dirty && !p.dirty.contains(&shim.serial) {
                 p.dirty.push(shim.serial);
             }
-            let mut f = Vec::with_capacity(identity.len() + 16);
-            presence(sub.sid, &identity, None, &mut f);
+            let mut f = Vec::with_capacity(identity.len() + 24);
+            match (selected, gone) {
+                (true, _) => presence(sub.sid, &identity, None, &mut f),
+                (false, Some(told)) => presence(sub.sid, &told, Some(NOT_SELECTED), &mut f),
+                (false, None) => continue,
+            }
             self.present(sub, &mut p, Bytes::from(f), Some(out));
             sent += 1;
-            if has_keys && !p.held && !std::mem::replace(&mut p.scheduled, true) {
+            if dirty && !p.held && !std::mem::replace(&mut p.scheduled, true) {
                 out.state.push(sub.clone());
             }
         }
@@ -1143,7 +1260,7 @@ impl Hub {
         for sub in registry.values() {
             let mut matched = Vec::new();
             self.router
-                .for_each_match(&sub.pattern, |s| matched.push(s.clone()));
+                .for_each_match(&sub.target.pattern, |s| matched.push(s.clone()));
             for shim in matched {
                 let identity = shim.identity();
                 let may = sub.watches(&shim, &identity, true);
@@ -1158,16 +1275,24 @@ impl Hub {
                     if let Some(store) = g.as_mut() {
                         store.watchers.retain(|w| !Arc::ptr_eq(w, sub));
                     }
+                    if !t.selected || t.unlisted {
+                        continue;
+                    }
                     let mut f = Vec::with_capacity(t.identity.len() + 24);
                     presence(sub.sid, &t.identity, Some("not permitted"), &mut f);
                     self.present(sub, &mut p, Bytes::from(f), None);
                 } else if !watching && may {
                     let store = g.get_or_insert_with(Box::default);
                     store.watchers.push(sub.clone());
-                    let has_keys = !store.entries.is_empty();
+                    let selected = sub.selects(Some(store));
+                    let has_keys = !store.entries.is_empty() && selected;
                     let mut t = sub.track(&shim, identity.clone(), store.seq, has_keys);
                     t.dirty = has_keys;
+                    t.selected = selected;
                     p.watched.insert(shim.serial, t);
+                    if !selected {
+                        continue;
+                    }
                     if has_keys {
                         p.dirty.push(shim.serial);
                     }
@@ -1193,6 +1318,9 @@ impl Hub {
         let Some(store) = shim.state.lock().take() else {
             return;
         };
+        if store.has_entries() {
+            self.index.remove(shim.serial);
+        }
         for sub in &store.subs {
             self.end_subscription(sub);
         }
@@ -1206,6 +1334,9 @@ impl Hub {
             let Some(t) = p.watched.remove(&shim.serial) else {
                 continue;
             };
+            if !t.selected || t.unlisted {
+                continue;
+            }
             let mut f = Vec::with_capacity(t.identity.len() + why.len() + 16);
             presence(sub.sid, &t.identity, Some(why), &mut f);
             self.present(sub, &mut p, Bytes::from(f), None);

@@ -19,6 +19,7 @@ pub mod reply;
 pub mod request;
 pub mod sealed;
 pub mod state;
+pub mod target;
 
 use std::fmt;
 

@@ -8,8 +8,8 @@
 //! (a limit or an access rule said no).
 
 use super::identity::IdentityError;
-use super::pattern::PatternError;
 use super::state::KeyError;
+use super::target::TargetError;
 use super::{Opcode, encode};
 use std::borrow::Cow;
 use std::fmt;
@@ -271,10 +271,10 @@ pub enum Reject {
     BadIdentity(IdentityError),
     /// A routed frame whose data is not in its form.
     Malformed(Shape),
-    /// A Command's or Echo's target that is not a pattern (the target, lossy).
-    BadTarget(String, PatternError),
-    /// A Who pattern that is not a pattern.
-    BadPattern(String, PatternError),
+    /// A Command's or Echo's target that is not a target (the target, lossy).
+    BadTarget(String, TargetError),
+    /// A Who, Get or Subscribe target that is not a target.
+    BadPattern(String, TargetError),
     /// A Command or Echo that matched no shim.
     NoMatch(String),
     /// A Command the sender's user may not send to the target (the target, lossy).

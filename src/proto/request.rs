@@ -6,9 +6,9 @@
 //! [`encode_response`], so both sides agree on one grammar.
 
 use super::identity::check_identity;
-use super::pattern::Pattern;
 use super::reject::{Reject, Shape};
 use super::state::{QueryError, SetError, SetItem, Subscribe, parse_get, parse_set, parse_sid};
+use super::target::Target;
 use super::{ALT_NEWLINE, NEWLINE, Opcode, SP, Token};
 
 /// What a client asked for.
@@ -38,8 +38,8 @@ pub enum Request<'a> {
     Ping(&'a [u8]),
     /// 0x07: a shim's answer to a server Ping; nothing to do.
     Pong,
-    /// 0x0D: list the shims `pattern` names.
-    Who(Pattern),
+    /// 0x0D: list the shims a target names.
+    Who(Target),
     /// 0x0F: the shared secret.
     Auth(&'a [u8]),
     /// 0x10: set or delete keys of the sender's own state.
@@ -48,10 +48,10 @@ pub enum Request<'a> {
     Subscribe(Subscribe<'a>),
     /// 0x12: end the subscription with this id.
     Unsubscribe(u32),
-    /// 0x13: read the state of the shims `pattern` names (these keys; none: all).
+    /// 0x13: read the state of the shims a target names (these keys; none: all).
     Get {
         /// Whose state.
-        pattern: Pattern,
+        target: Target,
         /// The keys wanted.
         keys: Vec<&'a str>,
     },
@@ -63,7 +63,7 @@ pub struct Routed<'a> {
     /// Command (answered, with an id) or Echo.
     pub op: Opcode,
     /// Who it is for.
-    pub target: Pattern,
+    pub target: Target,
     /// The raw target, for messages.
     pub target_text: &'a [u8],
     /// The text, passed through.
@@ -92,7 +92,7 @@ impl<'a> Request<'a> {
             Opcode::Command | Opcode::Echo => {
                 let sp = memchr::memchr(SP, data).ok_or(Reject::Malformed(Shape::TargetText))?;
                 let (target_text, text) = (&data[..sp], &data[sp + 1..]);
-                let target = Pattern::parse(target_text)
+                let target = Target::parse(target_text)
                     .map_err(|e| Reject::BadTarget(lossy(target_text), e))?;
                 Request::Route(Routed {
                     op,
@@ -113,9 +113,9 @@ impl<'a> Request<'a> {
             }
             Opcode::Ping => Request::Ping(data),
             Opcode::Pong => Request::Pong,
-            Opcode::Who if data.is_empty() => Request::Who(Pattern::all()),
+            Opcode::Who if data.is_empty() => Request::Who(Target::all()),
             Opcode::Who => {
-                Request::Who(Pattern::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?)
+                Request::Who(Target::parse(data).map_err(|e| Reject::BadPattern(lossy(data), e))?)
             }
             Opcode::Auth => Request::Auth(data),
             Opcode::Set => Request::Set(parse_set(data).map_err(|e| match e {
@@ -127,8 +127,8 @@ impl<'a> Request<'a> {
                 parse_sid(data).ok_or_else(|| Reject::NoSubscription(lossy(data)))?,
             ),
             Opcode::Get => {
-                let (pattern, _, keys) = parse_get(data).map_err(query)?;
-                Request::Get { pattern, keys }
+                let (target, _, keys) = parse_get(data).map_err(query)?;
+                Request::Get { target, keys }
             }
             Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence => {
                 return Err(Reject::ServerOnly(op));
@@ -201,7 +201,7 @@ mod tests {
         let Request::Route(Routed { target, text, .. }) = r else {
             panic!("{r:?}")
         };
-        assert_eq!((target.segs.len(), text), (2, &b"/sit down"[..]));
+        assert_eq!((target.pattern.segs.len(), text), (2, &b"/sit down"[..]));
         assert_eq!(
             Request::parse(Opcode::Echo, b"nospace"),
             Err(Reject::Malformed(Shape::TargetText))
@@ -216,7 +216,7 @@ mod tests {
         assert!(Request::parse(Opcode::CommandResponse, b"0 ok").is_ok());
         assert_eq!(
             Request::parse(Opcode::Who, b"").unwrap(),
-            Request::Who(Pattern::all())
+            Request::Who(Target::all())
         );
         assert_eq!(
             Request::parse(Opcode::Ack, b"0 1"),

@@ -14,9 +14,9 @@
 //! reads with [`parse_state`] and [`parse_presence`].
 
 use super::identity::is_segment_byte;
-use super::pattern::{Pattern, PatternError};
 use super::reply::push_u64;
 use super::request::parse_canonical_id;
+use super::target::{Target, TargetError};
 use super::{NEWLINE, Opcode, SP};
 use thiserror::Error;
 
@@ -111,9 +111,9 @@ pub struct Subscribe<'a> {
     /// The shortest time between two deliveries, in milliseconds.
     pub interval_ms: u64,
     /// Whose state.
-    pub pattern: Pattern,
-    /// The pattern as written, for messages.
-    pub pattern_text: &'a [u8],
+    pub target: Target,
+    /// The target as written, for messages.
+    pub target_text: &'a [u8],
     /// The keys wanted (empty: every key).
     pub keys: Vec<&'a str>,
 }
@@ -127,8 +127,8 @@ pub enum QueryError {
     Sid(String),
     /// An interval that is not milliseconds from 0 to [`MAX_INTERVAL_MS`] (as written).
     Interval(String),
-    /// A pattern that is not a pattern (as written).
-    Pattern(String, PatternError),
+    /// A target that is not a target (as written).
+    Pattern(String, TargetError),
     /// A key outside the grammar (as written).
     Key(String, KeyError),
 }
@@ -137,7 +137,7 @@ impl<'a> Subscribe<'a> {
     /// Parses a Subscribe's data.
     pub fn parse(data: &'a [u8]) -> Result<Subscribe<'a>, QueryError> {
         let mut fields = data.split(|&b| b == SP);
-        let (Some(sid), Some(interval), Some(pattern_text)) =
+        let (Some(sid), Some(interval), Some(target_text)) =
             (fields.next(), fields.next(), fields.next())
         else {
             return Err(QueryError::Shape);
@@ -146,14 +146,14 @@ impl<'a> Subscribe<'a> {
         let interval_ms = super::reply::parse_u64(interval)
             .filter(|&ms| ms <= MAX_INTERVAL_MS)
             .ok_or_else(|| QueryError::Interval(lossy(interval)))?;
-        let pattern = Pattern::parse(pattern_text)
-            .map_err(|e| QueryError::Pattern(lossy(pattern_text), e))?;
+        let target =
+            Target::parse(target_text).map_err(|e| QueryError::Pattern(lossy(target_text), e))?;
         let keys = parse_keys(fields)?;
         Ok(Subscribe {
             sid,
             interval_ms,
-            pattern,
-            pattern_text,
+            target,
+            target_text,
             keys,
         })
     }
@@ -166,16 +166,16 @@ pub fn parse_sid(text: &[u8]) -> Option<u32> {
         .filter(|&v| v != 0)
 }
 
-/// Parses a Get's data: `PATTERN [SP KEY...]`.
-pub fn parse_get(data: &[u8]) -> Result<(Pattern, &[u8], Vec<&str>), QueryError> {
+/// Parses a Get's data: `TARGET [SP KEY...]`.
+pub fn parse_get(data: &[u8]) -> Result<(Target, &[u8], Vec<&str>), QueryError> {
     let mut fields = data.split(|&b| b == SP);
-    let pattern_text = fields.next().unwrap_or_default();
-    let pattern = if pattern_text.is_empty() && data.is_empty() {
-        Pattern::all()
+    let target_text = fields.next().unwrap_or_default();
+    let target = if target_text.is_empty() && data.is_empty() {
+        Target::all()
     } else {
-        Pattern::parse(pattern_text).map_err(|e| QueryError::Pattern(lossy(pattern_text), e))?
+        Target::parse(target_text).map_err(|e| QueryError::Pattern(lossy(target_text), e))?
     };
-    Ok((pattern, pattern_text, parse_keys(fields)?))
+    Ok((target, target_text, parse_keys(fields)?))
 }
 
 fn parse_keys<'a>(fields: impl Iterator<Item = &'a [u8]>) -> Result<Vec<&'a str>, QueryError> {
@@ -621,7 +621,7 @@ mod tests {
             Err(QueryError::Key(..))
         ));
         let (p, _, keys) = parse_get(b"").unwrap();
-        assert_eq!((p, keys), (Pattern::all(), vec![]));
+        assert_eq!((p, keys), (Target::all(), vec![]));
         let (_, t, keys) = parse_get(b"peq.* hp").unwrap();
         assert_eq!((t, keys), (&b"peq.*"[..], vec!["hp"]));
     }

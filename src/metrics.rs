@@ -58,7 +58,8 @@ pub struct Counters {
     pub state_coalesced: AtomicU64,
     /// Shims that entered or left a filtered subscription's selection.
     pub state_reselected: AtomicU64,
-    /// Routed frames (Command, Echo, Who, Get) whose target carried filters.
+    /// Filtered targets resolved (Command, Echo, Who, Get and admin queries; a Subscribe
+    /// follows its selection per shim instead).
     pub filtered_targets: AtomicU64,
     /// Shims a filtered target's lookup looked at (index candidates or pattern matches).
     pub filter_candidates: AtomicU64,

@@ -1418,7 +1418,7 @@ pub fn render(hub: &Hub) -> String {
     metric(
         "velium_filtered_targets_total",
         "counter",
-        "Command, Echo, Who and Get frames whose target carried filters.",
+        "Filtered targets resolved: Command, Echo, Who and Get frames and admin queries (a Subscribe's selection is kept per shim instead).",
         &one(get(&c.filtered_targets)),
     );
     metric(

@@ -412,13 +412,18 @@ fn routed(
     } else {
         words.iter().take_while(|w| is_filter(w)).count()
     };
-    if n == words.len() {
+    // A `--` after the filters ends them, as it ends the options before them.
+    let body = match words.get(n) {
+        Some(w) if w == "--" && n > 0 => n + 1,
+        _ => n,
+    };
+    if body == words.len() {
         return Err(Fatal(format!(
             "no {what} after the filters (every word after the target has the form \
              KEY=VALUE or KEY~WORD; give --literal to send such words as the {what})"
         )));
     }
-    Ok((with_filters(target, &words[..n]), words[n..].join(" ")))
+    Ok((with_filters(target, &words[..n]), words[body..].join(" ")))
 }
 
 /// `who`: the pattern (or, when it is a filter, every shim) with the filters.

@@ -104,7 +104,8 @@ pub fn selected(system: System) -> bool {
 }
 
 /// Whether this run includes the part `name` of a bench: `VELIUM_BENCH_PARTS=storm,rtt`
-/// (handshake: serial, storm; memory: idle, fleet; relay: fanout, rtt) restricts a run;
+/// (handshake: serial, storm; memory: idle, fleet; relay: fanout, rtt; state: netbots,
+/// fleet, filter) restricts a run;
 /// by default every part runs.
 pub fn part(name: &str) -> bool {
     match std::env::var("VELIUM_BENCH_PARTS") {

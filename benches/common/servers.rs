@@ -49,6 +49,18 @@ impl Server {
         Some(s)
     }
 
+    /// Starts velium-server (`VeliumUring` or `VeliumEpoll`, the build this bench was made
+    /// with) with `extra` flags after the bench's own (and before those of
+    /// `VELIUM_BENCH_SERVER_ARGS`); `velium_log` is its `--log-level`.
+    pub fn start_velium_with(system: System, velium_log: &str, extra: &[&str]) -> Server {
+        assert!(
+            matches!(system, System::VeliumUring | System::VeliumEpoll),
+            "{} is not the current velium build",
+            system.name()
+        );
+        Self::velium_with(system, velium_log, extra)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -10,16 +10,19 @@
 //! deadline, slices, the shutdown Quit; who may be whom: users and their Auth, the
 //! identity grammar, one live shim per identity, answers only from targets, Who by the
 //! user's patterns, and what a reload revokes; and relay state (§13): Sets refused and
-//! applied, listings, deltas over TCP and UDP, presence, renames. A second property runs
-//! scenarios with relay state in the foreground.
+//! applied, listings, deltas over TCP and UDP, presence, renames; and targets by state
+//! (§6 "Filters"): who they name, how a bad one is refused, permissions on the pattern
+//! alone, a subscription following its selection. A second property runs scenarios with
+//! relay state in the foreground.
 //!
 //! `PROPTEST_CASES=20000 cargo test --test state_machine` searches further.
 
 mod harness;
 
 use harness::{
-    Body, CloseReason, DuplicateIdentity, Item, KEYS, Piece, Scenario, Settings, Step, UserSpec,
-    check_decode, check_reject_texts, label, name, run,
+    Body, CloseReason, DuplicateIdentity, FILTERS, Item, KEYS, Piece, SHORT_FILTER, Scenario,
+    Settings, Step, TAG_KEYS, UserSpec, VALID_FILTERS, WORDS, check_decode, check_reject_texts,
+    label, name, run,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -107,18 +110,19 @@ fn user() -> impl Strategy<Value = UserSpec> {
         )
 }
 
-/// A key of [`KEYS`]: most often a valid one (two of them the same key in another case).
+/// A key of [`KEYS`]: most often a valid one (three of them the same key in another case).
 fn key() -> impl Strategy<Value = u8> {
     let valid = KEYS.len() as u8 - 5;
     prop_oneof![8 => 0..valid, 1 => valid..KEYS.len() as u8]
 }
 
-/// A value: most often short digits, else text with spaces, `:` and `=` (often past the 8
-/// bytes a value may have), a CR at its end, a newline written 0x0B, a 0x1F (which splits
-/// the item), or any bytes.
+/// A value: most often short digits or words filters compare with ([`WORDS`]), else text
+/// with spaces, `:` and `=` (often past the 8 bytes a value may have), a CR at its end, a
+/// newline written 0x0B, a 0x1F (which splits the item), or any bytes.
 fn value() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         6 => "[0-9/]{0,6}".prop_map(String::into_bytes),
+        5 => prop::sample::select(&WORDS[..]).prop_map(<[u8]>::to_vec),
         3 => "[a-z :=]{0,11}".prop_map(String::into_bytes),
         1 => Just(b"x\r".to_vec()),
         1 => Just(b"a\x0bb".to_vec()),
@@ -135,6 +139,57 @@ fn set_items() -> impl Strategy<Value = Body> {
     prop_oneof![12 => vec(item, 1..4), 1 => Just(Vec::new())].prop_map(Body::Set)
 }
 
+/// A Set of the keys filters test ([`TAG_KEYS`]), most often to a word of [`WORDS`]
+/// that the likeliest filters compare with (`class` to a class, `channels` to words,
+/// `group` to a name), else to any of them, or their deletion: so that shims come to
+/// pass filters and stop passing them.
+fn tag_items() -> impl Strategy<Value = Body> {
+    let (class, group, channels) = (TAG_KEYS.start, TAG_KEYS.start + 1, TAG_KEYS.start + 2);
+    let likely: Vec<(u8, usize)> = vec![
+        (class, 0),
+        (class, 1),
+        (class, 2),
+        (TAG_KEYS.end - 1, 2),
+        (group, 7),
+        (channels, 3),
+        (channels, 4),
+        (channels, 5),
+        (channels, 6),
+    ];
+    let item = prop_oneof![
+        6 => prop::sample::select(likely).prop_map(|(key, w)| (key, Some(WORDS[w].to_vec()))),
+        2 => (TAG_KEYS, prop::sample::select(&WORDS[..]).prop_map(|w| Some(w.to_vec()))),
+        1 => (TAG_KEYS, Just(None)),
+    ]
+    .prop_map(|(key, value)| Item { key, value });
+    vec(item, 1..3).prop_map(Body::Set)
+}
+
+/// Filters of [`FILTERS`] after a target: most often one of the likeliest to pass, or
+/// one or two valid ones, else any (a fault among them), or a long list of the short
+/// valid one (eight of them still pass, a ninth is one too many), now and then with a
+/// fault in it.
+fn filters() -> impl Strategy<Value = Vec<u8>> {
+    let short = prop_oneof![8 => Just(SHORT_FILTER), 1 => any::<u8>()];
+    prop_oneof![
+        6 => vec(0..2u8, 1..2),
+        3 => vec(0..VALID_FILTERS, 1..3),
+        2 => vec(0..FILTERS.len() as u8, 1..3),
+        1 => vec(short, 7..11),
+    ]
+}
+
+/// `body`, its target followed by filters with probability `p`.
+fn filtered(body: impl Strategy<Value = Body>, p: f64) -> impl Strategy<Value = Body> {
+    (body, proptest::option::weighted(p, filters())).prop_map(|(body, f)| match f {
+        Some(filters) => Body::Filtered {
+            body: Box::new(body),
+            filters,
+        },
+        None => body,
+    })
+}
+
 fn query_keys() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![3 => Just(Vec::new()), 2 => vec(key(), 1..3), 1 => vec(key(), 3..7)]
 }
@@ -142,9 +197,9 @@ fn query_keys() -> impl Strategy<Value = Vec<u8>> {
 /// A Subscribe: most often a valid one (a SID of the first six of `SIDS`, an interval of
 /// the first seven of `INTERVALS`), else any of their entries; the pattern from an
 /// identity held, often widened to `>` or its first segment then `>` (now and then none,
-/// or a bad one).
+/// or a bad one), often with filters.
 fn subscribe() -> impl Strategy<Value = Body> {
-    (
+    let body = (
         prop_oneof![6 => 0u8..6, 1 => any::<u8>()],
         prop_oneof![6 => 0u8..7, 1 => any::<u8>()],
         any::<u8>(),
@@ -157,7 +212,8 @@ fn subscribe() -> impl Strategy<Value = Body> {
             pick,
             how,
             keys,
-        })
+        });
+    filtered(body, 0.5)
 }
 
 fn unsubscribe() -> impl Strategy<Value = Body> {
@@ -165,11 +221,12 @@ fn unsubscribe() -> impl Strategy<Value = Body> {
 }
 
 fn get() -> impl Strategy<Value = Body> {
-    (any::<u8>(), any::<u8>(), query_keys()).prop_map(|(pick, how, keys)| Body::Get {
+    let body = (any::<u8>(), any::<u8>(), query_keys()).prop_map(|(pick, how, keys)| Body::Get {
         pick,
         how,
         keys,
-    })
+    });
+    filtered(body, 0.4)
 }
 
 /// One frame, most often with data that fits its opcode; now and then ended by CRLF.
@@ -181,22 +238,43 @@ fn frame() -> impl Strategy<Value = Piece> {
     })
 }
 
+/// A Command or an Echo to a target made from a held identity (often widened to `>` or
+/// its first segment then `>`), followed by filters with probability `p`.
+fn routed_at(p: f64) -> impl Strategy<Value = (u8, Body)> {
+    let how = prop_oneof![1 => Just(5u8), 1 => Just(4u8), 2 => any::<u8>()];
+    let at = (any::<u8>(), how, text()).prop_map(|(pick, how, text)| Body::At {
+        pick,
+        how,
+        text: Some(text),
+    });
+    (prop_oneof![Just(0x04u8), Just(0x08u8)], filtered(at, p))
+}
+
+/// A Who: of a name, of everyone, or of a target made from a held identity; followed by
+/// filters with probability `p`.
+fn who(p: f64) -> impl Strategy<Value = (u8, Body)> {
+    let body = prop_oneof![
+        target().prop_map(Body::Name),
+        Just(Body::Name(Vec::new())),
+        (any::<u8>(), any::<u8>()).prop_map(|(pick, how)| Body::At {
+            pick,
+            how,
+            text: None
+        }),
+    ];
+    filtered(body, p).prop_map(|b| (0x0D, b))
+}
+
 fn op_and_body() -> impl Strategy<Value = (u8, Body)> {
     let f = |op: u8, body: Body| (op, body);
     prop_oneof![
         4 => identity().prop_map(move |b| f(0x01, b)),
         3 => (prop_oneof![Just(0x04u8), Just(0x08u8)], target(), text())
             .prop_map(move |(op, target, text)| f(op, Body::Routed { target, text })),
-        4 => (prop_oneof![Just(0x04u8), Just(0x08u8)], any::<u8>(), any::<u8>(), text())
-            .prop_map(move |(op, pick, how, text)| f(op, Body::At { pick, how, text: Some(text) })),
+        4 => routed_at(0.3),
         3 => (any::<u8>(), any::<u8>(), text())
             .prop_map(move |(pick, form, text)| f(0x05, Body::Response { pick, form, text })),
-        2 => prop_oneof![
-            target().prop_map(Body::Name),
-            Just(Body::Name(Vec::new())),
-            (any::<u8>(), any::<u8>()).prop_map(|(pick, how)| Body::At { pick, how, text: None }),
-        ]
-        .prop_map(move |b| f(0x0D, b)),
+        2 => who(0.3),
         2 => text().prop_map(move |t| f(0x06, Body::Bytes(t))),
         2 => (any::<u8>(), any::<u8>()).prop_map(move |(user, key)| f(0x0F, Body::Auth { user, key })),
         2 => any::<u8>().prop_map(move |n| f(0x02, Body::Token(n))),
@@ -386,11 +464,14 @@ fn state_frame() -> impl Strategy<Value = Piece> {
         crlf: false,
     };
     prop_oneof![
-        8 => set_items().prop_map(move |b| f(0x10, b)),
+        6 => set_items().prop_map(move |b| f(0x10, b)),
+        8 => tag_items().prop_map(move |b| f(0x10, b)),
         4 => subscribe().prop_map(move |b| f(0x11, b)),
         1 => unsubscribe().prop_map(move |b| f(0x12, b)),
         2 => get().prop_map(move |b| f(0x13, b)),
         2 => parts().prop_map(move |p| f(0x01, Body::Name(label(&p)))),
+        3 => routed_at(0.7).prop_map(move |(op, b)| f(op, b)),
+        1 => who(0.7).prop_map(move |(op, b)| f(op, b)),
         3 => frame(),
     ]
 }
@@ -402,8 +483,12 @@ fn state_step() -> impl Strategy<Value = Step> {
         2 => connect(),
         16 => (any::<u8>(), vec(state_frame(), 1..4), any::<u16>())
             .prop_map(|(conn, pieces, split)| Step::Tcp { conn, pieces, split }),
-        4 => (any::<u8>(), set_items(), prop::bool::weighted(0.9)).prop_map(
-            |(source, body, newline)| Step::Udp {
+        4 => (
+            any::<u8>(),
+            prop_oneof![2 => set_items(), 1 => tag_items()],
+            prop::bool::weighted(0.9),
+        )
+            .prop_map(|(source, body, newline)| Step::Udp {
                 source,
                 pieces: vec![Piece::Frame {
                     op: 0x10,
@@ -411,8 +496,7 @@ fn state_step() -> impl Strategy<Value = Step> {
                     crlf: false,
                 }],
                 newline,
-            }
-        ),
+            }),
         2 => any::<u8>().prop_map(|conn| Step::Read { conn }),
         1 => any::<u8>().prop_map(|conn| Step::Eof { conn }),
         3 => (prop_oneof![4 => 0u16..30, 1 => 0u16..3000], 0u8..=2)
@@ -441,24 +525,31 @@ fn scenario() -> impl Strategy<Value = Scenario> {
     scenario_of(settings().boxed(), Just(Vec::new()).boxed(), step().boxed())
 }
 
-/// Scenarios for relay state: shims that subscribe once identified, then set keys,
-/// subscribe, rename and read all along.
+/// Scenarios for relay state: shims that subscribe, and set the keys filters test, once
+/// identified, then set keys, subscribe, rename and read all along.
 fn state_scenario() -> impl Strategy<Value = Scenario> {
-    let subscribes = vec(
-        (any::<u8>(), subscribe()).prop_map(|(conn, body)| Step::Tcp {
-            conn,
-            pieces: vec![Piece::Frame {
-                op: 0x11,
-                body,
-                crlf: false,
-            }],
-            split: 0,
-        }),
-        0..4,
+    let opening = vec(
+        (
+            any::<u8>(),
+            prop_oneof![
+                2 => subscribe().prop_map(|b| (0x11, b)),
+                1 => tag_items().prop_map(|b| (0x10, b)),
+            ],
+        )
+            .prop_map(|(conn, (op, body))| Step::Tcp {
+                conn,
+                pieces: vec![Piece::Frame {
+                    op,
+                    body,
+                    crlf: false,
+                }],
+                split: 0,
+            }),
+        0..6,
     );
     scenario_of(
         state_settings().boxed(),
-        subscribes.boxed(),
+        opening.boxed(),
         state_step().boxed(),
     )
 }
@@ -1601,6 +1692,306 @@ fn deltas_go_over_udp_to_a_bound_subscriber() {
     assert_eq!(
         r.datagrams,
         [(w, b"\x101 D 1 peq.a.bob\x1fhp:0=1\n".to_vec())]
+    );
+}
+
+// --- Targets by state (§6 "Filters") --------------------------------------------------
+
+/// Four shims in two zones: `peq.a.w` (conn 0, no state) and the others with a class and
+/// channels (`peq.a.bob`: `CLR`, `tanks heals`; `peq.b.al`: `clr`, `  heals`;
+/// `peq.b.cy`: `WAR`).
+fn four_with_state() -> Vec<Step> {
+    vec![
+        client(true),
+        client(true),
+        client(true),
+        client(true),
+        identify(0, "peq.a.w"),
+        identify(1, "peq.a.bob"),
+        identify(2, "peq.b.al"),
+        identify(3, "peq.b.cy"),
+        say(1, &[(0x10, b"class=CLR\x1fchannels=tanks heals")]),
+        say(2, &[(0x10, b"Class=clr\x1fchannels=  heals")]),
+        say(3, &[(0x10, b"class=WAR")]),
+    ]
+}
+
+/// Command, Echo, Who and Get name the shims whose state passes every filter, ignoring
+/// ASCII case on both sides: `=` the whole value, `~` a whole word; a shim without the key
+/// passes no filter on it; a target nobody passes reaches nobody.
+#[test]
+fn filters_select_by_state() {
+    let mut steps = four_with_state();
+    steps.push(say(
+        0,
+        &[
+            (0x04, b"peq.>,class=clr /cast 1"),
+            (0x08, b"peq.>,channels~HEALS hi"),
+            (0x08, b"peq.>,channels~heal hi"),
+            (0x08, b"peq.>,class=war x"),
+            (0x08, b"peq.>,group=bob x"),
+            (0x08, b"peq.b.*,class=clr,channels~heals y"),
+            (0x0D, b"peq.b.*,CLASS=CLR"),
+            (0x13, b"peq.>,class=war class"),
+        ],
+    ));
+    let r = run(&Scenario {
+        settings: state_settings_of(16, 8, 200),
+        steps,
+    });
+    let w = after_session(&r, 0);
+    assert_eq!(w[0], "\x0c1048576 2\n");
+    assert_eq!(w[1], "\x0c0 2\n");
+    assert_eq!(w[2], "\x09no shim matches peq.>,channels~heal\n");
+    assert_eq!(w[3], "\x0c0 1\n");
+    assert_eq!(w[4], "\x09no shim matches peq.>,group=bob\n");
+    assert_eq!(w[5], "\x0c0 1\n");
+    assert!(w[6].starts_with("\x0epeq.b.al "), "{w:?}");
+    assert_eq!(
+        w[7..],
+        [
+            "\x0c0 1\n",
+            "\x100 F 1 peq.b.cy\x1fclass:0=WAR\n",
+            "\x0c0 1\n"
+        ]
+    );
+    assert_eq!(
+        after_session(&r, 1),
+        ["\x04peq.a.w 1048576 /cast 1\n", "\x08peq.a.w hi\n"]
+    );
+    assert_eq!(
+        after_session(&r, 2),
+        [
+            "\x04peq.a.w 1048576 /cast 1\n",
+            "\x08peq.a.w hi\n",
+            "\x08peq.a.w y\n"
+        ]
+    );
+    assert_eq!(after_session(&r, 3), ["\x08peq.a.w x\n"]);
+}
+
+/// A subscription with filters lists the shims that pass them, and follows the selection:
+/// a Set that makes a shim pass is a join, then its whole state (the keys asked for) in an
+/// F frame instead of a delta; one that makes it stop passing is a leave `not selected`,
+/// and nothing of it follows; a shim that never passed leaves without a word.
+#[test]
+fn a_subscription_follows_the_selection() {
+    let mut steps = four_with_state();
+    steps.extend([
+        say(
+            0,
+            &[
+                (0x11, b"1 0 peq.>,group=Bob hp"),
+                (0x11, b"2 0 >,channels~heals"),
+            ],
+        ),
+        say(3, &[(0x10, b"hp=1")]),
+        say(3, &[(0x10, b"GROUP=bob")]),
+        say(3, &[(0x10, b"hp=2")]),
+        say(3, &[(0x10, b"group=al\x1fhp=3")]),
+        say(3, &[(0x10, b"hp=4")]),
+        say(3, &[(0x10, b"group=BOB")]),
+        say(3, &[(0x10, b"group")]),
+        say(1, &[(0x10, b"channels=tanks")]),
+        Step::Eof { conn: 2 },
+        Step::Eof { conn: 3 },
+    ]);
+    let r = run(&Scenario {
+        settings: state_settings_of(16, 8, 200),
+        steps,
+    });
+    let w = after_session(&r, 0);
+    assert_eq!(w[0], "\x0c1 0\n");
+    let mut listing = w[1..3].to_vec();
+    listing.sort();
+    assert_eq!(
+        listing,
+        [
+            "\x102 F 1 peq.a.bob\x1fclass:0=CLR\x1fchannels:0=tanks heals\n",
+            "\x102 F 1 peq.b.al\x1fClass:0=clr\x1fchannels:0=  heals\n",
+        ]
+    );
+    assert_eq!(
+        w[3..],
+        [
+            "\x0c2 2\n",
+            "\x141 +peq.b.cy\n",
+            "\x101 F 3 peq.b.cy\x1fhp:0=1\n",
+            "\x101 D 4 peq.b.cy\x1fhp:0=2\n",
+            "\x141 -peq.b.cy not selected\n",
+            "\x141 +peq.b.cy\n",
+            "\x101 F 7 peq.b.cy\x1fhp:0=4\n",
+            "\x141 -peq.b.cy not selected\n",
+            "\x142 -peq.a.bob not selected\n",
+            "\x142 -peq.b.al eof\n",
+        ]
+    );
+}
+
+/// A bad target is refused naming its first fault from the left: the whole target's
+/// (empty, too long, not UTF-8), the pattern's, then each filter in turn by its place: an
+/// empty one, a ninth, or its own (no test, its key, nothing after the test, a control
+/// byte, a space in a Who's target); Who, Subscribe and Get name it a bad pattern.
+#[test]
+fn bad_filters_are_refused_by_their_first_fault() {
+    let eight = format!("peq.>{}", ",x=1".repeat(8));
+    let long = format!("+peq.>,note={}", "n".repeat(244));
+    let frames: Vec<(u8, Vec<u8>)> = vec![
+        (0x08, b"peq.>,class hi".to_vec()),
+        (0x08, b"peq.>,cl.ass=x hi".to_vec()),
+        (0x08, b"peq.>,=x hi".to_vec()),
+        (0x08, b"peq.>,class= hi".to_vec()),
+        (0x08, b"peq.>,ch~ hi".to_vec()),
+        (0x08, b"peq.>,class=a\x01 hi".to_vec()),
+        (0x08, b"peq.>,,class=a hi".to_vec()),
+        (0x08, b"peq.>, hi".to_vec()),
+        (0x08, format!("{eight} hi").into_bytes()),
+        (0x08, format!("{eight}, hi").into_bytes()),
+        (0x08, format!("{eight},x hi").into_bytes()),
+        (
+            0x08,
+            format!("peq.>,x=1,x{} hi", ",x=1".repeat(9)).into_bytes(),
+        ),
+        (0x08, b",class=a hi".to_vec()),
+        (0x08, b"a.>.b,x hi".to_vec()),
+        (0x08, b"peq.>,k=\xE9 hi".to_vec()),
+        (0x08, format!("{long} hi").into_bytes()),
+        (0x08, format!("{long}n hi").into_bytes()),
+        (0x0D, b"peq.>,k=a b".to_vec()),
+        (0x0D, b"peq.>,k=a b\x01".to_vec()),
+        (0x0D, b"peq.>,k=a~b=c".to_vec()),
+        (0x11, b"1 0 peq.>,class".to_vec()),
+        (0x13, b"peq.>,class= hp".to_vec()),
+    ];
+    let frames: Vec<(u8, &[u8])> = frames.iter().map(|(op, d)| (*op, &d[..])).collect();
+    let r = run(&Scenario {
+        settings: Settings {
+            max_frame: 400,
+            ..plain_settings()
+        },
+        steps: vec![client(true), identify(0, "peq.a.w"), say(0, &frames)],
+    });
+    let t = |t: &str, why: &str| format!("\x09bad target {t}: {why}\n");
+    let p = |t: &str, why: &str| format!("\x09bad pattern {t}: {why}\n");
+    let key = "only ASCII letters, digits, '_' and '-' are allowed";
+    assert_eq!(
+        after_session(&r, 0),
+        [
+            t(
+                "peq.>,class",
+                "filter 1 (class): expected KEY=VALUE or KEY~WORD"
+            ),
+            t(
+                "peq.>,cl.ass=x",
+                &format!("filter 1 (cl.ass=x): key byte 0x2E at 2: {key}")
+            ),
+            t("peq.>,=x", "filter 1 (=x): key is empty"),
+            t("peq.>,class=", "filter 1 (class=): nothing after '='"),
+            t("peq.>,ch~", "filter 1 (ch~): nothing after '~'"),
+            t(
+                "peq.>,class=a\x01",
+                "filter 1 (class=a\x01): byte 0x01 in the value: a control byte"
+            ),
+            t("peq.>,,class=a", "empty filter after ','"),
+            t("peq.>,", "empty filter after ','"),
+            format!("\x09no shim matches {eight}\n"),
+            t(&format!("{eight},"), "empty filter after ','"),
+            t(&format!("{eight},x"), "more than 8 filters"),
+            t(
+                &format!("peq.>,x=1,x{}", ",x=1".repeat(9)),
+                "filter 2 (x): expected KEY=VALUE or KEY~WORD"
+            ),
+            t(",class=a", "empty target"),
+            t("a.>.b,x", "'>' must be the last segment"),
+            t("peq.>,k=\u{FFFD}", "target is not UTF-8"),
+            format!("\x09no shim matches {long}\n"),
+            t(&format!("{long}n"), "target longer than 255 bytes"),
+            p("peq.>,k=a b", "filter 1 (k=a b): a filter holds no space"),
+            p(
+                "peq.>,k=a b\x01",
+                "filter 1 (k=a b\x01): byte 0x01 in the value: a control byte"
+            ),
+            "\x0c0 0\n".to_string(),
+            p(
+                "peq.>,class",
+                "filter 1 (class): expected KEY=VALUE or KEY~WORD"
+            ),
+            p("peq.>,class=", "filter 1 (class=): nothing after '='"),
+        ]
+    );
+}
+
+/// On a hub with users, a Command's or an Echo's permission is decided on its pattern
+/// alone: filters never make a target the user may not address one it may, and a target
+/// it may address keeps its filters.
+#[test]
+fn permissions_ignore_filters() {
+    let r = run(&Scenario {
+        settings: Settings {
+            users: vec![spec(0, 0, &["peq.>"], &["peq.*.bob"])],
+            ..state_settings_of(16, 8, 200)
+        },
+        steps: vec![
+            client(true),
+            client(true),
+            say(0, &[(0x0F, b"ops s3cret"), (0x01, b"peq.a.w")]),
+            say(1, &[(0x0F, b"ops s3cret"), (0x01, b"peq.a.bob")]),
+            say(1, &[(0x10, b"class=CLR")]),
+            say(
+                0,
+                &[
+                    (0x04, b"peq.>,class=clr /sit"),
+                    (0x04, b"peq.*.bob,class=clr /sit"),
+                    (0x04, b"peq.*.bob,class=war /sit"),
+                ],
+            ),
+        ],
+    });
+    assert_eq!(
+        after_session(&r, 0),
+        [
+            "\x09command not permitted: peq.>,class=clr\n",
+            "\x0c1048576 1\n",
+            "\x09no shim matches peq.*.bob,class=war\n",
+        ]
+    );
+}
+
+/// A newcomer takes the identity of a selected holder that was closing (cut off, its
+/// reader not yet ended), and does not pass the filters: the subscriber is told the
+/// holder left, `not selected`, and nothing more of it when its connection ends.
+#[test]
+fn a_newcomer_not_selected_ends_the_closing_holder() {
+    let echo = piece_of(
+        0x08,
+        Body::Bytes(format!("peq.a.bob {}", "x".repeat(40)).into_bytes()),
+        false,
+    );
+    let r = run(&Scenario {
+        settings: state_settings_of(8, 4, 40),
+        steps: vec![
+            client(true),
+            client(false),
+            client(true),
+            identify(0, "peq.a.w"),
+            say(0, &[(0x11, b"1 0 >,class=clr")]),
+            identify(1, "peq.a.bob"),
+            identify(2, "peq.a.al"),
+            say(1, &[(0x10, b"class=clr")]),
+            // bob stops reading and is cut off as a slow consumer; his reader has not ended.
+            read_on(2, vec![echo; 30], 0),
+            say(2, &[(0x01, b"PEQ.a.bob")]),
+            Step::Eof { conn: 1 },
+        ],
+    });
+    assert_eq!(
+        after_session(&r, 0),
+        [
+            "\x0c1 0\n",
+            "\x141 +peq.a.bob\n",
+            "\x101 F 1 peq.a.bob\x1fclass:0=clr\n",
+            "\x141 -peq.a.bob not selected\n",
+        ]
     );
 }
 

@@ -195,19 +195,19 @@ pub fn check_reject_texts() {
             "response refused: ID must be a decimal number with no sign or leading zero",
         ),
         (
-            Reject::BadTarget("+".into(), PatternError::Empty),
+            Reject::BadTarget("+".into(), PatternError::Empty.into()),
             "bad target +: empty target",
         ),
         (
-            Reject::BadTarget("a.>.b".into(), PatternError::RestNotLast),
+            Reject::BadTarget("a.>.b".into(), PatternError::RestNotLast.into()),
             "bad target a.>.b: '>' must be the last segment",
         ),
         (
-            Reject::BadTarget("x".into(), PatternError::TooLong),
+            Reject::BadTarget("x".into(), PatternError::TooLong.into()),
             "bad target x: target longer than 255 bytes",
         ),
         (
-            Reject::BadTarget("\u{FFFD}".into(), PatternError::NotUtf8),
+            Reject::BadTarget("\u{FFFD}".into(), PatternError::NotUtf8.into()),
             "bad target \u{FFFD}: target is not UTF-8",
         ),
         (
@@ -228,7 +228,7 @@ pub fn check_reject_texts() {
             "rate limit: more than 20 Who per second",
         ),
         (
-            Reject::BadPattern("a.>.b".into(), PatternError::RestNotLast),
+            Reject::BadPattern("a.>.b".into(), PatternError::RestNotLast.into()),
             "bad pattern a.>.b: '>' must be the last segment",
         ),
         (

@@ -34,6 +34,7 @@
 //! - `decode.rs`: the decoders against their definitions (all the `decode` fuzz target
 //!   needs);
 //! - `pattern.rs`: the model's own identity grammar and target patterns;
+//! - `target.rs`: the model's own targets: a pattern and filters on relay state;
 //! - `model.rs`: the model;
 //! - `state.rs`: relay state in the model (Set, Subscribe, Unsubscribe, Get, Presence),
 //!   and the subscribers' copies of what they watch;
@@ -48,12 +49,14 @@ mod model;
 mod pattern;
 mod scenario;
 mod state;
+mod target;
 
 pub use check::check_reject_texts;
 pub use decode::check_decode;
 pub use scenario::{
-    BAD_PATTERNS, Body, COMMON, INTERVALS, Item, KEYS, LABEL, MAX_CONNS, ODD, Piece, SECRET,
-    SECRETS, SIDS, Scenario, Settings, Step, USERS, UserSpec, label, name,
+    BAD_PATTERNS, Body, COMMON, FILTERS, INTERVALS, Item, KEYS, LABEL, MAX_CONNS, ODD, Piece,
+    SECRET, SECRETS, SHORT_FILTER, SIDS, Scenario, Settings, Step, TAG_KEYS, USERS, UserSpec,
+    VALID_FILTERS, WORDS, label, name,
 };
 pub use velium_server::config::DuplicateIdentity;
 pub use velium_server::hub::shim::CloseReason;
@@ -388,131 +391,155 @@ impl World {
             Piece::Raw(b) => out.extend_from_slice(b),
             Piece::Frame { op, body, crlf } => {
                 out.push(*op);
-                let strip = |b: &[u8]| {
-                    b.iter()
-                        .copied()
-                        .filter(|&x| x != NEWLINE)
-                        .collect::<Vec<u8>>()
-                };
-                match body {
-                    Body::Bytes(b) | Body::Name(b) => out.extend(strip(b)),
-                    Body::As { user, pick } => {
-                        let mut k = usize::from(*pick);
-                        let mut seg = |two: &mut bool| {
-                            k = k * 5 + 1;
-                            *two = k % 2 == 0;
-                            LABEL[k / 3 % LABEL.len()].as_bytes()
-                        };
-                        let mut two = false;
-                        let id = match self.pick_user(*user) {
-                            None => label(&[*pick, *pick / 3, *pick / 9][..1 + *pick as usize % 3]),
-                            Some(d) => {
-                                let p = &d.identities[usize::from(*pick) % d.identities.len()];
-                                let mut v = Vec::new();
-                                for (i, part) in p.split(|&b| b == b'.').enumerate() {
-                                    if i > 0 {
-                                        v.push(b'.');
-                                    }
-                                    match part {
-                                        b"*" => v.extend_from_slice(seg(&mut two)),
-                                        b">" => {
-                                            v.extend_from_slice(seg(&mut two));
-                                            if two {
-                                                v.push(b'.');
-                                                v.extend_from_slice(seg(&mut two));
-                                            }
-                                        }
-                                        lit => v.extend_from_slice(lit),
-                                    }
-                                }
-                                v
-                            }
-                        };
-                        out.extend(strip(&id));
-                    }
-                    Body::At { pick, how, text } => {
-                        out.extend_from_slice(self.target_of(*pick, *how).as_bytes());
-                        if let Some(text) = text {
-                            out.push(b' ');
-                            out.extend(strip(text));
-                        }
-                    }
-                    Body::Routed { target, text } => {
-                        out.extend(strip(target));
-                        out.push(b' ');
-                        out.extend(strip(text));
-                    }
-                    Body::Response { pick, form, text } => {
-                        let mine = from
-                            .map(|c| &self.conns[c].delivered)
-                            .filter(|d| !d.is_empty() && (*form / 8).is_multiple_of(2));
-                        let ids = mine.unwrap_or(&self.command_ids);
-                        // The latest first, so that small windows are hit and missed.
-                        let id = match ids.len() {
-                            0 => u64::from(*pick),
-                            n => ids[n - 1 - usize::from(*pick) % n],
-                        };
-                        let written = match form % 8 {
-                            0..=3 => id.to_string(),
-                            4 => format!("0{id}"),
-                            5 => "0".to_string(),
-                            6 => format!("+{id}"),
-                            _ => format!("{}{}", u64::MAX, id % 10),
-                        };
-                        out.extend_from_slice(written.as_bytes());
-                        out.push(b' ');
-                        out.extend(strip(text));
-                    }
-                    Body::Token(n) => {
-                        let live: Vec<&Conn> =
-                            self.conns.iter().filter(|k| k.registered()).collect();
-                        let n = *n as usize;
-                        match (live.len(), self.conns.len()) {
-                            (0, 0) => out.extend_from_slice(&[b'x'; 16]),
-                            (0, all) => out.extend_from_slice(&self.conns[n % all].shim.token.0),
-                            (live_n, _) => out.extend_from_slice(&live[n % live_n].shim.token.0),
-                        }
-                    }
-                    Body::Auth { user, key } => {
-                        let named = |name: &str, secret: &[u8]| {
-                            let mut v = name.as_bytes().to_vec();
-                            v.push(b' ');
-                            v.extend_from_slice(secret);
-                            v
-                        };
-                        let u = usize::from(*user);
-                        let other = SECRETS[usize::from(*key) / 8 % SECRETS.len()];
-                        let data = match key % 8 {
-                            0..=3 if shared_secret(&self.settings) => SECRET.to_vec(),
-                            0..=3 => match self.pick_user(*user) {
-                                Some(d) => named(d.name, d.secret),
-                                None => named(USERS[u % USERS.len()], SECRETS[u % SECRETS.len()]),
-                            },
-                            4 => named(USERS[u % USERS.len()], other),
-                            5 if u % 2 == 0 => other.to_vec(),
-                            5 => SECRET.to_vec(),
-                            6 => named("nobody", SECRET),
-                            _ => named(USERS[u % USERS.len()], b"wrong"),
-                        };
-                        out.extend(strip(&data));
-                    }
-                    Body::Set(items) => World::set_bytes(items, out),
-                    Body::Subscribe {
-                        sid,
-                        interval,
-                        pick,
-                        how,
-                        keys,
-                    } => self.subscribe_bytes(*sid, *interval, *pick, *how, keys, out),
-                    Body::Unsubscribe(sid) => {
-                        out.extend_from_slice(SIDS[usize::from(*sid) % SIDS.len()].as_bytes())
-                    }
-                    Body::Get { pick, how, keys } => self.query_bytes(true, *pick, *how, keys, out),
-                }
+                self.body_bytes(body, from, &[], out);
                 if *crlf {
                     out.push(CR);
                 }
                 out.push(NEWLINE);
+            }
+        }
+    }
+
+    /// The data of a frame with `body`, sent by connection `from`; `filters` (`,FILTER`
+    /// each) follows the target of a body that has one.
+    fn body_bytes(&self, body: &Body, from: Option<usize>, filters: &[u8], out: &mut Vec<u8>) {
+        let strip = |b: &[u8]| {
+            b.iter()
+                .copied()
+                .filter(|&x| x != NEWLINE)
+                .collect::<Vec<u8>>()
+        };
+        match body {
+            Body::Bytes(b) => out.extend(strip(b)),
+            Body::Name(b) => {
+                out.extend(strip(b));
+                out.extend_from_slice(filters);
+            }
+            Body::Filtered { body, filters } => {
+                let mut more = Vec::new();
+                for &f in filters {
+                    more.push(b',');
+                    more.extend_from_slice(FILTERS[usize::from(f) % FILTERS.len()]);
+                }
+                self.body_bytes(body, from, &more, out);
+            }
+            Body::As { user, pick } => {
+                let mut k = usize::from(*pick);
+                let mut seg = |two: &mut bool| {
+                    k = k * 5 + 1;
+                    *two = k % 2 == 0;
+                    LABEL[k / 3 % LABEL.len()].as_bytes()
+                };
+                let mut two = false;
+                let id = match self.pick_user(*user) {
+                    None => label(&[*pick, *pick / 3, *pick / 9][..1 + *pick as usize % 3]),
+                    Some(d) => {
+                        let p = &d.identities[usize::from(*pick) % d.identities.len()];
+                        let mut v = Vec::new();
+                        for (i, part) in p.split(|&b| b == b'.').enumerate() {
+                            if i > 0 {
+                                v.push(b'.');
+                            }
+                            match part {
+                                b"*" => v.extend_from_slice(seg(&mut two)),
+                                b">" => {
+                                    v.extend_from_slice(seg(&mut two));
+                                    if two {
+                                        v.push(b'.');
+                                        v.extend_from_slice(seg(&mut two));
+                                    }
+                                }
+                                lit => v.extend_from_slice(lit),
+                            }
+                        }
+                        v
+                    }
+                };
+                out.extend(strip(&id));
+            }
+            Body::At { pick, how, text } => {
+                out.extend_from_slice(self.target_of(*pick, *how).as_bytes());
+                out.extend_from_slice(filters);
+                if let Some(text) = text {
+                    out.push(b' ');
+                    out.extend(strip(text));
+                }
+            }
+            Body::Routed { target, text } => {
+                out.extend(strip(target));
+                out.extend_from_slice(filters);
+                out.push(b' ');
+                out.extend(strip(text));
+            }
+            Body::Response { pick, form, text } => {
+                let mine = from
+                    .map(|c| &self.conns[c].delivered)
+                    .filter(|d| !d.is_empty() && (*form / 8).is_multiple_of(2));
+                let ids = mine.unwrap_or(&self.command_ids);
+                // The latest first, so that small windows are hit and missed.
+                let id = match ids.len() {
+                    0 => u64::from(*pick),
+                    n => ids[n - 1 - usize::from(*pick) % n],
+                };
+                let written = match form % 8 {
+                    0..=3 => id.to_string(),
+                    4 => format!("0{id}"),
+                    5 => "0".to_string(),
+                    6 => format!("+{id}"),
+                    _ => format!("{}{}", u64::MAX, id % 10),
+                };
+                out.extend_from_slice(written.as_bytes());
+                out.push(b' ');
+                out.extend(strip(text));
+            }
+            Body::Token(n) => {
+                let live: Vec<&Conn> = self.conns.iter().filter(|k| k.registered()).collect();
+                let n = *n as usize;
+                match (live.len(), self.conns.len()) {
+                    (0, 0) => out.extend_from_slice(&[b'x'; 16]),
+                    (0, all) => out.extend_from_slice(&self.conns[n % all].shim.token.0),
+                    (live_n, _) => out.extend_from_slice(&live[n % live_n].shim.token.0),
+                }
+            }
+            Body::Auth { user, key } => {
+                let named = |name: &str, secret: &[u8]| {
+                    let mut v = name.as_bytes().to_vec();
+                    v.push(b' ');
+                    v.extend_from_slice(secret);
+                    v
+                };
+                let u = usize::from(*user);
+                let other = SECRETS[usize::from(*key) / 8 % SECRETS.len()];
+                let data = match key % 8 {
+                    0..=3 if shared_secret(&self.settings) => SECRET.to_vec(),
+                    0..=3 => match self.pick_user(*user) {
+                        Some(d) => named(d.name, d.secret),
+                        None => named(USERS[u % USERS.len()], SECRETS[u % SECRETS.len()]),
+                    },
+                    4 => named(USERS[u % USERS.len()], other),
+                    5 if u % 2 == 0 => other.to_vec(),
+                    5 => SECRET.to_vec(),
+                    6 => named("nobody", SECRET),
+                    _ => named(USERS[u % USERS.len()], b"wrong"),
+                };
+                out.extend(strip(&data));
+            }
+            Body::Set(items) => World::set_bytes(items, out),
+            Body::Subscribe {
+                sid,
+                interval,
+                pick,
+                how,
+                keys,
+            } => {
+                World::subscribe_head(*sid, *interval, *how, out);
+                self.query_bytes(false, *pick, *how, keys, filters, out);
+            }
+            Body::Unsubscribe(sid) => {
+                out.extend_from_slice(SIDS[usize::from(*sid) % SIDS.len()].as_bytes())
+            }
+            Body::Get { pick, how, keys } => {
+                self.query_bytes(true, *pick, *how, keys, filters, out)
             }
         }
     }

@@ -17,6 +17,11 @@
 //! Quit and closed; one already closing losing its name without a word), what a user may
 //! address and list, the answer window, and the credentials a reload revokes.
 //!
+//! Targets (§6): the model's own reading of a target (`target.rs`), refused by its first
+//! fault; a Command, Echo or Who names the shims its pattern matches whose state passes
+//! its filters as the model holds it when the frame is handled, and a user's permission
+//! to send a Command or Echo is decided on the pattern alone.
+//!
 //! The per-shim rates are the token buckets of §8 ("Rate limits per shim"), with rates
 //! kept as first set. Where one [`Connection::on_bytes`] call stops (a slice, §8) is the
 //! hub's choice within the bounds §8 gives, which the model checks rather than predicts
@@ -27,6 +32,7 @@
 use super::World;
 use super::pattern::{MPat, check_label};
 use super::scenario::{SECRET, Settings, shared_secret, users};
+use super::target::MTarget;
 use std::net::SocketAddr;
 use velium_server::config::DuplicateIdentity;
 use velium_server::hub::connection::Flow;
@@ -836,9 +842,14 @@ impl World {
         self.push(to, limit, Exp::Frame(f.to_vec()))
     }
 
-    fn matching(&self, p: &MPat) -> Vec<usize> {
+    /// The shims `t` names: routed, matched by its pattern, and passing its filters on
+    /// the state they hold now (§6).
+    fn selected(&self, t: &MTarget) -> Vec<usize> {
         (0..self.conns.len())
-            .filter(|&i| self.conns[i].routed && p.matches(&self.conns[i].identity))
+            .filter(|&i| {
+                let k = &self.conns[i];
+                k.routed && t.pattern.matches(&k.identity) && t.passes(&k.state)
+            })
             .collect()
     }
 
@@ -855,10 +866,11 @@ impl World {
             return self.reply(c, via, refusal(Reject::Malformed(Shape::TargetText)));
         };
         let (target, text) = (&data[..sp], &data[sp + 1..]);
-        let p = match MPat::parse(target) {
-            Ok(p) => p,
+        let t = match MTarget::parse(target) {
+            Ok(t) => t,
             Err(e) => return self.reply(c, via, refusal(Reject::BadTarget(lossy(target), e))),
         };
+        let p = &t.pattern;
         // The rates first: a Command the user may not send still counts as routed.
         if let Err(r) = self.allow(c, Work::FanOut) {
             return self.reply(c, via, refusal(r));
@@ -872,7 +884,8 @@ impl World {
                 } else {
                     &u.echoes
                 };
-                list.iter().any(|q| q.covers(&p))
+                // §6: decided on the pattern alone, as if there were no filters.
+                list.iter().any(|q| q.covers(p))
             });
             if !allowed {
                 self.counts.permission += 1;
@@ -902,8 +915,8 @@ impl World {
         let f = encoded(op, &d);
         let mut reached = 0;
         let window = self.settings.answer_window;
-        for to in self.matching(&p) {
-            if (p.include_self || to != c) && self.deliver(to, via, &f) {
+        for to in self.selected(&t) {
+            if (t.pattern.include_self || to != c) && self.deliver(to, via, &f) {
                 reached += 1;
                 if op == Opcode::Command {
                     // §7: the target may answer it while it is among the last
@@ -986,22 +999,24 @@ impl World {
         if via != MVia::Tcp {
             return self.reply(c, via, refusal(Reject::WhoOverUdp));
         }
-        let p = if data.is_empty() {
-            MPat::all()
+        // The whole data is the target: a space in a filter's value is the filter's fault.
+        let t = if data.is_empty() {
+            MTarget::all()
         } else {
-            match MPat::parse(data) {
-                Ok(p) => p,
+            match MTarget::parse(data) {
+                Ok(t) => t,
                 Err(e) => return self.reply(c, via, refusal(Reject::BadPattern(lossy(data), e))),
             }
         };
         if let Err(r) = self.allow(c, Work::Who) {
             return self.reply(c, via, refusal(r));
         }
-        // §7 "Users": on a hub with users, only what the user's `who` patterns match.
+        // §7 "Users": on a hub with users, only what the user's `who` patterns match (§6:
+        // then filtered).
         let users_hub = !self.users.is_empty();
         let user = self.user_of(c);
         let entries: Vec<Vec<u8>> = self
-            .matching(&p)
+            .selected(&t)
             .into_iter()
             .filter(|&i| {
                 !users_hub

@@ -256,6 +256,16 @@ pub enum Body {
         /// The keys filtered on.
         keys: Vec<u8>,
     },
+    /// `body` (a [`Body::At`], [`Body::Routed`], [`Body::Name`], [`Body::Subscribe`] or
+    /// [`Body::Get`]) with its target followed by filters (§6): each `,FILTERS[i % len]`
+    /// (an empty entry makes two commas in a row, or a trailing one). Any other body is
+    /// sent as it is.
+    Filtered {
+        /// The request whose target is filtered.
+        body: Box<Body>,
+        /// Which filters, in order.
+        filters: Vec<u8>,
+    },
 }
 
 /// One item of a Set: `KEYS[key % len]`, then `=VALUE` (or nothing: a deletion).
@@ -267,10 +277,11 @@ pub struct Item {
     pub value: Option<Vec<u8>>,
 }
 
-/// The keys Sets, Subscribes and Gets name: a few valid ones, two of them the same key in
-/// another case, then keys outside the grammar (a space, empty, 65 bytes, a dot) and the
-/// longest valid one.
-pub const KEYS: [&[u8]; 12] = [
+/// The keys Sets, Subscribes and Gets name: a few valid ones, three of them the same key
+/// in another case, three of them keys the hub indexes for filters (§6 `state_index`),
+/// then keys outside the grammar (a space, empty, 65 bytes, a dot) and the longest valid
+/// one.
+pub const KEYS: [&[u8]; 16] = [
     b"hp",
     b"mana",
     b"HP",
@@ -278,6 +289,10 @@ pub const KEYS: [&[u8]; 12] = [
     b"loc",
     b"Mana",
     b"t_-9",
+    b"class",
+    b"group",
+    b"channels",
+    b"Class",
     b"h p",
     b"",
     b"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk",
@@ -310,6 +325,56 @@ pub const INTERVALS: [&str; 11] = [
 
 /// Patterns that are none: an empty one, `+` alone, `>` not last, not UTF-8.
 pub const BAD_PATTERNS: [&[u8]; 4] = [b"", b"+", b"a.>.b", b"\xE3"];
+
+/// The keys of [`KEYS`] filters test most: those the hub indexes, one in another case.
+pub const TAG_KEYS: std::ops::Range<u8> = 7..11;
+
+/// Words Sets give values of, and filters compare with: letter cases that differ, a
+/// value of several words (separated by one space or more, leading and trailing ones
+/// included) and one word twice.
+pub const WORDS: [&[u8]; 8] = [
+    b"CLR", b"clr", b"war", b"ab cd", b"cd", b" ab  Cd", b"ab ab", b"Bob",
+];
+
+/// Filters (§6) a target may carry: first valid ones over the keys of [`KEYS`] and the
+/// values of [`WORDS`] (the first four the likeliest to pass; the key and the value in
+/// another case, `~` on a word, `=` on a value that is one word of another, a value
+/// holding `=` and `~`, a key no shim holds), the `x=1` that makes long lists; then every
+/// fault: no test, a key outside the grammar (a dot, empty, 65 bytes), nothing after the
+/// test, a control byte, DEL, a byte that is not UTF-8, a space (in a Who's target;
+/// elsewhere it ends the target), and the empty filter.
+pub const FILTERS: [&[u8]; 24] = [
+    b"class=clr",
+    b"channels~ab",
+    b"CLASS=War",
+    b"Channels~CD",
+    b"channels=cd",
+    b"group=bob",
+    b"class~clr",
+    b"x~ab",
+    b"hp=1",
+    b"mana=a=b~c",
+    b"raid=x",
+    b"x=1",
+    b"class",
+    b"cl.ass=clr",
+    b"=clr",
+    b"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk=x",
+    b"class=",
+    b"channels~",
+    b"class=c\x01",
+    b"class=\x7F",
+    b"class=\xE9",
+    b"channels~ab cd",
+    b"",
+    b"group~",
+];
+
+/// How many of [`FILTERS`] are valid (the first ones).
+pub const VALID_FILTERS: u8 = 12;
+
+/// The short valid filter of [`FILTERS`] long lists are made of.
+pub const SHORT_FILTER: u8 = 11;
 
 /// Bytes sent on a TCP connection or in a datagram.
 #[derive(Clone, Debug)]

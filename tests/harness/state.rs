@@ -12,10 +12,12 @@
 //! Unsubscribe `Ack SID 1` or `no subscription SID`; the limits on subscriptions, keys
 //! listed and listings), each shim's state and SEQ (all or nothing, the last item of a
 //! key winning, keys compared ignoring case and kept as first spelled, the limits and the
-//! Set rate), which shims each subscription watches, and every Presence frame (a join when
-//! a shim identifies, renames into a pattern or becomes readable after a reload; a leave
-//! `renamed`, `not permitted`, or with the close reason when a watched shim goes, none when
-//! a newcomer's join stands for it), with what renames cost in the rates.
+//! Set rate), which shims each subscription watches (with filters, §6, those whose state
+//! passes them), and every Presence frame (a join when a shim identifies, renames into a
+//! pattern, becomes readable after a reload, or comes to pass the filters; a leave
+//! `renamed`, `not permitted`, `not selected`, or with the close reason when a watched
+//! shim goes, none when a newcomer's join stands for it), with what renames cost in the
+//! rates.
 //!
 //! What it does not predict: when the deltas go, and how they are cut into frames. The hub
 //! may send them at the end of the slice of the Set, or later from the core's tick when
@@ -34,8 +36,8 @@
 
 use super::World;
 use super::model::{Exp, MBucket, MVia, Work, ack, lossy, refusal};
-use super::pattern::MPat;
 use super::scenario::{BAD_PATTERNS, INTERVALS, Item, KEYS, SIDS};
+use super::target::MTarget;
 use std::collections::{BTreeMap, BTreeSet};
 use velium_server::hub::outbox::OutState;
 use velium_server::hub::shim::CloseReason;
@@ -64,13 +66,15 @@ pub(super) struct MKey {
 #[derive(Clone, Debug)]
 pub(super) struct MSub {
     pub(super) sid: u32,
-    pub(super) pattern: MPat,
+    /// Its target: the pattern, and the filters the shims it watches pass (§6).
+    pub(super) target: MTarget,
     /// The keys it asked for (none: every key).
     pub(super) keys: Vec<String>,
     pub(super) interval: u64,
     /// The shims it watches, each with the identity it was watched under (its leave's),
     /// in the order they arrived (listed by its Subscribe, joined since), until they
-    /// leave: a holder that was closing when a newcomer took its identity is dropped at
+    /// leave (with filters, only those that pass them: the others the subscriber is not
+    /// told of): a holder that was closing when a newcomer took its identity is dropped at
     /// the newcomer's join, which stands for its leave (§13 "Presence").
     pub(super) watched: Vec<(usize, String)>,
     /// What the subscriber was told: per identity (ignoring case), the shim it shows.
@@ -214,6 +218,7 @@ fn leave_reasons() -> Vec<String> {
     .collect();
     v.push("renamed".into());
     v.push("not permitted".into());
+    v.push("not selected".into());
     v
 }
 
@@ -336,7 +341,38 @@ impl World {
         if changed > 0 {
             // §13 "SEQ": one more for each applied Set that changes something.
             self.conns[c].state_seq += 1;
+            self.reselect(c);
         }
+    }
+
+    /// After a Set of `c` changed its state (§13 "Presence", §6): each subscription with
+    /// filters that names `c` and did not select it, and whose filters it passes now, is
+    /// sent its join (its whole state follows in an `F` frame: a delivery, learned); each
+    /// one that selected it, and whose filters it no longer passes, its leave `not
+    /// selected`. Queued in the Set's slice; the deltas of the Set go to the others.
+    fn reselect(&mut self, c: usize) {
+        let g = self.group();
+        for (o, i) in self.all_subs() {
+            let sub = &self.conns[o].subs[i];
+            if !sub.target.is_filtered() || !self.watches(o, sub, c) {
+                continue;
+            }
+            let now = sub.target.passes(&self.conns[c].state);
+            match (sub.watched.iter().position(|w| w.0 == c), now) {
+                (None, true) => self.join(o, i, c, g, true),
+                (Some(j), false) => self.leave(o, i, j, "not selected", g, true),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscription `i` of `o` stops watching the `j`-th shim it watches: a leave `why`.
+    fn leave(&mut self, o: usize, i: usize, j: usize, why: &str, g: u64, in_slice: bool) {
+        let sub = &mut self.conns[o].subs[i];
+        let (_, identity) = sub.watched.remove(j);
+        sub.shown.remove(&identity.to_ascii_lowercase());
+        let f = presence(sub.sid, &identity, Some(why));
+        self.push_state(o, f, g, in_slice);
     }
 
     /// A Subscribe from `c` (§13 "Subscribe and Unsubscribe"): its shape, then the rates
@@ -351,11 +387,11 @@ impl World {
             let sid = parse_sid(fields[0]).ok_or_else(|| Reject::BadSid(lossy(fields[0])))?;
             let interval =
                 parse_interval(fields[1]).ok_or_else(|| Reject::BadInterval(lossy(fields[1])))?;
-            let pattern =
-                MPat::parse(fields[2]).map_err(|e| Reject::BadPattern(lossy(fields[2]), e))?;
-            Ok((sid, interval, pattern, parse_keys(&fields[3..])?))
+            let target =
+                MTarget::parse(fields[2]).map_err(|e| Reject::BadPattern(lossy(fields[2]), e))?;
+            Ok((sid, interval, target, parse_keys(&fields[3..])?))
         })();
-        let (sid, interval, pattern, keys) = match parsed {
+        let (sid, interval, target, keys) = match parsed {
             Ok(p) => p,
             Err(r) => return self.push_self(c, refusal(r)),
         };
@@ -381,14 +417,14 @@ impl World {
         }
         let mut sub = MSub {
             sid,
-            pattern,
+            target,
             keys,
             interval,
             watched: Vec::new(),
             shown: BTreeMap::new(),
         };
         sub.watched = (0..self.conns.len())
-            .filter(|&k| self.conns[k].routed && !self.conns[k].closed && self.watches(c, &sub, k))
+            .filter(|&k| self.conns[k].routed && !self.conns[k].closed && self.selects(c, &sub, k))
             .map(|k| (k, self.conns[k].identity.clone()))
             .collect();
         let entries: Vec<Vec<u8>> = (sub.watched.iter())
@@ -435,14 +471,14 @@ impl World {
     pub(super) fn model_get(&mut self, c: usize, data: &[u8]) {
         let fields: Vec<&[u8]> = data.split(|&b| b == b' ').collect();
         let parsed = (|| {
-            let pattern = if data.is_empty() {
-                MPat::all()
+            let target = if data.is_empty() {
+                MTarget::all()
             } else {
-                MPat::parse(fields[0]).map_err(|e| Reject::BadPattern(lossy(fields[0]), e))?
+                MTarget::parse(fields[0]).map_err(|e| Reject::BadPattern(lossy(fields[0]), e))?
             };
-            Ok((pattern, parse_keys(&fields[1..])?))
+            Ok((target, parse_keys(&fields[1..])?))
         })();
-        let (pattern, keys) = match parsed {
+        let (target, keys) = match parsed {
             Ok(p) => p,
             Err(r) => return self.push_self(c, refusal(r)),
         };
@@ -456,8 +492,13 @@ impl World {
         }
         let entries: Vec<Vec<u8>> = (0..self.conns.len())
             .filter(|&k| {
-                let id = &self.conns[k].identity;
-                self.conns[k].routed && pattern.matches(id) && self.reads(c, id)
+                let k_ = &self.conns[k];
+                let id = &k_.identity;
+                // §6: what the user may read, then filtered.
+                k_.routed
+                    && target.pattern.matches(id)
+                    && self.reads(c, id)
+                    && target.passes(&k_.state)
             })
             .map(|k| self.full_frame(0, k, &keys))
             .collect();
@@ -515,10 +556,18 @@ impl World {
                 .is_some_and(|u| u.state.iter().any(|p| p.matches(identity)))
     }
 
-    /// Whether `c`'s subscription `sub` watches shim `k` under its identity now.
+    /// Whether `c`'s subscription `sub` names shim `k` under its identity now, its
+    /// filters aside.
     fn watches(&self, c: usize, sub: &MSub, k: usize) -> bool {
         let id = &self.conns[k].identity;
-        (sub.pattern.include_self || k != c) && sub.pattern.matches(id) && self.reads(c, id)
+        let p = &sub.target.pattern;
+        (p.include_self || k != c) && p.matches(id) && self.reads(c, id)
+    }
+
+    /// Whether `c`'s subscription `sub` watches shim `k` now: it names it, and `k`'s state
+    /// passes its filters.
+    fn selects(&self, c: usize, sub: &MSub, k: usize) -> bool {
+        self.watches(c, sub, k) && sub.target.passes(&self.conns[k].state)
     }
 
     // --- Presence -------------------------------------------------------------------
@@ -569,8 +618,8 @@ impl World {
 
     /// After `c` identified (`old` empty) or renamed from `old` (§13 "Presence"): a leave
     /// `renamed` to the subscriptions that watched it, then a join to those that match it
-    /// now (its state follows a join in an `F` frame: a delivery, learned). Returns the
-    /// Presence frames sent.
+    /// now and whose filters its state passes (its state follows a join in an `F` frame: a
+    /// delivery, learned). Returns the Presence frames sent.
     pub(super) fn state_identity(&mut self, c: usize, old: &str) -> u64 {
         if self.conns[c].closed {
             return 0;
@@ -590,8 +639,22 @@ impl World {
         }
         let g = self.group();
         for (o, i) in self.all_subs() {
-            if self.watches(o, &self.conns[o].subs[i], c) {
+            let sub = &self.conns[o].subs[i];
+            if !self.watches(o, sub, c) {
+                continue;
+            }
+            if sub.target.passes(&self.conns[c].state) {
                 self.join(o, i, c, g, true);
+                told += 1;
+                continue;
+            }
+            // Named but not selected: no join. A holder of the name that was closing is
+            // dropped all the same, with a leave `not selected` (no join stands for it).
+            let identity = &self.conns[c].identity;
+            let held =
+                (sub.watched.iter()).position(|w| w.0 != c && w.1.eq_ignore_ascii_case(identity));
+            if let Some(j) = held {
+                self.leave(o, i, j, "not selected", g, true);
                 told += 1;
             }
         }
@@ -646,19 +709,14 @@ impl World {
                 let (routed, closed) = (self.conns[k].routed, self.conns[k].closed);
                 let sub = &self.conns[o].subs[i];
                 let id = &self.conns[k].identity;
-                if !routed || closed || !sub.pattern.matches(id) {
+                if !routed || closed || !sub.target.pattern.matches(id) {
                     continue;
                 }
                 let may = self.watches(o, sub, k);
                 match (sub.watched.iter().position(|w| w.0 == k), may) {
-                    (Some(j), false) => {
-                        let sub = &mut self.conns[o].subs[i];
-                        let (_, identity) = sub.watched.remove(j);
-                        sub.shown.remove(&identity.to_ascii_lowercase());
-                        let f = presence(sub.sid, &identity, Some("not permitted"));
-                        self.push_state(o, f, g, false);
-                    }
-                    (None, true) => self.join(o, i, k, g, false),
+                    (Some(j), false) => self.leave(o, i, j, "not permitted", g, false),
+                    // §6: a shim it may read now joins when it passes the filters.
+                    (None, true) if self.selects(o, sub, k) => self.join(o, i, k, g, false),
                     _ => {}
                 }
             }
@@ -1023,9 +1081,18 @@ impl World {
         }
     }
 
-    /// A Subscribe's or a Get's pattern and keys (`how` 240 to 247: neither pattern nor
-    /// keys for a Subscribe, no pattern for a Get; 248 up: a bad pattern).
-    pub(super) fn query_bytes(&self, get: bool, pick: u8, how: u8, keys: &[u8], out: &mut Vec<u8>) {
+    /// A Subscribe's or a Get's target and keys (`how` 240 to 247: neither target nor
+    /// keys for a Subscribe, no pattern for a Get; 248 up: a bad pattern), `filters`
+    /// after the pattern.
+    pub(super) fn query_bytes(
+        &self,
+        get: bool,
+        pick: u8,
+        how: u8,
+        keys: &[u8],
+        filters: &[u8],
+        out: &mut Vec<u8>,
+    ) {
         let key = |k: &u8| KEYS[usize::from(*k) % KEYS.len()];
         match how {
             240..=247 if !get => return,
@@ -1033,29 +1100,22 @@ impl World {
             248.. => out.extend_from_slice(BAD_PATTERNS[usize::from(how) % BAD_PATTERNS.len()]),
             _ => out.extend_from_slice(self.target_of(pick, how).as_bytes()),
         }
+        out.extend_from_slice(filters);
         for k in keys {
             out.push(b' ');
             out.extend_from_slice(key(k));
         }
     }
 
-    /// A Subscribe's data.
-    pub(super) fn subscribe_bytes(
-        &self,
-        sid: u8,
-        interval: u8,
-        pick: u8,
-        how: u8,
-        keys: &[u8],
-        out: &mut Vec<u8>,
-    ) {
+    /// A Subscribe's data up to its target: `SID SP INTERVAL_MS`, then a space when a
+    /// target follows (`how` not 240 to 247, see [`World::query_bytes`]).
+    pub(super) fn subscribe_head(sid: u8, interval: u8, how: u8, out: &mut Vec<u8>) {
         out.extend_from_slice(SIDS[usize::from(sid) % SIDS.len()].as_bytes());
         out.push(b' ');
         out.extend_from_slice(INTERVALS[usize::from(interval) % INTERVALS.len()].as_bytes());
         if !(240..248).contains(&how) {
             out.push(b' ');
         }
-        self.query_bytes(false, pick, how, keys, out);
     }
 }
 

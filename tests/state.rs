@@ -31,16 +31,12 @@ use velium_server::proto::state::{self as st, Mode};
 
 const IDENTIFY: u8 = 0x01;
 const PING: u8 = 0x06;
-const PONG: u8 = 0x07;
-const ERROR: u8 = 0x09;
-const ACK: u8 = 0x0C;
 const WHO: u8 = 0x0D;
 const WHO_ENTRY: u8 = 0x0E;
 const SET: u8 = 0x10;
 const SUBSCRIBE: u8 = 0x11;
 const UNSUBSCRIBE: u8 = 0x12;
 const GET: u8 = 0x13;
-const PRESENCE: u8 = 0x14;
 
 /// The segment-grammar message of a bad key byte.
 fn key_byte(byte: u8, at: usize) -> String {
@@ -83,59 +79,6 @@ fn get(c: &mut Tcp, pattern: &str, keys: &[&str]) {
 // ---------------------------------------------------------------------------------------
 // Reading what the hub sends
 // ---------------------------------------------------------------------------------------
-
-/// A frame from the hub as one line: a State frame as `SID MODE IDENTITY` then `|KEY=VALUE`
-/// per value and `|KEY` per deleted key (every age checked present and under the test
-/// deadline, and left out); Presence as its data (`SID +IDENTITY`, `SID -IDENTITY
-/// REASON`); `ack DATA`, `pong DATA`, `error TEXT`; anything else as `0xNN DATA`.
-fn describe(op: u8, data: &[u8]) -> String {
-    match op {
-        SET => {
-            let s = st::parse_state(data).unwrap_or_else(|| {
-                panic!("not a State frame: {:?}", String::from_utf8_lossy(data))
-            });
-            let mode = match s.mode {
-                Mode::Full => "F",
-                Mode::Delta => "D",
-            };
-            let mut line = format!("{} {mode} {}", s.sid, text(s.identity));
-            for it in &s.items {
-                line.push('|');
-                line.push_str(&text(it.key));
-                match it.value {
-                    Some((age, v)) => {
-                        assert!(
-                            age < DEADLINE.as_millis() as u64,
-                            "age {age} ms in {line:?}"
-                        );
-                        line.push('=');
-                        line.push_str(&String::from_utf8_lossy(v));
-                    }
-                    None => assert_eq!(s.mode, Mode::Delta, "a deletion in an F frame"),
-                }
-            }
-            line
-        }
-        PRESENCE => {
-            assert!(
-                st::parse_presence(data).is_some(),
-                "not a Presence frame: {:?}",
-                String::from_utf8_lossy(data)
-            );
-            text(data)
-        }
-        ACK => format!("ack {}", text(data)),
-        PONG => format!("pong {}", text(data)),
-        ERROR => format!("error {}", text(data)),
-        _ => format!("0x{op:02X} {}", String::from_utf8_lossy(data)),
-    }
-}
-
-/// The next frame on `c`, described.
-fn next(c: &mut Tcp) -> String {
-    let (op, d) = c.recv();
-    describe(op, &d)
-}
 
 /// The next datagram on `u` (one frame, from the hub's port), described.
 fn next_udp(u: &Udp) -> String {

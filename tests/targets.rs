@@ -21,7 +21,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use velium_server::proto::state::{self as st, Mode};
+use velium_server::proto::state as st;
 
 const IDENTIFY: u8 = 0x01;
 const COMMAND: u8 = 0x04;
@@ -36,7 +36,6 @@ const SET: u8 = 0x10;
 const SUBSCRIBE: u8 = 0x11;
 const UNSUBSCRIBE: u8 = 0x12;
 const GET: u8 = 0x13;
-const PRESENCE: u8 = 0x14;
 
 /// Rates lifted: a test sends many requests within a second.
 const NO_RATES: [&str; 4] = ["--who-per-sec", "0", "--routed-per-sec", "0"];
@@ -229,52 +228,6 @@ fn names(v: &[&str]) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // Reading state listings and subscriptions
 // ---------------------------------------------------------------------------------------
-
-/// A frame from the hub as one line: a State frame as `SID MODE IDENTITY`, then
-/// `|KEY=VALUE` per value and `|KEY` per deleted key (ages checked and left out); a
-/// Presence as its data; `ack DATA`, `pong DATA`, `error TEXT`; anything else as
-/// `0xNN DATA`.
-fn describe(op: u8, data: &[u8]) -> String {
-    match op {
-        SET => {
-            let s = st::parse_state(data).unwrap_or_else(|| {
-                panic!("not a State frame: {:?}", String::from_utf8_lossy(data))
-            });
-            let mode = match s.mode {
-                Mode::Full => "F",
-                Mode::Delta => "D",
-            };
-            let mut line = format!("{} {mode} {}", s.sid, text(s.identity));
-            for it in &s.items {
-                line.push('|');
-                line.push_str(&text(it.key));
-                match it.value {
-                    Some((age, v)) => {
-                        assert!(age < DEADLINE.as_millis() as u64, "age {age} in {line}");
-                        line.push('=');
-                        line.push_str(&String::from_utf8_lossy(v));
-                    }
-                    None => assert_eq!(s.mode, Mode::Delta, "a deletion in an F frame"),
-                }
-            }
-            line
-        }
-        PRESENCE => {
-            assert!(st::parse_presence(data).is_some(), "{:?}", text(data));
-            text(data)
-        }
-        ACK => format!("ack {}", text(data)),
-        PONG => format!("pong {}", text(data)),
-        ERROR => format!("error {}", text(data)),
-        _ => format!("0x{op:02X} {}", String::from_utf8_lossy(data)),
-    }
-}
-
-/// The next frame on `c`, described.
-fn next(c: &mut Tcp) -> String {
-    let (op, d) = c.recv();
-    describe(op, &d)
-}
 
 /// The next `n` frames on `c`, described, grouped by subscription (the first word) in the
 /// order each subscription's frames came: frames of two subscriptions keep no order

@@ -914,3 +914,65 @@ pub fn velium(addr: SocketAddr, args: &[&str]) -> Run {
     );
     run
 }
+
+/// A frame from the hub as one line: a State frame as `SID MODE IDENTITY` then `|KEY=VALUE`
+/// per value and `|KEY` per deleted key (every age checked present and under the test
+/// deadline, and left out); Presence as its data (`SID +IDENTITY`, `SID -IDENTITY
+/// REASON`); `ack DATA`, `pong DATA`, `error TEXT`; anything else as `0xNN DATA`.
+pub fn describe(op: u8, data: &[u8]) -> String {
+    const PONG: u8 = 0x07;
+    const ERROR: u8 = 0x09;
+    const ACK: u8 = 0x0C;
+    const SET: u8 = 0x10;
+    const PRESENCE: u8 = 0x14;
+    match op {
+        SET => {
+            let s = velium_server::proto::state::parse_state(data).unwrap_or_else(|| {
+                panic!("not a State frame: {:?}", String::from_utf8_lossy(data))
+            });
+            let mode = match s.mode {
+                velium_server::proto::state::Mode::Full => "F",
+                velium_server::proto::state::Mode::Delta => "D",
+            };
+            let mut line = format!("{} {mode} {}", s.sid, text(s.identity));
+            for it in &s.items {
+                line.push('|');
+                line.push_str(&text(it.key));
+                match it.value {
+                    Some((age, v)) => {
+                        assert!(
+                            age < DEADLINE.as_millis() as u64,
+                            "age {age} ms in {line:?}"
+                        );
+                        line.push('=');
+                        line.push_str(&String::from_utf8_lossy(v));
+                    }
+                    None => assert_eq!(
+                        s.mode,
+                        velium_server::proto::state::Mode::Delta,
+                        "a deletion in an F frame"
+                    ),
+                }
+            }
+            line
+        }
+        PRESENCE => {
+            assert!(
+                velium_server::proto::state::parse_presence(data).is_some(),
+                "not a Presence frame: {:?}",
+                String::from_utf8_lossy(data)
+            );
+            text(data)
+        }
+        ACK => format!("ack {}", text(data)),
+        PONG => format!("pong {}", text(data)),
+        ERROR => format!("error {}", text(data)),
+        _ => format!("0x{op:02X} {}", String::from_utf8_lossy(data)),
+    }
+}
+
+/// The next frame on `c`, described.
+pub fn next(c: &mut Tcp) -> String {
+    let (op, d) = c.recv();
+    describe(op, &d)
+}

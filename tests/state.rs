@@ -87,20 +87,6 @@ fn next_udp(u: &Udp) -> String {
     describe(d[0], &d[1..d.len() - 1])
 }
 
-/// Reads a listing up to its Ack (or an Error): the State frames, sorted (their order is
-/// the router's), and that last line.
-fn listing(c: &mut Tcp) -> (Vec<String>, String) {
-    let mut frames = Vec::new();
-    loop {
-        let line = next(c);
-        if line.starts_with("ack ") || line.starts_with("error ") {
-            frames.sort();
-            return (frames, line);
-        }
-        frames.push(line);
-    }
-}
-
 fn expect_listing(c: &mut Tcp, frames: &[&str], ack: &str) {
     let mut want: Vec<String> = frames.iter().map(|s| s.to_string()).collect();
     want.sort();

@@ -249,20 +249,6 @@ fn by_sid(groups: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
         .collect()
 }
 
-/// Reads a listing up to its Ack (or an Error): its State frames, sorted (their order is
-/// the router's), and that last line.
-fn listing(c: &mut Tcp) -> (Vec<String>, String) {
-    let mut frames = Vec::new();
-    loop {
-        let line = next(c);
-        if line.starts_with("ack ") || line.starts_with("error ") {
-            frames.sort();
-            return (frames, line);
-        }
-        frames.push(line);
-    }
-}
-
 fn expect_listing(c: &mut Tcp, frames: &[&str], ack: &str) {
     let mut want = names(frames);
     want.sort();

@@ -976,3 +976,17 @@ pub fn next(c: &mut Tcp) -> String {
     let (op, d) = c.recv();
     describe(op, &d)
 }
+
+/// Reads a listing up to its Ack (or an Error): the State frames, sorted (their order is
+/// the router's), and that last line.
+pub fn listing(c: &mut Tcp) -> (Vec<String>, String) {
+    let mut frames = Vec::new();
+    loop {
+        let line = next(c);
+        if line.starts_with("ack ") || line.starts_with("error ") {
+            frames.sort();
+            return (frames, line);
+        }
+        frames.push(line);
+    }
+}

@@ -1339,6 +1339,18 @@ pub fn render(hub: &Hub) -> String {
         &one(get(&c.datagrams_refused)),
     );
     metric(
+        "velium_handoffs_total",
+        "counter",
+        "Lists of outboxes one core handed to the core that owns them, to flush (at most one per destination core per slice of input).",
+        &one(hub.handoff.handoffs.load(Ordering::Relaxed)),
+    );
+    metric(
+        "velium_handoff_flushes_total",
+        "counter",
+        "Outboxes flushed by their own core after a hand-off.",
+        &one(hub.handoff.handed.load(Ordering::Relaxed)),
+    );
+    metric(
         "velium_udp_dropped_total",
         "counter",
         "Datagrams dropped because a core's UDP send queue, or one destination's, was full.",

@@ -13,7 +13,7 @@
 //! after the read, and a readiness event newer than the one read is never cleared).
 
 use super::tasks::run_core;
-use super::{Datagrams, Listener, Stream};
+use super::{Buffers, Datagrams, Listener, Stream};
 use crate::hub::Hub;
 use socket2::SockRef;
 use std::io::{self, Write};
@@ -61,12 +61,13 @@ pub(super) fn run(
 pub(super) struct EpollStream(AsyncFd<std::net::TcpStream>);
 
 impl Stream for EpollStream {
-    async fn read(&self, mut buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
+    async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
         loop {
             let mut guard = match self.0.readable().await {
                 Ok(g) => g,
-                Err(e) => return (Err(e), buf),
+                Err(e) => return (Err(e), pool.take()),
             };
+            let mut buf = pool.take();
             let offered = buf.capacity() - buf.len();
             // `try_io` clears the readiness itself when the read would block.
             match guard.try_io(|s| recv_spare(s.get_ref(), &mut buf)) {
@@ -80,7 +81,7 @@ impl Stream for EpollStream {
                     return (Ok(n), buf);
                 }
                 Ok(Err(e)) => return (Err(e), buf),
-                Err(_would_block) => continue,
+                Err(_would_block) => pool.give(buf),
             }
         }
     }

@@ -26,10 +26,23 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
+/// Where a connection's reads go: the large buffers of its core, lent for one read and
+/// its handling, so that a connection waiting for input holds no buffer at all.
+pub(crate) trait Buffers {
+    /// A large, empty buffer.
+    fn take(&self) -> Vec<u8>;
+    /// Gives a buffer back.
+    fn give(&self, b: Vec<u8>);
+}
+
 /// A connected TCP socket, as a driver provides it.
 pub(crate) trait Stream: 'static {
-    /// Reads into the spare capacity of `buf` (which is empty); returns the bytes read.
-    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>);
+    /// Waits until the socket has input (or end of file, or an error), then reads what it
+    /// holds into a buffer taken from `pool`, and returns it with the bytes read. Nothing
+    /// is held while waiting. A read that comes back short has drained the socket: the
+    /// next call waits for new input rather than trying a read that would find none. The
+    /// buffer is returned with an error too (the caller gives it back).
+    async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>);
     /// Writes all of `buf`.
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>);
     /// The descriptor, for a shutdown or a direct send from another core.

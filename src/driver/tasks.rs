@@ -2,7 +2,7 @@
 //! writer per connection, the UDP receive loop with its bounded send queues, and the
 //! sweeper. They move bytes and time between the sockets and the hub, and decide nothing.
 
-use super::{Datagrams, Listener, Stream, sys};
+use super::{Buffers, Datagrams, Listener, Stream, sys};
 use crate::hub::connection::{Connection, Flow, Input};
 use crate::hub::datagram::{self, QuitLimiter, SendQueue};
 use crate::hub::outbox::OutState;
@@ -56,10 +56,19 @@ impl Core {
     }
 }
 
-/// Read buffer size for a quiet connection: small, so that an idle shim costs little.
-const READ_SMALL: usize = 512;
-/// Read buffer size of a busy connection (from the core's spare buffers).
+impl Buffers for Core {
+    fn take(&self) -> Vec<u8> {
+        self.take_buffer()
+    }
+    fn give(&self, b: Vec<u8>) {
+        self.give_buffer(b)
+    }
+}
+
+/// The size of a core's read buffers.
 const READ_LARGE: usize = 64 * 1024;
+/// The largest write buffer a writer keeps between writes.
+const WRITE_KEPT: usize = 1024;
 /// Bytes the writer hands the socket at a time: progress is recorded after each, for the
 /// write deadline and for producers waiting on this connection.
 const WRITE_CHUNK: usize = 64 * 1024;
@@ -83,6 +92,7 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     });
     tokio::task::spawn_local(sweep(core.clone()));
     tokio::task::spawn_local(state_loop(core.clone()));
+    tokio::task::spawn_local(handoff_loop(core.clone()));
     if core.hub.cluster().is_some() {
         tokio::task::spawn_local(cluster_loop(core.clone()));
     }
@@ -133,64 +143,70 @@ async fn quit_all(core: Rc<Core>) {
 }
 
 async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
-    let hub = core.hub.clone();
     let stream = Rc::new(stream);
-    let mut conn = Connection::accept(&hub, core.index, peer, Instant::now());
+    let mut conn = Connection::accept(&core.hub, core.index, peer, Instant::now());
     let shim = conn.shim().clone();
     shim.outbox.attach(stream.fd(), &sys::SOCKET_OPS);
     let key = core
         .conns
         .borrow_mut()
         .insert((shim.clone(), Cell::new(false)));
-    let writer = tokio::task::spawn_local(write_loop(hub.clone(), stream.clone(), shim.clone()));
+    // No writer until a write would block (most connections never need one).
+    let mut writer = None;
 
-    // A connection waits for input with a small buffer of its own, so that an idle shim
-    // costs little; a read that fills it takes the rest of what is waiting at once into
-    // one of the core's large buffers, so that a busy connection is handled in large
-    // batches (a fan-out then costs one send per recipient per batch).
-    let mut small = Vec::with_capacity(READ_SMALL);
     // The Identify usually arrives right behind the connect: read it at once if it is
-    // there, which saves the handshake one trip through the driver.
-    let mut ready = match stream.try_read_now(&mut small) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-        res => Some(res),
+    // there, which saves the handshake a wait for readiness.
+    let mut ready = {
+        let mut b = core.take_buffer();
+        match stream.try_read_now(&mut b) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                core.give_buffer(b);
+                None
+            }
+            res => Some((res, b)),
+        }
     };
     let reason = loop {
-        let res = match ready.take() {
-            Some(res) => res,
-            None => {
-                let (res, b) = stream.read(small).await;
-                small = b;
-                res
-            }
+        let (res, buf) = match ready.take() {
+            Some(r) => r,
+            None => next_input(&core, &stream, &shim, &mut writer).await,
         };
         let n = match res {
-            Ok(0) => break CloseReason::Eof,
+            Ok(0) => {
+                core.give_buffer(buf);
+                break CloseReason::Eof;
+            }
             Ok(n) => n,
             Err(e) => {
+                core.give_buffer(buf);
                 debug!(conn = shim.serial, error = %e, "read failed");
                 break CloseReason::IoError;
             }
         };
-        let end = if n < small.capacity() {
-            let flow = handle(&core, &mut conn, &*stream, &small[..n]).await;
-            match flow {
-                Flow::Close(r) => Some(r),
-                Flow::Continue => None,
-            }
-        } else {
-            // Boxed: the task of an idle connection is sized for waiting, not for this.
-            Box::pin(burst(&core, &mut conn, &*stream, &small[..n])).await
-        };
-        small.clear();
+        // Boxed: the task of an idle connection is sized for waiting, not for this.
+        let end = Box::pin(consume(&core, &mut conn, &*stream, buf, n)).await;
         conn.rest();
         if let Some(r) = end {
             break r;
         }
     };
 
-    let reason = conn.finish(&hub, reason);
-    let mut writer = writer;
+    let reason = conn.finish(&core.hub, reason);
+    // The last frame and the shutdown are the writer's: the running one, or one now.
+    let writer = match writer.take() {
+        Some(w) => w,
+        None => spawn_writer(&core, &stream, &shim),
+    };
+    // Boxed: the timer is large, and only a closing connection needs it.
+    Box::pin(linger(writer, &shim, reason)).await;
+    core.conns.borrow_mut().remove(key);
+    shim.outbox.detach();
+    core.hub.release(peer.ip());
+}
+
+/// Gives a closing connection's writer [`CLOSE_LINGER`] to send the last frame, then cuts
+/// the connection off.
+async fn linger(mut writer: tokio::task::JoinHandle<()>, shim: &Shim, reason: CloseReason) {
     if tokio::time::timeout(CLOSE_LINGER, &mut writer)
         .await
         .is_err()
@@ -198,34 +214,61 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
         shim.outbox.cut(reason);
         let _ = writer.await;
     }
-    core.conns.borrow_mut().remove(key);
-    shim.outbox.detach();
-    hub.release(peer.ip());
 }
 
-/// Handles a read that filled the small buffer: takes the rest of what is waiting into one
-/// of the core's large buffers, again and again while the reads come back full (with a
-/// turn for the core's other tasks between). Returns why the connection ends, if it does.
-async fn burst<S: Stream>(
+/// Starts a connection's writer.
+fn spawn_writer<S: Stream>(
+    core: &Core,
+    stream: &Rc<S>,
+    shim: &Arc<Shim>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_local(write_loop(core.hub.clone(), stream.clone(), shim.clone()))
+}
+
+/// Waits for a connection's next input, holding no buffer meanwhile. While no writer
+/// runs, also waits for the outbox to ask for one (a flush the socket could not take, or
+/// a last frame) and starts it; a running writer ends once it has written everything,
+/// and from then on the outbox is watched again.
+async fn next_input<S: Stream>(
+    core: &Core,
+    stream: &Rc<S>,
+    shim: &Arc<Shim>,
+    writer: &mut Option<tokio::task::JoinHandle<()>>,
+) -> (io::Result<usize>, Vec<u8>) {
+    loop {
+        match writer {
+            Some(w) => {
+                tokio::select! {
+                    biased;
+                    r = stream.read_ready(core) => return r,
+                    _ = w => *writer = None,
+                }
+            }
+            None => {
+                tokio::select! {
+                    biased;
+                    r = stream.read_ready(core) => return r,
+                    _ = shim.outbox.wait() => *writer = Some(spawn_writer(core, stream, shim)),
+                }
+            }
+        }
+    }
+}
+
+/// Handles a read of `n` bytes in `big` (one of the core's buffers), then, while the reads
+/// come back full, takes the rest of what is waiting into it, again and again (with a turn
+/// for the core's other tasks between). Gives the buffer back; returns why the connection
+/// ends, if it does.
+async fn consume<S: Stream>(
     core: &Core,
     conn: &mut Connection,
     stream: &S,
-    head: &[u8],
+    mut big: Vec<u8>,
+    n: usize,
 ) -> Option<CloseReason> {
-    let mut big = core.take_buffer();
-    big.extend_from_slice(head);
+    let mut full = n == big.capacity();
+    let mut end = None;
     let end = loop {
-        let mut end = None;
-        match stream.try_read_now(&mut big) {
-            Ok(0) => end = Some(CloseReason::Eof),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                debug!(conn = conn.shim().serial, error = %e, "read failed");
-                end = Some(CloseReason::IoError);
-            }
-        }
-        let full = big.len() == big.capacity();
         let flow = handle(core, conn, stream, &big).await;
         big.clear();
         if let Flow::Close(r) = flow {
@@ -237,6 +280,16 @@ async fn burst<S: Stream>(
         // More is waiting: let every other connection on this core have its turn
         // first, so a shim that floods cannot starve them.
         stream.yield_turn().await;
+        match stream.try_read_now(&mut big) {
+            Ok(0) => end = Some(CloseReason::Eof),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                debug!(conn = conn.shim().serial, error = %e, "read failed");
+                end = Some(CloseReason::IoError);
+            }
+        }
+        full = big.len() == big.capacity();
     };
     core.give_buffer(big);
     end
@@ -282,9 +335,7 @@ async fn carry_out(core: &Core, out: &mut Effects) {
     let hub = &core.hub;
     let now = Instant::now();
     let now_ms = hub.ms(now);
-    for shim in out.flush.drain(..) {
-        shim.outbox.flush(now_ms);
-    }
+    hub.flush_listed(core.index, out, now_ms);
     // TCP input is answered over TCP, but relay state it changed may go to subscribers
     // over UDP.
     send_datagrams(core, out);
@@ -307,8 +358,8 @@ async fn wait_drained(hub: &Hub, out: &mut Effects) {
     out.release_congested();
 }
 
-/// Writes what a flush could not send at once (the socket was full), and the last frame
-/// of a closing connection; then shuts the socket down.
+/// Writes what a flush could not send at once (the socket was full), until nothing is
+/// left; or the last frame of a closing connection, then shuts the socket down.
 async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
     let mut buf = Vec::new();
     loop {
@@ -330,7 +381,7 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
             }
         }
         buf.clear();
-        if buf.capacity() > READ_SMALL * 2 {
+        if buf.capacity() > WRITE_KEPT {
             buf = Vec::new();
         }
         shim.outbox.wrote(hub.ms(Instant::now()));
@@ -339,10 +390,11 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
             return;
         }
         // After a write, take again at once: frames queued meanwhile were not flushed by
-        // their producers (a write was in flight), so they are this task's to send. Only
-        // an empty take (which lets producers send directly again) waits for a wake-up.
+        // their producers (a write was in flight), so they are this task's to send. An
+        // empty take lets producers send directly again, and the writer ends: the
+        // connection starts another when a write would block again.
         if !wrote {
-            shim.outbox.wait().await;
+            return;
         }
     }
 }
@@ -369,6 +421,28 @@ async fn sweep(core: Rc<Core>) {
         let now = Instant::now();
         for (_, (shim, flagged)) in core.conns.borrow().iter() {
             core.hub.sweep(shim, flagged, now);
+        }
+    }
+}
+
+/// Flushes the outboxes of this core's connections that other cores queued frames on and
+/// handed over (`hub/handoff.rs`), a batch per hand-off.
+async fn handoff_loop(core: Rc<Core>) {
+    let hub = core.hub.clone();
+    let mut batch = Vec::new();
+    loop {
+        let notified = hub.handoff.notified(core.index);
+        hub.handoff.take(core.index, &mut batch);
+        if batch.is_empty() {
+            notified.await;
+            continue;
+        }
+        let now_ms = hub.ms(Instant::now());
+        for shim in batch.drain(..) {
+            shim.outbox.flush(now_ms);
+        }
+        if batch.capacity() > 4096 {
+            batch = Vec::new();
         }
     }
 }
@@ -404,9 +478,7 @@ async fn state_loop(core: Rc<Core>) {
 fn carry_out_unprompted(core: &Core, out: &mut Effects) {
     let hub = &core.hub;
     let now_ms = hub.ms(Instant::now());
-    for shim in out.flush.drain(..) {
-        shim.outbox.flush(now_ms);
-    }
+    hub.flush_listed(core.index, out, now_ms);
     send_datagrams(core, out);
     hub.finish(core.index, out, Instant::now());
     out.release_congested();
@@ -463,9 +535,7 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
         }
         if !out.is_empty() {
             let now_ms = hub.ms(Instant::now());
-            for shim in out.flush.drain(..) {
-                shim.outbox.flush(now_ms);
-            }
+            hub.flush_listed(core.index, &mut out, now_ms);
             send_datagrams(&core, &mut out);
         }
         hub.finish(core.index, &mut out, Instant::now());

@@ -1,16 +1,20 @@
 //! The io_uring driver: one tokio-uring runtime per core.
 //!
-//! Reads, writes, accepts and datagram receives are io_uring operations that own their
-//! buffers; this file only adapts tokio-uring's sockets to the shared loops in `mod.rs`.
+//! Accepts, the writer's writes and datagram receives are io_uring operations that own
+//! their buffers; a connection waits for input on the readiness of the reactor the ring
+//! runs on, then reads into one of its core's buffers (see [`UringStream`]). This file
+//! only adapts tokio-uring's sockets to the shared loops in `tasks.rs`.
 
 use super::tasks::run_core;
-use super::{Datagrams, Listener, Stream};
+use super::{Buffers, Datagrams, Listener, Stream, sys};
 use crate::hub::Hub;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
 
 fn builder() -> tokio_uring::Builder {
@@ -86,21 +90,62 @@ pub(super) fn run(
     });
 }
 
-impl Stream for TcpStream {
-    async fn read(&self, buf: Vec<u8>) -> (io::Result<usize>, Vec<u8>) {
-        TcpStream::read(self, buf).await
+/// An accepted connection: the tokio-uring socket, which owns the descriptor and writes
+/// through the ring, and its registration with the reactor the ring runs on, for
+/// readiness. tokio-uring has no poll operation and no provided buffers, so a read
+/// submitted to the ring would hold a buffer of its own for as long as the connection is
+/// idle; waiting for readiness and then reading into one of the core's buffers holds
+/// none. (Declared first, the registration is dropped first: it is removed from epoll
+/// before the socket closes.)
+pub(crate) struct UringStream {
+    ready: AsyncFd<Descriptor>,
+    stream: TcpStream,
+}
+
+/// A descriptor owned elsewhere (by the [`TcpStream`] beside it), for registering with
+/// the reactor.
+struct Descriptor(RawFd);
+
+impl AsRawFd for Descriptor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Stream for UringStream {
+    async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            let mut guard = match self.ready.readable().await {
+                Ok(g) => g,
+                Err(e) => return (Err(e), pool.take()),
+            };
+            let mut buf = pool.take();
+            let offered = buf.capacity() - buf.len();
+            match guard.try_io(|fd| sys::recv_now(fd.get_ref().0, &mut buf)) {
+                Ok(Ok(n)) => {
+                    // As in the epoll driver: a short read drained the socket, so the next
+                    // read waits for new input.
+                    if n > 0 && n < offered {
+                        guard.clear_ready();
+                    }
+                    return (Ok(n), buf);
+                }
+                Ok(Err(e)) => return (Err(e), buf),
+                Err(_would_block) => pool.give(buf),
+            }
+        }
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        TcpStream::write_all(self, buf).await
+        self.stream.write_all(buf).await
     }
 
     fn fd(&self) -> RawFd {
-        self.as_raw_fd()
+        self.stream.as_raw_fd()
     }
 
     fn shutdown(&self) {
-        let _ = TcpStream::shutdown(self, std::net::Shutdown::Both);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// tokio-uring submits queued operations only when its thread parks: a task that
@@ -113,12 +158,18 @@ impl Stream for TcpStream {
 }
 
 impl Listener for TcpListener {
-    type Conn = TcpStream;
+    type Conn = UringStream;
 
-    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
-        let (s, peer) = TcpListener::accept(self).await?;
-        s.set_nodelay(true)?;
-        Ok((s, peer))
+    async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
+        let (stream, peer) = TcpListener::accept(self).await?;
+        stream.set_nodelay(true)?;
+        // Edge-triggered, read readiness only: writes go through the ring.
+        // SAFETY: the descriptor is the accepted socket's, which `stream` owns and closes only
+        // when dropped, after this registration (declared before it in `UringStream`).
+        let ready = unsafe {
+            AsyncFd::register_with_interest(Descriptor(stream.as_raw_fd()), Interest::READABLE)
+        }?;
+        Ok((UringStream { ready, stream }, peer))
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`state`]: relay state (Set, Subscribe, Get) and [`index`], the state index that
 //!   resolves a target's filters;
 //! - [`send`]: the one send path, with the outbound limit and the per-shim rates;
+//!   [`handoff`]: the flushes a slice hands to the cores that own the sockets;
 //! - [`timers`]: identify deadline, idle timeout, write deadline, shutdown Quit;
 //! - [`access`]: who may be whom: Auth, the identity a user may take, a second claim on a
 //!   held identity, and the credentials a reload revokes;
@@ -26,6 +27,7 @@ pub mod admission;
 pub mod cluster;
 pub mod connection;
 pub mod datagram;
+pub mod handoff;
 pub mod index;
 pub mod journal;
 pub mod outbox;
@@ -85,6 +87,8 @@ pub struct Hub {
     pub states: state::States,
     /// The `state_index` keys' values, for target filters.
     pub index: index::Index,
+    /// Each core's inbox of outboxes another core queued frames on.
+    pub handoff: handoff::Handoff,
     epoch: Instant,
     /// The latest time a slice of input was handled at (hub milliseconds): the time of
     /// what the hub does outside any slice.
@@ -134,6 +138,7 @@ impl Hub {
             cluster,
             metrics: Metrics::new(config.cores),
             states: state::States::new(config.cores),
+            handoff: handoff::Handoff::new(config.cores),
             index: index::Index::new(&config.state_index),
             config: ArcSwap::from_pointee(config),
             table: Table::default(),

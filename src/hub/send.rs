@@ -83,6 +83,8 @@ pub struct Effects {
     pub datagrams: Vec<Datagram>,
     /// Shims whose outbox went from empty to not empty: each is flushed once.
     pub flush: Vec<Arc<Shim>>,
+    /// While flushing ([`Hub::flush_listed`]): the listed outboxes of each other core.
+    away: Vec<Vec<Arc<Shim>>>,
     /// Subscriptions this slice marked, delivered at its end ([`Hub::deliver_state`]).
     pub(crate) state: Vec<Arc<super::state::Subscription>>,
     /// Recipients whose queue this slice filled past the high-water mark.
@@ -106,6 +108,7 @@ impl Default for Effects {
         Effects {
             datagrams: Vec::new(),
             flush: Vec::new(),
+            away: Vec::new(),
             state: Vec::new(),
             congested: Vec::new(),
             queued: 0,
@@ -174,6 +177,9 @@ impl Effects {
         }
         if self.congested.capacity() > 64 {
             self.congested = Vec::new();
+        }
+        if self.away.iter().any(|a| a.capacity() > 64) {
+            self.away = Vec::new();
         }
     }
 }
@@ -418,6 +424,43 @@ impl Hub {
             (self.metrics).frame(Dir::Out, Transport::Tcp, last[0], last.len());
         }
         to.outbox.close(reason, last);
+    }
+
+    /// Flushes the outboxes a slice listed, from core `core` at `now_ms`: this core's own at
+    /// once, and each other core's handed to that core in one step
+    /// ([`super::handoff`]), unless it has fewer than [`HANDOFF_MIN`] listed, which are
+    /// flushed from here.
+    ///
+    /// [`HANDOFF_MIN`]: super::handoff::HANDOFF_MIN
+    pub fn flush_listed(&self, core: usize, out: &mut Effects, now_ms: u64) {
+        let cores = self.handoff.cores();
+        if cores == 1 || out.flush.len() < super::handoff::HANDOFF_MIN {
+            // Too few for a hand-off to pay, wherever they are.
+            for shim in out.flush.drain(..) {
+                shim.outbox.flush(now_ms);
+            }
+            return;
+        }
+        if out.away.len() < cores {
+            out.away.resize_with(cores, Vec::new);
+        }
+        for shim in out.flush.drain(..) {
+            let owner = shim.core as usize;
+            if owner == core || owner >= cores {
+                shim.outbox.flush(now_ms);
+            } else {
+                out.away[owner].push(shim);
+            }
+        }
+        for (owner, list) in out.away.iter_mut().enumerate() {
+            if list.len() >= super::handoff::HANDOFF_MIN {
+                self.handoff.give(owner, list);
+            } else {
+                for shim in list.drain(..) {
+                    shim.outbox.flush(now_ms);
+                }
+            }
+        }
     }
 
     /// Ends a slice: adds its counts to the metrics and records its latencies at `now`

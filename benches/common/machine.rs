@@ -3,7 +3,9 @@
 //! many connections a bench can hold, and the single-threaded load-generator runtime.
 
 use super::servers::skipped_baseline;
-use super::{System, baseline_binary, current_velium, shim_limit_args, velium_extra_args};
+use super::{
+    System, baseline_binary, current_velium, server_cpus, shim_limit_args, velium_extra_args,
+};
 use std::process::Command;
 
 /// Prints the bench name, the date, and the machine (cores, kernel, CPU model).
@@ -26,7 +28,17 @@ pub fn banner(bench: &str) {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    // Every CPU of the machine (online), and those this process may run on.
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| parse_cpu_list(s.trim()))
+        .map_or(0, |c| c.len());
+    let usable = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let nproc = if online > usable {
+        format!("{online} ({usable} usable by this process)")
+    } else {
+        usable.to_string()
+    };
     println!("# velium-server bench: {bench}");
     println!();
     println!("- date: {date}");
@@ -62,7 +74,95 @@ pub fn banner(bench: &str) {
             extra.join(" ")
         );
     }
+    if let Some(cpus) = server_cpus() {
+        println!(
+            "- servers pinned (VELIUM_BENCH_SERVER_CPUS): CPUs {} (nats-server with \
+             GOMAXPROCS={}); this bench process on CPUs {}",
+            fmt_cpu_list(&cpus),
+            cpus.len(),
+            fmt_cpu_list(&own_cpus())
+        );
+    }
     println!();
+}
+
+/// The CPUs this process may run on (its affinity mask).
+pub fn own_cpus() -> Vec<usize> {
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if ok != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// Parses a CPU list as taskset takes it (`0-3,6`); `None` if it is not one.
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+/// Formats CPU numbers as a list (`0-3,6`).
+pub fn fmt_cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if j > i {
+            format!("{}-{}", cpus[i], cpus[j])
+        } else {
+            cpus[i].to_string()
+        });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// A list setting (`--NAME=1000,100` or `VELIUM_BENCH_<NAME>=1000,100`), else `default`.
+pub fn setting_list(name: &str, default: &[usize]) -> Vec<usize> {
+    let flag = format!("--{}", name.to_lowercase());
+    let args: Vec<String> = std::env::args().collect();
+    let mut raw = None;
+    for (i, a) in args.iter().enumerate() {
+        if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+            raw = Some(v.to_string());
+        } else if *a == flag {
+            raw = args.get(i + 1).cloned();
+        }
+    }
+    let raw = raw.or_else(|| std::env::var(format!("VELIUM_BENCH_{}", name.to_uppercase())).ok());
+    match raw {
+        Some(v) if !v.trim().is_empty() => v
+            .split(',')
+            .map(|w| {
+                w.trim()
+                    .replace('_', "")
+                    .parse()
+                    .expect("numeric bench setting")
+            })
+            .collect(),
+        _ => default.to_vec(),
+    }
 }
 
 /// A numeric setting: `--NAME=V` or `--NAME V` on the command line, else the environment

@@ -2,7 +2,7 @@
 //! way (stderr captured as its log, the listening address from its first stdout line or a
 //! port chosen here), killed when dropped.
 
-use super::{System, floor, rss_of};
+use super::{System, floor, parse_cpu_list, rss_of};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -256,6 +256,10 @@ impl Server {
         let port = free_port();
         let mut cmd = Command::new(bin);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(cpus) = server_cpus() {
+            // Go sizes GOMAXPROCS from the affinity mask too; say it outright.
+            cmd.env("GOMAXPROCS", cpus.len().to_string());
+        }
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         Some(Self::spawn(
             System::Nats,
@@ -304,6 +308,7 @@ impl Server {
         addr: Option<SocketAddr>,
         dir: Option<TempDir>,
     ) -> Server {
+        pin_to_server_cpus(&mut cmd);
         let stdout = if addr.is_some() {
             Stdio::null()
         } else {
@@ -336,6 +341,43 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The CPUs every server a bench starts is confined to, from `VELIUM_BENCH_SERVER_CPUS`
+/// (a taskset-style list, e.g. `0-1`), so that the load generator can be pinned to the
+/// others (`taskset -c 2-3 cargo bench ...`): `None` when unset. Each server process is
+/// started with that affinity mask (set in the child before it runs, as `taskset` would);
+/// velium-server picks the cores it pins its threads to from its mask, nats-server gets
+/// `GOMAXPROCS` = the number of CPUs, mosquitto is single-threaded.
+pub fn server_cpus() -> Option<Vec<usize>> {
+    let v = std::env::var("VELIUM_BENCH_SERVER_CPUS").unwrap_or_default();
+    if v.trim().is_empty() {
+        return None;
+    }
+    Some(parse_cpu_list(&v).unwrap_or_else(|| {
+        panic!("VELIUM_BENCH_SERVER_CPUS={v}: not a CPU list (e.g. 0-1 or 0,2)")
+    }))
+}
+
+/// Confines `cmd`'s process to [`server_cpus`], when set.
+fn pin_to_server_cpus(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let Some(cpus) = server_cpus() else {
+        return;
+    };
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in &cpus {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: between fork and exec only sched_setaffinity, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -1,39 +1,57 @@
 //! Relay benchmarks.
 //!
-//! (a) FAN-OUT 1 -> R (default 1,000): one sender publishes M messages (default 10,000) of a
-//!     P-byte payload (default 64) to R receivers, windowed so that no receiver is ever
-//!     more than W messages (default 1,024) behind, far from velium's 1 MiB outbound limit;
-//!     rate = deliveries / time from the first send until every receiver has every
-//!     message. velium: Echo to `bench.storm.*`; nats-server: PUB to a subject the R
-//!     receivers subscribe to. The R passive receivers and the sender speak raw protocol
-//!     bytes for both systems (a receiver counts frames by scanning bytes), the
-//!     handshakes included; one more velium row drives every end through the client
-//!     library (`Client::echo`, `Client::next_event`), to show that library's cost.
-//! (b) ROUND TRIP: Command -> CommandResponse between two shims on different server cores
+//! Every system is driven the same way, each at its best: raw protocol bytes at both ends
+//! (the handshakes included), a publisher that pipelines (up to B frames per `write`,
+//! default 64), subscribers that read up to K bytes per `read` (default 64 KiB) and take
+//! the frames apart in place, and the same P-byte payload (default 16).
+//!
+//! (a) FAN-OUT 1 -> R, for each R of a list (default 1,000 and 100): one publisher sends
+//!     M messages (default 10,000,000 / R, so 10M deliveries per round) to R receivers,
+//!     windowed so that it is never more than W messages (default 1,024) ahead of the
+//!     slowest receiver; rate = deliveries / time from the first send until every
+//!     receiver has every message, the total checked exactly. velium: Echo to
+//!     `bench.storm.*` (receivers `bench.storm.sN`, every Echo's Ack checked); nats-server:
+//!     PUB to `bench.fan`, which the R receivers subscribed to (each confirmed by PING ->
+//!     PONG). A velium receiver counts frames (each ends with its one 0x0A); a nats
+//!     receiver parses each MSG header, reads its size and skips the payload. For the first
+//!     R of the list, one more velium row drives every end through the client library
+//!     (`Client::echo`, `Client::next_event`), to show that library's cost.
+//! (b) LATENCY, open loop, for each R of a list (default 100 and 1): one publisher sends
+//!     at a fixed rate (default 1,000/s) to R receivers, each payload its sequence number
+//!     zero-padded to P bytes; latency per delivery = the time a receiver's read returned
+//!     it - the message's intended send time (a pacing thread fixes the schedule, so a
+//!     stall is charged in full: no coordinated omission). Ticks that come due while a
+//!     write is in flight go out together in the next write.
+//! (c) ROUND TRIP: Command -> CommandResponse between two shims on different server cores
 //!     (the responder reconnects until the server's `connect ... core=N` log line puts it
 //!     on another core than the requester), open loop at a fixed rate (default 2,000/s for
-//!     5 s after a warm-up), latency = receive time - intended send time (no coordinated
-//!     omission: a pacing thread fixes the schedule, whatever the server does). velium
-//!     through its client library (`command`, `next_event`, `respond`), then raw; nats
+//!     5 s after a warm-up), latency = receive time - intended send time. velium through
+//!     its client library (`command`, `next_event`, `respond`), then raw; nats
 //!     request-reply (a responder subscribed to a subject, replying to the reply subject).
 //!     Two diagnostic rows put both velium shims on the SAME core, to show what the
 //!     cross-core hand-off costs.
 //!
-//! Settings (flag or environment): `--receivers` (1000), `--messages` (10000), `--payload`
-//! (64), `--window` (1024), `--rate` (2000), `--seconds` (5), `--rounds` (3), each also as
-//! `VELIUM_BENCH_<NAME>`; `VELIUM_BENCH_ONLY=uring,epoll,before,nats`;
-//! `VELIUM_BENCH_BASELINE=/path/to/velium-server` adds rows for that earlier build
-//! (velium-before io_uring, key `before`) and after-vs-before ratios.
+//! Settings (flag or environment): `--receivers` (1000,100), `--messages` (10,000,000 /
+//! R), `--payload` (16), `--batch` (64 frames per write), `--read` (65536 bytes per
+//! read), `--window` (1024), `--client_rows` (1; 0 leaves out the client-library rows),
+//! `--publish_rate` (1000), `--lat_receivers` (100,1), `--rate` (2000, round trip),
+//! `--seconds` (5, latency and round trip), `--rounds` (3), each also as
+//! `VELIUM_BENCH_<NAME>`; `VELIUM_BENCH_NATS_COPY=1` (diagnostic) gives the nats
+//! receivers the earlier reader, which copies each read into a second buffer and splits
+//! each MSG header into words; `VELIUM_BENCH_ONLY=uring,epoll,before,nats`;
+//! `VELIUM_BENCH_PARTS=fanout,latency,rtt`; `VELIUM_BENCH_BASELINE=/path/to/velium-server`
+//! adds rows for that earlier build (velium-before io_uring, key `before`) and
+//! after-vs-before ratios.
 
 mod common;
 
 use common::{
     Conn, CpuMeter, Hist, LatRow, Progress, QUIET, Server, Subject, System, Via, banner,
     cap_connections, connect_from, find_row, floor, fmt_cpu, fmt_rate, nats_handshake, part,
-    print_after_vs_before, print_latency_table, ratio, runtime, selected, setting, storm, target,
-    velium_identify,
+    print_after_vs_before, print_latency_table, ratio, runtime, selected, setting, setting_list,
+    storm, target, velium_identify,
 };
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -53,6 +71,14 @@ const FAN_SUBJECTS: [Subject; 6] = [
     Subject::client(System::VeliumBefore),
 ];
 
+/// The open-loop latency subjects, velium io_uring first (the ratio base).
+const LAT_SUBJECTS: [Subject; 4] = [
+    Subject::raw(System::VeliumUring),
+    Subject::raw(System::VeliumEpoll),
+    Subject::raw(System::VeliumBefore),
+    Subject::raw(System::Nats),
+];
+
 /// The round-trip subjects, velium io_uring through the client library first.
 /// (subject, same core): the last two rows put both velium shims on ONE core, as a
 /// diagnostic of what the cross-core hand-off costs. The baseline (velium-before) has no
@@ -69,120 +95,92 @@ const RTT_SUBJECTS: [(Subject, bool); 9] = [
     (Subject::raw(System::VeliumEpoll), true),
 ];
 
+/// How every publisher and subscriber is driven, whatever the system.
+#[derive(Clone, Copy)]
+struct Drive {
+    /// Payload bytes of every message.
+    payload: usize,
+    /// Frames per `write` a publisher sends at most (when it has that many ready).
+    batch: usize,
+    /// Bytes a subscriber reads at most per `read`.
+    read: usize,
+    /// Diagnostic: nats receivers with the earlier, copying reader.
+    nats_copy: bool,
+}
+
 struct FanParams {
     receivers: usize,
     messages: usize,
-    payload: usize,
     window: usize,
+    drive: Drive,
 }
+
+/// One row's median fan-out round, by row name.
+type FanMedians = Vec<(String, FanStats)>;
 
 fn main() {
     floor::maybe_run();
     banner("relay");
     let rounds = setting("rounds", 3).max(1);
-    let fan = FanParams {
-        receivers: cap_connections("fan-out receivers", setting("receivers", 1000), 300),
-        messages: setting("messages", 10_000).max(1),
-        payload: setting("payload", 64).max(1),
-        window: setting("window", 1024).max(1),
+    let drive = Drive {
+        payload: setting("payload", 16).max(1),
+        batch: setting("batch", 64).max(1),
+        read: setting("read", 64 * 1024).max(64),
+        nats_copy: setting("nats_copy", 0) != 0,
     };
+    let messages = setting("messages", 0);
+    let window = setting("window", 1024).max(1);
+    let client_rows = setting("client_rows", 1) != 0;
+    let publish_rate = setting("publish_rate", 1000).max(1) as f64;
     let rate = setting("rate", 2000).max(1) as f64;
     let seconds = setting("seconds", 5).max(1) as f64;
     let rt = runtime();
+    println!(
+        "Every system is driven alike: raw protocol bytes, a publisher writing up to {} \
+         frames per write, receivers reading up to {} bytes per read and parsing in place{}, \
+         {}-byte payloads.",
+        drive.batch,
+        drive.read,
+        if drive.nats_copy {
+            " (nats receivers: the earlier copying reader, VELIUM_BENCH_NATS_COPY=1)"
+        } else {
+            ""
+        },
+        drive.payload
+    );
+    println!();
 
     // ----- (a) fan-out -----
-    let do_fan = part("fanout");
-    if do_fan {
-        println!(
-            "## Fan-out 1 -> {}: {} messages of {} bytes per round, window {} messages, \
-         {rounds} interleaved rounds (a fresh server each; rate = median round)",
-            fan.receivers, fan.messages, fan.payload, fan.window
-        );
-        println!();
-    }
-    let mut fan_rows: Vec<(Subject, Vec<FanStats>, Vec<String>)> = Vec::new();
-    for _ in 0..rounds {
-        for subject in FAN_SUBJECTS {
-            if !selected(subject.system) || !do_fan {
-                continue;
-            }
-            let Some(mut server) = Server::start(subject.system, QUIET) else {
-                continue;
+    let mut fan_results: Vec<(usize, FanMedians)> = Vec::new();
+    if part("fanout") {
+        for (k, &r) in setting_list("receivers", &[1000, 100]).iter().enumerate() {
+            let receivers = cap_connections("fan-out receivers", r.max(1), 300);
+            let fan = FanParams {
+                receivers,
+                messages: if messages > 0 {
+                    messages
+                } else {
+                    (10_000_000 / receivers).max(1000)
+                },
+                window,
+                drive,
             };
-            let r = rt.block_on(fan_out(subject, &server, &fan));
-            server.assert_running();
-            let slow = server.log_count("slow consumer");
-            let row = match fan_rows.iter_mut().find(|r| r.0 == subject) {
-                Some(row) => row,
-                None => {
-                    fan_rows.push((subject, Vec::new(), Vec::new()));
-                    fan_rows.last_mut().unwrap()
-                }
-            };
-            match r {
-                Ok(rate) => row.1.push(rate),
-                Err(e) => row.2.push(e),
-            }
-            if slow > 0 {
-                row.2.push(format!("{slow} slow-consumer cut-offs"));
-            }
+            let medians = fan_part(&rt, &fan, rounds, client_rows && k == 0);
+            fan_results.push((receivers, medians));
         }
-    }
-    let medians: Vec<Option<FanStats>> = fan_rows
-        .iter_mut()
-        .map(|(_, rounds, _)| {
-            rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-            rounds.get(rounds.len() / 2).copied()
-        })
-        .collect();
-    let base = medians.first().copied().flatten();
-    if !fan_rows.is_empty() {
-        println!(
-            "| system | deliveries/s (median round) | every round | server CPU | bench CPU | ratio |"
-        );
-        println!("|---|---:|---|---:|---:|---:|");
-        for ((subject, rounds, errors), median) in fan_rows.iter().zip(&medians) {
-            println!(
-                "| {} | {} | {} | {} | {} | {} |",
-                subject.name(),
-                median.map_or("-".into(), |m| fmt_rate(m.rate)),
-                rounds
-                    .iter()
-                    .map(|r| fmt_rate(r.rate))
-                    .collect::<Vec<_>>()
-                    .join(" / "),
-                median.map_or("-".into(), |m| fmt_cpu(m.server_cpu)),
-                median.map_or("-".into(), |m| fmt_cpu(m.bench_cpu)),
-                match (median, base) {
-                    (Some(m), Some(b)) => ratio(m.rate, b.rate),
-                    _ => "-".into(),
-                }
-            );
-            for e in errors {
-                println!("- {}: {e}", subject.name());
-            }
-        }
-        println!();
-        println!(
-            "Ratio: deliveries/s over {}'s (>1 = more). CPU: share of one core used by the \
-         server / by this bench process (its one runtime thread) during the measured phase \
-         of the median round.",
-            fan_rows.first().map_or("-".into(), |r| r.0.name())
-        );
-        println!();
-        print_after_vs_before(
-            "fan-out deliveries/s of the median round",
-            &fan_rows
-                .iter()
-                .zip(&medians)
-                .filter_map(|(r, m)| Some((r.0.name(), m.as_ref()?.rate)))
-                .collect::<Vec<_>>(),
-            fmt_rate,
-            "more",
-        );
     }
 
-    // ----- (b) round trip -----
+    // ----- (b) open-loop latency -----
+    let mut lat_tables: Vec<(usize, Vec<LatRow>)> = Vec::new();
+    if part("latency") {
+        for &r in &setting_list("lat_receivers", &[100, 1]) {
+            let receivers = cap_connections("latency receivers", r.max(1), 300);
+            let rows = latency_part(&rt, receivers, publish_rate, seconds, rounds, &drive);
+            lat_tables.push((receivers, rows));
+        }
+    }
+
+    // ----- (c) round trip -----
     let per_round = (rate * seconds / rounds as f64).ceil() as u64;
     let warm = (rate * 0.25).ceil() as u64;
     let do_rtt = part("rtt");
@@ -252,32 +250,57 @@ fn main() {
     );
 
     // ----- targets -----
-    println!("## Targets");
+    println!("## Targets (velium io_uring, raw; epoll in brackets)");
     println!();
     let vr = Subject::raw(System::VeliumUring).name();
+    let ve = Subject::raw(System::VeliumEpoll).name();
     let nats = System::Nats.name();
-    let fan_of = |name: &str| {
-        fan_rows
-            .iter()
-            .position(|r| r.0.name() == name)
-            .and_then(|i| medians[i])
-            .map(|m| m.rate)
-    };
-    if let (Some(v), Some(n)) = (fan_of(&vr), fan_of(nats)) {
-        let client = fan_of(&Subject::client(System::VeliumUring).name())
-            .map_or(String::new(), |c| {
-                format!(" [client lib {}/s: {}]", fmt_rate(c), ratio(c, n))
+    for (r, medians) in &fan_results {
+        let of = |name: &str| medians.iter().find(|m| m.0 == name).map(|m| m.1.rate);
+        if let (Some(v), Some(n)) = (of(&vr), of(nats)) {
+            let epoll = of(&ve).map_or(String::new(), |e| {
+                format!(" [epoll {}/s: {}]", fmt_rate(e), ratio(e, n))
             });
-        target(
-            v >= n,
-            "fan-out 1 -> 1,000 deliveries/s at least nats-server's",
-            &format!(
-                "velium io_uring {}/s, nats-server {}/s: {}{client}",
-                fmt_rate(v),
-                fmt_rate(n),
+            target(
+                v >= 2.0 * n,
+                &format!(
+                    "fan-out 1 -> {} deliveries/s at least 2x nats-server's",
+                    fmt_rate(*r as f64)
+                ),
+                &format!(
+                    "velium io_uring {}/s, nats-server {}/s: {}{epoll}",
+                    fmt_rate(v),
+                    fmt_rate(n),
+                    ratio(v, n)
+                ),
+            );
+        }
+    }
+    for (r, rows) in &lat_tables {
+        let q = |name: &str, p: f64| find_row(rows, name).map(|i| rows[i].hist.us(p));
+        let (p, label) = if *r > 1 { (0.99, "p99") } else { (0.5, "p50") };
+        if let (Some(v), Some(n)) = (q(&vr, p), q(nats, p)) {
+            let epoll = q(&ve, p).map_or(String::new(), |e| {
+                format!(" [epoll {e:.1} µs: {}]", ratio(e, n))
+            });
+            let what = format!(
+                "publish -> delivery {label} at {}/s to {} receiver{} no slower than \
+                 nats-server's",
+                fmt_rate(publish_rate),
+                fmt_rate(*r as f64),
+                if *r == 1 { "" } else { "s" }
+            );
+            let detail = format!(
+                "velium io_uring {v:.1} µs, nats-server {n:.1} µs: {}{epoll}",
                 ratio(v, n)
-            ),
-        );
+            );
+            if *r > 1 {
+                target(v <= n, &what, &detail);
+            } else {
+                // Not one of the targets: shown for the record.
+                println!("- for the record: {what}? {detail}");
+            }
+        }
     }
     let vc = Subject::client(System::VeliumUring).name();
     let q = |name: &str| find_row(&rtt_rows, name).map(|i| rtt_rows[i].hist.us(0.5));
@@ -301,6 +324,125 @@ fn main() {
 // Fan-out
 // ---------------------------------------------------------------------------------------
 
+/// Runs and prints one fan-out part (1 -> `fan.receivers`); returns each row's median.
+fn fan_part(
+    rt: &tokio::runtime::Runtime,
+    fan: &FanParams,
+    rounds: usize,
+    client_rows: bool,
+) -> FanMedians {
+    let d = fan.drive;
+    println!(
+        "## Fan-out 1 -> {}: {} messages of {} bytes per round, up to {} per write, window {} \
+         messages, receivers reading up to {} bytes, {rounds} interleaved rounds (a fresh \
+         server each; rate = median round)",
+        fan.receivers, fan.messages, d.payload, d.batch, fan.window, d.read
+    );
+    println!();
+    let mut rows: Vec<(Subject, Vec<FanStats>, Vec<String>)> = Vec::new();
+    for _ in 0..rounds {
+        for subject in FAN_SUBJECTS {
+            if !selected(subject.system) || (subject.via == Via::Client && !client_rows) {
+                continue;
+            }
+            let Some(mut server) = Server::start(subject.system, QUIET) else {
+                continue;
+            };
+            let r = rt.block_on(fan_out(subject, &server, fan));
+            server.assert_running();
+            let slow = server.log_count("slow consumer");
+            let row = match rows.iter_mut().position(|r| r.0 == subject) {
+                Some(i) => &mut rows[i],
+                None => {
+                    rows.push((subject, Vec::new(), Vec::new()));
+                    rows.last_mut().unwrap()
+                }
+            };
+            match r {
+                Ok(rate) => row.1.push(rate),
+                Err(e) => row.2.push(e),
+            }
+            if slow > 0 {
+                row.2.push(format!("{slow} slow-consumer cut-offs"));
+            }
+        }
+    }
+    let medians: Vec<Option<FanStats>> = rows
+        .iter_mut()
+        .map(|(_, rounds, _)| {
+            rounds.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+            rounds.get(rounds.len() / 2).copied()
+        })
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let base = medians.first().copied().flatten();
+    println!(
+        "| system | deliveries/s (median round) | every round | server CPU | bench CPU | ratio |"
+    );
+    println!("|---|---:|---|---:|---:|---:|");
+    for ((subject, rounds, errors), median) in rows.iter().zip(&medians) {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            subject.name(),
+            median.map_or("-".into(), |m| fmt_rate(m.rate)),
+            rounds
+                .iter()
+                .map(|r| fmt_rate(r.rate))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            median.map_or("-".into(), |m| fmt_cpu(m.server_cpu)),
+            median.map_or("-".into(), |m| fmt_cpu(m.bench_cpu)),
+            match (median, base) {
+                (Some(m), Some(b)) => ratio(m.rate, b.rate),
+                _ => "-".into(),
+            }
+        );
+        for e in errors {
+            println!("- {}: {e}", subject.name());
+        }
+    }
+    println!();
+    println!(
+        "Ratio: deliveries/s over {}'s (>1 = more). CPU: share of one core used by the \
+         server / by this bench process (its one runtime thread) during the measured phase \
+         of the median round.",
+        rows.first().map_or("-".into(), |r| r.0.name())
+    );
+    for ((subject, _, _), median) in rows.iter().zip(&medians) {
+        if let Some(m) = median
+            && m.bench_cpu >= 0.9
+        {
+            println!(
+                "- {}: the bench's thread was {} busy: this row may be bound by the load \
+                 generator, not the server.",
+                subject.name(),
+                fmt_cpu(m.bench_cpu)
+            );
+        }
+    }
+    println!();
+    let named: FanMedians = rows
+        .iter()
+        .zip(&medians)
+        .filter_map(|(r, m)| Some((r.0.name(), (*m)?)))
+        .collect();
+    print_after_vs_before(
+        &format!(
+            "fan-out 1 -> {} deliveries/s of the median round",
+            fan.receivers
+        ),
+        &named
+            .iter()
+            .map(|(n, m)| (n.clone(), m.rate))
+            .collect::<Vec<_>>(),
+        fmt_rate,
+        "more",
+    );
+    named
+}
+
 /// What one fan-out round measured.
 #[derive(Clone, Copy)]
 struct FanStats {
@@ -312,31 +454,42 @@ struct FanStats {
     bench_cpu: f64,
 }
 
+/// The receivers of one run, connected with raw bytes (or, for a velium client row,
+/// through the client library) as `bench.storm.sN`.
+async fn connect_receivers(
+    subject: Subject,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<Conn>, String> {
+    let via = if subject.system.is_velium() {
+        subject.via
+    } else {
+        Via::Raw
+    };
+    let r = storm(subject.system, addr, n, 100, false, via).await;
+    if r.errors > 0 {
+        return Err(format!("{} receivers failed: {}", r.errors, r.first_error));
+    }
+    Ok(r.conns)
+}
+
 /// One fan-out run.
 async fn fan_out(subject: Subject, server: &Server, p: &FanParams) -> Result<FanStats, String> {
     let addr = server.addr;
+    let d = p.drive;
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async move {
-            // Receivers: handshakes with concurrency 100 (identities bench.storm.sN).
-            let via = if subject.system.is_velium() {
-                subject.via
-            } else {
-                Via::Raw
-            };
-            let r = storm(subject.system, addr, p.receivers, 100, false, via).await;
-            if r.errors > 0 {
-                return Err(format!("{} receivers failed: {}", r.errors, r.first_error));
-            }
-            let progress = Progress::new(r.conns.len());
+            let conns = connect_receivers(subject, addr, p.receivers).await?;
+            let progress = Progress::new(conns.len());
             let mut tasks = Vec::new();
-            for (i, conn) in r.conns.into_iter().enumerate() {
+            for (i, conn) in conns.into_iter().enumerate() {
                 let pr = progress.clone();
                 tasks.push(match (subject.system, conn) {
                     (System::Nats, Conn::Raw(s)) => {
-                        tokio::task::spawn_local(nats_receiver(s, i, pr))
+                        tokio::task::spawn_local(nats_receiver(s, i, pr, d))
                     }
-                    (_, Conn::Raw(s)) => tokio::task::spawn_local(velium_receiver(s, i, pr)),
+                    (_, Conn::Raw(s)) => tokio::task::spawn_local(velium_receiver(s, i, pr, d)),
                     (_, Conn::Client(c)) => tokio::task::spawn_local(client_receiver(c, i, pr)),
                 });
             }
@@ -348,11 +501,13 @@ async fn fan_out(subject: Subject, server: &Server, p: &FanParams) -> Result<Fan
                     .map_err(|e| format!("subscriptions: {e}"))?;
             }
             let base = if subject.system == System::Nats { 1 } else { 0 };
-            let payload = "x".repeat(p.payload);
+            let payload = "x".repeat(d.payload);
             let mut sender = Sender::connect(subject, addr, &payload).await?;
             // Warm-up: one window's worth, all delivered, then the measured run.
             let warm = p.window as u64;
-            sender.send(&progress, base, warm, p.window as u64).await?;
+            sender
+                .send(&progress, base, warm, p.window as u64, d.batch)
+                .await?;
             progress
                 .wait_min(base + warm, Duration::from_secs(30))
                 .await?;
@@ -360,7 +515,7 @@ async fn fan_out(subject: Subject, server: &Server, p: &FanParams) -> Result<Fan
             let start = Instant::now();
             let m = p.messages as u64;
             sender
-                .send(&progress, base + warm, m, p.window as u64)
+                .send(&progress, base + warm, m, p.window as u64, d.batch)
                 .await?;
             progress
                 .wait_min(base + warm + m, Duration::from_secs(120))
@@ -389,21 +544,24 @@ async fn fan_out(subject: Subject, server: &Server, p: &FanParams) -> Result<Fan
         .await
 }
 
-/// The fan-out sender.
+/// The publisher, velium's or nats'.
 enum Sender {
-    /// Raw bytes: one frame per message, up to 32 per write, like a batching publisher.
+    /// Raw bytes: one frame per message, several per write, like a pipelining publisher.
     Raw {
         wr: tokio::net::tcp::OwnedWriteHalf,
+        /// nats (PUB), else velium (Echo).
+        nats: bool,
+        /// The fan-out's one frame.
         frame: Vec<u8>,
         acks: Rc<Cell<u64>>,
-        ack_err: Rc<std::cell::RefCell<String>>,
+        ack_err: Rc<RefCell<String>>,
     },
     /// velium's client library: `Client::echo` per message, up to a window in flight.
     Client {
         client: Rc<Client>,
         payload: Rc<str>,
         acks: Rc<Cell<u64>>,
-        ack_err: Rc<std::cell::RefCell<String>>,
+        ack_err: Rc<RefCell<String>>,
     },
 }
 
@@ -412,10 +570,30 @@ const FAN_TARGET: &str = "bench.storm.*";
 /// The nats subject the receivers subscribe to.
 const FAN_SUBJECT: &str = "bench.fan";
 
+/// Appends one publish of `payload`: nats `PUB bench.fan LEN\r\nPAYLOAD\r\n`, velium
+/// `0x08 bench.storm.* SP PAYLOAD 0x0A` (an Echo).
+fn push_publish(nats: bool, payload: &[u8], out: &mut Vec<u8>) {
+    if nats {
+        out.extend_from_slice(b"PUB ");
+        out.extend_from_slice(FAN_SUBJECT.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(payload.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(payload);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.push(0x08);
+        out.extend_from_slice(FAN_TARGET.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(payload);
+        out.push(0x0A);
+    }
+}
+
 impl Sender {
     async fn connect(subject: Subject, addr: SocketAddr, payload: &str) -> Result<Sender, String> {
         let acks = Rc::new(Cell::new(0));
-        let ack_err = Rc::new(std::cell::RefCell::new(String::new()));
+        let ack_err = Rc::new(RefCell::new(String::new()));
         if subject.system.is_velium() && subject.via == Via::Client {
             let client = Client::connect(addr, "bench.src")
                 .await
@@ -430,25 +608,23 @@ impl Sender {
         let mut s = connect_from(Ipv4Addr::LOCALHOST, addr)
             .await
             .map_err(|e| format!("sender connect: {e}"))?;
-        let frame = if subject.system == System::Nats {
+        let nats = subject.system == System::Nats;
+        if nats {
             nats_handshake(&mut s)
                 .await
                 .map_err(|e| format!("sender: {e}"))?;
-            format!("PUB {FAN_SUBJECT} {}\r\n{payload}\r\n", payload.len()).into_bytes()
         } else {
             velium_identify(&mut s, "bench.src")
                 .await
                 .map_err(|e| format!("sender: {e}"))?;
-            let mut f = vec![0x08];
-            f.extend_from_slice(FAN_TARGET.as_bytes());
-            f.push(b' ');
-            f.extend_from_slice(payload.as_bytes());
-            f.push(0x0A);
-            f
-        };
+        }
+        let mut frame = Vec::new();
+        push_publish(nats, payload.as_bytes(), &mut frame);
         let (rd, wr) = s.into_split();
         // velium answers every Echo with an Ack: read them (or the sender itself would
-        // become a slow consumer) and keep the first thing that is not one.
+        // become a slow consumer) and keep the first thing that is not one. nats sends
+        // nothing but an occasional PING (answered by nobody: a run is far shorter than
+        // its 2-minute ping interval).
         let (a, e) = (acks.clone(), ack_err.clone());
         tokio::task::spawn_local(async move {
             let mut r = Reader::new(rd);
@@ -457,7 +633,7 @@ impl Sender {
                     let line = r.slice(line);
                     if line.first() == Some(&0x0C) {
                         a.set(a.get() + 1);
-                    } else if e.borrow().is_empty() {
+                    } else if !nats && e.borrow().is_empty() {
                         // Its first 256 bytes.
                         let line = &line[..line.len().min(256)];
                         *e.borrow_mut() = String::from_utf8_lossy(line).into_owned();
@@ -467,23 +643,25 @@ impl Sender {
         });
         Ok(Sender::Raw {
             wr,
+            nats,
             frame,
             acks,
             ack_err,
         })
     }
 
-    /// Sends `count` messages, never more than `window` ahead of the slowest receiver,
-    /// whose count started at `from`.
+    /// Sends `count` messages, up to `batch` per write, never more than `window` ahead of
+    /// the slowest receiver, whose count started at `from`.
     async fn send(
         &mut self,
         progress: &Progress,
         from: u64,
         count: u64,
         window: u64,
+        batch: usize,
     ) -> Result<(), String> {
         let mut sent = 0u64;
-        let mut batch = Vec::new();
+        let mut buf = Vec::new();
         while sent < count {
             let moved = progress.moved.notified();
             let behind = (from + sent).saturating_sub(progress.min());
@@ -502,14 +680,12 @@ impl Sender {
             }
             match self {
                 Sender::Raw { wr, frame, .. } => {
-                    let k = room.min(32);
-                    batch.clear();
+                    let k = room.min(batch as u64);
+                    buf.clear();
                     for _ in 0..k {
-                        batch.extend_from_slice(frame);
+                        buf.extend_from_slice(frame);
                     }
-                    wr.write_all(&batch)
-                        .await
-                        .map_err(|e| format!("send: {e}"))?;
+                    wr.write_all(&buf).await.map_err(|e| format!("send: {e}"))?;
                     sent += k;
                 }
                 Sender::Client {
@@ -547,9 +723,9 @@ impl Sender {
             Sender::Raw {
                 acks,
                 ack_err,
-                frame,
+                nats,
                 ..
-            } => (acks, ack_err, frame.starts_with(b"PUB")),
+            } => (acks, ack_err, *nats),
             Sender::Client { acks, ack_err, .. } => (acks, ack_err, false),
         };
         if nats {
@@ -573,8 +749,8 @@ impl Sender {
 }
 
 /// A raw velium receiver: every delivered frame ends with the one 0x0A it holds.
-async fn velium_receiver(mut s: TcpStream, i: usize, progress: Rc<Progress>) {
-    let mut buf = vec![0u8; 64 * 1024];
+async fn velium_receiver(mut s: TcpStream, i: usize, progress: Rc<Progress>, d: Drive) {
+    let mut buf = vec![0u8; d.read];
     loop {
         match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -595,23 +771,413 @@ async fn client_receiver(c: Client, i: usize, progress: Rc<Progress>) {
 }
 
 /// A raw nats receiver: subscribes (confirmed by PING -> PONG, counted as one), then
-/// counts MSG frames.
-async fn nats_receiver(mut s: TcpStream, i: usize, progress: Rc<Progress>) {
+/// counts MSG frames, parsed in place (or, with `VELIUM_BENCH_NATS_COPY`, by the earlier
+/// copying reader).
+async fn nats_receiver(mut s: TcpStream, i: usize, progress: Rc<Progress>, d: Drive) {
     let sub = format!("SUB {FAN_SUBJECT} 1\r\nPING\r\n");
     if s.write_all(sub.as_bytes()).await.is_err() {
         return;
     }
-    let mut r = Reader::new(s);
-    while r.fill().await {
-        let mut k = 0;
-        while let Some(item) = r.nats() {
+    if d.nats_copy {
+        let mut r = Reader::with_chunk(s, d.read);
+        while r.fill().await {
+            let mut k = 0;
+            while let Some(item) = r.nats() {
+                match item {
+                    NatsItem::Msg { .. } | NatsItem::Pong => k += 1,
+                    NatsItem::Ping => {
+                        let _ = r.rd.write_all(b"PONG\r\n").await;
+                    }
+                    NatsItem::Other => {}
+                }
+            }
+            progress.add(i, k);
+        }
+        return;
+    }
+    let mut b = InPlace::new(d.read);
+    while b.fill(&mut s).await {
+        let (mut k, mut ping) = (0, false);
+        while let Some(item) = b.nats() {
             match item {
                 NatsItem::Msg { .. } | NatsItem::Pong => k += 1,
-                NatsItem::Ping => {
-                    let _ = r.rd.write_all(b"PONG\r\n").await;
-                }
+                NatsItem::Ping => ping = true,
                 NatsItem::Other => {}
             }
+        }
+        if ping && s.write_all(b"PONG\r\n").await.is_err() {
+            return;
+        }
+        progress.add(i, k);
+    }
+}
+
+/// A receive buffer taken apart in place: each read takes up to `read` bytes, the frames
+/// are parsed where they lie, and only what a read leaves unparsed (a frame cut at its
+/// end) moves to the front before the next read.
+struct InPlace {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    read: usize,
+}
+
+impl InPlace {
+    fn new(read: usize) -> InPlace {
+        InPlace {
+            buf: vec![0u8; read],
+            start: 0,
+            end: 0,
+            read,
+        }
+    }
+
+    /// Reads up to `read` more bytes; false at the end of the stream or on an error.
+    async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R) -> bool {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < self.end + self.read {
+            self.buf.resize(self.end + self.read, 0);
+        }
+        match rd.read(&mut self.buf[self.end..self.end + self.read]).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.end += n;
+                true
+            }
+        }
+    }
+
+    fn slice(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    /// The next complete velium frame: a line, without its `\n`.
+    fn line(&mut self) -> Option<std::ops::Range<usize>> {
+        let start = self.start;
+        let e = memchr::memchr(b'\n', &self.buf[start..self.end])?;
+        self.start += e + 1;
+        Some(start..start + e)
+    }
+
+    /// The next complete nats protocol item (a MSG's reply subject is not looked for).
+    fn nats(&mut self) -> Option<NatsItem> {
+        let rest = &self.buf[self.start..self.end];
+        let nl = memchr::memchr(b'\n', rest)?;
+        let line = &rest[..nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.starts_with(b"MSG ") {
+            // MSG subject sid [reply] size: the size is the last word.
+            let (mut size, mut unit, mut j) = (0usize, 1usize, line.len());
+            while j > 0 && line[j - 1].is_ascii_digit() {
+                size += (line[j - 1] - b'0') as usize * unit;
+                unit *= 10;
+                j -= 1;
+            }
+            let total = nl + 1 + size + 2;
+            if rest.len() < total {
+                return None;
+            }
+            let p0 = self.start + nl + 1;
+            self.start += total;
+            return Some(NatsItem::Msg {
+                reply: None,
+                payload: p0..p0 + size,
+            });
+        }
+        let item = match line {
+            b"PING" => NatsItem::Ping,
+            b"PONG" => NatsItem::Pong,
+            _ => NatsItem::Other,
+        };
+        self.start += nl + 1;
+        Some(item)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Open-loop latency
+// ---------------------------------------------------------------------------------------
+
+/// Runs and prints one latency part (1 -> `receivers` at `rate`/s); returns its rows.
+fn latency_part(
+    rt: &tokio::runtime::Runtime,
+    receivers: usize,
+    rate: f64,
+    seconds: f64,
+    rounds: usize,
+    d: &Drive,
+) -> Vec<LatRow> {
+    let per_round = (rate * seconds / rounds as f64).ceil() as u64;
+    let warm = (rate * 0.5).ceil() as u64;
+    println!(
+        "## Publish -> delivery, open loop at {rate:.0}/s to {receivers} receiver{}: {} \
+         publishes measured per system ({rounds} interleaved rounds of {per_round} after \
+         {warm} warm-up, a fresh server each), {}-byte payloads",
+        if receivers == 1 { "" } else { "s" },
+        per_round * rounds as u64,
+        d.payload
+    );
+    println!();
+    let mut rows: Vec<LatRow> = Vec::new();
+    let mut cpu: Vec<(f64, f64, usize)> = Vec::new();
+    for _ in 0..rounds {
+        for subject in LAT_SUBJECTS {
+            if !selected(subject.system) {
+                continue;
+            }
+            let Some(mut server) = Server::start(subject.system, QUIET) else {
+                continue;
+            };
+            let r = rt.block_on(open_loop(
+                subject, &server, receivers, rate, warm, per_round, d,
+            ));
+            server.assert_running();
+            let name = subject.name();
+            let i = match rows.iter().position(|r| r.name == name) {
+                Some(i) => i,
+                None => {
+                    rows.push(LatRow {
+                        name,
+                        hist: Hist::default(),
+                        rate: None,
+                        note: String::new(),
+                    });
+                    cpu.push((0.0, 0.0, 0));
+                    rows.len() - 1
+                }
+            };
+            match r {
+                Ok(lr) => {
+                    rows[i].hist.merge(&lr.hist);
+                    cpu[i].0 += lr.server_cpu;
+                    cpu[i].1 += lr.bench_cpu;
+                    cpu[i].2 += 1;
+                }
+                Err(e) => {
+                    let row = &mut rows[i];
+                    if !row.note.is_empty() {
+                        row.note.push_str("; ");
+                    }
+                    row.note.push_str(&e);
+                }
+            }
+        }
+    }
+    for (row, (s, b, n)) in rows.iter_mut().zip(&cpu) {
+        if *n > 0 {
+            let c = format!(
+                "CPU during the run: server {}, bench {}",
+                fmt_cpu(s / *n as f64),
+                fmt_cpu(b / *n as f64)
+            );
+            row.note = if row.note.is_empty() {
+                c
+            } else {
+                format!("{c}; {}", row.note)
+            };
+        }
+    }
+    print_latency_table(
+        &format!(
+            "Publish -> delivery at {rate:.0}/s to {receivers} receiver{} (intended send -> \
+             each receiver's read)",
+            if receivers == 1 { "" } else { "s" }
+        ),
+        "-",
+        &rows,
+    );
+    rows
+}
+
+/// What one open-loop run measured.
+struct LatResult {
+    hist: Hist,
+    server_cpu: f64,
+    bench_cpu: f64,
+}
+
+/// Deliveries of the open-loop run: latency from each message's intended send time.
+struct LatRecorder {
+    /// The schedule's start: message `seq` is intended at `t0 + seq * period`.
+    t0: Cell<Instant>,
+    period: Duration,
+    warm: u64,
+    hist: RefCell<Hist>,
+}
+
+impl LatRecorder {
+    /// A delivery of the message whose payload is `payload` (its zero-padded sequence
+    /// number), read at `at`.
+    fn record(&self, payload: &[u8], at: Instant) {
+        let mut seq = 0u64;
+        for &c in payload {
+            if !c.is_ascii_digit() {
+                return;
+            }
+            seq = seq * 10 + (c - b'0') as u64;
+        }
+        if seq >= self.warm {
+            let intended = self.t0.get() + self.period.mul_f64(seq as f64);
+            self.hist
+                .borrow_mut()
+                .record(at.saturating_duration_since(intended));
+        }
+    }
+}
+
+/// One open-loop run: `warm` + `n` publishes at `rate`/s to `receivers` receivers.
+async fn open_loop(
+    subject: Subject,
+    server: &Server,
+    receivers: usize,
+    rate: f64,
+    warm: u64,
+    n: u64,
+    d: &Drive,
+) -> Result<LatResult, String> {
+    let addr = server.addr;
+    let d = *d;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async move {
+            let conns = receivers_of(subject, addr, receivers).await?;
+            let total = warm + n;
+            let progress = Progress::new(conns.len());
+            let rec = Rc::new(LatRecorder {
+                t0: Cell::new(Instant::now()),
+                period: Duration::from_secs_f64(1.0 / rate),
+                warm,
+                hist: RefCell::new(Hist::default()),
+            });
+            let nats = subject.system == System::Nats;
+            let mut tasks = Vec::new();
+            for (i, s) in conns.into_iter().enumerate() {
+                let (pr, rc) = (progress.clone(), rec.clone());
+                tasks.push(tokio::task::spawn_local(timed_receiver(
+                    s, nats, i, pr, rc, d.read,
+                )));
+            }
+            let base = if nats { 1 } else { 0 };
+            if nats {
+                progress
+                    .wait_min(1, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| format!("subscriptions: {e}"))?;
+            }
+            let mut sender = Sender::connect(subject, addr, "").await?;
+            let Sender::Raw { wr, .. } = &mut sender else {
+                unreachable!("the latency publisher speaks raw bytes");
+            };
+            let cpu = CpuMeter::start(server);
+            let (t0, mut ticks) = pacer(rate, total);
+            rec.t0.set(t0);
+            let mut buf = Vec::with_capacity(64 * d.payload.max(32));
+            let mut payload = Vec::with_capacity(d.payload.max(20));
+            let width = d.payload;
+            while let Some(seq) = ticks.recv().await {
+                buf.clear();
+                let mut next = Some(seq);
+                while let Some(seq) = next {
+                    payload.clear();
+                    payload.extend_from_slice(format!("{seq:0width$}").as_bytes());
+                    push_publish(nats, &payload, &mut buf);
+                    // Pipelined: what came due meanwhile goes in the same write.
+                    next = ticks.try_recv().ok();
+                }
+                wr.write_all(&buf).await.map_err(|e| format!("send: {e}"))?;
+            }
+            progress
+                .wait_min(base + total, Duration::from_secs(10))
+                .await?;
+            let (server_cpu, bench_cpu) = cpu.stop();
+            sender.check_acks(total, receivers).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let want = (base + total) * progress.counts.len() as u64;
+            if progress.total() != want {
+                return Err(format!(
+                    "{} deliveries counted, {want} expected",
+                    progress.total()
+                ));
+            }
+            for t in tasks {
+                t.abort();
+            }
+            let hist = rec.hist.borrow().clone();
+            Ok(LatResult {
+                hist,
+                server_cpu,
+                bench_cpu,
+            })
+        })
+        .await
+}
+
+/// The raw receivers of an open-loop run.
+async fn receivers_of(
+    subject: Subject,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<TcpStream>, String> {
+    Ok(connect_receivers(subject, addr, n)
+        .await?
+        .into_iter()
+        .filter_map(|c| match c {
+            Conn::Raw(s) => Some(s),
+            Conn::Client(_) => None,
+        })
+        .collect())
+}
+
+/// An open-loop receiver (nats: subscribed first, confirmed by PING -> PONG, counted as
+/// one): records each delivery's latency, taking the time once per read.
+async fn timed_receiver(
+    mut s: TcpStream,
+    nats: bool,
+    i: usize,
+    progress: Rc<Progress>,
+    rec: Rc<LatRecorder>,
+    read: usize,
+) {
+    if nats {
+        let sub = format!("SUB {FAN_SUBJECT} 1\r\nPING\r\n");
+        if s.write_all(sub.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+    let mut b = InPlace::new(read);
+    while b.fill(&mut s).await {
+        let at = Instant::now();
+        let (mut k, mut ping) = (0, false);
+        if nats {
+            while let Some(item) = b.nats() {
+                match item {
+                    NatsItem::Msg { payload, .. } => {
+                        rec.record(b.slice(payload), at);
+                        k += 1;
+                    }
+                    NatsItem::Pong => k += 1,
+                    NatsItem::Ping => ping = true,
+                    NatsItem::Other => {}
+                }
+            }
+        } else {
+            while let Some(f) = b.line() {
+                // Echo: 0x08 SENDER SP TEXT
+                let f = b.slice(f);
+                if f.first() == Some(&0x08)
+                    && let Some(sp) = memchr::memchr(b' ', f)
+                {
+                    rec.record(&f[sp + 1..], at);
+                    k += 1;
+                }
+            }
+        }
+        if ping && s.write_all(b"PONG\r\n").await.is_err() {
+            return;
         }
         progress.add(i, k);
     }
@@ -647,9 +1213,14 @@ struct Reader<R> {
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     fn new(rd: R) -> Reader<R> {
+        Reader::with_chunk(rd, 64 * 1024)
+    }
+
+    /// A reader taking up to `chunk` bytes per read.
+    fn with_chunk(rd: R, chunk: usize) -> Reader<R> {
         Reader {
             rd,
-            chunk: vec![0u8; 64 * 1024],
+            chunk: vec![0u8; chunk],
             buf: Vec::new(),
             pos: 0,
         }

@@ -148,7 +148,7 @@ impl Listener for EpollListener {
                 Ok(r) => r?,
                 Err(_would_block) => continue,
             };
-            sock.set_tcp_nodelay(true)?;
+            // TCP_NODELAY comes from the listener (see `start.rs`).
             let peer = peer.as_socket().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer")
             })?;

@@ -91,6 +91,9 @@ fn bind_all(addr: SocketAddr, cores: usize) -> Result<(SocketAddr, CoreSockets),
                 Some(t) => t,
                 None => reuse_socket(real, Type::STREAM, true).map_err(err)?,
             };
+            // Accepted sockets inherit TCP_NODELAY from the listener (Linux copies the
+            // listener's options into each child): no setsockopt per connection.
+            t.set_tcp_nodelay(true).map_err(err)?;
             t.listen(4096).map_err(err)?;
             let u = reuse_socket(real, Type::DGRAM, true).map_err(err)?;
             out.push((t.into(), u.into()));

@@ -161,8 +161,8 @@ impl Listener for TcpListener {
     type Conn = UringStream;
 
     async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
+        // TCP_NODELAY comes from the listener (see `start.rs`).
         let (stream, peer) = TcpListener::accept(self).await?;
-        stream.set_nodelay(true)?;
         // Edge-triggered, read readiness only: writes go through the ring.
         // SAFETY: the descriptor is the accepted socket's, which `stream` owns and closes only
         // when dropped, after this registration (declared before it in `UringStream`).

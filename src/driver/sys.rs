@@ -214,18 +214,12 @@ pub fn raise_open_file_limit() -> usize {
 /// keeping them in the heap: a burst's read and queue buffers then leave no memory behind.
 /// Busy connections keep their large buffers, so this costs a map and an unmap per burst,
 /// not per read.
-///
-/// And has a core's heap grow (and shrink) in steps of a megabyte: glibc pads each growth
-/// of a thread's arena by nothing at all by default, so a login storm paid an mprotect(2)
-/// for every page or two of new connections. The padding is address space made
-/// writable, not memory: pages count in the RSS only once touched.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets allocator parameters; it is called once at start, before
+    // SAFETY: mallopt only sets an allocator parameter; it is called once at start, before
     // the cores allocate.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-        libc::mallopt(libc::M_TOP_PAD, 1024 * 1024);
     }
 }
 

@@ -93,6 +93,8 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     tokio::task::spawn_local(sweep(core.clone()));
     tokio::task::spawn_local(state_loop(core.clone()));
     tokio::task::spawn_local(handoff_loop(core.clone()));
+    // Batches for a core whose loop has not started yet wait in its inbox until it has.
+    core.hub.handoff.start();
     if core.hub.cluster().is_some() {
         tokio::task::spawn_local(cluster_loop(core.clone()));
     }
@@ -335,6 +337,15 @@ async fn carry_out(core: &Core, out: &mut Effects) {
     let hub = &core.hub;
     let now = Instant::now();
     let now_ms = hub.ms(now);
+    // Deliveries to other cores' connections are queued by those cores. Nothing is
+    // flushed here until they have been: an Ack never reaches its sender before the
+    // deliveries it counts are queued, one producer's frames to one shim stay in order,
+    // and what the slice congested there is waited for like what it congested here.
+    let tickets = hub.hand_over(out);
+    for t in tickets {
+        let congested = t.wait().await;
+        out.add_congested(congested);
+    }
     hub.flush_listed(core.index, out, now_ms);
     // TCP input is answered over TCP, but relay state it changed may go to subscribers
     // over UDP.
@@ -425,24 +436,31 @@ async fn sweep(core: Rc<Core>) {
     }
 }
 
-/// Flushes the outboxes of this core's connections that other cores queued frames on and
-/// handed over (`hub/handoff.rs`), a batch per hand-off.
+/// Queues the deliveries other cores handed over for this core's connections and flushes
+/// them, and flushes the outboxes other cores queued frames on (`hub/handoff.rs`).
 async fn handoff_loop(core: Rc<Core>) {
     let hub = core.hub.clone();
-    let mut batch = Vec::new();
+    let mut batches = Vec::new();
+    let mut flush = Vec::new();
     loop {
         let notified = hub.handoff.notified(core.index);
-        hub.handoff.take(core.index, &mut batch);
-        if batch.is_empty() {
+        hub.handoff.take_batches(core.index, &mut batches);
+        hub.handoff.take(core.index, &mut flush);
+        if batches.is_empty() && flush.is_empty() {
             notified.await;
             continue;
         }
         let now_ms = hub.ms(Instant::now());
-        for shim in batch.drain(..) {
+        for b in batches.drain(..) {
+            let congested = hub.queue_batch(b.groups, now_ms, &mut flush);
+            // The producer goes on while this core writes.
+            b.ticket.complete(congested);
+        }
+        for shim in flush.drain(..) {
             shim.outbox.flush(now_ms);
         }
-        if batch.capacity() > 4096 {
-            batch = Vec::new();
+        if flush.capacity() > 4096 {
+            flush = Vec::new();
         }
     }
 }
@@ -453,6 +471,7 @@ async fn handoff_loop(core: Rc<Core>) {
 async fn state_loop(core: Rc<Core>) {
     let hub = core.hub.clone();
     let mut out = Effects::default();
+    out.core = core.index;
     loop {
         let notified = hub.states.notified(core.index);
         match hub.state_next(core.index, hub.ms(Instant::now())) {
@@ -478,6 +497,8 @@ async fn state_loop(core: Rc<Core>) {
 fn carry_out_unprompted(core: &Core, out: &mut Effects) {
     let hub = &core.hub;
     let now_ms = hub.ms(Instant::now());
+    // Handed over in order with what this task handed before; nobody waits here.
+    drop(hub.hand_over(out));
     hub.flush_listed(core.index, out, now_ms);
     send_datagrams(core, out);
     hub.finish(core.index, out, Instant::now());
@@ -490,6 +511,7 @@ async fn cluster_loop(core: Rc<Core>) {
     let hub = core.hub.clone();
     let Some(c) = hub.cluster() else { return };
     let mut out = Effects::default();
+    out.core = core.index;
     loop {
         let notified = c.notified(core.index);
         let items = c.take_inbox(core.index);
@@ -508,6 +530,7 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
     let hub = core.hub.clone();
     let mut lim = QuitLimiter::new(hub.config().udp_quit_per_sec);
     let mut out = Effects::default();
+    out.core = core.index;
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let (res, b) = sock.recv_from(buf).await;
@@ -535,6 +558,11 @@ async fn udp_loop<U: Datagrams>(core: Rc<Core>, sock: Rc<U>) {
         }
         if !out.is_empty() {
             let now_ms = hub.ms(Instant::now());
+            // As in `carry_out`: the replies wait until the deliveries are queued.
+            for t in hub.hand_over(&mut out) {
+                let congested = t.wait().await;
+                out.add_congested(congested);
+            }
             hub.flush_listed(core.index, &mut out, now_ms);
             send_datagrams(&core, &mut out);
         }

@@ -280,6 +280,9 @@ impl Connection {
         }
         let now_ms = hub.ms(now);
         fx(&mut self.out).begin(hub, now_ms);
+        if hub.handoff.is_active() {
+            fx(&mut self.out).core = self.shim.core as usize;
+        }
         if hub.cluster().is_some() {
             // A claim's time, for the race rule of a cluster.
             fx(&mut self.out).now_unix_us = hub.unix_us_at(now);

@@ -85,6 +85,12 @@ pub struct Effects {
     pub flush: Vec<Arc<Shim>>,
     /// While flushing ([`Hub::flush_listed`]): the listed outboxes of each other core.
     away: Vec<Vec<Arc<Shim>>>,
+    /// Deliveries to each other core's connections, for that core to queue
+    /// ([`Hub::hand_over`]).
+    outgoing: Vec<super::handoff::Outgoing>,
+    /// The core the slice is handled on, when the driver hands deliveries to other cores
+    /// (`usize::MAX`: every frame is queued here).
+    pub core: usize,
     /// Subscriptions this slice marked, delivered at its end ([`Hub::deliver_state`]).
     pub(crate) state: Vec<Arc<super::state::Subscription>>,
     /// Recipients whose queue this slice filled past the high-water mark.
@@ -109,6 +115,8 @@ impl Default for Effects {
             datagrams: Vec::new(),
             flush: Vec::new(),
             away: Vec::new(),
+            outgoing: Vec::new(),
+            core: usize::MAX,
             state: Vec::new(),
             congested: Vec::new(),
             queued: 0,
@@ -144,7 +152,21 @@ impl Effects {
 
     /// Whether nothing is left to carry out.
     pub fn is_empty(&self) -> bool {
-        self.datagrams.is_empty() && self.flush.is_empty() && self.congested.is_empty()
+        self.datagrams.is_empty()
+            && self.flush.is_empty()
+            && self.congested.is_empty()
+            && self.outgoing.iter().all(|o| o.is_empty())
+    }
+
+    /// Adds recipients another core left congested (see [`Hub::hand_over`]).
+    pub fn add_congested(&mut self, shims: Vec<Arc<Shim>>) {
+        for s in shims {
+            if self.congested.len() < MAX_CONGESTED
+                && !self.congested.iter().any(|c| Arc::ptr_eq(c, &s))
+            {
+                self.congested.push(s);
+            }
+        }
     }
 
     pub(crate) fn count(&mut self, t: Transport, op: u8, frames: u64, bytes: usize) {
@@ -368,6 +390,25 @@ impl Hub {
             });
             return Some(Transport::Udp);
         }
+        // A delivery to another core's connection is queued by that core
+        // (`hub/handoff.rs`): the producer decides and counts it here.
+        if matches!(route, Route::Deliver(_))
+            && out.core != usize::MAX
+            && to.core as usize != out.core
+            && (to.core as usize) < self.handoff.cores()
+        {
+            if !to.outbox.is_open() {
+                return None;
+            }
+            if out.outgoing.len() < self.handoff.cores() {
+                out.outgoing
+                    .resize_with(self.handoff.cores(), Default::default);
+            }
+            out.outgoing[to.core as usize].add(frame, to);
+            out.queued += frame.len();
+            out.count(Transport::Tcp, frame[0], 1, frame.len());
+            return Some(Transport::Tcp);
+        }
         let limit = match route {
             Route::Session => usize::MAX,
             Route::Listing => out.limit.max(frame.len()),
@@ -426,6 +467,66 @@ impl Hub {
         to.outbox.close(reason, last);
     }
 
+    /// Hands each other core the deliveries this slice made to its connections, in one
+    /// batch per core; returns the tickets to wait on (each done once that core has
+    /// queued its batch).
+    pub fn hand_over(&self, out: &mut Effects) -> Vec<Arc<super::handoff::Ticket>> {
+        let mut tickets = Vec::new();
+        for (core, o) in out.outgoing.iter_mut().enumerate() {
+            if o.is_empty() {
+                continue;
+            }
+            let ticket = Arc::new(super::handoff::Ticket::default());
+            let groups = o.take();
+            self.handoff.give_batch(
+                core,
+                super::handoff::Batch {
+                    groups,
+                    ticket: ticket.clone(),
+                },
+            );
+            tickets.push(ticket);
+        }
+        tickets
+    }
+
+    /// Queues a batch another core handed over (its connections are this core's) at
+    /// `now_ms`: each group's frames to each of its recipients in one push. Lists the
+    /// outboxes to flush in `flush`, and returns the recipients the batch congested.
+    pub fn queue_batch(
+        &self,
+        groups: Vec<super::handoff::Group>,
+        now_ms: u64,
+        flush: &mut Vec<Arc<Shim>>,
+    ) -> Vec<Arc<Shim>> {
+        let limit = self.config().outbound_limit;
+        let mut congested: Vec<Arc<Shim>> = Vec::new();
+        for g in groups {
+            for to in g.shims {
+                match to.outbox.push(limit, &g.bytes, now_ms) {
+                    super::outbox::Pushed::Queued { first, pending } => {
+                        to.frames_out.fetch_add(g.frames, Ordering::Relaxed);
+                        if pending >= limit / 4
+                            && congested.len() < MAX_CONGESTED
+                            && !congested.iter().any(|s| Arc::ptr_eq(s, &to))
+                            && to.outbox.draining(now_ms, DRAINING_MS).1
+                        {
+                            congested.push(to.clone());
+                        }
+                        if first {
+                            flush.push(to);
+                        }
+                    }
+                    super::outbox::Pushed::Closed => {}
+                    super::outbox::Pushed::SlowConsumer => {
+                        debug!(conn = to.serial, "outbound limit passed");
+                    }
+                }
+            }
+        }
+        congested
+    }
+
     /// Flushes the outboxes a slice listed, from core `core` at `now_ms`: this core's own at
     /// once, and each other core's handed to that core in one step
     /// ([`super::handoff`]), unless it has fewer than [`HANDOFF_MIN`] listed, which are
@@ -475,7 +576,7 @@ impl Hub {
                 .record(core, which, now.saturating_duration_since(since));
         }
         out.queued = 0;
-        if out.datagrams.is_empty() && out.flush.is_empty() && out.congested.is_empty() {
+        if out.is_empty() {
             out.shrink();
         }
     }

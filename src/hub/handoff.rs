@@ -1,21 +1,27 @@
-//! Flushes handed from the core that queued frames to the core that owns the socket.
+//! Deliveries handed from the core that read a frame to the cores that own its recipients.
 //!
-//! A slice of input queues its deliveries on the recipients' outboxes on the core that read
-//! it (the push is a copy under the outbox's lock), and lists each outbox that went from
-//! empty to busy. The system calls that send those outboxes are most of a fan-out's cost,
-//! so they are spread over the cores: after the slice, the producer flushes its own core's
-//! outboxes and hands each other core the list of that core's outboxes in one step (one
-//! lock, one wake-up per destination core per slice); that core's hand-off task flushes
-//! them. A busy publisher then uses every core of the hub, as each core writes its own
-//! connections.
+//! Appending each frame to each recipient's queue is most of a fan-out's cost (far more than
+//! the sends), so it is spread over the cores. The producing core decides everything about a
+//! delivery (who is selected, the rates, the Ack's count, the answer window) and queues the
+//! deliveries to its own connections itself; a delivery to another core's connection is only
+//! noted ([`Outgoing`]), grouped with the frames before it that went to the same recipients
+//! there. After the slice, each other core gets its [`Batch`] in one step (one lock, one
+//! wake-up); its hand-off task appends each group's frames to each recipient in one push,
+//! flushes them, and completes the batch's [`Ticket`]. The producer flushes its own outboxes
+//! (the sender's Ack among them) only after every ticket is complete, so an Ack never
+//! reaches its sender before the deliveries it counts are queued, one producer's frames to
+//! one shim stay in order, and a recipient the other core found congested is waited for like
+//! one of its own. The outbound limit is applied where the frame is queued: a recipient past
+//! it is cut off there.
 //!
-//! A destination core with only a few outboxes listed ([`HANDOFF_MIN`]) is flushed from the
-//! producer directly, as before: a Command to one shim on another core costs one send, not
-//! a thread wake-up and a send (the wake-up is what a round trip would pay).
+//! Frames queued on another core's outbox by other paths (relay state) are flushed by that
+//! core too: the producer hands it the list of those outboxes, unless it has fewer than
+//! [`HANDOFF_MIN`], which are flushed from the producer directly.
 //!
-//! Bounded: an outbox is listed only when it goes from empty to busy, and it stays busy
-//! until its flush, so each shim is in at most one list at a time; a core's inbox holds at
-//! most as many entries as the hub has connections.
+//! Bounded: a batch holds one slice's deliveries (a slice is bounded in frames and bytes), a
+//! producer has one batch per core outstanding at most and waits for it; an outbox is listed
+//! for a flush only when it goes from empty to busy, so each shim is in at most one flush
+//! list at a time.
 
 use super::shim::Shim;
 use bytes::Bytes;

@@ -9,7 +9,7 @@
 //! - [`state`]: relay state (Set, Subscribe, Get) and [`index`], the state index that
 //!   resolves a target's filters;
 //! - [`send`]: the one send path, with the outbound limit and the per-shim rates;
-//!   [`handoff`]: the flushes a slice hands to the cores that own the sockets;
+//!   [`handoff`]: the deliveries a slice hands to the cores that own their recipients;
 //! - [`timers`]: identify deadline, idle timeout, write deadline, shutdown Quit;
 //! - [`access`]: who may be whom: Auth, the identity a user may take, a second claim on a
 //!   held identity, and the credentials a reload revokes;

@@ -88,6 +88,10 @@ pub struct Effects {
     /// Deliveries to each other core's connections, for that core to queue
     /// ([`Hub::hand_over`]).
     outgoing: Vec<super::handoff::Outgoing>,
+    /// The other cores this slice pushed a delivery to directly (a bit per core, the first
+    /// 64): the first delivery to a core in a slice is pushed by the producer, so a
+    /// Command to one shim there costs no hand-off.
+    direct: u64,
     /// The core the slice is handled on, when the driver hands deliveries to other cores
     /// (`usize::MAX`: every frame is queued here).
     pub core: usize,
@@ -116,6 +120,7 @@ impl Default for Effects {
             flush: Vec::new(),
             away: Vec::new(),
             outgoing: Vec::new(),
+            direct: 0,
             core: usize::MAX,
             state: Vec::new(),
             congested: Vec::new(),
@@ -137,6 +142,7 @@ impl Effects {
     pub(crate) fn begin(&mut self, hub: &Hub, now_ms: u64) {
         self.congested.clear();
         self.queued = 0;
+        self.direct = 0;
         self.now_ms = now_ms;
         self.now_unix_us = 0;
         hub.tick_to(now_ms);
@@ -156,6 +162,21 @@ impl Effects {
             && self.flush.is_empty()
             && self.congested.is_empty()
             && self.outgoing.iter().all(|o| o.is_empty())
+    }
+
+    /// Whether a delivery to core `core`'s connection is pushed here: the first of the
+    /// slice to that core, before anything was gathered for it (so the frames a recipient
+    /// gets directly always precede those handed over).
+    fn push_direct(&mut self, core: usize) -> bool {
+        if core >= 64 || self.outgoing.get(core).is_some_and(|o| !o.is_empty()) {
+            return false;
+        }
+        let bit = 1u64 << core;
+        if self.direct & bit != 0 {
+            return false;
+        }
+        self.direct |= bit;
+        true
     }
 
     /// Adds recipients another core left congested (see [`Hub::hand_over`]).
@@ -396,6 +417,7 @@ impl Hub {
             && out.core != usize::MAX
             && to.core as usize != out.core
             && (to.core as usize) < self.handoff.cores()
+            && !out.push_direct(to.core as usize)
         {
             if !to.outbox.is_open() {
                 return None;

@@ -62,28 +62,7 @@ pub(super) struct EpollStream(AsyncFd<std::net::TcpStream>);
 
 impl Stream for EpollStream {
     async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            let mut guard = match self.0.readable().await {
-                Ok(g) => g,
-                Err(e) => return (Err(e), pool.take()),
-            };
-            let mut buf = pool.take();
-            let offered = buf.capacity() - buf.len();
-            // `try_io` clears the readiness itself when the read would block.
-            match guard.try_io(|s| recv_spare(s.get_ref(), &mut buf)) {
-                Ok(Ok(n)) => {
-                    // A short read emptied the receive queue: wait for epoll before the
-                    // next read rather than paying a read(2) that returns EWOULDBLOCK.
-                    // (End of file, n == 0, keeps its readiness: tokio never clears it.)
-                    if n > 0 && n < offered {
-                        guard.clear_ready();
-                    }
-                    return (Ok(n), buf);
-                }
-                Ok(Err(e)) => return (Err(e), buf),
-                Err(_would_block) => pool.give(buf),
-            }
-        }
+        super::read_when_ready(&self.0, pool).await
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
@@ -110,15 +89,6 @@ impl Stream for EpollStream {
     fn shutdown(&self) {
         let _ = self.0.get_ref().shutdown(std::net::Shutdown::Both);
     }
-}
-
-/// Reads once into the spare capacity of `buf` (no zeroing) and extends it by the bytes
-/// read.
-fn recv_spare(s: &std::net::TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let n = SockRef::from(s).recv(buf.spare_capacity_mut())?;
-    // SAFETY: recv(2) initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Ok(n)
 }
 
 /// The core's listening socket (non-blocking) registered with its reactor.

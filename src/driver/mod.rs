@@ -24,7 +24,7 @@ pub use start::{Running, StartError, start};
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 /// Where a connection's reads go: the large buffers of its core, lent for one read and
 /// its handling, so that a connection waiting for input holds no buffer at all.
@@ -74,4 +74,35 @@ pub(crate) trait Datagrams: 'static {
     async fn recv_from(&self, buf: Vec<u8>) -> (io::Result<(usize, SocketAddr)>, Vec<u8>);
     /// The descriptor, for a direct non-blocking send.
     fn fd(&self) -> RawFd;
+}
+
+/// Waits until `fd` is readable, then reads what it holds into a buffer from `pool` (see
+/// [`Stream::read_ready`]): the readiness is kept after a full read and cleared after a
+/// short one, which drained the socket.
+async fn read_when_ready<T: AsRawFd>(
+    fd: &tokio::io::unix::AsyncFd<T>,
+    pool: &impl Buffers,
+) -> (io::Result<usize>, Vec<u8>) {
+    loop {
+        let mut guard = match fd.readable().await {
+            Ok(g) => g,
+            Err(e) => return (Err(e), pool.take()),
+        };
+        let mut buf = pool.take();
+        let offered = buf.capacity() - buf.len();
+        // `try_io` clears the readiness itself when the read would block.
+        match guard.try_io(|s| sys::recv_now(s.get_ref().as_raw_fd(), &mut buf)) {
+            Ok(Ok(n)) => {
+                // A short read emptied the receive queue: wait for readiness before the
+                // next read rather than paying a read that finds nothing. (End of file,
+                // n == 0, keeps its readiness: tokio never clears it.)
+                if n > 0 && n < offered {
+                    guard.clear_ready();
+                }
+                return (Ok(n), buf);
+            }
+            Ok(Err(e)) => return (Err(e), buf),
+            Err(_would_block) => pool.give(buf),
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! only adapts tokio-uring's sockets to the shared loops in `tasks.rs`.
 
 use super::tasks::run_core;
-use super::{Buffers, Datagrams, Listener, Stream, sys};
+use super::{Buffers, Datagrams, Listener, Stream};
 use crate::hub::Hub;
 use std::io;
 use std::net::SocketAddr;
@@ -114,26 +114,7 @@ impl AsRawFd for Descriptor {
 
 impl Stream for UringStream {
     async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
-        loop {
-            let mut guard = match self.ready.readable().await {
-                Ok(g) => g,
-                Err(e) => return (Err(e), pool.take()),
-            };
-            let mut buf = pool.take();
-            let offered = buf.capacity() - buf.len();
-            match guard.try_io(|fd| sys::recv_now(fd.get_ref().0, &mut buf)) {
-                Ok(Ok(n)) => {
-                    // As in the epoll driver: a short read drained the socket, so the next
-                    // read waits for new input.
-                    if n > 0 && n < offered {
-                        guard.clear_ready();
-                    }
-                    return (Ok(n), buf);
-                }
-                Ok(Err(e)) => return (Err(e), buf),
-                Err(_would_block) => pool.give(buf),
-            }
-        }
+        super::read_when_ready(&self.ready, pool).await
     }
 
     async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {

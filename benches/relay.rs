@@ -523,18 +523,7 @@ async fn fan_out(subject: Subject, server: &Server, p: &FanParams) -> Result<Fan
             let elapsed = start.elapsed();
             let (server_cpu, bench_cpu) = cpu.stop();
             sender.check_acks(warm + m, p.receivers).await?;
-            // Nothing more than what was sent may arrive.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let want = (base + warm + m) * progress.counts.len() as u64;
-            if progress.total() != want {
-                return Err(format!(
-                    "{} deliveries counted, {want} expected",
-                    progress.total()
-                ));
-            }
-            for t in tasks {
-                t.abort();
-            }
+            settle_exact(&progress, base + warm + m, tasks).await?;
             Ok(FanStats {
                 rate: (m * p.receivers as u64) as f64 / elapsed.as_secs_f64(),
                 server_cpu,
@@ -768,6 +757,27 @@ async fn client_receiver(c: Client, i: usize, progress: Rc<Progress>) {
             _ => {}
         }
     }
+}
+
+/// Checks that every receiver got exactly `per_receiver` frames (after a pause in which
+/// nothing more than what was sent may arrive), then stops the receivers.
+async fn settle_exact(
+    progress: &Progress,
+    per_receiver: u64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let want = per_receiver * progress.counts.len() as u64;
+    for t in tasks {
+        t.abort();
+    }
+    if progress.total() != want {
+        return Err(format!(
+            "{} deliveries counted, {want} expected",
+            progress.total()
+        ));
+    }
+    Ok(())
 }
 
 /// A raw nats receiver: subscribes (confirmed by PING -> PONG, counted as one), then
@@ -1095,17 +1105,7 @@ async fn open_loop(
                 .await?;
             let (server_cpu, bench_cpu) = cpu.stop();
             sender.check_acks(total, receivers).await?;
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let want = (base + total) * progress.counts.len() as u64;
-            if progress.total() != want {
-                return Err(format!(
-                    "{} deliveries counted, {want} expected",
-                    progress.total()
-                ));
-            }
-            for t in tasks {
-                t.abort();
-            }
+            settle_exact(&progress, base + total, tasks).await?;
             let hist = rec.hist.borrow().clone();
             Ok(LatResult {
                 hist,

@@ -3,17 +3,12 @@
 //! The fallback where io_uring cannot be set up, and the peer the io_uring driver is
 //! benchmarked against. Same loops, same protocol core; only the sockets differ.
 //!
-//! TCP sockets are std sockets registered with tokio's reactor through [`AsyncFd`] rather
-//! than `tokio::net` types, so that the driver decides when readiness is cleared. tokio
-//! clears a socket's read readiness only when a read fails with `EWOULDBLOCK`, so the
-//! `readable()` + `try_read_buf()` pattern pays a second read(2) after every message just
-//! to learn that nothing more is there. Here a read that returns fewer bytes than it was
-//! offered has drained the socket, and the readiness is cleared at once: the next read
-//! waits for epoll instead (the edge-triggered registration reports any byte that arrives
-//! after the read, and a readiness event newer than the one read is never cleared).
+//! TCP sockets are plain non-blocking std sockets: their readiness comes from the core's
+//! readiness set (`tasks.rs`), which reports input and room to write, so a connection
+//! holds no registration of its own with the runtime. Writes are non-blocking sends.
 
 use super::tasks::run_core;
-use super::{Buffers, Datagrams, Listener, Stream};
+use super::{Datagrams, Listener, Room, Stream};
 use crate::hub::Hub;
 use socket2::SockRef;
 use std::io::{self, Write};
@@ -57,26 +52,23 @@ pub(super) fn run(
     });
 }
 
-/// A connected TCP socket (non-blocking) registered with the core's reactor.
-pub(super) struct EpollStream(AsyncFd<std::net::TcpStream>);
+/// A connected TCP socket (non-blocking).
+pub(super) struct EpollStream(std::net::TcpStream);
 
 impl Stream for EpollStream {
-    async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
-        super::read_when_ready(&self.0, pool).await
-    }
+    const WRITE_READINESS: bool = true;
 
-    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    async fn write_all(&self, buf: Vec<u8>, room: &impl Room) -> (io::Result<()>, Vec<u8>) {
         let mut off = 0;
         while off < buf.len() {
-            // A socket with room is reported writable at once (no system call).
-            let mut guard = match self.0.writable().await {
-                Ok(g) => g,
+            match (&self.0).write(&buf[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    room.full();
+                    room.wait().await;
+                }
                 Err(e) => return (Err(e), buf),
-            };
-            match guard.try_io(|s| s.get_ref().write(&buf[off..])) {
-                Ok(Ok(n)) => off += n,
-                Ok(Err(e)) => return (Err(e), buf),
-                Err(_would_block) => {}
             }
         }
         (Ok(()), buf)
@@ -87,7 +79,7 @@ impl Stream for EpollStream {
     }
 
     fn shutdown(&self) {
-        let _ = self.0.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -122,11 +114,7 @@ impl Listener for EpollListener {
             let peer = peer.as_socket().ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "accepted a non-IP peer")
             })?;
-            let stream = std::net::TcpStream::from(sock);
-            // SAFETY: as for the listener: the stream owns its descriptor for as long as
-            // the AsyncFd holds it.
-            let fd = unsafe { AsyncFd::register(stream) }?;
-            return Ok((EpollStream(fd), peer));
+            return Ok((EpollStream(std::net::TcpStream::from(sock)), peer));
         }
     }
 }

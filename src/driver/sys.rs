@@ -7,7 +7,7 @@
 use crate::hub::outbox::SocketOps;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 /// The socket calls an outbox makes, from any core.
 pub static SOCKET_OPS: SocketOps = SocketOps {
@@ -40,6 +40,53 @@ pub fn shutdown(fd: RawFd) {
     unsafe {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
+}
+
+/// A new epoll set (close-on-exec): a core's readiness set for its connections.
+pub fn epoll_create() -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes no memory; a non-negative result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds the socket `fd` to the epoll set `epfd`, edge-triggered, reporting input (and
+/// end of file), and room to write when `write` is set, each event tagged with `key`.
+/// The kernel drops the registration when the socket is closed.
+pub fn epoll_add(epfd: RawFd, fd: RawFd, key: u64, write: bool) -> io::Result<()> {
+    let mut events = libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET;
+    if write {
+        events |= libc::EPOLLOUT;
+    }
+    let mut ev = libc::epoll_event {
+        events: events as u32,
+        u64: key,
+    };
+    // SAFETY: `ev` is valid for the call; both descriptors are the caller's.
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes the events ready in the epoll set `epfd` into `events` (cleared first), without
+/// waiting.
+pub fn epoll_take(epfd: RawFd, events: &mut Vec<libc::epoll_event>) -> io::Result<()> {
+    events.clear();
+    let room = events.capacity().min(i32::MAX as usize) as i32;
+    // SAFETY: epoll_wait writes at most `room` events into the vector's spare capacity,
+    // and exactly the count it returns are then marked initialised.
+    let n = unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), room, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    unsafe { events.set_len(n as usize) };
+    Ok(())
 }
 
 /// Reads what the socket already holds into the spare capacity of `buf`, without

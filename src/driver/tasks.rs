@@ -1,31 +1,43 @@
-//! The per-core loops, written once over the driver traits: accept, one reader and one
-//! writer per connection, the UDP receive loop with its bounded send queues, and the
-//! sweeper. They move bytes and time between the sockets and the hub, and decide nothing.
+//! The per-core loops, written once over the driver traits: accept, the connections (a
+//! reader while input is handled, a writer while a write would block), the UDP receive
+//! loop with its bounded send queues, and the sweeper. They move bytes and time between
+//! the sockets and the hub, and decide nothing.
+//!
+//! A connection is a task only while it has something to do. Every socket of a core is
+//! in the core's readiness set (an epoll set of its own, edge-triggered, each socket
+//! tagged with its key in the core's table, see [`Conns`]); a connection with nothing to
+//! read and nothing for its writer leaves its state in the table and its task ends. The
+//! core's readiness loop resumes it, in a new task, when the set reports input, or when
+//! its outbox rings the core's doorbell because the writer is needed (a flush the socket
+//! could not take, a last frame). An idle connection then holds its state and no task,
+//! no read buffer and no registration of its own with the runtime.
 
-use super::{Buffers, Datagrams, Listener, Stream, sys};
+use super::{Datagrams, Listener, Room, Stream, sys};
 use crate::hub::connection::{Connection, Flow, Input};
 use crate::hub::datagram::{self, QuitLimiter, SendQueue};
-use crate::hub::outbox::OutState;
+use crate::hub::outbox::{Doorbell, OutState};
 use crate::hub::shim::{CloseReason, Shim};
 use crate::hub::timers::CLOSE_LINGER;
 use crate::hub::{Effects, Hub};
 use slab::Slab;
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
 /// What a core's tasks share.
 pub(crate) struct Core {
     pub hub: Arc<Hub>,
     pub index: usize,
-    /// This core's connections, for the sweeper, each with its two-sweeps flag.
-    conns: RefCell<Slab<(Arc<Shim>, Cell<bool>)>>,
     /// Large read buffers not in use, kept for the next busy connection.
     buffers: RefCell<Vec<Vec<u8>>>,
     /// The core's UDP socket (for what any of its tasks sends over UDP: answers, routed
@@ -56,12 +68,234 @@ impl Core {
     }
 }
 
-impl Buffers for Core {
-    fn take(&self) -> Vec<u8> {
-        self.take_buffer()
+/// A core's connections: its table, its readiness set, and its doorbell.
+pub(crate) struct Conns<S> {
+    slots: RefCell<Slab<Slot<S>>>,
+    /// Every connection's socket, edge-triggered, each tagged with its key in `slots`;
+    /// registered itself with the core's runtime, which reports when it has events.
+    epoll: AsyncFd<OwnedFd>,
+    /// Rung by an outbox, from any thread, when a connection without a task needs its
+    /// writer.
+    bell: Arc<Doorbell>,
+}
+
+/// One connection in its core's table.
+struct Slot<S> {
+    shim: Arc<Shim>,
+    /// The sweeper's two-sweeps flag.
+    flagged: Cell<bool>,
+    /// Reported readable and not drained since (input, end of file or an error waits).
+    readable: bool,
+    /// Reported closed by the peer, or in error: a read always has something to say (the
+    /// end of file may come in the same report as the last input, before it is read).
+    hung_up: bool,
+    /// Reported writable and not found full since (for a driver that writes with
+    /// non-blocking sends).
+    writable: bool,
+    /// The task waiting for `readable`, or for `writable`.
+    reader: Option<Waker>,
+    writer: Option<Waker>,
+    /// The connection's state while it has no task.
+    parked: Option<Parked<S>>,
+}
+
+/// What a connection without a task keeps.
+struct Parked<S> {
+    conn: Connection,
+    stream: Rc<S>,
+}
+
+/// Events taken from a readiness set at a time.
+const EVENTS: usize = 256;
+
+impl<S: Stream> Conns<S> {
+    fn new() -> io::Result<Conns<S>> {
+        Ok(Conns {
+            slots: RefCell::new(Slab::new()),
+            // SAFETY: the OwnedFd is the epoll set's only owner and is dropped only with
+            // this AsyncFd, and `as_raw_fd` always returns that descriptor.
+            epoll: unsafe {
+                AsyncFd::register_with_interest(sys::epoll_create()?, Interest::READABLE)
+            }?,
+            bell: Arc::default(),
+        })
     }
-    fn give(&self, b: Vec<u8>) {
-        self.give_buffer(b)
+
+    /// Enters a connection into the table and its socket into the readiness set.
+    fn insert(&self, shim: Arc<Shim>, fd: RawFd, readable: bool) -> io::Result<usize> {
+        let key = self.slots.borrow_mut().insert(Slot {
+            shim,
+            flagged: Cell::new(false),
+            readable,
+            hung_up: false,
+            writable: true,
+            reader: None,
+            writer: None,
+            parked: None,
+        });
+        let write = S::WRITE_READINESS;
+        if let Err(e) = sys::epoll_add(self.epoll.as_raw_fd(), fd, key as u64, write) {
+            self.slots.borrow_mut().remove(key);
+            return Err(e);
+        }
+        Ok(key)
+    }
+
+    fn remove(&self, key: usize) {
+        self.slots.borrow_mut().remove(key);
+    }
+
+    /// Whether the connection has input waiting (or end of file); cleared by `drained`.
+    fn is_readable(&self, key: usize) -> bool {
+        self.slots.borrow()[key].readable
+    }
+
+    /// A read found the socket empty: wait for the readiness set from now on.
+    fn drained(&self, key: usize) {
+        let s = &mut self.slots.borrow_mut()[key];
+        s.readable = s.hung_up;
+    }
+
+    /// Waits until the connection is reported readable.
+    async fn readable(&self, key: usize) {
+        poll_fn(|cx| {
+            let mut slots = self.slots.borrow_mut();
+            let s = &mut slots[key];
+            if s.readable {
+                return Poll::Ready(());
+            }
+            s.reader = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Leaves the connection's state in the table, without a task.
+    fn park(&self, key: usize, conn: Connection, stream: Rc<S>) {
+        self.slots.borrow_mut()[key].parked = Some(Parked { conn, stream });
+    }
+
+    /// Applies the events of one socket of the readiness set; a connection without a task
+    /// that has input now is resumed.
+    fn on_event(&self, core: &Rc<Core>, this: &Rc<Self>, key: usize, bits: u32) {
+        const IN: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        const HUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        const OUT: u32 = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        let parked = {
+            let mut slots = self.slots.borrow_mut();
+            // Events of a socket whose connection has ended (its key may be taken again
+            // by then) only make a read find nothing.
+            let Some(s) = slots.get_mut(key) else { return };
+            if bits & OUT != 0 {
+                s.writable = true;
+                if let Some(w) = s.writer.take() {
+                    w.wake();
+                }
+            }
+            if bits & IN == 0 {
+                return;
+            }
+            s.readable = true;
+            s.hung_up |= bits & HUP != 0;
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+            s.parked.take()
+        };
+        if let Some(p) = parked {
+            self.resume(core, this, key, p);
+        }
+    }
+
+    /// A connection without a task whose writer is needed is resumed.
+    fn on_bell(&self, core: &Rc<Core>, this: &Rc<Self>, key: usize) {
+        let parked = self
+            .slots
+            .borrow_mut()
+            .get_mut(key)
+            .and_then(|s| s.parked.take());
+        if let Some(p) = parked {
+            self.resume(core, this, key, p);
+        }
+    }
+
+    fn resume(&self, core: &Rc<Core>, this: &Rc<Self>, key: usize, p: Parked<S>) {
+        p.conn.shim().outbox.unpark();
+        tokio::task::spawn_local(run(core.clone(), this.clone(), key, p.conn, p.stream, None));
+    }
+}
+
+/// Waiting for room on one connection's socket, from the readiness set.
+struct SlotRoom<'a, S> {
+    conns: &'a Conns<S>,
+    key: usize,
+}
+
+impl<S: Stream> Room for SlotRoom<'_, S> {
+    fn full(&self) {
+        if let Some(s) = self.conns.slots.borrow_mut().get_mut(self.key) {
+            s.writable = false;
+        }
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            let mut slots = self.conns.slots.borrow_mut();
+            let Some(s) = slots.get_mut(self.key) else {
+                return Poll::Ready(());
+            };
+            if s.writable {
+                return Poll::Ready(());
+            }
+            s.writer = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Resumes the connections of a core's readiness set that have input, and those whose
+/// outbox rang the doorbell.
+async fn readiness_loop<S: Stream>(core: Rc<Core>, conns: Rc<Conns<S>>) {
+    let mut events: Vec<libc::epoll_event> = Vec::with_capacity(EVENTS);
+    let mut rung = Vec::new();
+    loop {
+        // The doorbell first, every time round, so that a busy readiness set cannot
+        // keep it waiting.
+        conns.bell.take(&mut rung);
+        for key in rung.drain(..) {
+            conns.on_bell(&core, &conns, key as usize);
+        }
+        if rung.capacity() > 4096 {
+            rung = Vec::new();
+        }
+        tokio::select! {
+            biased;
+            guard = conns.epoll.readable() => {
+                let mut guard = match guard {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(core = core.index, error = %e, "readiness set failed");
+                        return;
+                    }
+                };
+                if let Err(e) = sys::epoll_take(conns.epoll.as_raw_fd(), &mut events) {
+                    debug!(core = core.index, error = %e, "epoll_wait failed");
+                    continue;
+                }
+                // Fewer than asked for: the set is drained, and the runtime reports it
+                // again when a socket has new events (a report newer than this one is
+                // never cleared).
+                if events.len() < EVENTS {
+                    guard.clear_ready();
+                }
+                for ev in &events {
+                    let (key, bits) = (ev.u64 as usize, ev.events);
+                    conns.on_event(&core, &conns, key, bits);
+                }
+            }
+            _ = conns.bell.rung() => {}
+        }
     }
 }
 
@@ -85,12 +319,22 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     let core = Rc::new(Core {
         hub,
         index,
-        conns: RefCell::new(Slab::new()),
         buffers: RefCell::new(Vec::new()),
         udp_fd: Cell::new(udp.fd()),
         udp_queue: Rc::default(),
     });
-    tokio::task::spawn_local(sweep(core.clone()));
+    let conns = match Conns::<L::Conn>::new() {
+        Ok(c) => Rc::new(c),
+        Err(e) => {
+            // Without its readiness set the core cannot serve connections; the others
+            // still do.
+            warn!(core = index, error = %e, "no readiness set: this core does not accept");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::task::spawn_local(readiness_loop(core.clone(), conns.clone()));
+    tokio::task::spawn_local(sweep(core.clone(), conns.clone()));
     tokio::task::spawn_local(state_loop(core.clone()));
     tokio::task::spawn_local(handoff_loop(core.clone()));
     // Batches for a core whose loop has not started yet wait in its inbox until it has.
@@ -99,14 +343,14 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
         tokio::task::spawn_local(cluster_loop(core.clone()));
     }
     tokio::task::spawn_local(udp_loop(core.clone(), Rc::new(udp)));
-    tokio::task::spawn_local(quit_all(core.clone()));
-    accept_loop(core, listener).await;
+    tokio::task::spawn_local(quit_all(core.clone(), conns.clone()));
+    accept_loop(core, conns, listener).await;
     // Accepting stopped for a graceful shutdown: the connections and the UDP socket are
     // served on until the process exits.
     std::future::pending::<()>().await;
 }
 
-async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
+async fn accept_loop<L: Listener>(core: Rc<Core>, conns: Rc<Conns<L::Conn>>, listener: L) {
     let mut last_warn: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
@@ -117,7 +361,7 @@ async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
         match accepted {
             Ok((stream, peer)) => match core.hub.admit(peer.ip(), Instant::now()) {
                 Ok(()) => {
-                    tokio::task::spawn_local(serve(core.clone(), stream, peer));
+                    tokio::task::spawn_local(serve(core.clone(), conns.clone(), stream, peer));
                 }
                 Err(why) => sys::refuse(stream.fd(), &core.hub.refusal_frame(why)),
             },
@@ -138,40 +382,70 @@ async fn accept_loop<L: Listener>(core: Rc<Core>, listener: L) {
 }
 
 /// On a graceful shutdown, has the hub send Quit to every connection of this core.
-async fn quit_all(core: Rc<Core>) {
+async fn quit_all<S: Stream>(core: Rc<Core>, conns: Rc<Conns<S>>) {
     core.hub.shutdown_started().await;
-    let conns = core.conns.borrow();
-    core.hub.quit_all(conns.iter().map(|(_, (shim, _))| shim));
+    let slots = conns.slots.borrow();
+    core.hub.quit_all(slots.iter().map(|(_, s)| &s.shim));
 }
 
-async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
+/// A connection just accepted: entered into the core's table and readiness set, then
+/// served.
+async fn serve<S: Stream>(core: Rc<Core>, conns: Rc<Conns<S>>, stream: S, peer: SocketAddr) {
     let stream = Rc::new(stream);
-    let mut conn = Connection::accept(&core.hub, core.index, peer, Instant::now());
+    let conn = Connection::accept(&core.hub, core.index, peer, Instant::now());
     let shim = conn.shim().clone();
-    shim.outbox.attach(stream.fd(), &sys::SOCKET_OPS);
-    let key = core
-        .conns
-        .borrow_mut()
-        .insert((shim.clone(), Cell::new(false)));
+    let fd = stream.fd();
+    shim.outbox.attach(fd, &sys::SOCKET_OPS);
+    // The Identify usually arrives right behind the connect: read it at once if it is
+    // there, which saves the handshake a wait for readiness. (Read before the socket
+    // enters the readiness set: what arrives after this read is reported when it does.)
+    let mut b = core.take_buffer();
+    let first = match stream.try_read_now(&mut b) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            core.give_buffer(b);
+            None
+        }
+        res => Some((res, b)),
+    };
+    let full = matches!(&first, Some((Ok(n), b)) if *n == b.capacity());
+    match conns.insert(shim.clone(), fd, full) {
+        Ok(key) => run(core, conns, key, conn, stream, first).await,
+        Err(e) => {
+            if let Some((_, b)) = first {
+                core.give_buffer(b);
+            }
+            debug!(conn = shim.serial, error = %e, "readiness set refused the socket");
+            conn.finish(&core.hub, CloseReason::IoError);
+            shim.outbox.detach();
+            stream.shutdown();
+            core.hub.release(peer.ip());
+        }
+    }
+}
+
+/// Serves a connection until it has nothing to do (its state is left in the table) or
+/// ends. `ready` is a read already made.
+async fn run<S: Stream>(
+    core: Rc<Core>,
+    conns: Rc<Conns<S>>,
+    key: usize,
+    mut conn: Connection,
+    stream: Rc<S>,
+    mut ready: Option<(io::Result<usize>, Vec<u8>)>,
+) {
+    let shim = conn.shim().clone();
     // No writer until a write would block (most connections never need one).
     let mut writer = None;
-
-    // The Identify usually arrives right behind the connect: read it at once if it is
-    // there, which saves the handshake a wait for readiness.
-    let mut ready = {
-        let mut b = core.take_buffer();
-        match stream.try_read_now(&mut b) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                core.give_buffer(b);
-                None
-            }
-            res => Some((res, b)),
-        }
-    };
     let reason = loop {
         let (res, buf) = match ready.take() {
             Some(r) => r,
-            None => next_input(&core, &stream, &shim, &mut writer).await,
+            None => match next_input(&core, &conns, key, &stream, &shim, &mut writer).await {
+                Some(r) => r,
+                None => {
+                    conns.park(key, conn, stream);
+                    return;
+                }
+            },
         };
         let n = match res {
             Ok(0) => {
@@ -185,7 +459,7 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
                 break CloseReason::IoError;
             }
         };
-        // Boxed: the task of an idle connection is sized for waiting, not for this.
+        // Boxed: the task of a connection is sized for waiting, not for this.
         let end = Box::pin(consume(&core, &mut conn, &*stream, buf, n)).await;
         conn.rest();
         if let Some(r) = end {
@@ -197,13 +471,13 @@ async fn serve<S: Stream>(core: Rc<Core>, stream: S, peer: SocketAddr) {
     // The last frame and the shutdown are the writer's: the running one, or one now.
     let writer = match writer.take() {
         Some(w) => w,
-        None => spawn_writer(&core, &stream, &shim),
+        None => spawn_writer(&core, &conns, key, &stream, &shim),
     };
     // Boxed: the timer is large, and only a closing connection needs it.
     Box::pin(linger(writer, &shim, reason)).await;
-    core.conns.borrow_mut().remove(key);
+    conns.remove(key);
     shim.outbox.detach();
-    core.hub.release(peer.ip());
+    core.hub.release(shim.peer.ip());
 }
 
 /// Gives a closing connection's writer [`CLOSE_LINGER`] to send the last frame, then cuts
@@ -221,36 +495,70 @@ async fn linger(mut writer: tokio::task::JoinHandle<()>, shim: &Shim, reason: Cl
 /// Starts a connection's writer.
 fn spawn_writer<S: Stream>(
     core: &Core,
+    conns: &Rc<Conns<S>>,
+    key: usize,
     stream: &Rc<S>,
     shim: &Arc<Shim>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::task::spawn_local(write_loop(core.hub.clone(), stream.clone(), shim.clone()))
+    tokio::task::spawn_local(write_loop(
+        core.hub.clone(),
+        conns.clone(),
+        key,
+        stream.clone(),
+        shim.clone(),
+    ))
 }
 
-/// Waits for a connection's next input, holding no buffer meanwhile. While no writer
-/// runs, also waits for the outbox to ask for one (a flush the socket could not take, or
-/// a last frame) and starts it; a running writer ends once it has written everything,
-/// and from then on the outbox is watched again.
+/// The connection's next read, into one of the core's buffers. While no writer runs,
+/// starts one if the outbox needs it; a running writer ends once it has written
+/// everything. None when there is nothing to read and no writer: the outbox then rings
+/// the doorbell when the writer is needed, and the caller leaves the connection without a
+/// task.
 async fn next_input<S: Stream>(
     core: &Core,
+    conns: &Rc<Conns<S>>,
+    key: usize,
     stream: &Rc<S>,
     shim: &Arc<Shim>,
     writer: &mut Option<tokio::task::JoinHandle<()>>,
-) -> (io::Result<usize>, Vec<u8>) {
+) -> Option<(io::Result<usize>, Vec<u8>)> {
     loop {
+        if conns.is_readable(key) {
+            let mut buf = core.take_buffer();
+            let offered = buf.capacity();
+            match stream.try_read_now(&mut buf) {
+                Ok(n) => {
+                    // A short read emptied the receive queue: wait for the readiness set
+                    // before the next read rather than paying a read that finds nothing.
+                    // (End of file stays readable.)
+                    if n > 0 && n < offered {
+                        conns.drained(key);
+                    }
+                    return Some((Ok(n), buf));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conns.drained(key);
+                    core.give_buffer(buf);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => core.give_buffer(buf),
+                Err(e) => return Some((Err(e), buf)),
+            }
+            continue;
+        }
+        if writer.is_none() && shim.outbox.take_wanted() {
+            *writer = Some(spawn_writer(core, conns, key, stream, shim));
+        }
         match writer {
             Some(w) => {
                 tokio::select! {
                     biased;
-                    r = stream.read_ready(core) => return r,
+                    _ = conns.readable(key) => {}
                     _ = w => *writer = None,
                 }
             }
             None => {
-                tokio::select! {
-                    biased;
-                    r = stream.read_ready(core) => return r,
-                    _ = shim.outbox.wait() => *writer = Some(spawn_writer(core, stream, shim)),
+                if shim.outbox.park(&conns.bell, key as u32) {
+                    return None;
                 }
             }
         }
@@ -371,18 +679,25 @@ async fn wait_drained(hub: &Hub, out: &mut Effects) {
 
 /// Writes what a flush could not send at once (the socket was full), until nothing is
 /// left; or the last frame of a closing connection, then shuts the socket down.
-async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
+async fn write_loop<S: Stream>(
+    hub: Arc<Hub>,
+    conns: Rc<Conns<S>>,
+    key: usize,
+    stream: Rc<S>,
+    shim: Arc<Shim>,
+) {
+    let room = SlotRoom { conns: &conns, key };
     let mut buf = Vec::new();
     loop {
         let state = shim.outbox.take(&mut buf);
         let wrote = !buf.is_empty() && state != OutState::Kicked;
         if wrote {
             let res = if buf.len() <= WRITE_CHUNK {
-                let (res, b) = stream.write_all(buf).await;
+                let (res, b) = stream.write_all(buf, &room).await;
                 buf = b;
                 res
             } else {
-                Box::pin(write_chunks(&hub, &*stream, &shim, &buf)).await
+                Box::pin(write_chunks(&hub, &*stream, &room, &shim, &buf)).await
             };
             if let Err(e) = res {
                 debug!(conn = shim.serial, error = %e, "write failed");
@@ -412,12 +727,18 @@ async fn write_loop<S: Stream>(hub: Arc<Hub>, stream: Rc<S>, shim: Arc<Shim>) {
 
 /// Writes a large backlog in chunks, so that a slow but steady reader shows progress as it
 /// goes (for the write deadline, and for the producers waiting on it).
-async fn write_chunks<S: Stream>(hub: &Hub, stream: &S, shim: &Shim, buf: &[u8]) -> io::Result<()> {
+async fn write_chunks<S: Stream>(
+    hub: &Hub,
+    stream: &S,
+    room: &impl Room,
+    shim: &Shim,
+    buf: &[u8],
+) -> io::Result<()> {
     let mut chunk = Vec::with_capacity(WRITE_CHUNK);
     for part in buf.chunks(WRITE_CHUNK) {
         chunk.clear();
         chunk.extend_from_slice(part);
-        let (r, c) = stream.write_all(chunk).await;
+        let (r, c) = stream.write_all(chunk, room).await;
         chunk = c;
         r?;
         shim.outbox.progress(part.len(), hub.ms(Instant::now()));
@@ -425,13 +746,13 @@ async fn write_chunks<S: Stream>(hub: &Hub, stream: &S, shim: &Shim, buf: &[u8])
     Ok(())
 }
 
-async fn sweep(core: Rc<Core>) {
+async fn sweep<S: Stream>(core: Rc<Core>, conns: Rc<Conns<S>>) {
     loop {
         // Read each time round: a reload may change the timeouts.
         tokio::time::sleep(core.hub.sweep_every()).await;
         let now = Instant::now();
-        for (_, (shim, flagged)) in core.conns.borrow().iter() {
-            core.hub.sweep(shim, flagged, now);
+        for (_, s) in conns.slots.borrow().iter() {
+            core.hub.sweep(&s.shim, &s.flagged, now);
         }
     }
 }

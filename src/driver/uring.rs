@@ -1,20 +1,20 @@
 //! The io_uring driver: one tokio-uring runtime per core.
 //!
 //! Accepts, the writer's writes and datagram receives are io_uring operations that own
-//! their buffers; a connection waits for input on the readiness of the reactor the ring
-//! runs on, then reads into one of its core's buffers (see [`UringStream`]). This file
-//! only adapts tokio-uring's sockets to the shared loops in `tasks.rs`.
+//! their buffers. A connection's input is waited for by the core's readiness set
+//! (`tasks.rs`) and read into one of the core's buffers: tokio-uring 0.5 has no poll
+//! operation and no provided buffers, so a read submitted to the ring would hold a buffer
+//! of its own for as long as the connection is idle. This file only adapts tokio-uring's
+//! sockets to the shared loops in `tasks.rs`.
 
 use super::tasks::run_core;
-use super::{Buffers, Datagrams, Listener, Stream};
+use super::{Datagrams, Listener, Room, Stream};
 use crate::hub::Hub;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
 
 fn builder() -> tokio_uring::Builder {
@@ -91,42 +91,23 @@ pub(super) fn run(
 }
 
 /// An accepted connection: the tokio-uring socket, which owns the descriptor and writes
-/// through the ring, and its registration with the reactor the ring runs on, for
-/// readiness. tokio-uring has no poll operation and no provided buffers, so a read
-/// submitted to the ring would hold a buffer of its own for as long as the connection is
-/// idle; waiting for readiness and then reading into one of the core's buffers holds
-/// none. (Declared first, the registration is dropped first: it is removed from epoll
-/// before the socket closes.)
-pub(crate) struct UringStream {
-    ready: AsyncFd<Descriptor>,
-    stream: TcpStream,
-}
-
-/// A descriptor owned elsewhere (by the [`TcpStream`] beside it), for registering with
-/// the reactor.
-struct Descriptor(RawFd);
-
-impl AsRawFd for Descriptor {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
+/// through the ring.
+pub(crate) struct UringStream(TcpStream);
 
 impl Stream for UringStream {
-    async fn read_ready(&self, pool: &impl Buffers) -> (io::Result<usize>, Vec<u8>) {
-        super::read_when_ready(&self.ready, pool).await
-    }
+    /// Writes complete in the ring.
+    const WRITE_READINESS: bool = false;
 
-    async fn write_all(&self, buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
-        self.stream.write_all(buf).await
+    async fn write_all(&self, buf: Vec<u8>, _room: &impl Room) -> (io::Result<()>, Vec<u8>) {
+        self.0.write_all(buf).await
     }
 
     fn fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
+        self.0.as_raw_fd()
     }
 
     fn shutdown(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 
     /// tokio-uring submits queued operations only when its thread parks: a task that
@@ -144,13 +125,7 @@ impl Listener for TcpListener {
     async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
         // TCP_NODELAY comes from the listener (see `start.rs`).
         let (stream, peer) = TcpListener::accept(self).await?;
-        // Edge-triggered, read readiness only: writes go through the ring.
-        // SAFETY: the descriptor is the accepted socket's, which `stream` owns and closes only
-        // when dropped, after this registration (declared before it in `UringStream`).
-        let ready = unsafe {
-            AsyncFd::register_with_interest(Descriptor(stream.as_raw_fd()), Interest::READABLE)
-        }?;
-        Ok((UringStream { ready, stream }, peer))
+        Ok((UringStream(stream), peer))
     }
 }
 

@@ -19,12 +19,17 @@
 //! The outbox does no I/O of its own: the driver attaches the socket with the two
 //! functions that touch it ([`SocketOps`]), and a flush or a cut-off from any core calls
 //! those.
+//!
+//! A connection that waits for input has no task (see `driver/tasks.rs`): when its outbox
+//! needs the writer (a flush the socket could not take, a last frame), the outbox rings
+//! its core's [`Doorbell`] with the connection's key, and the core resumes it.
 
 use super::shim::CloseReason;
 use crate::tls::{self, Received};
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 
@@ -81,6 +86,43 @@ struct Inner {
     /// The socket, while it is open. Cleared under this lock before the socket is closed,
     /// so a stale descriptor is never touched.
     socket: Option<(RawFd, &'static SocketOps)>,
+    /// Who is told when the writer is needed.
+    wake: Wake,
+}
+
+/// Who is told when a connection's writer is needed.
+enum Wake {
+    /// Nobody yet: the connection's task runs, and looks before it waits.
+    Unwanted,
+    /// The writer is needed; the connection's task starts it when it looks.
+    Wanted,
+    /// The connection has no task: its core's doorbell is rung with its key.
+    Parked(Arc<Doorbell>, u32),
+}
+
+/// How other threads resume a core's connections that have no task: the keys of those
+/// whose writer is needed, and a wake-up for the core's loop that resumes them.
+#[derive(Default)]
+pub struct Doorbell {
+    keys: Mutex<Vec<u32>>,
+    notify: Notify,
+}
+
+impl Doorbell {
+    fn ring(&self, key: u32) {
+        self.keys.lock().push(key);
+        self.notify.notify_one();
+    }
+
+    /// Moves the keys rung since the last call into `out`.
+    pub fn take(&self, out: &mut Vec<u32>) {
+        std::mem::swap(&mut *self.keys.lock(), out);
+    }
+
+    /// Waits until a key was rung (at once if one was since the last wait).
+    pub async fn rung(&self) {
+        self.notify.notified().await;
+    }
 }
 
 impl Inner {
@@ -145,6 +187,15 @@ pub enum Pushed {
     SlowConsumer,
 }
 
+/// Records that the writer is needed, and rings the doorbell of a connection that has no
+/// task (after the lock is released).
+fn want_writer(mut g: parking_lot::MutexGuard<'_, Inner>) {
+    if let Wake::Parked(bell, key) = std::mem::replace(&mut g.wake, Wake::Wanted) {
+        drop(g);
+        bell.ring(key);
+    }
+}
+
 /// A bounded outbound byte queue with a wake-up for its writer. Aligned to a cache line:
 /// a fan-out locks and fills one per recipient, and the fields around it in a [`Shim`]
 /// (which change as the shim grows) then never share its lines.
@@ -155,7 +206,6 @@ pub struct Outbox {
     inner: Mutex<Inner>,
     /// Mirrors `state == Open`, for checks on every frame without the lock.
     open: AtomicBool,
-    notify: Notify,
 }
 
 impl Default for Outbox {
@@ -172,9 +222,9 @@ impl Default for Outbox {
                 reason: None,
                 since_ms: 0,
                 socket: None,
+                wake: Wake::Unwanted,
             }),
             open: AtomicBool::new(true),
-            notify: Notify::new(),
         }
     }
 }
@@ -193,8 +243,7 @@ impl Outbox {
         }
         if g.pending() + bytes.len() > limit {
             self.cut_locked(&mut g, CloseReason::SlowConsumer);
-            drop(g);
-            self.notify.notify_one();
+            want_writer(g);
             return Pushed::SlowConsumer;
         }
         g.queue().extend_from_slice(bytes);
@@ -214,8 +263,7 @@ impl Outbox {
         g.seal();
         let Some((fd, ops)) = g.socket.filter(|_| g.state == OutState::Open) else {
             // Closing (the writer sends the last frame and shuts down) or not attached.
-            drop(g);
-            self.notify.notify_one();
+            want_writer(g);
             return;
         };
         loop {
@@ -241,8 +289,7 @@ impl Outbox {
                 }
             }
         }
-        drop(g);
-        self.notify.notify_one();
+        want_writer(g);
     }
 
     /// Queues `last` (usually an Error or Quit frame) and asks the writer to flush and shut
@@ -256,16 +303,14 @@ impl Outbox {
         g.state = OutState::Closing;
         self.open.store(false, Ordering::Release);
         g.reason.get_or_insert(reason);
-        drop(g);
-        self.notify.notify_one();
+        want_writer(g);
     }
 
     /// Shuts the socket down now, dropping anything still queued.
     pub fn cut(&self, reason: CloseReason) {
         let mut g = self.inner.lock();
         self.cut_locked(&mut g, reason);
-        drop(g);
-        self.notify.notify_one();
+        want_writer(g);
     }
 
     fn cut_locked(&self, g: &mut Inner, reason: CloseReason) {
@@ -311,6 +356,9 @@ impl Outbox {
             }
         }
         std::mem::swap(&mut g.buf, out);
+        if matches!(g.wake, Wake::Wanted) {
+            g.wake = Wake::Unwanted;
+        }
         g.writing = !out.is_empty();
         g.in_flight = out.len();
         if g.state == OutState::Closing {
@@ -350,9 +398,33 @@ impl Outbox {
         }
     }
 
-    /// Waits until something was queued or the state changed.
-    pub async fn wait(&self) {
-        self.notify.notified().await;
+    /// Whether the writer is needed (and takes note that it is being started).
+    pub fn take_wanted(&self) -> bool {
+        let mut g = self.inner.lock();
+        if matches!(g.wake, Wake::Wanted) {
+            g.wake = Wake::Unwanted;
+            return true;
+        }
+        false
+    }
+
+    /// Leaves the connection without a task: from now on, when the writer is needed,
+    /// `bell` is rung with `key`. Refused (false) while the writer is needed or writing.
+    pub fn park(&self, bell: &Arc<Doorbell>, key: u32) -> bool {
+        let mut g = self.inner.lock();
+        if g.writing || matches!(g.wake, Wake::Wanted) {
+            return false;
+        }
+        g.wake = Wake::Parked(bell.clone(), key);
+        true
+    }
+
+    /// The connection has a task again (it was resumed for input).
+    pub fn unpark(&self) {
+        let mut g = self.inner.lock();
+        if matches!(g.wake, Wake::Parked(..)) {
+            g.wake = Wake::Unwanted;
+        }
     }
 
     /// The first close reason recorded, if any.

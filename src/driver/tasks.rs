@@ -970,3 +970,15 @@ async fn drain_udp(fd: RawFd, queue: Rc<RefCell<SendQueue>>) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+#[cfg(test)]
+mod size_tests {
+    /// An idle connection is its slot in the core's table (and its `Shim`): keep it small.
+    #[test]
+    fn an_idle_connection_stays_small() {
+        let uring = std::mem::size_of::<super::Slot<crate::driver::uring::UringStream>>();
+        let epoll = std::mem::size_of::<super::Slot<crate::driver::epoll::EpollStream>>();
+        assert!(uring <= 144, "a slot on io_uring is {uring} bytes");
+        assert!(epoll <= 144, "a slot on epoll is {epoll} bytes");
+    }
+}

@@ -518,6 +518,7 @@ impl Fleet {
             }
             for t in &mut batch {
                 assert_eq!(t.expect(0x02).len(), 16);
+                t.expect_terms();
             }
             tcps.extend(batch);
         }
@@ -1493,6 +1494,7 @@ fn crlf_ends_a_tcp_frame(io: &str) {
     let mut bob = srv.tcp();
     bob.send_raw(b"\x01peq.z.bob\r\n");
     assert_eq!(bob.expect(0x02).len(), 16, "Session after a CRLF Identify");
+    bob.expect_terms();
     bob.send_raw(b"\x06hi\r\n");
     bob.expect_frame(0x07, b"hi");
     for who in [&b"\x0D\n"[..], b"\x0D\r\n"] {

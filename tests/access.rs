@@ -60,13 +60,16 @@ fn refused(reason: &str) -> String {
     format!("velium_refused_total{{reason=\"{reason}\"}}")
 }
 
-/// The connection was sent Quit, then closed.
+/// The connection was told why, sent Quit, then closed.
 fn assert_replaced(old: &mut Tcp) {
-    assert_eq!(
-        old.expect_closed(),
-        vec![(0x03, Vec::new())],
-        "Quit, then EOF"
+    let got = old.expect_closed();
+    assert_eq!(got.len(), 2, "{got:?}");
+    let why = String::from_utf8_lossy(&got[0].1);
+    assert!(
+        got[0].0 == 0x09 && why.starts_with("closing: replaced: a newer connection identified as "),
+        "{why}"
     );
+    assert_eq!(got[1..], [(0x03, Vec::new())], "Quit, then EOF");
 }
 
 /// The connection was sent the Error `text`, then closed.

@@ -1046,14 +1046,29 @@ async fn client_keepalive_outlives_the_idle_timeout() {
     .unwrap();
     kept.bind_udp().await.unwrap();
     let idle = quiet_client(srv.addr, "lib.ka.idle").await;
-    // The idle client is told Quit, then the connection ends: the timeout has passed.
+    // The idle client is told why, then Quit, then the connection ends: the timeout has
+    // passed.
+    let why = "closing: idle timeout: nothing received for 1s";
+    assert_eq!(
+        event(&idle).await,
+        Event::Error {
+            message: why.into(),
+            via: Transport::Tcp
+        }
+    );
     assert_eq!(
         event(&idle).await,
         Event::Quit {
             via: Transport::Tcp
         }
     );
-    assert!(matches!(event(&idle).await, Event::Closed { .. }));
+    match event(&idle).await {
+        Event::Closed { reason } => assert_eq!(
+            reason,
+            "the server closed the connection: idle timeout: nothing received for 1s"
+        ),
+        other => panic!("{other:?}"),
+    }
     assert!(idle.next_event().await.is_none());
     assert!(idle.is_closed());
     assert!(matches!(
@@ -1069,6 +1084,24 @@ async fn client_keepalive_outlives_the_idle_timeout() {
         (who[0].identity.as_str(), who[0].udp),
         ("lib.ka.kept", true)
     );
+}
+
+/// A hub whose idle timeout is shorter than the client's own keep-alive interval (10 s):
+/// the client follows the hub's Terms and pings at its interval, so it outlives the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_follows_the_hubs_terms() {
+    let srv = Server::with_admin("uring", &["--idle-timeout", "900ms"]);
+    let c = Client::connect(srv.addr, "lib.terms.c").await.unwrap();
+    let t = c.terms().expect("the hub sent its Terms");
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (900, 300));
+    assert_eq!((t.max_frame, t.answer_window), (16384, 256));
+    assert_eq!(t.features, ["state", "filters", "udp"]);
+    // Four Pings at the hub's interval span more than the idle timeout.
+    let pings = r#"velium_frames_total{direction="in",transport="tcp",opcode="Ping"}"#;
+    srv.wait_metric(pings, |v| v >= 4.0);
+    assert!(!c.is_closed());
+    let who = c.who(Some("lib.terms.*")).await.unwrap();
+    assert_eq!(who.len(), 1, "{who:?}");
 }
 
 #[tokio::test]

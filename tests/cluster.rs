@@ -326,8 +326,14 @@ fn an_identity_held_on_another_node_is_replaced() {
 
     // The newcomer on node b takes it; the holder on node a gets Quit and is closed.
     let mut newer = shim(&b, "peq.z.x");
-    let quit = vec![(0x03, Vec::new())];
-    assert_eq!(holder.expect_closed(), quit, "Quit, then EOF");
+    let quit = vec![
+        (
+            0x09,
+            b"closing: replaced: a newer connection on node b identified as peq.z.x".to_vec(),
+        ),
+        (0x03, Vec::new()),
+    ];
+    assert_eq!(holder.expect_closed(), quit, "why, Quit, then EOF");
     a.wait_log(&[
         "identity=peq.z.x",
         "replaced by a newer connection with the same identity",
@@ -773,11 +779,16 @@ fn users_apply_to_the_shims_of_other_nodes() {
     other.expect_frame(ERROR, b"identity in use");
     // ... the same user takes it over.
     let _newer = login(&a, "g1", "peq.z.x");
-    assert_eq!(
-        x.expect_closed(),
-        vec![(0x03, Vec::new())],
-        "Quit, then EOF"
+    let got = x.expect_closed();
+    assert_eq!(got.len(), 2, "why, Quit, then EOF: {got:?}");
+    assert!(
+        got[0].0 == 0x09
+            && got[0]
+                .1
+                .starts_with(b"closing: replaced: a newer connection on node"),
+        "{got:?}"
     );
+    assert_eq!(got[1], (0x03, Vec::new()), "why, Quit, then EOF");
     let replaced = "-peq.z.x replaced by a newer connection with the same identity";
     w.until("the newcomer", |w| w.saw("+peq.z.x"));
     assert_eq!(w.presence.join(", "), format!("{replaced}, +peq.z.x"));

@@ -176,6 +176,14 @@ fn session_token_is_a_frame_safe_uuid_v4(io: &str) {
     assert!(!data.contains(&0x0A) && !data.contains(&0x0B));
     assert_eq!(data[6] >> 4, 4, "UUID version 4: {data:02x?}");
     assert_eq!(data[8] & 0xC0, 0x80, "RFC 4122 variant: {data:02x?}");
+    // Then the Terms: the hub's settings, from which a shim derives its Ping interval.
+    let (op, raw) = c.recv();
+    assert_eq!(op, 0x15);
+    assert_eq!(
+        String::from_utf8(raw).unwrap(),
+        "idle_timeout_ms=30000\x1fping_ms=10000\x1fmax_frame=16384\x1f\
+         outbound_limit=1048576\x1fanswer_window=256\x1ffeatures=state,filters,udp"
+    );
     c.sync(b"nothing else");
     // The log shows only a prefix of the token.
     let line = srv.wait_log(&["identify", "identity=uuid.check"]);
@@ -194,6 +202,7 @@ fn tokens_differ_across_200_shims(io: &str) {
     let mut seen = HashSet::new();
     for c in &mut conns {
         let t = c.expect(0x02);
+        c.expect_terms();
         assert_eq!(t.len(), 16);
         assert!(!t.contains(&0x0A) && !t.contains(&0x0B), "{t:02x?}");
         assert_eq!(t[6] >> 4, 4);
@@ -344,7 +353,9 @@ fn unknown_opcodes_are_named(io: &str) {
     assert_eq!(c.expect_error("unknown opcode"), "unknown opcode 0x0B");
     c.sync(b"usable");
     c.identify("unknown.ops");
-    for op in [0x15u8, 0x42, 0x80, 0xFF, 0x0B] {
+    c.send(0x15, b"data");
+    c.expect_error("opcode 0x15 (Terms) is sent by the server only");
+    for op in [0x16u8, 0x42, 0x80, 0xFF, 0x0B] {
         c.send(op, b"data");
         assert_eq!(
             c.expect_error("unknown opcode"),
@@ -402,6 +413,8 @@ fn idle_shim_gets_quit_then_close(io: &str) {
     let srv = Server::start(io, &["--idle-timeout", "500ms"]);
     let (mut c, token, u) = bound(&srv, "idle.sleeper");
     let t0 = Instant::now();
+    // The reason, then Quit, then the close.
+    c.expect_frame(0x09, b"closing: idle timeout: nothing received for 500ms");
     c.expect_frame(0x03, b"");
     c.expect_closed_quietly();
     assert!(
@@ -425,6 +438,7 @@ fn pings_keep_a_shim_alive(io: &str) {
     }
     assert!(t0.elapsed() >= Duration::from_millis(900));
     // The silent shim on the same server was timed out meanwhile; the pinger was not.
+    silent.expect_frame(0x09, b"closing: idle timeout: nothing received for 500ms");
     silent.expect_frame(0x03, b"");
     silent.expect_closed_quietly();
     srv.wait_log(&["close", "identity=idle.silent reason=idle timeout"]);
@@ -773,7 +787,11 @@ fn udp_and_tcp_of_50_shims_across_cores(io: &str) {
     }
     let tokens: Vec<[u8; 16]> = shims
         .iter_mut()
-        .map(|(c, _)| c.expect(0x02).try_into().unwrap())
+        .map(|(c, _)| {
+            let t = c.expect(0x02).try_into().unwrap();
+            c.expect_terms();
+            t
+        })
         .collect();
     for ((_, u), t) in shims.iter().zip(&tokens) {
         u.bind(t);

@@ -737,7 +737,8 @@ fn tcp_garbage(srv: &Server) {
     }
     // Every undefined opcode, before and after Identify: each gets its Error, and the
     // connection stays usable.
-    let unknown: Vec<u8> = (0x15..=0xFF).chain([0x0B]).collect();
+    // (Not 0x16 first: as the first byte of a connection it is a TLS ClientHello.)
+    let unknown: Vec<u8> = (0x17..=0xFF).chain([0x16, 0x0B]).collect();
     for identified in [false, true] {
         let mut c = srv.tcp();
         if identified {
@@ -786,6 +787,7 @@ fn tcp_garbage(srv: &Server) {
         (0x09, "Error"),
         (0x0C, "Ack"),
         (0x0E, "WhoEntry"),
+        (0x15, "Terms"),
     ] {
         wire.extend(frame(op, b"1 2"));
         want.push(format!(

@@ -257,8 +257,12 @@ fn sigterm_sends_quit_to_every_connection_and_exits_zero(io: &str) {
     let mut pending = srv.tcp();
     pending.sync(b"accepted");
     srv.signal(libc::SIGTERM);
-    assert_eq!(a.expect_closed(), vec![(0x03, vec![])]);
-    assert_eq!(pending.expect_closed(), vec![(0x03, vec![])]);
+    let closing = vec![
+        (0x09, b"closing: server shutting down".to_vec()),
+        (0x03, vec![]),
+    ];
+    assert_eq!(a.expect_closed(), closing);
+    assert_eq!(pending.expect_closed(), closing);
     let status = srv.wait_exit();
     assert!(status.success(), "{status}");
     // The last line: each counter a field of its own, durations in one unit.

@@ -769,8 +769,14 @@ fn a_second_holder_of_an_identity_replaces_the_first(io: &str) {
     let mut d2 = shim(&srv, "DUP.X");
     assert_eq!(
         d1.expect_closed(),
-        vec![(0x03, Vec::new())],
-        "Quit, then EOF"
+        vec![
+            (
+                0x09,
+                b"closing: replaced: a newer connection identified as DUP.X".to_vec()
+            ),
+            (0x03, Vec::new())
+        ],
+        "why, Quit, then EOF"
     );
     srv.wait_log(&[
         "close",
@@ -798,7 +804,16 @@ fn a_second_holder_of_an_identity_replaces_the_first(io: &str) {
     let mut d3 = shim(&srv, "dup.y");
     d3.send(0x01, b"Dup.X");
     d3.sync(b"renamed");
-    assert_eq!(d2.expect_closed(), vec![(0x03, Vec::new())]);
+    assert_eq!(
+        d2.expect_closed(),
+        vec![
+            (
+                0x09,
+                b"closing: replaced: a newer connection identified as Dup.X".to_vec()
+            ),
+            (0x03, Vec::new())
+        ]
+    );
     tx.send(0x08, b"dup.x bye");
     tx.expect_frame(0x0C, b"0 1");
     d3.expect_frame(0x08, b"dup.tx bye");

@@ -560,8 +560,14 @@ fn a_replaced_holder_leaves_before_the_newcomer_joins(io: &str) {
     let mut d2 = shim(&srv, "DUP.X");
     assert_eq!(
         d1.expect_closed(),
-        vec![(0x03, Vec::new())],
-        "Quit, then EOF"
+        vec![
+            (
+                0x09,
+                b"closing: replaced: a newer connection identified as DUP.X".to_vec()
+            ),
+            (0x03, Vec::new())
+        ],
+        "why, Quit, then EOF"
     );
     // A consumer keyed by identity must see the old holder go before the new one comes.
     assert_eq!(
@@ -601,6 +607,7 @@ fn a_timed_out_shim_leaves_with_its_reason(io: &str) {
             }
         }
     }
+    idle.expect_error("closing: idle timeout: nothing received for");
     idle.expect_frame(0x03, b"");
     quiet(&mut sub, "end");
 }

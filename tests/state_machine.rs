@@ -1321,7 +1321,11 @@ fn revoking_a_closing_connection_counts_nothing_sent() {
     assert!(c.shim().is_closed(), "revoked");
     let mut queued = Vec::new();
     c.shim().outbox.take(&mut queued);
-    assert_eq!(queued, b"\x03\n", "only the Quit was sent");
+    assert_eq!(
+        queued,
+        velium_server::proto::reject::closing("server shutting down"),
+        "only the shutdown's Error and Quit were sent"
+    );
     assert_eq!(errors(), before, "an Error counted as sent that was not");
 }
 

@@ -120,6 +120,7 @@ pub use error::ClientError;
 pub use tls::TlsOptions;
 
 use crate::proto::identity::check_identity;
+pub use crate::proto::reply::Terms;
 use crate::proto::request::{encode_response, encode_routed};
 use crate::proto::sealed::EXPORTER_LEN;
 use crate::proto::state::{
@@ -447,12 +448,12 @@ impl Client {
             identity,
             opened.writer,
             opened.exporter,
+            opened.terms,
             options,
         ));
         let reader = tokio::spawn(tcp::reader(shared.clone(), opened.reader, opened.rest));
         let keepalive = shared
-            .options
-            .keepalive
+            .keepalive_every()
             .map(|every| tokio::spawn(tcp::keepalive(shared.clone(), every)).abort_handle());
         Ok(Client {
             shared,
@@ -465,6 +466,13 @@ impl Client {
     /// The session token the server issued (what a UDP bind presents).
     pub fn token(&self) -> Token {
         self.token
+    }
+
+    /// The settings the hub said this session must follow (its Terms frame: idle timeout,
+    /// Ping interval, limits, features); `None` from a hub that sends none. The keep-alive
+    /// already follows them.
+    pub fn terms(&self) -> Option<Terms> {
+        self.shared.terms.lock().clone()
     }
 
     /// The identity this client currently goes by.

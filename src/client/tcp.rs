@@ -12,8 +12,8 @@ use super::text::{check_data, lossy, wire_text};
 use super::tls;
 use super::udp::UdpShared;
 use super::{ClientOptions, Event, MAX_FRAME, ShimState, Transport, WhoEntry};
-use crate::proto::reject::answers_no_request;
-use crate::proto::reply::{parse_who_entry, push_u64};
+use crate::proto::reject::{self, answers_no_request};
+use crate::proto::reply::{self, Terms, parse_who_entry, push_u64};
 use crate::proto::sealed::EXPORTER_LEN;
 use crate::proto::{Opcode, Token, codec, encode};
 use std::collections::VecDeque;
@@ -97,6 +97,10 @@ pub(super) struct Shared {
     /// The TLS session's exporter output, which keys the sealed UDP channel (`None`
     /// without TLS: UDP is then plain).
     pub(super) exporter: Option<[u8; EXPORTER_LEN]>,
+    /// The hub's latest Terms frame (none from a hub that sends none).
+    pub(super) terms: parking_lot::Mutex<Option<Terms>>,
+    /// Wakes the keep-alive when new Terms arrive.
+    terms_changed: Notify,
 }
 
 impl Shared {
@@ -106,6 +110,7 @@ impl Shared {
         identity: &str,
         writer: WriteHalf,
         exporter: Option<[u8; EXPORTER_LEN]>,
+        terms: Option<Terms>,
         options: ClientOptions,
     ) -> Shared {
         Shared {
@@ -126,7 +131,21 @@ impl Shared {
             nonce: AtomicU64::new(0),
             options,
             exporter,
+            terms: parking_lot::Mutex::new(terms),
+            terms_changed: Notify::new(),
         }
+    }
+
+    /// How often the keep-alive pings: the client's setting, or the hub's Ping interval
+    /// from its Terms if that is shorter (a hub with a short idle timeout).
+    pub(super) fn keepalive_every(&self) -> Option<Duration> {
+        let mine = self.options.keepalive?;
+        let hub = (*self.terms.lock())
+            .as_ref()
+            .map(|t| t.ping_ms)
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
+        Some(hub.map_or(mine, |h| h.min(mine)))
     }
 
     /// Queues the waiters, then encodes and writes one frame with one write call, all
@@ -274,11 +293,25 @@ impl Shared {
                 }
                 self.answer(w, reply, rs);
             }
-            // An Error refusing a CommandResponse or a Set answers no request.
-            Opcode::Error if answers_no_request(data) => rs.batch.push(Event::Error {
-                message: wire_text(data),
-                via: Transport::Tcp,
-            }),
+            // An Error refusing a CommandResponse or a Set answers no request, and neither
+            // does the reason the hub gives for closing, which the close then reports.
+            Opcode::Error if answers_no_request(data) => {
+                let message = wire_text(data);
+                if let Some(why) = message.strip_prefix(reject::CLOSING) {
+                    rs.closing = Some(why.trim_start().to_owned());
+                }
+                rs.batch.push(Event::Error {
+                    message,
+                    via: Transport::Tcp,
+                })
+            }
+            Opcode::Terms => match reply::parse_terms(data) {
+                Some(t) => {
+                    *self.terms.lock() = Some(t);
+                    self.terms_changed.notify_one();
+                }
+                None => rs.batch.push(malformed(op)),
+            },
             Opcode::Error => {
                 rs.who.clear();
                 rs.listing.clear();
@@ -409,6 +442,8 @@ pub(super) struct Opened {
     pub(super) rest: Vec<u8>,
     /// See [`Shared::exporter`].
     pub(super) exporter: Option<[u8; EXPORTER_LEN]>,
+    /// The Terms frame, when it came in the read that brought the Session.
+    pub(super) terms: Option<Terms>,
 }
 
 /// Connects to `addr` (from [`ClientOptions::bind_ip`] if set, with `TCP_NODELAY`), runs
@@ -473,15 +508,26 @@ pub(super) async fn open(
     encode(Opcode::Identify, identity.as_bytes(), &mut hello);
     wr.write_all(&hello).await.map_err(io_error)?;
     wr.flush().await.map_err(io_error)?;
-    let (token, rest) = tokio::time::timeout(options.connect_timeout, read_session(&mut rd))
+    let (token, mut rest) = tokio::time::timeout(options.connect_timeout, read_session(&mut rd))
         .await
         .map_err(|_| ClientError::Timeout("the Session reply to Identify"))??;
+    // The hub sends its Terms in the same write as the Session: take them now if they
+    // are here, so that the keep-alive starts at the right interval.
+    let terms = match codec::decode_exact(&rest, MAX_FRAME) {
+        Ok(Some((f, n))) if f.op == Opcode::Terms as u8 => {
+            let t = reply::parse_terms(f.data);
+            rest.drain(..n);
+            t
+        }
+        _ => None,
+    };
     Ok(Opened {
         token,
         reader: rd,
         writer: wr,
         rest,
         exporter,
+        terms,
     })
 }
 
@@ -527,6 +573,8 @@ struct ReaderState {
     listing: Vec<ShimState>,
     /// The server sent Quit.
     quit: bool,
+    /// The reason the server gave for closing (its `closing:` Error), if it gave one.
+    closing: Option<String>,
     senders: SenderCache,
     /// Events from the frames of one read, queued together (one lock, one wake-up).
     batch: Vec<Event>,
@@ -560,7 +608,10 @@ pub(super) async fn reader(shared: Arc<Shared>, mut rd: ReadHalf, mut buf: Vec<u
         }
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
-                Ok(0) if rs.quit => break "the server sent Quit and closed the connection".into(),
+                Ok(0) if rs.quit => break match rs.closing.take() {
+                    Some(why) => format!("the server closed the connection: {why}"),
+                    None => "the server sent Quit and closed the connection".into(),
+                },
                 Ok(0) => break ClientError::Closed.to_string(),
                 Ok(_) => {}
                 Err(e) => break format!("read failed: {e}"),
@@ -583,14 +634,27 @@ pub(super) async fn reader(shared: Arc<Shared>, mut rd: ReadHalf, mut buf: Vec<u
 /// delay the next Ping). Liveness is judged on the oldest unanswered Ping: no Pong for it
 /// within `request_timeout` (or `every`, if longer) ends the connection. Each Ping carries
 /// its own data so that a late Pong is never taken for a newer Ping's.
-pub(super) async fn keepalive(shared: Arc<Shared>, every: Duration) {
+pub(super) async fn keepalive(shared: Arc<Shared>, mut every: Duration) {
     use tokio::sync::oneshot::error::TryRecvError;
-    let limit = shared.options.request_timeout.max(every);
+    let mut limit = shared.options.request_timeout.max(every);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut oldest: Option<(Instant, oneshot::Receiver<Instant>)> = None;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // The hub's Terms arrived or changed: follow its Ping interval from now.
+            _ = shared.terms_changed.notified() => {
+                let now = shared.keepalive_every().unwrap_or(every);
+                if now != every {
+                    every = now;
+                    limit = shared.options.request_timeout.max(every);
+                    tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+                continue;
+            }
+        }
         if let Some((sent, rx)) = &mut oldest {
             match rx.try_recv() {
                 Ok(_) => oldest = None,

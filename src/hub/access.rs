@@ -10,8 +10,8 @@ use super::Hub;
 use super::shim::{CloseReason, Shim};
 use crate::config::{DuplicateIdentity, Secret, User};
 use crate::metrics::Counters;
-use crate::proto::reject::{Reject, Revoked};
-use crate::proto::{QUIT, SP};
+use crate::proto::SP;
+use crate::proto::reject::{self, Reject, Revoked};
 use std::sync::{Arc, LazyLock};
 use tracing::{info, warn};
 
@@ -119,7 +119,11 @@ impl Hub {
         Counters::bump(&self.counters().replaced);
         info!(conn = holder.serial, identity = %holder.identity(), by = newcomer.serial,
             "identity taken by a newer connection");
-        self.send_last(holder, CloseReason::Replaced, &QUIT);
+        let why = format!(
+            "replaced: a newer connection identified as {}",
+            newcomer.identity()
+        );
+        self.send_last(holder, CloseReason::Replaced, &reject::closing(&why));
         self.remove(holder, CloseReason::Replaced);
     }
 
@@ -280,7 +284,10 @@ mod tests {
             matches!(flow, Flow::Close(CloseReason::Replaced)),
             "{flow:?}"
         );
-        assert_eq!(out, QUIT);
+        assert_eq!(
+            out,
+            reject::closing("replaced: a newer connection identified as peq.z.mallory")
+        );
         assert!(mallory.shim().is_closed());
         assert_eq!(
             hub.counters()

@@ -777,7 +777,12 @@ impl Hub {
                     Counters::bump(&self.counters().replaced);
                     info!(conn = holder.serial, identity = %holder.identity(), node = %node,
                         "identity taken by a newer connection on another node");
-                    self.send_last(&holder, CloseReason::Replaced, &QUIT);
+                    let why = format!(
+                        "replaced: a newer connection on node {node} identified as {}",
+                        holder.identity()
+                    );
+                    let last = crate::proto::reject::closing(&why);
+                    self.send_last(&holder, CloseReason::Replaced, &last);
                     self.remove(&holder, CloseReason::Replaced);
                 }
                 None => {
@@ -956,7 +961,12 @@ mod tests {
     fn shim(h: &Hub, name: &str) -> Connection {
         let mut c = Connection::accept(h, 0, "127.0.0.1:5000".parse().unwrap(), Instant::now());
         feed(&mut c, h, format!("\x01{name}\n").as_bytes());
-        assert_eq!(out(&c).len(), 18, "{name}: a Session");
+        let o = out(&c);
+        assert_eq!(
+            (o[0], o[17], o[18]),
+            (0x02, 0x0A, 0x15),
+            "{name}: a Session, then Terms"
+        );
         c
     }
 

@@ -471,7 +471,6 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::hub::outbox::OutState;
-    use crate::proto::QUIT;
     use crate::proto::pattern::Pattern;
 
     /// Feeds all of `data`, slice after slice, as the driver does.
@@ -518,9 +517,12 @@ mod tests {
             Flow::Continue
         );
         let o = out(&c);
-        assert_eq!(o.len(), 18);
         assert_eq!((o[0], o[17]), (0x02, 0x0A));
         assert_eq!(&o[1..17], &c.shim().token.0);
+        // The Terms follow in the same write.
+        let mut terms = Vec::new();
+        crate::proto::reply::terms(&h.terms_for(c.shim()), &mut terms);
+        assert_eq!(&o[18..], &terms[..]);
         assert!(h.table.by_token(&c.shim().token).is_some());
         feed(&mut c, &h, b"\x01peq.ecommons.bobby\n", now);
         assert!(out(&c).is_empty());
@@ -549,7 +551,12 @@ mod tests {
         rest.extend_from_slice(b"\x06ab");
         assert_eq!(feed(&mut al, &h, &rest, now), Flow::Continue);
         assert_eq!(al.partial.capacity(), 3);
-        assert_eq!(out(&bob).len(), 3000 * b"\x08a.al x\n".len() + 18);
+        let mut terms = Vec::new();
+        crate::proto::reply::terms(&h.terms_for(bob.shim()), &mut terms);
+        assert_eq!(
+            out(&bob).len(),
+            3000 * b"\x08a.al x\n".len() + 18 + terms.len()
+        );
         feed(&mut al, &h, b"c\n", now);
         assert!(
             al.partial.capacity() == 0,
@@ -643,7 +650,10 @@ mod tests {
         out(&c);
         assert!(!h.check_timers(c.shim(), t0 + Duration::from_millis(500)));
         assert!(h.check_timers(c.shim(), t0 + Duration::from_millis(1000)));
-        assert_eq!(out(&c), QUIT);
+        assert_eq!(
+            out(&c),
+            crate::proto::reject::closing("idle timeout: nothing received for 1s")
+        );
     }
 
     #[test]

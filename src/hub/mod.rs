@@ -227,6 +227,31 @@ impl Hub {
         &self.metrics.counters
     }
 
+    /// The settings `shim` must follow, for its Terms frame: the idle timeout and the
+    /// Ping interval it implies, the frame and queue limits, and what this hub serves the
+    /// connection.
+    pub fn terms_for(&self, shim: &Shim) -> reply::Terms {
+        let c = self.config();
+        let idle_timeout_ms = c.idle_timeout.as_millis() as u64;
+        let mut features = vec!["state".to_owned(), "filters".to_owned()];
+        if shim.is_tls() {
+            features.push("sealed_udp".to_owned());
+        } else if c.udp_plain {
+            features.push("udp".to_owned());
+        }
+        if self.cluster().is_some() {
+            features.push("cluster".to_owned());
+        }
+        reply::Terms {
+            idle_timeout_ms,
+            ping_ms: idle_timeout_ms / 3,
+            max_frame: c.max_frame as u64,
+            outbound_limit: c.outbound_limit as u64,
+            answer_window: c.answer_window as u64,
+            features,
+        }
+    }
+
     /// A new, unidentified shim for a connection just accepted from `peer` on `core`.
     pub fn accept(&self, core: usize, peer: SocketAddr, now: Instant) -> Arc<Shim> {
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
@@ -275,8 +300,10 @@ impl Hub {
             // after the join.
             self.cluster_claimed(shim, old, displaced, now_us);
             if registering {
-                let mut f = Vec::with_capacity(18);
+                // The Terms go with it, in the same write.
+                let mut f = Vec::with_capacity(160);
                 reply::session(&shim.token, &mut f);
+                reply::terms(&self.terms_for(shim), &mut f);
                 self.send(shim, Route::Session, &Bytes::from(f), out);
                 shim.mark_identified();
                 self.table.insert(shim);

@@ -482,9 +482,12 @@ impl Hub {
     /// `reason`: the writer flushes it and shuts the socket down.
     pub fn send_last(&self, to: &Shim, reason: CloseReason, last: &[u8]) {
         // (A connection already closing takes no more frames: none is counted.)
+        // (`last` may be two frames: a `closing:` Error, then Quit.)
         if !last.is_empty() && to.outbox.is_open() {
-            to.frames_out.fetch_add(1, Ordering::Relaxed);
-            (self.metrics).frame(Dir::Out, Transport::Tcp, last[0], last.len());
+            for f in last.split_inclusive(|&b| b == crate::proto::NEWLINE) {
+                to.frames_out.fetch_add(1, Ordering::Relaxed);
+                (self.metrics).frame(Dir::Out, Transport::Tcp, f[0], f.len());
+            }
         }
         to.outbox.close(reason, last);
     }

@@ -8,8 +8,7 @@
 use super::Hub;
 use super::outbox::OutState;
 use super::shim::{CloseReason, Shim};
-use crate::proto::QUIT;
-use crate::proto::reject::{Refusal, Reject};
+use crate::proto::reject::{self, Refusal, Reject};
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +71,11 @@ impl Hub {
                 self.refused(shim.peer.ip(), Refusal::TlsTimeout, now);
                 shim.outbox.cut(reason)
             }
-            _ => self.send_last(shim, reason, &QUIT),
+            _ => {
+                let idle = humantime::format_duration(self.config().idle_timeout);
+                let why = format!("idle timeout: nothing received for {idle}");
+                self.send_last(shim, reason, &reject::closing(&why));
+            }
         }
         self.remove(shim, reason);
     }
@@ -114,10 +117,11 @@ impl Hub {
     /// On a graceful shutdown: sends Quit to each connection (identified or not) and
     /// closes it; the readers then end as their sockets shut down.
     pub fn quit_all<'a>(&self, shims: impl Iterator<Item = &'a Arc<Shim>>) {
+        let last = reject::closing("server shutting down");
         let mut n = 0usize;
         for shim in shims {
             if shim.outbox.is_open() {
-                self.send_last(shim, CloseReason::Shutdown, &QUIT);
+                self.send_last(shim, CloseReason::Shutdown, &last);
                 n += 1;
             }
         }

@@ -77,6 +77,8 @@ pub enum Opcode {
     Get = 0x13,
     /// Server -> client (TCP): a watched shim joined or left.
     Presence = 0x14,
+    /// Server -> client (TCP): the settings a shim must follow, right after Session.
+    Terms = 0x15,
 }
 
 impl Opcode {
@@ -102,6 +104,7 @@ impl Opcode {
             0x12 => Opcode::Unsubscribe,
             0x13 => Opcode::Get,
             0x14 => Opcode::Presence,
+            0x15 => Opcode::Terms,
             _ => return None,
         })
     }
@@ -128,6 +131,7 @@ impl Opcode {
             Opcode::Unsubscribe => "Unsubscribe",
             Opcode::Get => "Get",
             Opcode::Presence => "Presence",
+            Opcode::Terms => "Terms",
         }
     }
 }

@@ -24,12 +24,31 @@ pub const STATE_REFUSED: &str = "state refused:";
 /// node is cut off from the rest of its cluster: it answers no request either.
 pub const CLUSTER_UNREACHABLE: &str = "cluster unreachable:";
 
-/// Whether an Error frame's data refuses a CommandResponse or a Set, or is the cluster's
-/// notice, and so answers no request.
+/// How the Error texts begin that give the reason the server closes the connection (idle
+/// timeout, replaced, shutdown): each comes directly before the Quit, and answers no
+/// request.
+pub const CLOSING: &str = "closing:";
+
+/// Whether an Error frame's data refuses a CommandResponse or a Set, is the cluster's
+/// notice, or gives the reason for a close, and so answers no request.
 pub fn answers_no_request(error_text: &[u8]) -> bool {
     error_text.starts_with(RESPONSE_REFUSED.as_bytes())
         || error_text.starts_with(STATE_REFUSED.as_bytes())
         || error_text.starts_with(CLUSTER_UNREACHABLE.as_bytes())
+        || error_text.starts_with(CLOSING.as_bytes())
+}
+
+/// The last frames of a connection the server closes for `reason`: `Error "closing:
+/// REASON"`, then Quit.
+pub fn closing(reason: &str) -> Vec<u8> {
+    let mut f = Vec::with_capacity(CLOSING.len() + reason.len() + 5);
+    encode(
+        Opcode::Error,
+        format!("{CLOSING} {reason}").as_bytes(),
+        &mut f,
+    );
+    f.extend_from_slice(&super::QUIT);
+    f
 }
 
 /// What an Error frame (or a dropped datagram) was about, for `velium_errors_total`.

@@ -8,6 +8,86 @@ pub fn session(token: &Token, out: &mut Vec<u8>) {
     encode(Opcode::Session, &token.0, out);
 }
 
+/// The settings a shim must follow, as the Terms frame (`15`) carries them right after
+/// Session: `KEY=VALUE` items separated by `1F`, like a Set's. A client ignores keys it does
+/// not know, so that later hubs can say more.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Terms {
+    /// The idle timeout: the server closes a connection it has received nothing from for
+    /// this long.
+    pub idle_timeout_ms: u64,
+    /// How often a quiet shim should send something (a Ping): a third of the idle timeout.
+    pub ping_ms: u64,
+    /// The longest frame the server takes, opcode and `0A` included.
+    pub max_frame: u64,
+    /// The bytes the server queues for the shim before it cuts it off as a slow consumer.
+    pub outbound_limit: u64,
+    /// How many of the last Commands delivered to the shim it may still answer.
+    pub answer_window: u64,
+    /// What this hub serves this connection (see docs/protocol.md, "The Terms frame").
+    pub features: Vec<String>,
+}
+
+/// The keys of a Terms frame, in the order the server sends them.
+const TERMS_KEYS: [&str; 6] = [
+    "idle_timeout_ms",
+    "ping_ms",
+    "max_frame",
+    "outbound_limit",
+    "answer_window",
+    "features",
+];
+
+/// `Terms KEY=VALUE (1F KEY=VALUE)*`.
+pub fn terms(t: &Terms, out: &mut Vec<u8>) {
+    out.push(Opcode::Terms as u8);
+    let numbers = [
+        t.idle_timeout_ms,
+        t.ping_ms,
+        t.max_frame,
+        t.outbound_limit,
+        t.answer_window,
+    ];
+    for (key, v) in TERMS_KEYS.iter().zip(numbers) {
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'=');
+        push_u64(out, v);
+        out.push(super::state::US);
+    }
+    out.extend_from_slice(TERMS_KEYS[5].as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(t.features.join(",").as_bytes());
+    out.push(NEWLINE);
+}
+
+/// Parses a Terms frame's data; `None` if a known key's value is not in its form. Unknown
+/// keys are skipped; a key left out keeps its zero (or empty) value.
+pub fn parse_terms(data: &[u8]) -> Option<Terms> {
+    let mut t = Terms::default();
+    for item in data.split(|&b| b == super::state::US) {
+        let eq = item.iter().position(|&b| b == b'=')?;
+        let (key, value) = (&item[..eq], &item[eq + 1..]);
+        let n = || parse_u64(value);
+        match key {
+            b"idle_timeout_ms" => t.idle_timeout_ms = n()?,
+            b"ping_ms" => t.ping_ms = n()?,
+            b"max_frame" => t.max_frame = n()?,
+            b"outbound_limit" => t.outbound_limit = n()?,
+            b"answer_window" => t.answer_window = n()?,
+            b"features" => {
+                let v = std::str::from_utf8(value).ok()?;
+                t.features = v
+                    .split(',')
+                    .filter(|f| !f.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    Some(t)
+}
+
 /// `Ack ID SP COUNT`: a Command (its id) or an Echo or Who (id 0) reached COUNT shims.
 pub fn ack(id: u64, count: u64, out: &mut Vec<u8>) {
     out.push(Opcode::Ack as u8);
@@ -224,5 +304,34 @@ mod tests {
         response(b"7", "peq.a.al", b"ok", &mut v);
         assert_eq!(v, b"\x057 peq.a.al ok\n");
         assert_eq!(parse_u64(b"+1"), None);
+    }
+}
+
+#[cfg(test)]
+mod terms_tests {
+    use super::*;
+
+    #[test]
+    fn terms_round_trip_and_unknown_keys_are_skipped() {
+        let t = Terms {
+            idle_timeout_ms: 30_000,
+            ping_ms: 10_000,
+            max_frame: 16_384,
+            outbound_limit: 4 << 20,
+            answer_window: 1024,
+            features: vec!["state".into(), "filters".into(), "udp".into()],
+        };
+        let mut f = Vec::new();
+        terms(&t, &mut f);
+        assert_eq!(
+            f,
+            b"\x15idle_timeout_ms=30000\x1fping_ms=10000\x1fmax_frame=16384\x1f\
+              outbound_limit=4194304\x1fanswer_window=1024\x1ffeatures=state,filters,udp\n"
+        );
+        assert_eq!(parse_terms(&f[1..f.len() - 1]), Some(t.clone()));
+        let later = b"idle_timeout_ms=5000\x1fnew_key=x y\x1fping_ms=1666";
+        let p = parse_terms(later).unwrap();
+        assert_eq!((p.idle_timeout_ms, p.ping_ms, p.max_frame), (5000, 1666, 0));
+        assert_eq!(parse_terms(b"ping_ms=soon"), None);
     }
 }

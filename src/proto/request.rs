@@ -130,7 +130,7 @@ impl<'a> Request<'a> {
                 let (target, _, keys) = parse_get(data).map_err(query)?;
                 Request::Get { target, keys }
             }
-            Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence => {
+            Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence | Opcode::Terms => {
                 return Err(Reject::ServerOnly(op));
             }
         })

@@ -264,12 +264,20 @@ impl Tcp {
         assert_eq!(self.expect(0x07), data);
     }
 
-    /// Identifies and returns the 16-byte session token.
+    /// Identifies and returns the 16-byte session token; the Terms frame that follows the
+    /// Session is read too (and must be one).
     pub fn identify(&mut self, name: &str) -> [u8; 16] {
         self.send(0x01, name.as_bytes());
         let data = self.expect(0x02);
         assert_eq!(data.len(), 16, "token is 16 bytes");
+        self.expect_terms();
         data.try_into().unwrap()
+    }
+
+    /// The next frame, which must be Terms, parsed.
+    pub fn expect_terms(&mut self) -> velium_server::proto::reply::Terms {
+        let data = self.expect(0x15);
+        velium_server::proto::reply::parse_terms(&data).expect("Terms in their form")
     }
 }
 

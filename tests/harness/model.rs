@@ -34,13 +34,15 @@ use super::pattern::{MPat, check_label};
 use super::scenario::{SECRET, Settings, shared_secret, users};
 use super::target::MTarget;
 use std::net::SocketAddr;
+use std::time::Duration;
 use velium_server::config::DuplicateIdentity;
 use velium_server::hub::connection::Flow;
 use velium_server::hub::outbox::OutState;
 use velium_server::hub::send::Class;
 use velium_server::hub::shim::CloseReason;
 use velium_server::hub::timers::CLOSE_LINGER;
-use velium_server::proto::reject::{Rate, Reject, Revoked, Shape};
+use velium_server::proto::reject::{self, Rate, Reject, Revoked, Shape};
+use velium_server::proto::reply::Terms;
 use velium_server::proto::{CR, NEWLINE, Opcode, QUIT, encoded};
 
 /// Frames one `on_bytes` call handles at most (§8: "at most 1024 frames at a time").
@@ -140,7 +142,10 @@ impl MOutbox {
         }
         if !last.is_empty() {
             self.bytes += last.len();
-            self.queued.push(Exp::Frame(last.to_vec()));
+            // The last frames may be more than one (a `closing:` Error, then Quit).
+            for f in last.split_inclusive(|&b| b == NEWLINE) {
+                self.queued.push(Exp::Frame(f.to_vec()));
+            }
         }
         self.state = OutState::Closing;
         self.reason.get_or_insert(reason);
@@ -638,12 +643,26 @@ impl World {
         if !conn.identified {
             conn.identified = true;
             self.counts.identified += 1;
+            // §3 "Step 3": the Session, and the Terms in the same write.
             let f = encoded(Opcode::Session, &conn.shim.token.0);
+            let s = &self.settings;
+            let terms = Terms {
+                idle_timeout_ms: s.idle_ms,
+                ping_ms: s.idle_ms / 3,
+                max_frame: s.max_frame as u64,
+                outbound_limit: s.outbound_limit as u64,
+                answer_window: s.answer_window as u64,
+                features: ["state", "filters", "udp"].map(String::from).to_vec(),
+            };
+            let mut t = Vec::new();
+            velium_server::proto::reply::terms(&terms, &mut t);
             self.push(c, usize::MAX, Exp::Frame(f));
+            self.push(c, usize::MAX, Exp::Frame(t));
         }
         if let Some(h) = displaced {
             self.counts.replaced += 1;
-            self.close_out(h, CloseReason::Replaced, &QUIT);
+            let why = format!("replaced: a newer connection identified as {label}");
+            self.close_out(h, CloseReason::Replaced, &reject::closing(&why));
             self.hub_remove(h, CloseReason::Replaced);
         }
         // §13 "Presence": after the holder it displaced has left, the subscriptions see
@@ -758,7 +777,12 @@ impl World {
             Opcode::Subscribe => self.model_subscribe(c, data),
             Opcode::Unsubscribe => self.model_unsubscribe(c, data),
             Opcode::Get => self.model_get(c, data),
-            Opcode::Session | Opcode::Error | Opcode::Ack | Opcode::WhoEntry | Opcode::Presence => {
+            Opcode::Session
+            | Opcode::Error
+            | Opcode::Ack
+            | Opcode::WhoEntry
+            | Opcode::Presence
+            | Opcode::Terms => {
                 self.push_self(c, refusal(Reject::ServerOnly(known)));
             }
         }
@@ -1174,7 +1198,14 @@ impl World {
                 self.close_out(c, r, &refusal(Reject::IdentifyTimeout));
             }
             CloseReason::SlowConsumer => self.conns[c].out.cut(r),
-            _ => self.close_out(c, r, &QUIT),
+            _ => {
+                let idle = Duration::from_millis(self.settings.idle_ms);
+                let why = format!(
+                    "idle timeout: nothing received for {}",
+                    humantime::format_duration(idle)
+                );
+                self.close_out(c, r, &reject::closing(&why));
+            }
         }
         self.hub_remove(c, r);
     }
@@ -1182,7 +1213,11 @@ impl World {
     /// The shutdown: Quit to every connection still open.
     pub(super) fn model_shutdown(&mut self) {
         for c in self.open_conns() {
-            self.close_out(c, CloseReason::Shutdown, &QUIT);
+            self.close_out(
+                c,
+                CloseReason::Shutdown,
+                &reject::closing("server shutting down"),
+            );
         }
     }
 

@@ -32,7 +32,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 /// What a core's tasks share.
 pub(crate) struct Core {
@@ -172,7 +172,11 @@ impl<S: Stream> Conns<S> {
 
     /// Leaves the connection's state in the table, without a task.
     fn park(&self, key: usize, conn: Connection, stream: Rc<S>) {
-        self.slots.borrow_mut()[key].parked = Some(Parked { conn, stream });
+        let s = &mut self.slots.borrow_mut()[key];
+        // A waker left from a wait the task gave up (its writer finished first) would keep
+        // the ended task's memory alive for as long as the connection is idle.
+        s.reader = None;
+        s.parked = Some(Parked { conn, stream });
     }
 
     /// Applies the events of one socket of the readiness set; a connection without a task
@@ -275,7 +279,8 @@ async fn readiness_loop<S: Stream>(core: Rc<Core>, conns: Rc<Conns<S>>) {
                 let mut guard = match guard {
                     Ok(g) => g,
                     Err(e) => {
-                        warn!(core = core.index, error = %e, "readiness set failed");
+                        error!(core = core.index, error = %e,
+                            "readiness set failed: this core's connections are no longer read");
                         return;
                     }
                 };
@@ -326,9 +331,11 @@ pub(crate) async fn run_core<L: Listener, U: Datagrams>(
     let conns = match Conns::<L::Conn>::new() {
         Ok(c) => Rc::new(c),
         Err(e) => {
-            // Without its readiness set the core cannot serve connections; the others
-            // still do.
-            warn!(core = index, error = %e, "no readiness set: this core does not accept");
+            // Without its readiness set the core cannot serve connections. Its sockets are
+            // closed, so that the kernel hands new connections and datagrams to the other
+            // cores instead.
+            error!(core = index, error = %e, "no readiness set: this core serves nothing");
+            drop((listener, udp));
             std::future::pending::<()>().await;
             return;
         }
@@ -469,9 +476,10 @@ async fn run<S: Stream>(
 
     let reason = conn.finish(&core.hub, reason);
     // The last frame and the shutdown are the writer's: the running one, or one now.
+    // (A writer that has already ended may have ended before the last frame was queued.)
     let writer = match writer.take() {
-        Some(w) => w,
-        None => spawn_writer(&core, &conns, key, &stream, &shim),
+        Some(w) if !w.is_finished() => w,
+        _ => spawn_writer(&core, &conns, key, &stream, &shim),
     };
     // Boxed: the timer is large, and only a closing connection needs it.
     Box::pin(linger(writer, &shim, reason)).await;

@@ -17,6 +17,17 @@ use std::time::Duration;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event: time, level, message, then `key=value` fields.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields` with `message`), for a
+    /// log collector.
+    Json,
+}
+
 /// Which I/O driver serves the sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +81,8 @@ pub struct Config {
     pub io: IoMode,
     /// tracing filter, e.g. `info` or `velium_server=debug`.
     pub log_level: String,
+    /// How log lines are written (fixed at start).
+    pub log_format: LogFormat,
     /// Admin HTTP listener (metrics, health, shim listing); off when `None`.
     pub admin: Option<SocketAddr>,
     /// How long a graceful shutdown may take to flush Quit to every shim.
@@ -210,6 +223,7 @@ impl Default for Config {
             cores: usable_cores(),
             io: IoMode::Auto,
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             admin: None,
             shutdown_timeout: Duration::from_secs(5),
             max_frame: 16 * 1024,
@@ -408,6 +422,7 @@ impl Config {
             listen,
             cores,
             io,
+            log_format,
             admin,
             admin_connections,
             state_index,
@@ -523,6 +538,9 @@ pub struct Args {
     /// Log filter: error, warn, info, debug, trace [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Log lines as text or as one JSON object per line [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// I/O driver [default: auto]
     #[arg(long, value_enum)]
     pub io: Option<IoMode>,
@@ -654,6 +672,7 @@ struct FileConfig {
     cores: Option<usize>,
     io: Option<IoMode>,
     log_level: Option<String>,
+    log_format: Option<LogFormat>,
     admin: Option<String>,
     shutdown_timeout: Option<String>,
     max_frame: Option<usize>,
@@ -794,6 +813,9 @@ impl Config {
             tracing_subscriber::EnvFilter::try_new(v)
                 .map_err(|e| ConfigError::Invalid(format!("bad log_level {v:?}: {e}")))?;
             c.log_level = v.clone();
+        }
+        if let Some(v) = args.log_format.or(file.log_format) {
+            c.log_format = v;
         }
         if let Some(v) = args.admin.as_ref().or(file.admin.as_ref()) {
             c.admin = Some(parse_addr("admin", v)?);

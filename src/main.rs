@@ -15,7 +15,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt, reload};
 use velium_server::admin;
-use velium_server::config::{Args, Config};
+use velium_server::config::{Args, Config, LogFormat};
 use velium_server::driver;
 use velium_server::hub::Hub;
 use velium_server::metrics::Latency;
@@ -38,15 +38,27 @@ fn main() -> ExitCode {
     // handle so that SIGHUP can change the level.
     let (writer, _flush_guard) = tracing_appender::non_blocking(std::io::stderr());
     let (filter, filter_handle) = reload::Layer::new(EnvFilter::new(&config.log_level));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            fmt::layer()
-                .with_writer(writer)
-                .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    match config.log_format {
+        LogFormat::Text => registry
+            .with(
+                fmt::layer()
+                    .with_writer(writer)
+                    .with_target(false)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(writer)
+                    .with_target(false)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
+            .init(),
+    }
 
     let admin_addr = config.admin;
     let running = match driver::start(config) {

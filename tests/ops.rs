@@ -350,8 +350,59 @@ fn check_config_validates_only(io: &str) {
     }
 }
 
+/// `--log-format json` writes one JSON object per line, its fields as fields; and each
+/// kind of refusal from one source is logged (once a minute per source and reason), not
+/// only the first kind.
+fn json_logs_name_every_kind_of_refusal(io: &str) {
+    let srv = Server::with_admin(
+        io,
+        &[
+            "--log-format",
+            "json",
+            "--max-connections-per-source",
+            "1",
+            "--connect-rate-per-source",
+            "3",
+        ],
+    );
+    let mut held = srv.tcp();
+    held.sync(b"held");
+    // Past the one connection allowed, then past the rate: both refusals are seen.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let mut c = srv.tcp();
+        if let Some((0x09, why)) = c.try_recv() {
+            seen.insert(String::from_utf8(why).unwrap());
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    let want = [
+        "connecting too fast",
+        "too many connections from this address",
+    ];
+    assert_eq!(seen.iter().map(String::as_str).collect::<Vec<_>>(), want);
+    for reason in ["per_source", "rate"] {
+        let line = srv.wait_log(&["refused", &format!("\"reason\":\"{reason}\"")]);
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        assert_eq!(v["level"], "WARN", "{line}");
+        assert_eq!(v["fields"]["source"], "127.0.0.1", "{line}");
+        assert!(v["timestamp"].is_string(), "{line}");
+    }
+    let listening = srv.wait_log(&["listening"]);
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("a JSON line");
+    assert_eq!(v["fields"]["message"], "listening");
+    assert_eq!(
+        v["fields"]["io"],
+        if io == "uring" { "io_uring" } else { "epoll" }
+    );
+    held.sync(b"still served");
+}
+
 drivers!(
     metrics_count_connections_frames_and_latency,
+    json_logs_name_every_kind_of_refusal,
     shims_lists_identity_peer_core_and_udp,
     total_connection_limit_refuses_with_an_error,
     per_source_limits_refuse_with_an_error,

@@ -123,9 +123,14 @@ impl Hub {
         if logged.len() >= SOURCES_PRUNE_AT {
             logged.retain(|_, t| now_ms.saturating_sub(*t) < REFUSAL_LOG_MS);
         }
-        let last = logged.get(&ip).copied();
-        if last.is_none_or(|t| now_ms.saturating_sub(t) >= REFUSAL_LOG_MS) {
-            logged.insert(ip, now_ms);
+        // Once a minute per source and reason: a second kind of refusal from the same
+        // source is logged too. At the bound (every entry younger than a minute), a new
+        // source is counted but not logged, so a flood cannot grow the table or the log.
+        let key = (ip, why.label());
+        let last = logged.get(&key).copied();
+        let room = last.is_some() || logged.len() < SOURCES_PRUNE_AT;
+        if room && last.is_none_or(|t| now_ms.saturating_sub(t) >= REFUSAL_LOG_MS) {
+            logged.insert(key, now_ms);
             drop(logged);
             let unix_ms = self.unix_us(now_ms) / 1000;
             let what = super::journal::Happened::Refused {
@@ -134,10 +139,10 @@ impl Hub {
             };
             self.journal.push(unix_ms, what);
             if detail.is_empty() {
-                warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source)");
+                warn!(source = %ip, reason = why.label(), "refused (logged once a minute per source and reason)");
             } else {
                 warn!(source = %ip, reason = why.label(), detail,
-                    "refused (logged once a minute per source)");
+                    "refused (logged once a minute per source and reason)");
             }
         }
     }

@@ -101,7 +101,7 @@ pub struct Hub {
     sources: DashMap<IpAddr, Source>,
     sources_pruned_ms: AtomicU64,
     /// When each refused source was last logged, so a flood is logged once a minute.
-    refusals_logged: Mutex<HashMap<IpAddr, u64>>,
+    refusals_logged: Mutex<HashMap<(IpAddr, &'static str), u64>>,
     /// The most connections the open-file limit leaves room for.
     fd_cap: usize,
     shutdown: watch::Sender<bool>,

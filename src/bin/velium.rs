@@ -66,7 +66,9 @@ Examples:
 
 Prints one line per shim: identity, connected since (UTC, RFC 3339), then `udp` if it has \
 a bound UDP channel or `-` if not, then, on a hub that is a node of a cluster, the node \
-serving the shim. This tool's own connection is not listed.";
+serving the shim. This tool's own connection is not listed. Exit status: 0 when some \
+shim is listed, 2 (and `no shim matches PATTERN` on stderr) if none, or if the hub cannot \
+be reached.";
 
 const WHO_ADMIN: &str = "\
 With --admin ADDR (or VELIUM_ADMIN) the listing comes from the hub's admin listener \
@@ -251,8 +253,8 @@ enum Cmd {
     Send {
         #[command(flatten)]
         op: Operator,
-        /// Seconds to wait for the responses
-        #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+        /// How long to wait for the responses: seconds, or a duration such as 500ms or 1m
+        #[arg(long, value_name = "DURATION", default_value = "5", value_parser = parse_secs)]
         timeout: Duration,
         /// Every word after the target is the command: filters go in the target, after
         /// commas ('peq.>,class=CLR'), and a command may start with a KEY=VALUE word
@@ -465,14 +467,14 @@ fn parse_item(s: &str) -> Result<(String, String), String> {
     Ok((key.to_string(), value.to_string()))
 }
 
+/// `--timeout`: a duration as the server takes it (seconds, or `500ms`, `1m`), more than 0
+/// and at most a day.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
-        return Err(format!("{s} must be more than 0 and at most 86400 seconds"));
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(86_400) {
+        return Err(format!("{s} must be more than 0 and at most a day"));
     }
-    Ok(Duration::from_secs_f64(v))
+    Ok(d)
 }
 
 /// A failure that ends the program with status 2.
@@ -480,7 +482,14 @@ struct Fatal(String);
 
 impl From<ClientError> for Fatal {
     fn from(e: ClientError) -> Fatal {
-        Fatal(e.to_string())
+        let msg = e.to_string();
+        if msg.contains("authentication required") || msg.contains("authentication failed") {
+            return Fatal(format!(
+                "{msg} (give the hub's secret with --secret-file FILE or VELIUM_SECRET, \
+                 and --user NAME on a hub with users)"
+            ));
+        }
+        Fatal(msg)
     }
 }
 
@@ -770,7 +779,8 @@ async fn who(
             Some(p) => eprintln!("velium: no shim matches {p}"),
             None => eprintln!("velium: no shims connected"),
         }
-        return Ok(ExitCode::SUCCESS);
+        // As `send` and `tell` do: nothing matched is status 2.
+        return Ok(ExitCode::from(2));
     }
     entries.sort_by(|a, b| a.identity.cmp(&b.identity).then(a.since.cmp(&b.since)));
     let width = entries
@@ -1251,7 +1261,7 @@ fn who_admin(admin: &Admin, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
             Some(p) => eprintln!("velium: no shim matches {p}"),
             None => eprintln!("velium: no shims connected"),
         }
-        return Ok(ExitCode::SUCCESS);
+        return Ok(ExitCode::from(2));
     }
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     let width = list
@@ -1461,6 +1471,10 @@ mod tests {
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(parse_every("0").is_err());
+        // --timeout takes durations as the server does.
+        assert_eq!(parse_secs("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_secs("10"), Ok(Duration::from_secs(10)));
+        assert!(parse_secs("0").is_err() && parse_secs("2d").is_err());
         assert!(parse_interval("2h").is_err());
         assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(

@@ -1294,7 +1294,7 @@ fn the_cli_takes_filter_words(io: &str) {
     let run = velium(srv.addr, &["who", "peq.>", "channels~heals"]);
     assert_eq!(first_column(&run.stdout), ["peq.z.b"], "{run:?}");
     let run = velium(srv.addr, &["who", "peq.>", "class=PAL"]);
-    assert_eq!((run.code, run.stdout.as_str()), (0, ""), "{run:?}");
+    assert_eq!((run.code, run.stdout.as_str()), (2, ""), "{run:?}");
     assert_eq!(run.stderr, "velium: no shim matches peq.>,class=PAL\n");
     let run = velium(srv.addr, &["who", "peq.>", "hp"]);
     assert_eq!(run.code, 2, "{run:?}");

@@ -2,8 +2,21 @@
 # Installs what the test suite needs beyond a Rust toolchain: the tests of a cluster of
 # hubs start a real nats-server (Debian's nats-server package), and the dashboard's tests
 # drive a headless Chromium through chromedriver (Debian's chromium and chromium-driver
-# packages). Safe to run again: it installs only what is missing, and says what it did.
+# packages). The package test (scripts/test-package) builds the Debian package with
+# cargo-deb, installed with `cargo install cargo-deb --locked` when missing. Safe to run
+# again: it installs only what is missing, and says what it did.
 set -euo pipefail
+
+# cargo-deb: a cargo subcommand, installed into cargo's bin directory (no root needed);
+# an installed one is used as it is.
+if command -v cargo-deb >/dev/null 2>&1; then
+    echo "test-deps: cargo-deb present ($(cargo-deb --version 2>/dev/null | head -1))"
+else
+    echo "test-deps: installing cargo-deb (cargo install cargo-deb --locked)"
+    cargo install cargo-deb --locked
+    command -v cargo-deb >/dev/null 2>&1 ||
+        { echo "test-deps: cargo-deb still not on PATH after cargo install (is ~/.cargo/bin on PATH?)" >&2; exit 1; }
+fi
 
 have_nats() {
     command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]

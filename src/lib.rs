@@ -19,6 +19,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod hub;
+pub mod manual;
 pub mod metrics;
 pub mod proto;
 pub mod tls;

@@ -3,8 +3,11 @@
 //! Signals: SIGTERM or SIGINT stop gracefully (stop accepting, Quit to every shim, wait
 //! for the connections to close up to `shutdown_timeout`, exit 0; a second signal exits at
 //! once). SIGHUP re-reads the config file and applies what can change at run time.
+//!
+//! `velium-server --generate DIR` writes its man page and shell completions (see
+//! `velium_server::manual`) and exits.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,6 +24,9 @@ use velium_server::hub::Hub;
 use velium_server::metrics::Latency;
 
 fn main() -> ExitCode {
+    if let Some(dir) = velium_server::manual::requested() {
+        return generate(&dir);
+    }
     let args = Args::parse();
     let config = match Config::load(&args) {
         Ok(c) => c,
@@ -131,6 +137,69 @@ fn main() -> ExitCode {
     let _ = stdout.write_all(banner.as_bytes());
     let _ = stdout.flush();
     rt.block_on(signals(signals_in, hub, reload))
+}
+
+/// The man page's DESCRIPTION.
+const MAN_DESCRIPTION: &str = "velium-server is a hub for fleets of game-client shims: the \
+mqvelium plugin inside an EverQuest client running MacroQuest, or any program that speaks the \
+protocol. Each shim keeps one TCP control connection and one UDP channel to the hub; through \
+it, shims name themselves (peq.ecommons.bob: server, zone, character), send commands and text \
+to one shim, a zone, a server or everyone, collect the answers, list who is connected, and \
+share their state with watchers that get only what changed. The velium(1) tool is a client \
+of it.
+
+It serves one TCP and UDP address with one pinned thread per core, on io_uring or epoll \
+(--io). Settings come from the config file (--config) and the flags, which override it. On \
+start it prints \"velium-server listening on ADDR (N cores, DRIVER)\" on stdout (and \
+\"velium-server admin on http://ADDR\" with --admin) and logs to stderr.";
+
+/// The man page's sections beyond the options.
+const MAN_SECTIONS: &[velium_server::manual::Section] = &[
+    (
+        "SIGNALS",
+        "SIGTERM or SIGINT stop gracefully: the server stops accepting, sends Quit to every \
+shim, waits up to shutdown_timeout for the connections to close, logs a summary and exits 0. \
+A second SIGTERM or SIGINT exits at once with status 1.
+
+SIGHUP re-reads the config file (flags given at start still win) and applies everything but \
+listen, cores, io, admin and admin_connections, which need a restart; a file that fails to \
+load leaves the settings as they were.",
+    ),
+    (
+        "EXIT STATUS",
+        "0 after a graceful stop, or when --check-config found the file valid. 1 when the server \
+could not start (address in use, io = \"uring\" without io_uring) or was stopped by a second \
+signal. 2 for a configuration error (a bad flag, an unknown key or bad value in the file), \
+reported in one line on stderr.",
+    ),
+    (
+        "FILES",
+        "  /etc/velium/velium-server.toml\n\
+  The config file: every setting, commented out at its default.
+
+  /lib/systemd/system/velium-server.service\n\
+  The systemd unit (the Debian package's; deploy/velium-server.service in the sources).
+
+  /usr/lib/sysctl.d/90-velium.conf\n\
+  Kernel settings for large fleets: open files, socket backlogs and buffers.",
+    ),
+];
+
+/// `--generate DIR`: the man page and completions.
+fn generate(dir: &std::path::Path) -> ExitCode {
+    let cmd = Args::command().long_about(MAN_DESCRIPTION);
+    match velium_server::manual::generate(cmd, MAN_SECTIONS, &["velium(1)"], dir) {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("velium-server: --generate {}: {e}", dir.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Notes a reload in the hub's journal (the dashboard's event log).

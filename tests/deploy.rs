@@ -392,3 +392,59 @@ fn cluster_example_is_consistent() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--generate DIR`: both binaries write their man pages (one per `velium` subcommand) and
+/// bash, zsh and fish completions, and every option of the server is in its page.
+#[test]
+fn man_pages_and_completions_are_generated() {
+    use clap::CommandFactory;
+    let dir = scratch("generate");
+    for (bin, name) in [
+        (SERVER, "velium-server"),
+        (env!("CARGO_BIN_EXE_velium"), "velium"),
+    ] {
+        let out = Command::new(bin)
+            .arg("--generate")
+            .arg(dir.join(name))
+            .output()
+            .expect("run --generate");
+        assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+        let listed = text(&out.stdout);
+        for file in [
+            format!("man/{name}.1"),
+            format!("completions/{name}.bash"),
+            format!("completions/_{name}"),
+            format!("completions/{name}.fish"),
+        ] {
+            let path = dir.join(name).join(&file);
+            assert!(path.is_file(), "{name}: no {file}");
+            assert!(
+                listed.contains(&*path.to_string_lossy()),
+                "{name}: {listed}"
+            );
+        }
+        let page = std::fs::read_to_string(dir.join(name).join(format!("man/{name}.1"))).unwrap();
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH"),
+            "{name}: {page}"
+        );
+        assert!(
+            page.contains(".SH \"EXIT STATUS\""),
+            "{name}: no EXIT STATUS"
+        );
+    }
+    let page = std::fs::read_to_string(dir.join("velium-server/man/velium-server.1")).unwrap();
+    for arg in Args::command().get_arguments() {
+        if let Some(long) = arg.get_long() {
+            let roff = format!("\\fB\\-\\-{}\\fR", long.replace('-', "\\-"));
+            assert!(page.contains(&roff), "velium-server.1 lacks --{long}");
+        }
+    }
+    for sub in ["send", "tell", "who", "stats", "state", "watch", "shim"] {
+        let path = dir.join(format!("velium/man/velium-{sub}.1"));
+        assert!(path.is_file(), "no velium-{sub}.1");
+        let bash = std::fs::read_to_string(dir.join("velium/completions/velium.bash")).unwrap();
+        assert!(bash.contains(sub), "velium.bash lacks {sub}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

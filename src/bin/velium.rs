@@ -12,8 +12,11 @@
 //! `--tls` (implied by `--ca`, `--cert`, `--insecure` and `--server-name`) speaks TLS to
 //! the hub, and `velium shim` then seals its UDP channel; `--admin-token-file` presents the
 //! admin listener's bearer token.
+//!
+//! `velium --generate DIR` writes its man pages and shell completions (see
+//! `velium_server::manual`) and exits.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -495,12 +498,50 @@ impl From<ClientError> for Fatal {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    if let Some(dir) = velium_server::manual::requested() {
+        return generate(&dir);
+    }
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,
         Err(Fatal(msg)) => {
             eprintln!("velium: {msg}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// The man page's sections beyond the options and subcommands.
+const MAN_SECTIONS: &[velium_server::manual::Section] = &[
+    (
+        "EXIT STATUS",
+        "0 on success. 1 when fewer shims answered a send than it reached, or a shim or watch \
+lost its connection. 2 when nothing could be done: no shim matches, the hub refused the \
+request or cannot be reached, or the arguments are wrong. Errors are one line on stderr, \
+prefixed velium:.",
+    ),
+    (
+        "ENVIRONMENT",
+        "VELIUM_SECRET holds the shared secret (or the user's secret) itself, in place of \
+--secret-file. VELIUM_SECRET_FILE, VELIUM_USER, VELIUM_ADMIN, VELIUM_ADMIN_TOKEN_FILE, \
+VELIUM_TLS, VELIUM_CA, VELIUM_CERT, VELIUM_KEY and VELIUM_SERVER_NAME stand for the options \
+of those names.",
+    ),
+];
+
+/// `--generate DIR`: the man pages and completions.
+fn generate(dir: &std::path::Path) -> ExitCode {
+    match velium_server::manual::generate(Cli::command(), MAN_SECTIONS, &["velium-server(1)"], dir)
+    {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("velium: --generate {}: {e}", dir.display());
+            ExitCode::from(1)
         }
     }
 }

@@ -395,6 +395,17 @@ fn malformed_requests_get_one_error_each_in_order(io: &str) {
             "bad target >.x: '>' must be the last segment".into(),
         ),
         (
+            0x04,
+            b"+peq..bob /cmd".to_vec(),
+            "bad target +peq..bob: empty segment at byte 5: segments are joined by single dots"
+                .into(),
+        ),
+        (
+            0x08,
+            b"peq. hi".to_vec(),
+            "bad target peq.: empty segment at byte 4: segments are joined by single dots".into(),
+        ),
+        (
             0x08,
             b"justatarget".to_vec(),
             "expected: TARGET SP TEXT".into(),

@@ -44,6 +44,13 @@ pub enum PatternError {
     /// Not UTF-8 (identities always are, so such a target could only match by accident).
     #[error("target is not UTF-8")]
     NotUtf8,
+    /// Two dots in a row, or one first or last: no identity has an empty segment, so such
+    /// a target could never match (`at` is the byte offset in the target as written).
+    #[error("empty segment at byte {at}: segments are joined by single dots")]
+    EmptySegment {
+        /// Where the empty segment starts.
+        at: usize,
+    },
 }
 
 impl Pattern {
@@ -64,7 +71,12 @@ impl Pattern {
         }
         let n = body.split(|&b| b == b'.').count();
         let mut segs = Vec::with_capacity(n);
+        let mut at = usize::from(include_self);
         for (i, s) in body.split(|&b| b == b'.').enumerate() {
+            if s.is_empty() {
+                return Err(PatternError::EmptySegment { at });
+            }
+            at += s.len() + 1;
             segs.push(match s {
                 b"*" => Seg::One,
                 b">" if i + 1 == n => Seg::Rest,
@@ -142,6 +154,12 @@ mod tests {
         assert_eq!(Pattern::parse(b"+"), Err(PatternError::Empty));
         assert_eq!(Pattern::parse(b"a.>.b"), Err(PatternError::RestNotLast));
         assert_eq!(Pattern::parse(b"a.\xff"), Err(PatternError::NotUtf8));
+        let empty = |at| Err(PatternError::EmptySegment { at });
+        assert_eq!(Pattern::parse(b"peq..x"), empty(4));
+        assert_eq!(Pattern::parse(b"+peq..x"), empty(5));
+        assert_eq!(Pattern::parse(b".peq"), empty(0));
+        assert_eq!(Pattern::parse(b"peq."), empty(4));
+        assert_eq!(Pattern::parse(b"+."), empty(1));
     }
 
     #[test]

@@ -203,6 +203,13 @@ pub fn check_reject_texts() {
             "bad target a.>.b: '>' must be the last segment",
         ),
         (
+            Reject::BadTarget(
+                "peq..bob".into(),
+                PatternError::EmptySegment { at: 4 }.into(),
+            ),
+            "bad target peq..bob: empty segment at byte 4: segments are joined by single dots",
+        ),
+        (
             Reject::BadTarget("x".into(), PatternError::TooLong.into()),
             "bad target x: target longer than 255 bytes",
         ),

@@ -72,8 +72,15 @@ impl MPat {
             return Err(PatternError::NotUtf8);
         }
         let parts: Vec<&[u8]> = body.split(|&b| b == b'.').collect();
+        // §6: segments joined by single dots, the first fault from the left named; an
+        // empty segment by where it starts in the target as written, the `+` counted.
+        let mut at = t.len() - body.len();
         let mut segs = Vec::new();
         for (i, p) in parts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(PatternError::EmptySegment { at });
+            }
+            at += p.len() + 1;
             segs.push(match *p {
                 b"*" => MSeg::One,
                 b">" if i + 1 == parts.len() => MSeg::Rest,

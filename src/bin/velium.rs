@@ -4,10 +4,10 @@
 //! `watch` stays connected and prints the relay state of shims as it changes; `shim` is a
 //! stand-in shim that stays connected, answers commands and can publish state keys, for
 //! trying a hub out and for tests. `stats`, and `who --admin`, read the hub's admin
-//! listener instead. Exit status: 0 on success, 1 when fewer shims answered a `send` than
-//! it reached (or a `shim` or `watch` lost its connection), 2 when nothing could be done (no
-//! shim matches, hub unreachable, bad arguments). Errors are one line on stderr, prefixed
-//! `velium:`.
+//! listener instead. Every command exits with the codes of [`EXIT_STATUS`] (0 done, 1 done
+//! in part, 2 nothing done); errors are one line on stderr, prefixed `velium:`. Targets are
+//! checked as the hub checks them before anything is sent, and `--json` gives scripts one
+//! JSON document in place of the lines.
 //!
 //! `--tls` (implied by `--ca`, `--cert`, `--insecure` and `--server-name`) speaks TLS to
 //! the hub, and `velium shim` then seals its UDP channel; `--admin-token-file` presents the
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use velium_server::client::{
     Client, ClientError, ClientOptions, Event, ShimState, TlsOptions, Transport,
 };
+use velium_server::proto::reject::CLOSING;
 use velium_server::proto::state::{MAX_INTERVAL_MS, check_key};
 
 const TARGET_HELP: &str = "\
@@ -101,7 +102,11 @@ channel bound; sealed with --tls), then one line per message received:
 Every command is answered with its own text, over the transport it came in on. --set \
 keys are sent in one Set frame; --set-every sends the same keys again at that interval \
 (over UDP when the channel is bound), as a game client's shim does every tick. Pings the \
-hub to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0.";
+hub as its Terms say, to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0. A lost \
+connection (the hub restarting) is made again after 0.5 s, then twice as long each time up \
+to 30 s, each wait drawn between half and all of that; a shim replaced by a newer \
+connection of its identity exits 1 (two would take turns), as does any loss with \
+--no-reconnect.";
 
 const STATE_EXAMPLES: &str = "\
 Examples:
@@ -134,82 +139,143 @@ const DURATION_HELP: &str = "seconds (1.5) or with a unit (500ms, 2s, 1m)";
 
 /// Command-line tool for a velium-server hub: send commands to shims, tell them things,
 /// list them, read or watch the state they publish, or run a stand-in shim.
+///
+/// The options of connecting to the hub and to its admin listener may come before the
+/// command (`velium --server ADDR who`) or after it (`velium who --server ADDR`); each
+/// command's help lists the ones it uses.
 #[derive(Parser)]
-#[command(name = "velium", version, propagate_version = true)]
+#[command(
+    name = "velium",
+    version,
+    propagate_version = true,
+    after_help = EXIT_STATUS
+)]
 struct Cli {
-    /// The hub's address, HOST:PORT
-    #[arg(
-        long,
-        global = true,
-        value_name = "ADDR",
-        default_value = "127.0.0.1:12345"
-    )]
-    server: String,
-    /// File holding the hub's shared secret, or with --user that user's secret
-    /// (VELIUM_SECRET may hold the secret itself instead)
-    #[arg(long, global = true, value_name = "FILE", env = "VELIUM_SECRET_FILE")]
-    secret_file: Option<std::path::PathBuf>,
-    /// The hub user to authenticate as (a [[user]] of the hub's config); needs its secret
-    #[arg(long, global = true, value_name = "NAME", env = "VELIUM_USER")]
-    user: Option<String>,
-    /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
-    #[arg(long, global = true, value_name = "ADDR", env = "VELIUM_ADMIN")]
-    admin: Option<String>,
-    /// File holding the admin listener's bearer token (for `stats` and `who --admin`)
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "VELIUM_ADMIN_TOKEN_FILE"
-    )]
-    admin_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
-    tls: TlsArgs,
+    hub: HubArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+/// The exit status of every command, in `velium --help` and the man page.
+const EXIT_STATUS: &str = "\
+Exit status, for every command:
+  0  done: every shim reached answered (send), some shim was reached or listed, a shim or
+     watch was stopped by Ctrl-C or SIGTERM
+  1  done in part: some shims reached did not answer a send within --timeout, or a watch
+     or shim lost its connection (a shim: with --no-reconnect, or replaced by a newer
+     connection of its identity)
+  2  nothing done: no shim matches, the hub cannot be reached or refused the request, or
+     the arguments are wrong (the message says which)
+Errors are one line on stderr, prefixed `velium:`.";
+
+/// How to reach the hub over its shim protocol.
+#[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Connecting to the hub")]
+struct HubArgs {
+    /// The hub's address, HOST:PORT [default: 127.0.0.1:12345]
+    #[arg(long, value_name = "ADDR", env = "VELIUM_SERVER")]
+    server: Option<String>,
+    /// File holding the hub's shared secret, or with --user that user's secret
+    /// (VELIUM_SECRET may hold the secret itself instead)
+    #[arg(long, value_name = "FILE", env = "VELIUM_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
+    /// The hub user to authenticate as (a [[user]] of the hub's config); needs its secret
+    #[arg(long, value_name = "NAME", env = "VELIUM_USER")]
+    user: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl HubArgs {
+    /// These options, each taken from `top` (given before the command) when not given
+    /// after it.
+    fn or(self, top: &HubArgs) -> HubArgs {
+        HubArgs {
+            server: self.server.or_else(|| top.server.clone()),
+            secret_file: self.secret_file.or_else(|| top.secret_file.clone()),
+            user: self.user.or_else(|| top.user.clone()),
+            tls: self.tls.or(&top.tls),
+        }
+    }
+
+    /// The hub's address as given.
+    fn server(&self) -> &str {
+        self.server.as_deref().unwrap_or("127.0.0.1:12345")
+    }
+}
+
+/// How to reach the hub's admin listener.
+#[derive(Args, Clone, Default)]
+#[command(next_help_heading = "The admin listener")]
+struct AdminArgs {
+    /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
+    #[arg(long, value_name = "ADDR", env = "VELIUM_ADMIN")]
+    admin: Option<String>,
+    /// File holding the admin listener's bearer token
+    #[arg(long, value_name = "FILE", env = "VELIUM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminArgs {
+    /// As [`HubArgs::or`].
+    fn or(self, top: &AdminArgs) -> AdminArgs {
+        AdminArgs {
+            admin: self.admin.or_else(|| top.admin.clone()),
+            admin_token_file: self
+                .admin_token_file
+                .or_else(|| top.admin_token_file.clone()),
+        }
+    }
+}
+
 /// How to speak TLS to the hub.
-#[derive(Args)]
+#[derive(Args, Clone, Default)]
 struct TlsArgs {
     /// Speak TLS 1.3 to the hub, checking its certificate against the system's roots (or
     /// --ca); a shim's UDP channel is then sealed
-    #[arg(long, global = true, env = "VELIUM_TLS")]
+    #[arg(long, env = "VELIUM_TLS")]
     tls: bool,
     /// PEM file of the CA certificates to trust instead of the system's (implies --tls)
-    #[arg(long, global = true, value_name = "FILE", env = "VELIUM_CA")]
+    #[arg(long, value_name = "FILE", env = "VELIUM_CA")]
     ca: Option<std::path::PathBuf>,
     /// Do not verify the hub's certificate (implies --tls): anybody on the path can pose
     /// as the hub, so for tests only; warns on every run
     // No variable sets it, so that it is never on without being seen on the command line.
-    #[arg(long, global = true)]
+    #[arg(long)]
     insecure: bool,
     /// PEM client certificate chain to present, for a hub that requires one (implies
     /// --tls; needs --key)
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "VELIUM_CERT",
-        requires = "key"
-    )]
+    #[arg(long, value_name = "FILE", env = "VELIUM_CERT", requires = "key")]
     cert: Option<std::path::PathBuf>,
     /// PEM private key of --cert
-    #[arg(
-        long,
-        global = true,
-        value_name = "FILE",
-        env = "VELIUM_KEY",
-        requires = "cert"
-    )]
+    #[arg(long, value_name = "FILE", env = "VELIUM_KEY", requires = "cert")]
     key: Option<std::path::PathBuf>,
     /// The name the hub's certificate must carry [default: the host of --server]
     /// (implies --tls)
-    #[arg(long, global = true, value_name = "NAME", env = "VELIUM_SERVER_NAME")]
+    #[arg(long, value_name = "NAME", env = "VELIUM_SERVER_NAME")]
     server_name: Option<String>,
 }
 
 impl TlsArgs {
+    /// As [`HubArgs::or`]; a certificate and its key go together.
+    fn or(self, top: &TlsArgs) -> TlsArgs {
+        let (cert, key) = match self.cert {
+            Some(cert) => (Some(cert), self.key),
+            None => (top.cert.clone(), top.key.clone()),
+        };
+        TlsArgs {
+            tls: self.tls || top.tls,
+            ca: self.ca.or_else(|| top.ca.clone()),
+            insecure: self.insecure || top.insecure,
+            cert,
+            key,
+            server_name: self.server_name.or_else(|| top.server_name.clone()),
+        }
+    }
+
     /// The TLS options these flags ask for, if any; `host` is the host part of --server,
     /// the default server name when it is a name.
     fn options(&self, host: &str) -> Option<TlsOptions> {
@@ -233,12 +299,18 @@ impl TlsArgs {
     }
 }
 
-/// The identity an operator command connects as.
+/// The identity an operator command connects as, and how long it waits.
 #[derive(Args)]
 struct Operator {
     /// Identity to connect as [default: velium.cli.<pid>]
     #[arg(long, value_name = "IDENTITY")]
     name: Option<String>,
+    /// How long to wait for the hub: to connect, and for its answers (a send's: for the
+    /// shims' responses). Seconds, or a duration such as 500ms or 1m
+    #[arg(long, value_name = "DURATION", default_value = "5", value_parser = parse_secs)]
+    timeout: Duration,
+    #[command(flatten)]
+    hub: HubArgs,
 }
 
 impl Operator {
@@ -249,37 +321,47 @@ impl Operator {
     }
 }
 
+/// `--json`, for the commands that print a listing.
+#[derive(Args)]
+struct Output {
+    /// Print one JSON document on stdout instead of lines (errors stay on stderr, and the
+    /// exit status is the same)
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Send a command to shims and print their responses
     #[command(after_help = SEND_EXAMPLES)]
     Send {
-        #[command(flatten)]
-        op: Operator,
-        /// How long to wait for the responses: seconds, or a duration such as 500ms or 1m
-        #[arg(long, value_name = "DURATION", default_value = "5", value_parser = parse_secs)]
-        timeout: Duration,
+        /// Once every shim reached has answered, go on collecting answers until none has
+        /// come for this long, for shims that answer several times (never past
+        /// --timeout); 0 stops at once
+        #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = parse_duration)]
+        settle: Duration,
         /// Every word after the target is the command: filters go in the target, after
         /// commas ('peq.>,class=CLR'), and a command may start with a KEY=VALUE word
         #[arg(long)]
         literal: bool,
+        #[command(flatten)]
+        out: Output,
         #[arg(help = "Which shims to address (see --help for the pattern and filter syntax)", long_help = TARGET_HELP)]
         target: String,
         /// Filters (KEY=VALUE, KEY~WORD), then the command; its words are joined with
         /// single spaces
         #[arg(
-            required = true,
             trailing_var_arg = true,
             allow_hyphen_values = true,
             value_name = "[FILTER]... COMMAND"
         )]
         command: Vec<String>,
+        #[command(flatten)]
+        op: Operator,
     },
     /// Send a text (an Echo, which is not answered) to shims
     #[command(after_help = TELL_EXAMPLES)]
     Tell {
-        #[command(flatten)]
-        op: Operator,
         /// Every word after the target is the text: filters go in the target, after
         /// commas ('peq.>,class=CLR'), and a text may start with a KEY=VALUE word
         #[arg(long)]
@@ -289,44 +371,54 @@ enum Cmd {
         /// Filters (KEY=VALUE, KEY~WORD), then the text; its words are joined with single
         /// spaces
         #[arg(
-            required = true,
             trailing_var_arg = true,
             allow_hyphen_values = true,
             value_name = "[FILTER]... TEXT"
         )]
         text: Vec<String>,
+        #[command(flatten)]
+        op: Operator,
     },
     /// List connected shims
     #[command(after_help = format!("{WHO_EXAMPLES}\n\n{WHO_ADMIN}"))]
     Who {
         #[command(flatten)]
-        op: Operator,
+        out: Output,
         /// Only shims matching this pattern (same syntax as a send target, without `+`),
         /// or a first filter (then every shim)
         pattern: Option<String>,
         /// Only shims whose state passes these filters (KEY=VALUE, KEY~WORD)
         #[arg(value_name = "FILTER")]
         filters: Vec<String>,
+        #[command(flatten)]
+        op: Operator,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Show the hub's counters and latency (from its admin listener)
     #[command(after_help = STATS_EXAMPLES)]
-    Stats,
+    Stats {
+        #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Print the relay state (the keys shims publish) of the shims a pattern names
     #[command(after_help = STATE_EXAMPLES)]
     State {
         #[command(flatten)]
-        op: Operator,
+        out: Output,
         /// Whose state (same syntax as a send target), or a first filter (then every shim)
         pattern: String,
         /// Filters (KEY=VALUE, KEY~WORD), and the keys to print [default: every key]
         #[arg(value_name = "FILTER|KEY")]
         keys: Vec<String>,
+        #[command(flatten)]
+        op: Operator,
     },
     /// Print the relay state of the shims a pattern names, then every change to it
     #[command(after_help = WATCH_EXAMPLES)]
     Watch {
-        #[command(flatten)]
-        op: Operator,
         /// Shortest time between two deliveries: seconds (1.5) or with a unit (500ms)
         #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_interval)]
         interval: Duration,
@@ -335,6 +427,8 @@ enum Cmd {
         /// Filters (KEY=VALUE, KEY~WORD), and the keys to print [default: every key]
         #[arg(value_name = "FILTER|KEY")]
         keys: Vec<String>,
+        #[command(flatten)]
+        op: Operator,
     },
     /// Run a stand-in shim that prints what it receives and answers every command
     #[command(after_help = SHIM_EXAMPLES)]
@@ -352,6 +446,11 @@ enum Cmd {
         /// (500ms)
         #[arg(long, value_name = "DURATION", requires = "set", value_parser = parse_every)]
         set_every: Option<Duration>,
+        /// Exit (status 1) when the connection is lost, instead of connecting again
+        #[arg(long)]
+        no_reconnect: bool,
+        #[command(flatten)]
+        hub: HubArgs,
     },
 }
 
@@ -412,6 +511,9 @@ fn routed(
     literal: bool,
     what: &str,
 ) -> Result<(String, String), Fatal> {
+    if words.is_empty() {
+        return Err(Fatal(format!("no {what} after the target")));
+    }
     let n = if literal {
         0
     } else {
@@ -515,15 +617,17 @@ async fn main() -> ExitCode {
 const MAN_SECTIONS: &[velium_server::manual::Section] = &[
     (
         "EXIT STATUS",
-        "0 on success. 1 when fewer shims answered a send than it reached, or a shim or watch \
-lost its connection. 2 when nothing could be done: no shim matches, the hub refused the \
-request or cannot be reached, or the arguments are wrong. Errors are one line on stderr, \
-prefixed velium:.",
+        "0: done: every shim reached answered (send), some shim was reached or listed, a \
+shim or watch was stopped by Ctrl-C or SIGTERM. 1: done in part: some shims reached did not \
+answer a send within --timeout, or a watch or shim lost its connection (a shim: with \
+--no-reconnect, or replaced by a newer connection of its identity). 2: nothing done: no \
+shim matches, the hub cannot be reached or refused the request, or the arguments are wrong. \
+Errors are one line on stderr, prefixed velium:.",
     ),
     (
         "ENVIRONMENT",
         "VELIUM_SECRET holds the shared secret (or the user's secret) itself, in place of \
---secret-file. VELIUM_SECRET_FILE, VELIUM_USER, VELIUM_ADMIN, VELIUM_ADMIN_TOKEN_FILE, \
+--secret-file. VELIUM_SERVER, VELIUM_SECRET_FILE, VELIUM_USER, VELIUM_ADMIN, VELIUM_ADMIN_TOKEN_FILE, \
 VELIUM_TLS, VELIUM_CA, VELIUM_CERT, VELIUM_KEY and VELIUM_SERVER_NAME stand for the options \
 of those names.",
     ),
@@ -547,57 +651,32 @@ fn generate(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
-    if cli.tls.insecure {
-        eprintln!("warning: --insecure: the hub's certificate is not verified");
-    }
-    let admin = match &cli.admin {
-        Some(a) => Some(Admin {
-            addr: resolve(a).await?,
-            token: read_secret(cli.admin_token_file.as_deref(), "admin token file")?,
-        }),
-        None => None,
-    };
-    match (&cli.cmd, &admin) {
-        (Cmd::Stats, Some(admin)) => return stats(admin),
-        (Cmd::Stats, None) => {
-            return Err(Fatal(
-                "stats reads the hub's admin listener: give --admin ADDR".into(),
-            ));
-        }
-        (
-            Cmd::Who {
-                pattern, filters, ..
-            },
-            Some(admin),
-        ) => {
-            let target = listing_target(pattern.as_deref(), filters)?;
-            return who_admin(admin, target.as_deref());
-        }
-        _ => {}
-    }
-    let addr = resolve(&cli.server).await?;
-    let host = cli.server.rsplit_once(':').map_or(&*cli.server, |(h, _)| h);
-    let options = ClientOptions {
-        secret: secret(cli.secret_file.as_deref())?,
-        user: cli.user.clone(),
-        tls: cli.tls.options(host),
-        ..ClientOptions::default()
-    };
-    if options.user.is_some() && options.secret.is_none() {
-        return Err(Fatal(
-            "--user needs the user's secret: give --secret-file FILE (or VELIUM_SECRET)".into(),
-        ));
-    }
+    let top = cli.hub;
     match cli.cmd {
+        Cmd::Stats { admin, out } => {
+            let Some(admin) = admin_of(admin.or(&cli.admin)).await? else {
+                return Err(Fatal(
+                    "stats reads the hub's admin listener: give --admin ADDR".into(),
+                ));
+            };
+            stats(&admin, out.json)
+        }
         Cmd::Send {
             op,
-            timeout,
+            settle,
             literal,
+            out,
             target,
             command,
         } => {
+            check_target("target", &target)?;
             let (target, text) = routed(&target, &command, literal, "command")?;
-            send(addr, &op.identity(), options, &target, &text, timeout).await
+            let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
+            let wait = Wait {
+                timeout: op.timeout,
+                settle,
+            };
+            send(&hub, &op.identity(), &target, &text, wait, out.json).await
         }
         Cmd::Tell {
             op,
@@ -605,20 +684,46 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             target,
             text,
         } => {
+            check_target("target", &target)?;
             let (target, text) = routed(&target, &text, literal, "text")?;
-            tell(addr, &op.identity(), options, &target, &text).await
+            let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
+            tell(&hub, &op.identity(), &target, &text).await
         }
         Cmd::Who {
             op,
+            admin,
+            out,
             pattern,
             filters,
         } => {
+            if let Some(p) = pattern.as_deref().filter(|p| !is_filter(p)) {
+                if let Some(rest) = p.strip_prefix('+') {
+                    return Err(Fatal(format!(
+                        "bad pattern {p}: who lists shims, and a `+` (the sender included) \
+                         is for send and tell targets: write {rest}"
+                    )));
+                }
+                check_target("pattern", p)?;
+            }
             let target = listing_target(pattern.as_deref(), &filters)?;
-            who(addr, &op.identity(), options, target.as_deref()).await
+            if let Some(admin) = admin_of(admin.or(&cli.admin)).await? {
+                return who_admin(&admin, target.as_deref(), out.json);
+            }
+            let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
+            who(&hub, &op.identity(), target.as_deref(), out.json).await
         }
-        Cmd::State { op, pattern, keys } => {
+        Cmd::State {
+            op,
+            out,
+            pattern,
+            keys,
+        } => {
+            if !is_filter(&pattern) {
+                check_target("pattern", &pattern)?;
+            }
             let (target, keys) = state_target(&pattern, &keys);
-            state(addr, &op.identity(), options, &target, &keys).await
+            let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
+            state(&hub, &op.identity(), &target, &keys, out.json).await
         }
         Cmd::Watch {
             op,
@@ -626,23 +731,110 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             pattern,
             keys,
         } => {
+            if !is_filter(&pattern) {
+                check_target("pattern", &pattern)?;
+            }
             let (target, keys) = state_target(&pattern, &keys);
-            watch(addr, &op.identity(), options, &target, &keys, interval).await
+            let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
+            watch(&hub, &op.identity(), &target, &keys, interval).await
         }
         Cmd::Shim {
             name,
             no_udp,
             set,
             set_every,
+            no_reconnect,
+            hub,
         } => {
             let set = Publish {
                 items: set,
                 every: set_every,
             };
-            shim(addr, &name, options, !no_udp, &set).await
+            let hub = Hub::of(hub.or(&top), Duration::from_secs(5)).await?;
+            let how = ShimRun {
+                udp: !no_udp,
+                reconnect: !no_reconnect,
+            };
+            shim(&hub, &name, &set, how).await
         }
-        Cmd::Stats => unreachable!("handled above"),
     }
+}
+
+/// The hub to connect to: its address and the options of connecting.
+struct Hub {
+    addr: SocketAddr,
+    options: ClientOptions,
+}
+
+impl Hub {
+    /// Reads the secret, resolves the address and checks the options; `timeout` bounds the
+    /// connect and every request.
+    async fn of(args: HubArgs, timeout: Duration) -> Result<Hub, Fatal> {
+        if args.tls.insecure {
+            eprintln!("warning: --insecure: the hub's certificate is not verified");
+        }
+        let server = args.server();
+        let host = server.rsplit_once(':').map_or(server, |(h, _)| h);
+        let options = ClientOptions {
+            secret: secret(args.secret_file.as_deref())?,
+            user: args.user.clone(),
+            tls: args.tls.options(host),
+            connect_timeout: timeout,
+            request_timeout: timeout,
+            ..ClientOptions::default()
+        };
+        if options.user.is_some() && options.secret.is_none() {
+            return Err(Fatal(
+                "--user needs the user's secret: give --secret-file FILE (or VELIUM_SECRET)".into(),
+            ));
+        }
+        Ok(Hub {
+            addr: resolve(server).await?,
+            options,
+        })
+    }
+}
+
+impl Hub {
+    /// Connects as `identity`; a timeout says how long it waited (--timeout).
+    async fn connect(&self, identity: &str, options: ClientOptions) -> Result<Client, Fatal> {
+        let waited = options.connect_timeout;
+        Client::connect_with(self.addr, identity, options)
+            .await
+            .map_err(|e| match e {
+                ClientError::Timeout(what) => Fatal(format!(
+                    "timed out after {} waiting for {what}",
+                    humantime::format_duration(waited)
+                )),
+                e => e.into(),
+            })
+    }
+}
+
+/// The admin listener the options name, if any.
+async fn admin_of(args: AdminArgs) -> Result<Option<Admin>, Fatal> {
+    let Some(addr) = &args.admin else {
+        return Ok(None);
+    };
+    Ok(Some(Admin {
+        addr: resolve(addr).await?,
+        token: read_secret(args.admin_token_file.as_deref(), "admin token file")?,
+    }))
+}
+
+/// Checks a target or pattern as the hub would, before connecting. A target ending in a
+/// dot is most often `peq.>` typed unquoted, the shell having taken `>` for a redirection.
+fn check_target(what: &'static str, target: &str) -> Result<(), Fatal> {
+    velium_server::client::check_target(what, target).map_err(|e| {
+        let mut msg = e.to_string();
+        if target.ends_with('.') {
+            msg.push_str(&format!(
+                " (an unquoted > is a redirection to the shell: quote the {what}, as in \
+                 '{target}>')"
+            ));
+        }
+        Fatal(msg)
+    })
 }
 
 /// The shared secret: from `--secret-file`, else from VELIUM_SECRET, else none.
@@ -680,52 +872,56 @@ async fn resolve(server: &str) -> Result<SocketAddr, Fatal> {
 }
 
 /// Operator commands are short-lived: no keep-alive.
-async fn operator(
-    addr: SocketAddr,
-    identity: &str,
-    options: ClientOptions,
-) -> Result<Client, Fatal> {
+async fn operator(hub: &Hub, identity: &str) -> Result<Client, Fatal> {
     let options = ClientOptions {
         keepalive: None,
-        ..options
+        ..hub.options.clone()
     };
-    Ok(Client::connect_with(addr, identity, options).await?)
+    hub.connect(identity, options).await
 }
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
+/// How long a `send` waits for answers.
+#[derive(Clone, Copy)]
+struct Wait {
+    /// For all of them.
+    timeout: Duration,
+    /// For one more, once every shim reached has answered.
+    settle: Duration,
+}
+
 async fn send(
-    addr: SocketAddr,
+    hub: &Hub,
     identity: &str,
-    options: ClientOptions,
     target: &str,
     text: &str,
-    timeout: Duration,
+    wait: Wait,
+    json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity, options).await?;
+    let client = operator(hub, identity).await?;
     let sent = client.command(target, text).await?;
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + wait.timeout;
     // Every answer of each responder, by identity (ignoring case, as the hub compares).
     let mut answers: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
-    let note = |answers: &mut BTreeMap<String, (String, Vec<String>)>,
-                r: velium_server::client::Response| {
-        let entry = answers
-            .entry(r.from.to_ascii_lowercase())
-            .or_insert_with(|| (r.from.to_string(), Vec::new()));
-        entry.1.push(r.text);
-    };
     let mut closed = false;
-    let mut responders = 0;
-    while responders < sent.reached {
-        match client
-            .next_response(sent.id, deadline.saturating_duration_since(Instant::now()))
-            .await
-        {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Until every shim reached has answered: the deadline; then a shim that answers
+        // several times has `settle` for each further answer.
+        let limit = if answers.len() < sent.reached {
+            left
+        } else {
+            left.min(wait.settle)
+        };
+        match client.next_response(sent.id, limit).await {
             Ok(r) => {
-                note(&mut answers, r);
-                responders = answers.len();
+                let entry = answers
+                    .entry(r.from.to_ascii_lowercase())
+                    .or_insert_with(|| (r.from.to_string(), Vec::new()));
+                entry.1.push(r.text);
             }
             Err(ClientError::Timeout(_)) => break,
             Err(ClientError::Closed) => {
@@ -734,10 +930,6 @@ async fn send(
             }
             Err(e) => return Err(e.into()),
         }
-    }
-    // Further answers already here, from shims that answered more than once.
-    while let Ok(r) = client.next_response(sent.id, Duration::ZERO).await {
-        note(&mut answers, r);
     }
     // Who did not answer: the shims the same pattern lists now, less those that did.
     let mut silent = Vec::new();
@@ -758,20 +950,34 @@ async fn send(
     if !closed {
         let _ = client.close().await;
     }
-    for (identity, texts) in answers.values() {
-        let texts: Vec<String> = texts.iter().map(|t| one_line(t)).collect();
-        println!("{identity}: {}", texts.join(" | "));
+    let missing = sent.reached.saturating_sub(answers.len());
+    let gone = missing.saturating_sub(silent.len());
+    if json {
+        let answered: Vec<_> = answers
+            .values()
+            .map(|(identity, texts)| serde_json::json!({"identity": identity, "answers": texts}))
+            .collect();
+        emit(&serde_json::json!({
+            "id": sent.id,
+            "reached": sent.reached,
+            "answered": answered,
+            "silent": silent,
+            "gone": gone,
+        }));
+    } else {
+        for (identity, texts) in answers.values() {
+            let texts: Vec<String> = texts.iter().map(|t| one_line(t)).collect();
+            println!("{identity}: {}", texts.join(" | "));
+        }
     }
-    if answers.len() < sent.reached {
-        let missing = sent.reached - answers.len();
+    if missing > 0 {
         let why = if closed {
             "before the server closed the connection".to_string()
         } else {
-            format!("within {}", humantime::format_duration(timeout))
+            format!("within {}", humantime::format_duration(wait.timeout))
         };
         let mut names = silent.join(", ");
-        if silent.len() < missing {
-            let gone = missing - silent.len();
+        if gone > 0 {
             if !names.is_empty() {
                 names.push_str(", and ");
             }
@@ -787,27 +993,41 @@ async fn send(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn tell(
-    addr: SocketAddr,
-    identity: &str,
-    options: ClientOptions,
-    target: &str,
-    text: &str,
-) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity, options).await?;
+/// Prints a JSON document and a line end on stdout.
+fn emit(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, v);
+    let _ = writeln!(out);
+}
+
+async fn tell(hub: &Hub, identity: &str, target: &str, text: &str) -> Result<ExitCode, Fatal> {
+    let client = operator(hub, identity).await?;
     let reached = client.echo(target, text).await?;
     let _ = client.close().await;
     println!("reached {reached} shim{}", plural(reached));
     Ok(ExitCode::SUCCESS)
 }
 
+/// Says that nothing matched: on stderr, and for `--json` an empty list on stdout.
+fn none_matched(pattern: Option<&str>, json: bool) -> ExitCode {
+    if json {
+        emit(&serde_json::json!([]));
+    }
+    match pattern {
+        Some(p) => eprintln!("velium: no shim matches {p}"),
+        None => eprintln!("velium: no shims connected"),
+    }
+    // As `send` and `tell` do: nothing matched is status 2.
+    ExitCode::from(2)
+}
+
 async fn who(
-    addr: SocketAddr,
+    hub: &Hub,
     identity: &str,
-    options: ClientOptions,
     pattern: Option<&str>,
+    json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity, options).await?;
+    let client = operator(hub, identity).await?;
     let mut entries = client.who(pattern).await?;
     let me = client.identity();
     let _ = client.close().await;
@@ -816,14 +1036,27 @@ async fn who(
         entries.remove(i);
     }
     if entries.is_empty() {
-        match pattern {
-            Some(p) => eprintln!("velium: no shim matches {p}"),
-            None => eprintln!("velium: no shims connected"),
-        }
-        // As `send` and `tell` do: nothing matched is status 2.
-        return Ok(ExitCode::from(2));
+        return Ok(none_matched(pattern, json));
     }
     entries.sort_by(|a, b| a.identity.cmp(&b.identity).then(a.since.cmp(&b.since)));
+    if json {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::json!({
+                    "identity": &*e.identity,
+                    "since": humantime::format_rfc3339_seconds(e.since).to_string(),
+                    "udp": e.udp,
+                });
+                if let Some(node) = &e.node {
+                    v["node"] = serde_json::json!(&**node);
+                }
+                v
+            })
+            .collect();
+        emit(&serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
+    }
     let width = entries
         .iter()
         .map(|e| e.identity.chars().count())
@@ -896,15 +1129,128 @@ async fn tick(every: &mut Option<tokio::time::Interval>) {
     }
 }
 
-async fn shim(
-    addr: SocketAddr,
-    identity: &str,
-    options: ClientOptions,
+/// How a `velium shim` runs.
+#[derive(Clone, Copy)]
+struct ShimRun {
+    /// Bind a UDP channel.
     udp: bool,
+    /// Connect again when the connection is lost.
+    reconnect: bool,
+}
+
+/// How one connection of a `velium shim` ended.
+enum Ended {
+    /// SIGTERM or SIGINT: it said goodbye.
+    Signal,
+    /// Lost, for this reason; `again` when connecting again may help (not when a newer
+    /// connection of the same identity replaced it: the two would take turns).
+    Lost { reason: String, again: bool },
+}
+
+/// The waits between reconnections: doubling from [`Backoff::FIRST`] up to
+/// [`Backoff::MAX`], each drawn between half and all of that, so that a fleet whose hub
+/// restarts does not come back in one burst.
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+    /// A connection that lasted this long starts the waits over.
+    const STEADY: Duration = Duration::from_secs(10);
+
+    fn next(&mut self) -> Duration {
+        let ceiling = Self::FIRST
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(Self::MAX);
+        self.attempt += 1;
+        ceiling.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+async fn shim(
+    hub: &Hub,
+    identity: &str,
     publish: &Publish,
+    how: ShimRun,
 ) -> Result<ExitCode, Fatal> {
     let mut signals = Signals::new()?;
-    let client = Client::connect_with(addr, identity, options).await?;
+    let mut backoff = Backoff { attempt: 0 };
+    let mut connected_once = false;
+    loop {
+        let connecting = Client::connect_with(hub.addr, identity, hub.options.clone());
+        let attempt = tokio::select! {
+            c = connecting => c,
+            _ = signals.recv() => return Ok(ExitCode::SUCCESS),
+        };
+        let ended = match attempt {
+            Ok(client) => {
+                connected_once = true;
+                let since = Instant::now();
+                let ended = serve(&client, publish, how.udp, &mut signals).await?;
+                if since.elapsed() >= Backoff::STEADY {
+                    backoff.attempt = 0;
+                }
+                if matches!(ended, Ended::Signal) {
+                    let _ = client.close().await;
+                }
+                ended
+            }
+            // The first connection is the arguments' test: a failure is reported as any
+            // command's; later a hub restarting is waited for, but a refusal that another
+            // try would meet again ends the shim.
+            Err(e) if !connected_once || !worth_retrying(&e) => return Err(e.into()),
+            Err(e) => Ended::Lost {
+                reason: Fatal::from(e).0,
+                again: true,
+            },
+        };
+        match ended {
+            Ended::Signal => return Ok(ExitCode::SUCCESS),
+            Ended::Lost { reason, again } if !again || !how.reconnect => {
+                eprintln!("velium: {reason}");
+                return Ok(ExitCode::from(1));
+            }
+            Ended::Lost { reason, .. } => {
+                let wait = backoff.next();
+                eprintln!(
+                    "velium: {reason}; connecting again in {:.1}s",
+                    wait.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = signals.recv() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failed reconnection may succeed later: not when the hub refused the
+/// credentials or the identity, nor when TLS failed (a certificate does not mend itself).
+fn worth_retrying(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { .. }
+        | ClientError::Timeout(_)
+        | ClientError::Closed
+        | ClientError::Io(_) => true,
+        // Refusals of a full or busy hub pass; refusals of who we are do not.
+        ClientError::Server(msg) => {
+            !(msg.contains("authentication") || msg.contains("identity") || msg.contains("user"))
+        }
+        _ => false,
+    }
+}
+
+/// One connection of a `velium shim`: prints what arrives and answers commands until the
+/// connection ends or a signal comes.
+async fn serve(
+    client: &Client,
+    publish: &Publish,
+    udp: bool,
+    signals: &mut Signals,
+) -> Result<Ended, Fatal> {
     let items = publish.items();
     if !items.is_empty() {
         client.set_state(&items).await?;
@@ -934,7 +1280,7 @@ async fn shim(
                 }
                 continue;
             }
-            _ = signals.recv() => break,
+            _ = signals.recv() => return Ok(Ended::Signal),
         };
         match event {
             Some(Event::Command {
@@ -963,6 +1309,8 @@ async fn shim(
                     one_line(&r.text)
                 );
             }
+            // The reason the hub closes for comes again with the close.
+            Some(Event::Error { message, .. }) if message.starts_with(CLOSING) => {}
             Some(Event::Error { message, .. }) => eprintln!("velium: server error: {message}"),
             Some(Event::Quit {
                 via: Transport::Udp,
@@ -978,36 +1326,51 @@ async fn shim(
             // A shim subscribes to nothing.
             Some(Event::State { .. } | Event::Join { .. } | Event::Leave { .. }) => {}
             Some(Event::Closed { reason }) => {
-                eprintln!("velium: {reason}");
-                return Ok(ExitCode::from(1));
+                let again = !reason.contains("closed the connection: replaced");
+                return Ok(Ended::Lost { reason, again });
             }
             None => {
-                eprintln!("velium: the connection to the hub closed");
-                return Ok(ExitCode::from(1));
+                return Ok(Ended::Lost {
+                    reason: "the connection to the hub closed".into(),
+                    again: true,
+                });
             }
         }
     }
-    let _ = client.close().await;
-    Ok(ExitCode::SUCCESS)
 }
 
 /// `state`: one Get.
 async fn state(
-    addr: SocketAddr,
+    hub: &Hub,
     identity: &str,
-    options: ClientOptions,
     pattern: &str,
     keys: &[String],
+    json: bool,
 ) -> Result<ExitCode, Fatal> {
-    let client = operator(addr, identity, options).await?;
+    let client = operator(hub, identity).await?;
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let shims = client.get_state(pattern, &keys).await?;
     let me = client.identity();
     let _ = client.close().await;
     let shims = listed(shims, &me);
     if shims.is_empty() {
-        eprintln!("velium: no shim matches {pattern}");
-        return Ok(ExitCode::from(2));
+        return Ok(none_matched(Some(pattern), json));
+    }
+    if json {
+        // The keys as the shim spells them (a JSON object: sorted by key).
+        let list: Vec<_> = shims
+            .iter()
+            .map(|s| {
+                let state: serde_json::Map<String, serde_json::Value> = s
+                    .items
+                    .iter()
+                    .map(|i| (i.key.to_string(), serde_json::json!(i.value.as_deref())))
+                    .collect();
+                serde_json::json!({"identity": &*s.identity, "state": state})
+            })
+            .collect();
+        emit(&serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
     }
     let mut out = std::io::stdout().lock();
     for s in &shims {
@@ -1027,9 +1390,8 @@ fn listed(mut shims: Vec<ShimState>, me: &str) -> Vec<ShimState> {
 
 /// `watch`: one subscription, printed until interrupted.
 async fn watch(
-    addr: SocketAddr,
+    hub: &Hub,
     identity: &str,
-    options: ClientOptions,
     pattern: &str,
     keys: &[String],
     interval: Duration,
@@ -1039,7 +1401,7 @@ async fn watch(
     let mut signals = Signals::new()?;
     // Long-lived, unlike the other operator commands: the keep-alive stays on. No UDP
     // channel: everything comes over TCP, in order.
-    let client = Client::connect_with(addr, identity, options).await?;
+    let client = hub.connect(identity, hub.options.clone()).await?;
     let me = client.identity();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let snapshot = listed(client.subscribe(SID, pattern, &keys, interval).await?, &me);
@@ -1085,6 +1447,7 @@ async fn watch(
                 view.leave(&identity);
                 format!("-{identity} {reason}")
             }
+            Some(Event::Error { message, .. }) if message.starts_with(CLOSING) => continue,
             Some(Event::Error { message, .. }) => {
                 eprintln!("velium: server error: {message}");
                 continue;
@@ -1290,19 +1653,28 @@ fn admin_get(admin: &Admin, path: &str) -> Result<String, Fatal> {
 }
 
 /// `who --admin`: the listing from GET /shims.
-fn who_admin(admin: &Admin, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
+fn who_admin(admin: &Admin, pattern: Option<&str>, json: bool) -> Result<ExitCode, Fatal> {
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("pattern", pattern.unwrap_or(">"))
         .finish();
     let body = admin_get(admin, &format!("/shims?{query}"))?;
-    let list: Vec<serde_json::Value> =
+    let mut list: Vec<serde_json::Value> =
         serde_json::from_str(&body).map_err(|e| Fatal(format!("bad /shims answer: {e}")))?;
     if list.is_empty() {
-        match pattern {
-            Some(p) => eprintln!("velium: no shim matches {p}"),
-            None => eprintln!("velium: no shims connected"),
+        return Ok(none_matched(pattern, json));
+    }
+    let since = |s: &serde_json::Value| {
+        let at = std::time::UNIX_EPOCH
+            + Duration::from_millis(s["connected_unix_ms"].as_u64().unwrap_or(0));
+        humantime::format_rfc3339_seconds(at).to_string()
+    };
+    if json {
+        // The admin listener's objects, with `since` as `who --json` gives it.
+        for s in &mut list {
+            s["since"] = serde_json::json!(since(s));
         }
-        return Ok(ExitCode::from(2));
+        emit(&serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
     }
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     let width = list
@@ -1311,12 +1683,10 @@ fn who_admin(admin: &Admin, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
         .max()
         .unwrap_or(0);
     for s in &list {
-        let since = std::time::UNIX_EPOCH
-            + Duration::from_millis(s["connected_unix_ms"].as_u64().unwrap_or(0));
         println!(
             "{:<width$}  {}  {}  udp {}  core {}  in {}  out {}",
             text(&s["identity"]),
-            humantime::format_rfc3339_seconds(since),
+            since(s),
             text(&s["peer"]),
             text(&s["udp"]),
             s["core"],
@@ -1327,105 +1697,158 @@ fn who_admin(admin: &Admin, pattern: Option<&str>) -> Result<ExitCode, Fatal> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `stats`: a readable digest of GET /metrics.
-fn stats(admin: &Admin) -> Result<ExitCode, Fatal> {
-    let text = admin_get(admin, "/metrics")?;
-    // (name, labels, value) for every sample.
-    let samples: Vec<(&str, &str, f64)> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (name, labels) = match key.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (key, ""),
-            };
-            Some((name, labels, value.parse().ok()?))
-        })
-        .collect();
-    let get = |name: &str, labels: &str| {
-        samples
+/// The samples of a Prometheus text exposition: `(name, labels, value)`.
+struct Samples<'a>(Vec<(&'a str, &'a str, f64)>);
+
+impl<'a> Samples<'a> {
+    fn parse(text: &'a str) -> Samples<'a> {
+        Samples(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let (key, value) = l.rsplit_once(' ')?;
+                    let (name, labels) = match key.split_once('{') {
+                        Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                        None => (key, ""),
+                    };
+                    Some((name, labels, value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// The sample of `name` with exactly these labels (0 if none).
+    fn get(&self, name: &str, labels: &str) -> f64 {
+        self.0
             .iter()
             .find(|(n, l, _)| *n == name && *l == labels)
             .map_or(0.0, |s| s.2)
-    };
-    let sum = |name: &str, has: &[&str]| -> f64 {
-        samples
+    }
+
+    /// The sum of the samples of `name` whose labels hold every one of `has`.
+    fn sum(&self, name: &str, has: &[&str]) -> f64 {
+        self.0
             .iter()
             .filter(|(n, l, _)| *n == name && has.iter().all(|h| l.contains(h)))
             .fold(0.0, |sum, s| sum + s.2)
-    };
-    let nonzero = |name: &str, label: &str| -> String {
-        let v: Vec<String> = samples
+    }
+
+    /// The samples of `name` above 0, by the value of their one label `label`.
+    fn nonzero(&self, name: &str, label: &str) -> BTreeMap<String, serde_json::Value> {
+        self.0
             .iter()
             .filter(|(n, _, v)| *n == name && *v > 0.0)
             .map(|(_, l, v)| {
                 let key = l
                     .strip_prefix(&format!("{label}=\""))
                     .map_or(*l, |k| k.trim_end_matches('"'));
-                format!("{key}={v}")
+                (key.to_string(), n(*v))
             })
-            .collect();
-        if v.is_empty() {
-            "none".into()
-        } else {
-            v.join("  ")
-        }
+            .collect()
+    }
+
+    /// A latency summary in microseconds.
+    fn latency(&self, name: &str) -> serde_json::Value {
+        let us = |q: &str| n((self.get(name, &format!("quantile=\"{q}\"")) * 1e6).round());
+        serde_json::json!({
+            "p50_us": us("0.5"),
+            "p99_us": us("0.99"),
+            "p999_us": us("0.999"),
+            "count": n(self.get(&format!("{name}_count"), "")),
+        })
+    }
+}
+
+/// A sample's value in JSON: a whole number as an integer (counters and gauges are), else
+/// as it is.
+fn n(v: f64) -> serde_json::Value {
+    if v.fract() == 0.0 && (0.0..9.0e15).contains(&v) {
+        serde_json::json!(v as u64)
+    } else {
+        serde_json::json!(v)
+    }
+}
+
+/// `stats`: a digest of GET /metrics, as lines or (`--json`) one object holding the same
+/// figures.
+fn stats(admin: &Admin, json: bool) -> Result<ExitCode, Fatal> {
+    let text = admin_get(admin, "/metrics")?;
+    let m = Samples::parse(&text);
+    let traffic = |dir: &str| {
+        let d = format!("direction=\"{dir}\"");
+        let of = |name: &str, t: &str| m.sum(name, &[&d, &format!("transport=\"{t}\"")]);
+        serde_json::json!({
+            "tcp_frames": n(of("velium_frames_total", "tcp")),
+            "tcp_bytes": n(of("velium_bytes_total", "tcp")),
+            "udp_frames": n(of("velium_frames_total", "udp")),
+            "udp_bytes": n(of("velium_bytes_total", "udp")),
+        })
     };
-    let us = |name: &str, q: &str| get(name, &format!("quantile=\"{q}\"")) * 1e6;
+    let digest = serde_json::json!({
+        "connections": n(m.get("velium_connections", "")),
+        "connections_limit": n(m.get("velium_connections_limit", "")),
+        "shims": n(m.get("velium_shims", "")),
+        "udp_bound": n(m.get("velium_udp_bound", "")),
+        "accepted": n(m.get("velium_connections_accepted_total", "")),
+        "identified": n(m.get("velium_identified_total", "")),
+        "frames_in": traffic("in"),
+        "frames_out": traffic("out"),
+        "handshake": m.latency("velium_handshake_seconds"),
+        "udp_bind": m.latency("velium_udp_bind_seconds"),
+        "errors": m.nonzero("velium_errors_total", "kind"),
+        "refused": m.nonzero("velium_refused_total", "reason"),
+        "slow_consumers": n(m.get("velium_slow_consumers_total", "")),
+        "udp_quit_sent": n(m.get("velium_udp_quit_total", "result=\"sent\"")),
+        "udp_quit_rate_limited": n(m.get("velium_udp_quit_total", "result=\"rate_limited\"")),
+    });
+    if json {
+        emit(&digest);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &digest;
+    let counts = |v: &serde_json::Value| -> String {
+        let map = v.as_object().filter(|m| !m.is_empty());
+        map.map_or("none".into(), |m| {
+            let kv: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            kv.join("  ")
+        })
+    };
     println!(
         "connections      {} (limit {})",
-        get("velium_connections", ""),
-        get("velium_connections_limit", "")
+        d["connections"], d["connections_limit"]
     );
     println!(
         "shims            {} identified, {} with UDP bound",
-        get("velium_shims", ""),
-        get("velium_udp_bound", "")
+        d["shims"], d["udp_bound"]
     );
     println!(
         "accepted         {} connections, {} identified",
-        get("velium_connections_accepted_total", ""),
-        get("velium_identified_total", "")
+        d["accepted"], d["identified"]
     );
-    for (dir, label) in [("in", "frames in "), ("out", "frames out")] {
-        let d = format!("direction=\"{dir}\"");
+    for (key, label) in [("frames_in", "frames in "), ("frames_out", "frames out")] {
+        let t = &d[key];
         println!(
             "{label}       tcp {} ({} bytes)  udp {} ({} bytes)",
-            sum("velium_frames_total", &[&d, "transport=\"tcp\""]),
-            sum("velium_bytes_total", &[&d, "transport=\"tcp\""]),
-            sum("velium_frames_total", &[&d, "transport=\"udp\""]),
-            sum("velium_bytes_total", &[&d, "transport=\"udp\""]),
+            t["tcp_frames"], t["tcp_bytes"], t["udp_frames"], t["udp_bytes"],
         );
     }
-    for (name, label) in [
-        ("velium_handshake_seconds", "handshake "),
-        ("velium_udp_bind_seconds", "udp bind  "),
-    ] {
+    for (key, label) in [("handshake", "handshake "), ("udp_bind", "udp bind  ")] {
+        let l = &d[key];
+        let us = |q: &str| &l[q];
         println!(
-            "{label}       p50 {:.0} us  p99 {:.0} us  p99.9 {:.0} us  (n={})",
-            us(name, "0.5"),
-            us(name, "0.99"),
-            us(name, "0.999"),
-            get(&format!("{name}_count"), "")
+            "{label}       p50 {} us  p99 {} us  p99.9 {} us  (n={})",
+            us("p50_us"),
+            us("p99_us"),
+            us("p999_us"),
+            l["count"]
         );
     }
-    println!(
-        "errors           {}",
-        nonzero("velium_errors_total", "kind")
-    );
-    println!(
-        "refused          {}",
-        nonzero("velium_refused_total", "reason")
-    );
-    println!(
-        "slow consumers   {}",
-        get("velium_slow_consumers_total", "")
-    );
+    println!("errors           {}", counts(&d["errors"]));
+    println!("refused          {}", counts(&d["refused"]));
+    println!("slow consumers   {}", d["slow_consumers"]);
     println!(
         "udp quit         {} sent, {} rate-limited",
-        get("velium_udp_quit_total", "result=\"sent\""),
-        get("velium_udp_quit_total", "result=\"rate_limited\"")
+        d["udp_quit_sent"], d["udp_quit_rate_limited"]
     );
     Ok(ExitCode::SUCCESS)
 }

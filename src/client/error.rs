@@ -39,6 +39,18 @@ pub enum ClientError {
         /// Why.
         why: String,
     },
+    /// A target or pattern the hub would refuse, refused before anything was sent; it
+    /// reads as the hub's Error would (`bad target a.>.b: '>' must be the last segment`),
+    /// an empty one shown as `""`.
+    #[error("bad {what} {}: {why}", shown(text))]
+    BadTarget {
+        /// `target` (Command, Echo) or `pattern` (Who, Get, Subscribe).
+        what: &'static str,
+        /// The target as given.
+        text: String,
+        /// The hub's reason.
+        why: String,
+    },
     /// A UDP method was called before [`Client::bind_udp`](super::Client::bind_udp)
     /// succeeded.
     #[error("the UDP channel is not bound (call bind_udp first)")]
@@ -60,6 +72,11 @@ pub enum ClientError {
     /// A socket operation failed.
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+}
+
+/// A target as an error shows it: as given, or `""` when empty.
+fn shown(text: &str) -> &str {
+    if text.is_empty() { "\"\"" } else { text }
 }
 
 /// The error a failed read or write makes: a TLS alert or a bad record is a TLS error,

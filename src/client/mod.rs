@@ -324,6 +324,15 @@ impl Event {
     }
 }
 
+/// Checks a target (`what` is `"target"`: Command, Echo) or pattern (`"pattern"`: Who,
+/// Get, Subscribe) as the hub would, without sending anything: the methods taking one
+/// check it so, and a tool can check its arguments before connecting. The error is
+/// [`ClientError::BadTarget`], reading as the hub's Error would, or
+/// [`ClientError::Invalid`] for a space or control character.
+pub fn check_target(what: &'static str, target: &str) -> Result<(), ClientError> {
+    check_pattern(what, target)
+}
+
 /// Tuning for [`Client::connect_with`]; [`Default`] suits a shim.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {

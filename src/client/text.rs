@@ -4,6 +4,7 @@
 //! checks that keep a bad argument from reaching the wire.
 
 use super::error::ClientError;
+use crate::proto::target::Target;
 use crate::proto::{ALT_NEWLINE, NEWLINE, SP};
 
 /// Text from the wire: 0x0B becomes `\n`, invalid UTF-8 is replaced (one allocation and
@@ -22,20 +23,24 @@ pub(super) fn lossy(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// A target or Who pattern must be one non-empty word: the server reads a target up to
-/// the first space, so a space would silently move words into the text.
+/// A target or Who pattern must be one word: the server reads a target up to the first
+/// space, so a space would silently move words into the text. Then it is checked as the
+/// hub checks it ([`Target::parse`]), so that a bad one is refused with the hub's reason
+/// before anything is sent.
 pub(super) fn check_pattern(what: &'static str, p: &str) -> Result<(), ClientError> {
-    let why = if p.is_empty() {
-        "it is empty"
-    } else if p.bytes().any(|b| b == SP || b.is_ascii_control()) {
-        "it holds a space or control character"
-    } else {
-        return Ok(());
-    };
-    Err(ClientError::Invalid {
-        what,
-        why: format!("{p:?}: {why}"),
-    })
+    if p.bytes().any(|b| b == SP || b.is_ascii_control()) {
+        return Err(ClientError::Invalid {
+            what,
+            why: format!("{p:?}: it holds a space or control character"),
+        });
+    }
+    Target::parse(p.as_bytes())
+        .map(drop)
+        .map_err(|e| ClientError::BadTarget {
+            what,
+            text: p.to_string(),
+            why: e.to_string(),
+        })
 }
 
 /// Ping data travels raw, so it cannot hold the frame terminator.
@@ -82,6 +87,16 @@ mod tests {
     fn patterns_are_one_word() {
         assert!(check_pattern("target", "+peq.*.>").is_ok());
         assert!(check_pattern("target", "").is_err());
+        let e = check_pattern("target", "peq..x").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "bad target peq..x: empty segment at byte 4: segments are joined by single dots"
+        );
+        let e = check_pattern("pattern", "+").unwrap_err().to_string();
+        assert_eq!(e, "bad pattern +: empty target");
+        let e = check_pattern("target", "").unwrap_err().to_string();
+        assert_eq!(e, "bad target \"\": empty target");
+        assert!(check_pattern("target", "a.>,class").is_err());
         assert!(check_pattern("target", "a b").is_err());
         assert!(check_pattern("target", "a\nb").is_err());
         assert!(check_data(b"ok").is_ok());

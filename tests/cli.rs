@@ -30,6 +30,14 @@ struct ShimProc {
 impl ShimProc {
     /// Starts `velium shim --name NAME EXTRA...` and waits for its `connected as` line.
     fn start(addr: SocketAddr, name: &str, extra: &[&str]) -> ShimProc {
+        let mut shim = ShimProc::spawn(addr, name, extra);
+        let first = shim.wait_line("connected as");
+        assert_eq!(first, format!("connected as {name}"));
+        shim
+    }
+
+    /// Starts `velium shim --name NAME EXTRA...`.
+    fn spawn(addr: SocketAddr, name: &str, extra: &[&str]) -> ShimProc {
         let mut child = Command::new(VELIUM)
             .args(["--server", &addr.to_string(), "shim", "--name", name])
             .args(extra)
@@ -55,15 +63,12 @@ impl ShimProc {
             let _ = err_pipe.read_to_string(&mut s);
             sink.lock().unwrap().push_str(&s);
         });
-        let mut shim = ShimProc {
+        ShimProc {
             child: Some(child),
             lines,
             seen: Vec::new(),
             stderr,
-        };
-        let first = shim.wait_line("connected as");
-        assert_eq!(first, format!("connected as {name}"));
-        shim
+        }
     }
 
     /// Waits for a stdout line containing `needle` (one not returned before).
@@ -1564,4 +1569,61 @@ fn cli_shim_replaced_by_a_newer_one_exits_instead_of_taking_turns() {
     srv.signal(libc::SIGTERM);
     srv.wait_exit();
     assert_eq!(lone.wait_exit(), 1);
+}
+
+#[test]
+fn cli_shim_waits_for_a_hub_not_up_yet() {
+    let addr = dead_addr();
+    let mut shim = ShimProc::spawn(addr, "early.bob", &["--no-udp"]);
+    // Started after the shim: the shim finds it once it listens.
+    let _srv = Server::spawn(&["--listen", &addr.to_string(), "--cores", "1"]);
+    assert_eq!(shim.wait_line("connected as"), "connected as early.bob");
+    let stderr = shim.stderr.clone();
+    assert_eq!(shim.terminate(), 0);
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(
+        stderr.starts_with(&format!("velium: server unreachable at {addr}: ")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("; connecting again in "), "{stderr}");
+
+    // With --no-reconnect, a hub that cannot be reached is nothing done: status 2.
+    let addr = dead_addr();
+    let lone = ShimProc::spawn(addr, "early.al", &["--no-reconnect"]);
+    assert_eq!(lone.wait_exit(), 2);
+}
+
+#[test]
+fn cli_options_on_the_command_line_beat_the_environment() {
+    let srv = Server::start("uring", &["--admin", "127.0.0.1:0"]);
+    let _bob = ShimProc::start(srv.addr, "env.bob", &[]);
+    let dead = dead_addr().to_string();
+    let admin = srv.admin.unwrap().to_string();
+    let live = srv.addr.to_string();
+    // (VELIUM_ADMIN would make `who` read the admin listener: one variable at a time.)
+    for (var, args) in [
+        ("VELIUM_SERVER", &["--server", &live, "who", "env.bob"][..]),
+        ("VELIUM_SERVER", &["who", "--server", &live, "env.bob"][..]),
+        ("VELIUM_ADMIN", &["--admin", &admin, "stats"][..]),
+        ("VELIUM_ADMIN", &["stats", "--admin", &admin][..]),
+    ] {
+        let run = Command::new(VELIUM)
+            .args(args)
+            .env(var, &dead)
+            .output()
+            .unwrap();
+        assert_eq!(run.status.code(), Some(0), "{args:?}: {run:?}");
+    }
+    // The environment, when the command line says nothing; after the command beats before.
+    let run = Command::new(VELIUM)
+        .args(["who", "env.bob"])
+        .env("VELIUM_SERVER", &live)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    let run = Command::new(VELIUM)
+        .args(["--server", &dead, "who", "--server", &live, "env.bob"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
 }

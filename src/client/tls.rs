@@ -140,7 +140,15 @@ pub(super) async fn handshake(
     let tls = TlsConnector::from(config)
         .connect(name, stream)
         .await
-        .map_err(|e| tls_error(handshake_failed(addr, &e)))?;
+        .map_err(|e| {
+            let why = handshake_failed(addr, &e);
+            // A closed or reset connection (a hub turning connections away at accept, as
+            // over its limits) is not a TLS failure: trying again later may succeed.
+            match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                Some(_) => tls_error(why),
+                None => ClientError::Io(std::io::Error::new(e.kind(), why)),
+            }
+        })?;
     let exporter = tls
         .get_ref()
         .1

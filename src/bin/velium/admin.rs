@@ -6,6 +6,8 @@ use super::*;
 pub(crate) struct Admin {
     pub(crate) addr: SocketAddr,
     pub(crate) token: Option<Vec<u8>>,
+    /// For the whole exchange.
+    pub(crate) timeout: Duration,
 }
 
 /// `GET path` on the admin listener, with `Authorization: Bearer TOKEN` when there is a
@@ -13,7 +15,7 @@ pub(crate) struct Admin {
 pub(crate) fn admin_get(admin: &Admin, path: &str) -> Result<String, Fatal> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
+        .timeout_global(Some(admin.timeout))
         .build()
         .into();
     let addr = admin.addr;

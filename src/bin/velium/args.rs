@@ -76,11 +76,12 @@ channel bound; sealed with --tls), then one line per message received:
 Every command is answered with its own text, over the transport it came in on. --set \
 keys are sent in one Set frame; --set-every sends the same keys again at that interval \
 (over UDP when the channel is bound), as a game client's shim does every tick. Pings the \
-hub as its Terms say, to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0. A lost \
-connection (the hub restarting) is made again after 0.5 s, then twice as long each time up \
-to 30 s, each wait drawn between half and all of that; a shim replaced by a newer \
-connection of its identity exits 1 (two would take turns), as does any loss with \
---no-reconnect.";
+hub as its Terms say, to stay connected; Ctrl-C or SIGTERM says goodbye and exits 0. A hub \
+that cannot be reached (not up yet, restarting, full) or a lost connection is tried again \
+after 0.5 s, then twice as long each time up to 30 s, each wait drawn between half and all \
+of that, the hub's name resolved again each time. A shim replaced by a newer connection of \
+its identity exits 1 (two would take turns), as does any loss with --no-reconnect; a hub \
+that refuses the credentials or the identity exits 2.";
 
 pub(crate) const STATE_EXAMPLES: &str = "\
 Examples:
@@ -149,23 +150,36 @@ Errors are one line on stderr, prefixed `velium:`.";
 #[derive(Args, Clone, Default)]
 #[command(next_help_heading = "Connecting to the hub")]
 pub(crate) struct HubArgs {
-    /// The hub's address, HOST:PORT [default: 127.0.0.1:12345]
-    #[arg(long, value_name = "ADDR", env = "VELIUM_SERVER")]
+    /// The hub's address, HOST:PORT [default: 127.0.0.1:12345] [env: VELIUM_SERVER]
+    #[arg(long, value_name = "ADDR")]
     pub(crate) server: Option<String>,
     /// File holding the hub's shared secret, or with --user that user's secret
-    /// (VELIUM_SECRET may hold the secret itself instead)
-    #[arg(long, value_name = "FILE", env = "VELIUM_SECRET_FILE")]
+    /// (VELIUM_SECRET may hold the secret itself instead) [env: VELIUM_SECRET_FILE]
+    #[arg(long, value_name = "FILE")]
     pub(crate) secret_file: Option<std::path::PathBuf>,
     /// The hub user to authenticate as (a [[user]] of the hub's config); needs its secret
-    #[arg(long, value_name = "NAME", env = "VELIUM_USER")]
+    /// [env: VELIUM_USER]
+    #[arg(long, value_name = "NAME")]
     pub(crate) user: Option<String>,
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
 }
 
 impl HubArgs {
-    /// These options, each taken from `top` (given before the command) when not given
-    /// after it.
+    /// The options the environment gives (VELIUM_SERVER, ...). Read here rather than by
+    /// clap, which would read them for each level, so that a variable beat an option
+    /// given before the command.
+    pub(crate) fn env() -> HubArgs {
+        HubArgs {
+            server: env("VELIUM_SERVER"),
+            secret_file: env("VELIUM_SECRET_FILE").map(Into::into),
+            user: env("VELIUM_USER"),
+            tls: TlsArgs::env(),
+        }
+    }
+
+    /// These options, each taken from `top` (given before the command, or the
+    /// environment) when not given here.
     pub(crate) fn or(self, top: &HubArgs) -> HubArgs {
         HubArgs {
             server: self.server.or_else(|| top.server.clone()),
@@ -186,14 +200,23 @@ impl HubArgs {
 #[command(next_help_heading = "The admin listener")]
 pub(crate) struct AdminArgs {
     /// The hub's admin listener, HOST:PORT (for `stats` and `who --admin`)
-    #[arg(long, value_name = "ADDR", env = "VELIUM_ADMIN")]
+    /// [env: VELIUM_ADMIN]
+    #[arg(long, value_name = "ADDR")]
     pub(crate) admin: Option<String>,
-    /// File holding the admin listener's bearer token
-    #[arg(long, value_name = "FILE", env = "VELIUM_ADMIN_TOKEN_FILE")]
+    /// File holding the admin listener's bearer token [env: VELIUM_ADMIN_TOKEN_FILE]
+    #[arg(long, value_name = "FILE")]
     pub(crate) admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl AdminArgs {
+    /// As [`HubArgs::env`].
+    pub(crate) fn env() -> AdminArgs {
+        AdminArgs {
+            admin: env("VELIUM_ADMIN"),
+            admin_token_file: env("VELIUM_ADMIN_TOKEN_FILE").map(Into::into),
+        }
+    }
+
     /// As [`HubArgs::or`].
     pub(crate) fn or(self, top: &AdminArgs) -> AdminArgs {
         AdminArgs {
@@ -209,31 +232,49 @@ impl AdminArgs {
 #[derive(Args, Clone, Default)]
 pub(crate) struct TlsArgs {
     /// Speak TLS 1.3 to the hub, checking its certificate against the system's roots (or
-    /// --ca); a shim's UDP channel is then sealed
-    #[arg(long, env = "VELIUM_TLS")]
+    /// --ca); a shim's UDP channel is then sealed [env: VELIUM_TLS]
+    #[arg(long)]
     pub(crate) tls: bool,
     /// PEM file of the CA certificates to trust instead of the system's (implies --tls)
-    #[arg(long, value_name = "FILE", env = "VELIUM_CA")]
+    /// [env: VELIUM_CA]
+    #[arg(long, value_name = "FILE")]
     pub(crate) ca: Option<std::path::PathBuf>,
     /// Do not verify the hub's certificate (implies --tls): anybody on the path can pose
     /// as the hub, so for tests only; warns on every run
-    // No variable sets it, so that it is never on without being seen on the command line.
     #[arg(long)]
     pub(crate) insecure: bool,
     /// PEM client certificate chain to present, for a hub that requires one (implies
-    /// --tls; needs --key)
-    #[arg(long, value_name = "FILE", env = "VELIUM_CERT", requires = "key")]
+    /// --tls; needs --key) [env: VELIUM_CERT]
+    #[arg(long, value_name = "FILE", requires = "key")]
     pub(crate) cert: Option<std::path::PathBuf>,
-    /// PEM private key of --cert
-    #[arg(long, value_name = "FILE", env = "VELIUM_KEY", requires = "cert")]
+    /// PEM private key of --cert [env: VELIUM_KEY]
+    #[arg(long, value_name = "FILE", requires = "cert")]
     pub(crate) key: Option<std::path::PathBuf>,
     /// The name the hub's certificate must carry [default: the host of --server]
-    /// (implies --tls)
-    #[arg(long, value_name = "NAME", env = "VELIUM_SERVER_NAME")]
+    /// (implies --tls) [env: VELIUM_SERVER_NAME]
+    #[arg(long, value_name = "NAME")]
     pub(crate) server_name: Option<String>,
 }
 
 impl TlsArgs {
+    /// As [`HubArgs::env`]; `--insecure` has no variable, so that it is never on without
+    /// being seen on the command line.
+    pub(crate) fn env() -> TlsArgs {
+        TlsArgs {
+            tls: env("VELIUM_TLS").is_some_and(|v| {
+                !matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "0" | "false" | "no" | "off" | "n" | "f"
+                )
+            }),
+            ca: env("VELIUM_CA").map(Into::into),
+            insecure: false,
+            cert: env("VELIUM_CERT").map(Into::into),
+            key: env("VELIUM_KEY").map(Into::into),
+            server_name: env("VELIUM_SERVER_NAME"),
+        }
+    }
+
     /// As [`HubArgs::or`]; a certificate and its key go together.
     pub(crate) fn or(self, top: &TlsArgs) -> TlsArgs {
         let (cert, key) = match self.cert {
@@ -271,6 +312,11 @@ impl TlsArgs {
             key: self.key.clone(),
         })
     }
+}
+
+/// A variable of the environment, unless unset or empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// The identity an operator command connects as, and how long it waits.

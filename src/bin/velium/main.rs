@@ -110,10 +110,12 @@ fn generate(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
-    let top = cli.hub;
+    // The command line after the command, then before it, then the environment.
+    let top = cli.hub.or(&HubArgs::env());
+    let top_admin = cli.admin.or(&AdminArgs::env());
     match cli.cmd {
         Cmd::Stats { admin, out } => {
-            let Some(admin) = admin_of(admin.or(&cli.admin)).await? else {
+            let Some(admin) = admin_of(admin.or(&top_admin), ADMIN_TIMEOUT).await? else {
                 return Err(Fatal(
                     "stats reads the hub's admin listener: give --admin ADDR".into(),
                 ));
@@ -165,7 +167,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
                 check_target("pattern", p)?;
             }
             let target = listing_target(pattern.as_deref(), &filters)?;
-            if let Some(admin) = admin_of(admin.or(&cli.admin)).await? {
+            if let Some(admin) = admin_of(admin.or(&top_admin), op.timeout).await? {
                 return who_admin(&admin, target.as_deref(), out.json);
             }
             let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
@@ -221,6 +223,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
 
 /// The hub to connect to: its address and the options of connecting.
 struct Hub {
+    /// As given (HOST:PORT), resolved again when a shim connects again.
+    server: String,
+    /// As resolved first.
     addr: SocketAddr,
     options: ClientOptions,
 }
@@ -242,12 +247,20 @@ impl Hub {
             request_timeout: timeout,
             ..ClientOptions::default()
         };
+        if args.tls.cert.is_some() != args.tls.key.is_some() {
+            return Err(Fatal(
+                "a client certificate needs its key: give --cert FILE and --key FILE (or \
+                 VELIUM_CERT and VELIUM_KEY)"
+                    .into(),
+            ));
+        }
         if options.user.is_some() && options.secret.is_none() {
             return Err(Fatal(
                 "--user needs the user's secret: give --secret-file FILE (or VELIUM_SECRET)".into(),
             ));
         }
         Ok(Hub {
+            server: server.to_string(),
             addr: resolve(server).await?,
             options,
         })
@@ -271,22 +284,27 @@ impl Hub {
 }
 
 /// The admin listener the options name, if any.
-async fn admin_of(args: AdminArgs) -> Result<Option<Admin>, Fatal> {
+async fn admin_of(args: AdminArgs, timeout: Duration) -> Result<Option<Admin>, Fatal> {
     let Some(addr) = &args.admin else {
         return Ok(None);
     };
     Ok(Some(Admin {
         addr: resolve(addr).await?,
         token: read_secret(args.admin_token_file.as_deref(), "admin token file")?,
+        timeout,
     }))
 }
+
+/// How long `stats` waits for the admin listener.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Checks a target or pattern as the hub would, before connecting. A target ending in a
 /// dot is most often `peq.>` typed unquoted, the shell having taken `>` for a redirection.
 fn check_target(what: &'static str, target: &str) -> Result<(), Fatal> {
     velium_server::client::check_target(what, target).map_err(|e| {
         let mut msg = e.to_string();
-        if target.ends_with('.') {
+        let with_rest = format!("{target}>");
+        if target.ends_with('.') && velium_server::client::check_target(what, &with_rest).is_ok() {
             msg.push_str(&format!(
                 " (an unquoted > is a redirection to the shell: quote the {what}, as in \
                  '{target}>')"

@@ -76,18 +76,25 @@ pub(crate) async fn shim(
 ) -> Result<ExitCode, Fatal> {
     let mut signals = Signals::new()?;
     let mut backoff = Backoff { attempt: 0 };
+    let mut addr = Ok(hub.addr);
     let mut connected_once = false;
     loop {
-        let connecting = Client::connect_with(hub.addr, identity, hub.options.clone());
-        let attempt = tokio::select! {
-            c = connecting => c,
-            _ = signals.recv() => return Ok(ExitCode::SUCCESS),
+        let attempt = match addr {
+            Ok(addr) => {
+                let connecting = Client::connect_with(addr, identity, hub.options.clone());
+                tokio::select! {
+                    c = connecting => c.map_err(|e| (worth_retrying(&e), Fatal::from(e).0)),
+                    _ = signals.recv() => return Ok(ExitCode::SUCCESS),
+                }
+            }
+            // The name did not resolve this time (the hub's host moving, its DNS down).
+            Err(Fatal(why)) => Err((true, why)),
         };
         let ended = match attempt {
             Ok(client) => {
                 connected_once = true;
                 let since = Instant::now();
-                let ended = serve(&client, publish, how.udp, &mut signals).await?;
+                let ended = serve(&client, publish, how.udp, &mut signals).await;
                 if since.elapsed() >= Backoff::STEADY {
                     backoff.attempt = 0;
                 }
@@ -96,12 +103,13 @@ pub(crate) async fn shim(
                 }
                 ended
             }
-            // The first connection is the arguments' test: a failure is reported as any
-            // command's; later a hub restarting is waited for, but a refusal that another
-            // try would meet again ends the shim.
-            Err(e) if !connected_once || !worth_retrying(&e) => return Err(e.into()),
-            Err(e) => Ended::Lost {
-                reason: Fatal::from(e).0,
+            // A refusal that another try would meet again (the credentials, the identity,
+            // a certificate) ends the shim as it ends any command, as does any failure of
+            // the first connection with --no-reconnect.
+            Err((false, why)) => return Err(Fatal(why)),
+            Err((true, why)) if !connected_once && !how.reconnect => return Err(Fatal(why)),
+            Err((true, reason)) => Ended::Lost {
+                reason,
                 again: true,
             },
         };
@@ -121,22 +129,26 @@ pub(crate) async fn shim(
                     _ = tokio::time::sleep(wait) => {}
                     _ = signals.recv() => return Ok(ExitCode::SUCCESS),
                 }
+                // Its name again: a hub that comes back may come back elsewhere.
+                addr = resolve(&hub.server).await;
             }
         }
     }
 }
 
-/// Whether a failed reconnection may succeed later: not when the hub refused the
-/// credentials or the identity, nor when TLS failed (a certificate does not mend itself).
+/// Whether a failed connection may succeed later: a hub that is down, restarting, full,
+/// rate-limiting or still holding the identity's old connection, yes; one that refused
+/// the credentials or the identity, or a TLS failure of certificates, no.
 pub(crate) fn worth_retrying(e: &ClientError) -> bool {
     match e {
         ClientError::Unreachable { .. }
         | ClientError::Timeout(_)
         | ClientError::Closed
         | ClientError::Io(_) => true,
-        // Refusals of a full or busy hub pass; refusals of who we are do not.
         ClientError::Server(msg) => {
-            !(msg.contains("authentication") || msg.contains("identity") || msg.contains("user"))
+            !(msg.starts_with("authentication")
+                || msg.starts_with("credentials revoked")
+                || msg.starts_with("identity not permitted"))
         }
         _ => false,
     }
@@ -149,13 +161,21 @@ pub(crate) async fn serve(
     publish: &Publish,
     udp: bool,
     signals: &mut Signals,
-) -> Result<Ended, Fatal> {
+) -> Ended {
     let items = publish.items();
     if !items.is_empty() {
-        client.set_state(&items).await?;
         // Handled once the Pong is back (a refusal is an event printed below), so that
         // whoever reads the `connected` line finds the keys set.
-        client.ping(b"velium-set").await?;
+        let set = match client.set_state(&items).await {
+            Ok(()) => client.ping(b"velium-set").await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = set {
+            return Ended::Lost {
+                again: worth_retrying(&e),
+                reason: Fatal::from(e).0,
+            };
+        }
     }
     if udp && let Err(e) = client.bind_udp().await {
         eprintln!("velium: {e}; continuing over TCP only");
@@ -179,7 +199,7 @@ pub(crate) async fn serve(
                 }
                 continue;
             }
-            _ = signals.recv() => return Ok(Ended::Signal),
+            _ = signals.recv() => return Ended::Signal,
         };
         match event {
             Some(Event::Command {
@@ -226,13 +246,13 @@ pub(crate) async fn serve(
             Some(Event::State { .. } | Event::Join { .. } | Event::Leave { .. }) => {}
             Some(Event::Closed { reason }) => {
                 let again = !reason.contains("closed the connection: replaced");
-                return Ok(Ended::Lost { reason, again });
+                return Ended::Lost { reason, again };
             }
             None => {
-                return Ok(Ended::Lost {
+                return Ended::Lost {
                     reason: "the connection to the hub closed".into(),
                     again: true,
-                });
+                };
             }
         }
     }

@@ -487,7 +487,10 @@ pub fn usable_cores() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// A configuration problem, worded as the one line the server prints before exiting.
+/// A configuration problem, worded as the server prints it before exiting: one line, but
+/// for a file the TOML parser refused, where a first line naming the file is followed by
+/// the parser's own lines (the line and column, the line itself with a caret under the
+/// spot, and what is wrong there). [`ConfigError::one_line`] is the form for a log field.
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -499,16 +502,57 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("config file {path}: {msg}")]
+    #[error("config file {}:\n{msg}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's message, folded to one line.
+        /// The parser's message as it formats it, several lines (without the last line
+        /// break).
         msg: String,
+        /// The same in one line: `line L, column C: WHAT` (or `WHAT` alone when the
+        /// parser names no place).
+        brief: String,
     },
     /// A value out of its range.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl ConfigError {
+    /// The error in one line, for a log field or an event list: a TOML error as
+    /// `config file F: line L, column C: WHAT`, everything else as displayed.
+    pub fn one_line(&self) -> String {
+        match self {
+            ConfigError::Parse { path, brief, .. } => {
+                format!("config file {}: {brief}", path.display())
+            }
+            e => e.to_string(),
+        }
+    }
+
+    /// `e`, which the TOML parser returned for `text` read from `path`.
+    fn parse(path: &std::path::Path, text: &str, e: &toml::de::Error) -> ConfigError {
+        let what = e.message().trim_end();
+        let brief = match e.span() {
+            Some(span) => {
+                let mut at = span.start.min(text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let before = &text[..at];
+                let line = before.matches('\n').count() + 1;
+                let start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before[start..].chars().count() + 1;
+                format!("line {line}, column {column}: {}", what.replace('\n', "; "))
+            }
+            None => what.replace('\n', "; "),
+        };
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+            brief,
+        }
+    }
 }
 
 /// velium-server: a hub for fleets of game-client shims (TCP control + UDP channel).
@@ -781,10 +825,8 @@ impl Config {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    msg: one_line(&e.to_string()),
-                })?
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::parse(path, &text, &e))?
             }
             None => FileConfig::default(),
         };
@@ -1280,10 +1322,6 @@ fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1358,14 +1396,65 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys_and_bad_values() {
-        let e = with_file("listn = \"x\"\n").unwrap_err().to_string();
-        assert!(e.contains("listn"), "{e}");
-        assert!(!e.contains('\n'));
+        let e = with_file("listn = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        assert!(
+            e.one_line()
+                .contains("line 1, column 1: unknown field `listn`")
+        );
+        assert!(!e.one_line().contains('\n'), "{}", e.one_line());
         assert!(with_file("listen = \"nowhere\"\n").is_err());
         assert!(with_file("cores = 0\n").is_err());
         assert!(with_file("identify_timeout = \"soon\"\n").is_err());
         let e = with_file("allow_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
+    }
+
+    /// The path a test file of [`with_file`] was given, from its error's first line.
+    fn first_line(e: &ConfigError) -> String {
+        e.to_string().lines().next().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn toml_errors_keep_the_parsers_lines() {
+        // A syntax error: the file on a line of its own, then the parser's lines as it
+        // writes them (place, the line with a caret under the spot, what is wrong).
+        let e = with_file("listen = \"127.0.0.1:1\"\nmax_frame = [1,\n").unwrap_err();
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("config file ") && lines[0].ends_with(".toml:"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("TOML parse error at line 2, column "),
+            "{text}"
+        );
+        assert!(lines.contains(&"2 | max_frame = [1,"), "{text}");
+        assert!(lines.iter().any(|l| l.trim_end().ends_with('^')), "{text}");
+        assert!(!text.ends_with('\n'), "{text:?}");
+        let brief = e.one_line();
+        assert!(
+            brief.starts_with(&lines[0][..lines[0].len() - 1]),
+            "{brief}"
+        );
+        assert!(brief.contains(": line 2, column "), "{brief}");
+        assert!(!brief.contains('\n'), "{brief}");
+        // A value of the wrong type: its line and column, the caret under the value.
+        let e = with_file("cores = \"two\"\n").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("TOML parse error at line 1, column 9\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n1 | cores = \"two\"\n"), "{text}");
+        assert!(text.contains("|         ^^^^^\n"), "{text}");
+        assert!(first_line(&e).ends_with(':'), "{text}");
+        assert!(e.one_line().contains("line 1, column 9: invalid type"));
+        // Errors of a value in range stay one line.
+        let e = with_file("max_frame = 5\n").unwrap_err();
+        assert_eq!(e.to_string(), e.one_line());
+        assert!(!e.to_string().contains('\n'), "{e}");
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! for the connections to close up to `shutdown_timeout`, exit 0; a second signal exits at
 //! once). SIGHUP re-reads the config file and applies what can change at run time.
 //!
+//! A config error is printed on stderr as [`ConfigError`](velium_server::config::ConfigError)
+//! words it: one line, or a TOML error in the parser's own lines (the line, the column and
+//! a caret under the spot); a reload that fails logs it in one line
+//! ([`ConfigError::one_line`](velium_server::config::ConfigError::one_line)), and answers
+//! `POST /reload` with the lines.
+//!
 //! `velium-server --generate DIR` writes its man page and shell completions (see
 //! `velium_server::manual`) and exits.
 
@@ -79,10 +85,16 @@ fn main() -> ExitCode {
         let hub = hub.clone();
         Arc::new(move || {
             let new = Config::load(&args).map_err(|e| {
-                warn!(error = %e, "reload failed; settings unchanged");
-                let text = format!("reload failed, settings unchanged: {e}");
-                journal(&hub, false, &text);
-                text
+                // The log line and the journal take the one-line form; the answer to
+                // POST /reload keeps a TOML error's lines.
+                let brief = e.one_line();
+                warn!(error = %brief, "reload failed; settings unchanged");
+                journal(
+                    &hub,
+                    false,
+                    &format!("reload failed, settings unchanged: {brief}"),
+                );
+                format!("reload failed, settings unchanged: {e}")
             })?;
             let level = new.log_level.clone();
             let (live, restart) = hub.reload(new);
@@ -170,7 +182,9 @@ load leaves the settings as they were.",
         "0 after a graceful stop, or when --check-config found the file valid. 1 when the server \
 could not start (address in use, io = \"uring\" without io_uring) or was stopped by a second \
 signal. 2 for a configuration error (a bad flag, an unknown key or bad value in the file), \
-reported in one line on stderr.",
+reported on stderr: in one line, or, for what the TOML parser refuses, in a line naming the \
+file followed by the parser's lines (the line and column, the line with a caret under the \
+spot, what is wrong there).",
     ),
     (
         "FILES",

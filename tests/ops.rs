@@ -333,8 +333,8 @@ fn check_config_validates_only(io: &str) {
         String::from_utf8_lossy(&out.stdout),
         format!("{}: ok\n", good.arg())
     );
+    // A value out of its range: one line.
     for bad in [
-        "max_conections = 10\n",
         "allow_networks = [\"10.0.0.0/40\"]\n",
         "[[command_rule]]\nfrom = \"x\"\nto = [\">\"]\n",
         "shutdown_timeout = \"later\"\n",
@@ -347,6 +347,39 @@ fn check_config_validates_only(io: &str) {
         assert_eq!(out.status.code(), Some(2), "{bad}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // What the TOML parser refuses: a line naming the file, then the parser's lines.
+    for (bad, place, what) in [
+        (
+            "max_conections = 10\n",
+            "line 1, column 1",
+            "unknown field `max_conections`",
+        ),
+        (
+            "admin = \"127.0.0.1:9100\"\nidle_timeout = 30\n",
+            "line 2, column 16",
+            "invalid type: integer `30`, expected a string",
+        ),
+        ("cores = [1,\n", "line 1, column 12", "unclosed array"),
+    ] {
+        good.write(bad);
+        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--check-config", good.arg()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("velium-server: config file {}:", good.arg()),
+            "{err}"
+        );
+        assert_eq!(lines[1], format!("TOML parse error at {place}"), "{err}");
+        assert!(lines[3].contains(" | "), "{err}");
+        assert!(lines[4].trim_end().ends_with('^'), "{err}");
+        assert!(lines[5].starts_with(what), "{err}");
+        assert_eq!(lines.len(), 6, "{err}");
     }
 }
 

@@ -43,6 +43,11 @@
 //!   most 4 sends running at once, each for at most 60 s; logins at most 5 a second
 //!   from one source (a /64 for IPv6) and 50 a second in all.
 //!
+//! `POST /reload` re-reads the settings as SIGHUP does and answers in plain text: 200 with
+//! `reloaded; applied: KEYS; need a restart: KEYS`; 500 with the reason when the settings
+//! fail to load (nothing changes; a TOML error keeps the parser's lines, with the line,
+//! the column and a caret under the spot); 429 past its rate.
+//!
 //! Refusals are counted in `velium_admin_refused_total{reason}` and logged at most once a
 //! minute per reason; connections closed by the listener are counted in
 //! `velium_admin_closed_total{reason}`.

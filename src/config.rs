@@ -718,11 +718,15 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<LogFormat>,
     admin: Option<String>,
+    #[serde(default, deserialize_with = "duration_key::shutdown_timeout")]
     shutdown_timeout: Option<String>,
     max_frame: Option<usize>,
+    #[serde(default, deserialize_with = "duration_key::identify_timeout")]
     identify_timeout: Option<String>,
+    #[serde(default, deserialize_with = "duration_key::idle_timeout")]
     idle_timeout: Option<String>,
     outbound_limit: Option<usize>,
+    #[serde(default, deserialize_with = "duration_key::write_deadline")]
     write_deadline: Option<String>,
     routed_per_sec: Option<u32>,
     deliveries_per_sec: Option<u32>,
@@ -741,6 +745,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     tls_optional: Option<bool>,
+    #[serde(default, deserialize_with = "duration_key::tls_handshake_timeout")]
     tls_handshake_timeout: Option<String>,
     udp_plain: Option<bool>,
     admin_token_file: Option<PathBuf>,
@@ -777,6 +782,79 @@ struct FileUser {
     echoes: Option<Vec<String>>,
     who: Option<Vec<String>>,
     state: Option<Vec<String>>,
+}
+
+/// Reads the value of the duration setting `key`: a string, such as `"5s"` (parsed with
+/// the flags, by [`parse_duration`]). A number is refused with what to write instead: the
+/// file has one way to write a duration, and a bare `5` could as well mean milliseconds.
+fn duration_value<'de, D: serde::Deserializer<'de>>(
+    key: &'static str,
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    use serde::de::{Error, Visitor};
+    struct Text(&'static str);
+    impl Visitor<'_> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration string with a unit, such as \"5s\" or \"500ms\"")
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &v.to_string(), v as f64)))
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &v.to_string(), v as f64)))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &format!("{v:?}"), v)))
+        }
+    }
+    d.deserialize_any(Text(key))
+}
+
+/// What to write instead of the number `given` (`v`) for the duration setting `key`:
+/// `idle_timeout = 5: a duration is a string with a unit, such as "5s" or "500ms"`.
+fn number_hint(key: &str, given: &str, v: f64) -> String {
+    // The same time with a unit: whole seconds as "Ns", else whole milliseconds as "Nms"
+    // (0.1 is 100 ms, whatever its last binary digits say).
+    let ms = v * 1000.0;
+    let like = if !(v.is_finite() && (0.0..1e12).contains(&v)) {
+        None
+    } else if v.fract() == 0.0 {
+        Some(format!("{}s", v as u64))
+    } else if (ms - ms.round()).abs() < 1e-6 {
+        Some(format!("{}ms", ms.round() as u64))
+    } else {
+        None
+    };
+    let (a, b) = match like {
+        Some(s) if s == "500ms" => (s, "5s".to_string()),
+        Some(s) => (s, "500ms".to_string()),
+        None => ("5s".to_string(), "500ms".to_string()),
+    };
+    format!("{key} = {given}: a duration is a string with a unit, such as \"{a}\" or \"{b}\"")
+}
+
+/// One deserializer per duration setting of [`FileConfig`], each naming its key.
+mod duration_key {
+    macro_rules! keys {
+        ($($key:ident),* $(,)?) => {$(
+            pub(super) fn $key<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<Option<String>, D::Error> {
+                super::duration_value(stringify!($key), d)
+            }
+        )*};
+    }
+    keys!(
+        shutdown_timeout,
+        identify_timeout,
+        idle_timeout,
+        write_deadline,
+        tls_handshake_timeout,
+    );
 }
 
 /// The state keys indexed when `state_index` is not set: those docs/protocol.md suggests
@@ -1455,6 +1533,50 @@ mod tests {
         let e = with_file("max_frame = 5\n").unwrap_err();
         assert_eq!(e.to_string(), e.one_line());
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_number_for_a_duration_says_what_to_write() {
+        for key in [
+            "shutdown_timeout",
+            "identify_timeout",
+            "idle_timeout",
+            "write_deadline",
+            "tls_handshake_timeout",
+        ] {
+            let e = with_file(&format!("{key} = 5\n")).unwrap_err();
+            let want = format!(
+                "{key} = 5: a duration is a string with a unit, such as \"5s\" or \"500ms\""
+            );
+            assert!(e.to_string().ends_with(&format!("\n{want}")), "{e}");
+            assert!(
+                e.one_line()
+                    .ends_with(&format!("column {}: {want}", key.len() + 4))
+            );
+        }
+        for (given, like) in [
+            ("30", "\"30s\" or \"500ms\""),
+            ("0.5", "\"500ms\" or \"5s\""),
+            ("2.5", "\"2500ms\" or \"500ms\""),
+            ("0.1", "\"100ms\" or \"500ms\""),
+            ("5.0", "\"5s\" or \"500ms\""),
+            ("-3", "\"5s\" or \"500ms\""),
+            ("0.0001", "\"5s\" or \"500ms\""),
+        ] {
+            let e = with_file(&format!("idle_timeout = {given}\n")).unwrap_err();
+            let want = format!(
+                "idle_timeout = {given}: a duration is a string with a unit, such as {like}"
+            );
+            assert!(e.to_string().ends_with(&want), "{given}: {e}");
+        }
+        // Another type is refused with the same words; the string form is unchanged.
+        let e = with_file("idle_timeout = true\n").unwrap_err().to_string();
+        assert!(e.contains("expected a duration string with a unit"), "{e}");
+        let c = with_file("idle_timeout = \"12s\"\nwrite_deadline = \"1m\"\n").unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(12));
+        assert_eq!(c.write_deadline, Duration::from_secs(60));
+        let e = with_file("idle_timeout = \"5\"\n").unwrap_err().to_string();
+        assert!(e.contains("bad idle_timeout \"5\""), "{e}");
     }
 
     #[test]

@@ -113,6 +113,17 @@ fn broken_copies_are_refused() {
         .unwrap();
         assert_refused_by_toml(&unknown, "unknown field `listen_adress`");
     }
+    // A duration written as a number: what to write instead.
+    let number = dir.join("number.toml");
+    std::fs::write(
+        &number,
+        format!("{}\nidle_timeout = 30\n", read(CONFIGS[0])),
+    )
+    .unwrap();
+    assert_refused_by_toml(
+        &number,
+        "idle_timeout = 30: a duration is a string with a unit, such as \"30s\"",
+    );
     // allow_networks is commented out in the full file: a bad CIDR there.
     let cidr = dir.join("bad-cidr.toml");
     std::fs::write(

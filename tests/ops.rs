@@ -318,6 +318,37 @@ fn sighup_and_post_reload_apply_live_settings(io: &str) {
     srv.tcp().identify("b");
 }
 
+/// A file that fails to load on a reload: POST /reload answers the parser's lines (the
+/// line, the column, a caret under the spot), the log takes them in one line, and the
+/// settings stay.
+fn a_reload_answers_a_toml_error_in_its_lines(io: &str) {
+    let base = format!("listen = \"127.0.0.1:0\"\ncores = 2\nio = \"{io}\"\n");
+    let cfg = TempFile::new("typo.toml", &base);
+    let srv = Server::spawn(&["--config", cfg.arg(), "--admin", "127.0.0.1:0"]);
+    let mut a = srv.tcp();
+    a.identify("ops.typo.a");
+    cfg.write(&format!("{base}idle_timeout = 5\n"));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 500, "{body}");
+    let want = format!(
+        "reload failed, settings unchanged: config file {}:\n\
+         TOML parse error at line 4, column 16\n  |\n4 | idle_timeout = 5\n  |                ^\n\
+         idle_timeout = 5: a duration is a string with a unit, such as \"5s\" or \"500ms\"\n",
+        cfg.arg()
+    );
+    assert_eq!(body, want);
+    let line = srv.wait_log(&["reload failed; settings unchanged"]);
+    assert!(
+        line.contains(&format!(
+            "config file {}: line 4, column 16: idle_timeout = 5: a duration is a string",
+            cfg.arg()
+        )),
+        "{line}"
+    );
+    a.sync(b"kept");
+    assert_eq!(srv.count_log(&["reloaded"]), 0);
+}
+
 fn check_config_validates_only(io: &str) {
     let _ = io;
     let good = TempFile::new(
@@ -358,7 +389,7 @@ fn check_config_validates_only(io: &str) {
         (
             "admin = \"127.0.0.1:9100\"\nidle_timeout = 30\n",
             "line 2, column 16",
-            "invalid type: integer `30`, expected a string",
+            "idle_timeout = 30: a duration is a string with a unit, such as \"30s\" or \"500ms\"",
         ),
         ("cores = [1,\n", "line 1, column 12", "unclosed array"),
     ] {
@@ -443,6 +474,7 @@ drivers!(
     the_secret_is_required_before_identify,
     sigterm_sends_quit_to_every_connection_and_exits_zero,
     sighup_and_post_reload_apply_live_settings,
+    a_reload_answers_a_toml_error_in_its_lines,
 );
 
 #[test]

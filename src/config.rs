@@ -708,6 +708,26 @@ pub struct Args {
     pub node_name: Option<String>,
 }
 
+impl Args {
+    /// Whether a reload has anything to read again: the config file (`--config`), or a
+    /// file a flag names (the shared secret, the admin token, the TLS certificate, key and
+    /// client CA). A hub started with neither has only settings from its command line and
+    /// its environment, which cannot change while it runs: a reload there is refused
+    /// rather than answered "applied: none".
+    pub fn reload_rereads(&self) -> bool {
+        self.config.is_some()
+            || self.secret_file.is_some()
+            || self.admin_token_file.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_client_ca.is_some()
+    }
+}
+
+/// What a reload on a hub with nothing to read again answers (see
+/// [`Args::reload_rereads`]).
+pub const NOTHING_TO_RELOAD: &str = "nothing to reload: the hub was started without --config";
+
 /// The config file: every key optional, unknown keys rejected.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -1657,6 +1677,30 @@ mod tests {
         let applied = old.reloaded(new);
         assert_eq!(applied.cores, old.cores);
         assert_eq!(applied.idle_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn a_reload_rereads_the_file_or_the_files_flags_name() {
+        assert!(!Args::default().reload_rereads());
+        let flags = Args {
+            listen: Some("127.0.0.1:0".into()),
+            idle_timeout: Some("5s".into()),
+            ..Args::default()
+        };
+        assert!(!flags.reload_rereads(), "flags alone cannot change");
+        let file = |f: fn(&mut Args)| {
+            let mut a = Args::default();
+            f(&mut a);
+            a.reload_rereads()
+        };
+        assert!(file(
+            |a| a.config = Some("/etc/velium/velium-server.toml".into())
+        ));
+        assert!(file(|a| a.secret_file = Some("/s".into())));
+        assert!(file(|a| a.admin_token_file = Some("/t".into())));
+        assert!(file(|a| a.tls_cert = Some("/c".into())));
+        assert!(file(|a| a.tls_key = Some("/k".into())));
+        assert!(file(|a| a.tls_client_ca = Some("/ca".into())));
     }
 
     #[test]

@@ -318,6 +318,29 @@ fn sighup_and_post_reload_apply_live_settings(io: &str) {
     srv.tcp().identify("b");
 }
 
+/// A hub started without --config, and no flag naming a file, has nothing to re-read:
+/// SIGHUP and POST /reload say so (409), and change nothing.
+#[test]
+fn a_reload_without_a_config_file_says_there_is_nothing_to_reload() {
+    let srv = Server::with_admin("epoll", &["--idle-timeout", "20s"]);
+    let mut a = srv.tcp();
+    a.identify("ops.nothing.a");
+    let (status, body) = srv.post("/reload");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            409,
+            "nothing to reload: the hub was started without --config\n"
+        )
+    );
+    srv.signal(libc::SIGHUP);
+    let line = srv.wait_log(&["nothing to reload: the hub was started without --config"]);
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(srv.count_log(&["reloaded"]), 0);
+    a.sync(b"still served");
+    srv.tcp().identify("ops.nothing.b");
+}
+
 /// A file that fails to load on a reload: POST /reload answers the parser's lines (the
 /// line, the column, a caret under the spot), the log takes them in one line, and the
 /// settings stay.

@@ -183,9 +183,10 @@ A second SIGTERM or SIGINT exits at once with status 1.
 
 SIGHUP re-reads the config file (flags given at start still win) and applies everything but \
 listen, cores, io, admin and admin_connections, which need a restart; a file that fails to \
-load leaves the settings as they were. A hub started without --config, and with no flag \
-naming a secret, token or TLS file, has nothing to re-read: SIGHUP then logs \"nothing to \
-reload\" and changes nothing.",
+load leaves the settings as they were. A new idle_timeout, max_frame, outbound_limit, \
+answer_window or udp_plain is sent to every connected shim in a new Terms frame. A hub \
+started without --config, and with no flag naming a secret, token or TLS file, has nothing to \
+re-read: SIGHUP then logs \"nothing to reload\" and changes nothing.",
     ),
     (
         "EXIT STATUS",

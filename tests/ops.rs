@@ -318,6 +318,78 @@ fn sighup_and_post_reload_apply_live_settings(io: &str) {
     srv.tcp().identify("b");
 }
 
+/// A reload that changes what the Terms say sends every identified shim new ones at once:
+/// a raw connection reads them as its next frame, the client library takes them; a
+/// connection that identifies afterwards gets the new ones with its Session; a reload
+/// that changes nothing they say sends none.
+fn a_reload_sends_new_terms_to_every_shim(io: &str) {
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\ncores = 2\nio = \"{io}\"\nconnect_rate_per_source = 0\n"
+    );
+    let cfg = TempFile::new("terms.toml", &format!("{base}idle_timeout = \"30s\"\n"));
+    let srv = Server::spawn(&["--config", cfg.arg(), "--admin", "127.0.0.1:0"]);
+    let mut a = srv.tcp();
+    a.send(0x01, b"ops.terms.a");
+    assert_eq!(a.expect(0x02).len(), 16);
+    let t = a.expect_terms();
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (30_000, 10_000));
+    let mut later = srv.tcp();
+    later.sync(b"not identified yet");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt
+        .block_on(Client::connect(srv.addr, "ops.terms.lib"))
+        .unwrap();
+    assert_eq!(c.terms().map(|t| t.ping_ms), Some(10_000));
+
+    cfg.write(&format!("{base}idle_timeout = \"12s\"\n"));
+    srv.signal(libc::SIGHUP);
+    let t = a.expect_terms();
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (12_000, 4_000));
+    assert_eq!(
+        (t.max_frame, t.outbound_limit, t.answer_window),
+        (16_384, 1_048_576, 256)
+    );
+    assert_eq!(t.features, ["state", "filters", "udp"]);
+    srv.wait_log(&["reloaded", "applied=idle_timeout"]);
+    // The Terms were queued before the reload was logged: a Pong asked for now comes
+    // after them, so the client has read them when its ping returns.
+    rt.block_on(c.ping(b"after the reload")).unwrap();
+    let t = c.terms().expect("Terms");
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (12_000, 4_000));
+    later.send(0x01, b"ops.terms.later");
+    later.expect(0x02);
+    assert_eq!(later.expect_terms().idle_timeout_ms, 12_000);
+
+    // A setting the Terms do not carry: no Terms, the next frame is the Pong.
+    cfg.write(&format!(
+        "{base}idle_timeout = \"12s\"\nmax_connections = 100\n"
+    ));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            200,
+            "reloaded; applied: max_connections; need a restart: none\n"
+        )
+    );
+    a.sync(b"no Terms");
+    later.sync(b"no Terms");
+    // One they carry, by POST /reload: everyone hears of it.
+    cfg.write(&format!(
+        "{base}idle_timeout = \"12s\"\nmax_connections = 100\nmax_frame = 8192\n"
+    ));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    for s in [&mut a, &mut later] {
+        let t = s.expect_terms();
+        assert_eq!((t.max_frame, t.idle_timeout_ms), (8192, 12_000));
+        s.sync(b"after");
+    }
+    rt.block_on(c.ping(b"again")).unwrap();
+    assert_eq!(c.terms().map(|t| t.max_frame), Some(8192));
+    assert!(!c.is_closed());
+}
+
 /// A hub started without --config, and no flag naming a file, has nothing to re-read:
 /// SIGHUP and POST /reload say so (409), and change nothing.
 #[test]
@@ -497,6 +569,7 @@ drivers!(
     the_secret_is_required_before_identify,
     sigterm_sends_quit_to_every_connection_and_exits_zero,
     sighup_and_post_reload_apply_live_settings,
+    a_reload_sends_new_terms_to_every_shim,
     a_reload_answers_a_toml_error_in_its_lines,
 );
 

@@ -487,7 +487,10 @@ pub fn usable_cores() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// A configuration problem, worded as the one line the server prints before exiting.
+/// A configuration problem, worded as the server prints it before exiting: one line, but
+/// for a file the TOML parser refused, where a first line naming the file is followed by
+/// the parser's own lines (the line and column, the line itself with a caret under the
+/// spot, and what is wrong there). [`ConfigError::one_line`] is the form for a log field.
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -499,16 +502,57 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("config file {path}: {msg}")]
+    #[error("config file {}:\n{msg}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's message, folded to one line.
+        /// The parser's message as it formats it, several lines (without the last line
+        /// break).
         msg: String,
+        /// The same in one line: `line L, column C: WHAT` (or `WHAT` alone when the
+        /// parser names no place).
+        brief: String,
     },
     /// A value out of its range.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl ConfigError {
+    /// The error in one line, for a log field or an event list: a TOML error as
+    /// `config file F: line L, column C: WHAT`, everything else as displayed.
+    pub fn one_line(&self) -> String {
+        match self {
+            ConfigError::Parse { path, brief, .. } => {
+                format!("config file {}: {brief}", path.display())
+            }
+            e => e.to_string(),
+        }
+    }
+
+    /// `e`, which the TOML parser returned for `text` read from `path`.
+    fn parse(path: &std::path::Path, text: &str, e: &toml::de::Error) -> ConfigError {
+        let what = e.message().trim_end();
+        let brief = match e.span() {
+            Some(span) => {
+                let mut at = span.start.min(text.len());
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let before = &text[..at];
+                let line = before.matches('\n').count() + 1;
+                let start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before[start..].chars().count() + 1;
+                format!("line {line}, column {column}: {}", what.replace('\n', "; "))
+            }
+            None => what.replace('\n', "; "),
+        };
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+            brief,
+        }
+    }
 }
 
 /// velium-server: a hub for fleets of game-client shims (TCP control + UDP channel).
@@ -664,6 +708,26 @@ pub struct Args {
     pub node_name: Option<String>,
 }
 
+impl Args {
+    /// Whether a reload has anything to read again: the config file (`--config`), or a
+    /// file a flag names (the shared secret, the admin token, the TLS certificate, key and
+    /// client CA). A hub started with neither has only settings from its command line and
+    /// its environment, which cannot change while it runs: a reload there is refused
+    /// rather than answered "applied: none".
+    pub fn reload_rereads(&self) -> bool {
+        self.config.is_some()
+            || self.secret_file.is_some()
+            || self.admin_token_file.is_some()
+            || self.tls_cert.is_some()
+            || self.tls_key.is_some()
+            || self.tls_client_ca.is_some()
+    }
+}
+
+/// What a reload on a hub with nothing to read again answers (see
+/// [`Args::reload_rereads`]).
+pub const NOTHING_TO_RELOAD: &str = "nothing to reload: the hub was started without --config";
+
 /// The config file: every key optional, unknown keys rejected.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -674,11 +738,15 @@ struct FileConfig {
     log_level: Option<String>,
     log_format: Option<LogFormat>,
     admin: Option<String>,
+    #[serde(default, deserialize_with = "duration_key::shutdown_timeout")]
     shutdown_timeout: Option<String>,
     max_frame: Option<usize>,
+    #[serde(default, deserialize_with = "duration_key::identify_timeout")]
     identify_timeout: Option<String>,
+    #[serde(default, deserialize_with = "duration_key::idle_timeout")]
     idle_timeout: Option<String>,
     outbound_limit: Option<usize>,
+    #[serde(default, deserialize_with = "duration_key::write_deadline")]
     write_deadline: Option<String>,
     routed_per_sec: Option<u32>,
     deliveries_per_sec: Option<u32>,
@@ -697,6 +765,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     tls_optional: Option<bool>,
+    #[serde(default, deserialize_with = "duration_key::tls_handshake_timeout")]
     tls_handshake_timeout: Option<String>,
     udp_plain: Option<bool>,
     admin_token_file: Option<PathBuf>,
@@ -733,6 +802,79 @@ struct FileUser {
     echoes: Option<Vec<String>>,
     who: Option<Vec<String>>,
     state: Option<Vec<String>>,
+}
+
+/// Reads the value of the duration setting `key`: a string, such as `"5s"` (parsed with
+/// the flags, by [`parse_duration`]). A number is refused with what to write instead: the
+/// file has one way to write a duration, and a bare `5` could as well mean milliseconds.
+fn duration_value<'de, D: serde::Deserializer<'de>>(
+    key: &'static str,
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    use serde::de::{Error, Visitor};
+    struct Text(&'static str);
+    impl Visitor<'_> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration string with a unit, such as \"5s\" or \"500ms\"")
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &v.to_string(), v as f64)))
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &v.to_string(), v as f64)))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(number_hint(self.0, &format!("{v:?}"), v)))
+        }
+    }
+    d.deserialize_any(Text(key))
+}
+
+/// What to write instead of the number `given` (`v`) for the duration setting `key`:
+/// `idle_timeout = 5: a duration is a string with a unit, such as "5s" or "500ms"`.
+fn number_hint(key: &str, given: &str, v: f64) -> String {
+    // The same time with a unit: whole seconds as "Ns", else whole milliseconds as "Nms"
+    // (0.1 is 100 ms, whatever its last binary digits say).
+    let ms = v * 1000.0;
+    let like = if !(v.is_finite() && (0.0..1e12).contains(&v)) {
+        None
+    } else if v.fract() == 0.0 {
+        Some(format!("{}s", v as u64))
+    } else if (ms - ms.round()).abs() < 1e-6 {
+        Some(format!("{}ms", ms.round() as u64))
+    } else {
+        None
+    };
+    let (a, b) = match like {
+        Some(s) if s == "500ms" => (s, "5s".to_string()),
+        Some(s) => (s, "500ms".to_string()),
+        None => ("5s".to_string(), "500ms".to_string()),
+    };
+    format!("{key} = {given}: a duration is a string with a unit, such as \"{a}\" or \"{b}\"")
+}
+
+/// One deserializer per duration setting of [`FileConfig`], each naming its key.
+mod duration_key {
+    macro_rules! keys {
+        ($($key:ident),* $(,)?) => {$(
+            pub(super) fn $key<'de, D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> Result<Option<String>, D::Error> {
+                super::duration_value(stringify!($key), d)
+            }
+        )*};
+    }
+    keys!(
+        shutdown_timeout,
+        identify_timeout,
+        idle_timeout,
+        write_deadline,
+        tls_handshake_timeout,
+    );
 }
 
 /// The state keys indexed when `state_index` is not set: those docs/protocol.md suggests
@@ -781,10 +923,8 @@ impl Config {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    msg: one_line(&e.to_string()),
-                })?
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| ConfigError::parse(path, &text, &e))?
             }
             None => FileConfig::default(),
         };
@@ -1280,10 +1420,6 @@ fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     Ok(d)
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1358,14 +1494,109 @@ mod tests {
 
     #[test]
     fn rejects_unknown_keys_and_bad_values() {
-        let e = with_file("listn = \"x\"\n").unwrap_err().to_string();
-        assert!(e.contains("listn"), "{e}");
-        assert!(!e.contains('\n'));
+        let e = with_file("listn = \"x\"\n").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        assert!(
+            e.one_line()
+                .contains("line 1, column 1: unknown field `listn`")
+        );
+        assert!(!e.one_line().contains('\n'), "{}", e.one_line());
         assert!(with_file("listen = \"nowhere\"\n").is_err());
         assert!(with_file("cores = 0\n").is_err());
         assert!(with_file("identify_timeout = \"soon\"\n").is_err());
         let e = with_file("allow_networks = [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
+    }
+
+    /// The path a test file of [`with_file`] was given, from its error's first line.
+    fn first_line(e: &ConfigError) -> String {
+        e.to_string().lines().next().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn toml_errors_keep_the_parsers_lines() {
+        // A syntax error: the file on a line of its own, then the parser's lines as it
+        // writes them (place, the line with a caret under the spot, what is wrong).
+        let e = with_file("listen = \"127.0.0.1:1\"\nmax_frame = [1,\n").unwrap_err();
+        let text = e.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("config file ") && lines[0].ends_with(".toml:"),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("TOML parse error at line 2, column "),
+            "{text}"
+        );
+        assert!(lines.contains(&"2 | max_frame = [1,"), "{text}");
+        assert!(lines.iter().any(|l| l.trim_end().ends_with('^')), "{text}");
+        assert!(!text.ends_with('\n'), "{text:?}");
+        let brief = e.one_line();
+        assert!(
+            brief.starts_with(&lines[0][..lines[0].len() - 1]),
+            "{brief}"
+        );
+        assert!(brief.contains(": line 2, column "), "{brief}");
+        assert!(!brief.contains('\n'), "{brief}");
+        // A value of the wrong type: its line and column, the caret under the value.
+        let e = with_file("cores = \"two\"\n").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("TOML parse error at line 1, column 9\n"),
+            "{text}"
+        );
+        assert!(text.contains("\n1 | cores = \"two\"\n"), "{text}");
+        assert!(text.contains("|         ^^^^^\n"), "{text}");
+        assert!(first_line(&e).ends_with(':'), "{text}");
+        assert!(e.one_line().contains("line 1, column 9: invalid type"));
+        // Errors of a value in range stay one line.
+        let e = with_file("max_frame = 5\n").unwrap_err();
+        assert_eq!(e.to_string(), e.one_line());
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_number_for_a_duration_says_what_to_write() {
+        for key in [
+            "shutdown_timeout",
+            "identify_timeout",
+            "idle_timeout",
+            "write_deadline",
+            "tls_handshake_timeout",
+        ] {
+            let e = with_file(&format!("{key} = 5\n")).unwrap_err();
+            let want = format!(
+                "{key} = 5: a duration is a string with a unit, such as \"5s\" or \"500ms\""
+            );
+            assert!(e.to_string().ends_with(&format!("\n{want}")), "{e}");
+            assert!(
+                e.one_line()
+                    .ends_with(&format!("column {}: {want}", key.len() + 4))
+            );
+        }
+        for (given, like) in [
+            ("30", "\"30s\" or \"500ms\""),
+            ("0.5", "\"500ms\" or \"5s\""),
+            ("2.5", "\"2500ms\" or \"500ms\""),
+            ("0.1", "\"100ms\" or \"500ms\""),
+            ("5.0", "\"5s\" or \"500ms\""),
+            ("-3", "\"5s\" or \"500ms\""),
+            ("0.0001", "\"5s\" or \"500ms\""),
+        ] {
+            let e = with_file(&format!("idle_timeout = {given}\n")).unwrap_err();
+            let want = format!(
+                "idle_timeout = {given}: a duration is a string with a unit, such as {like}"
+            );
+            assert!(e.to_string().ends_with(&want), "{given}: {e}");
+        }
+        // Another type is refused with the same words; the string form is unchanged.
+        let e = with_file("idle_timeout = true\n").unwrap_err().to_string();
+        assert!(e.contains("expected a duration string with a unit"), "{e}");
+        let c = with_file("idle_timeout = \"12s\"\nwrite_deadline = \"1m\"\n").unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(12));
+        assert_eq!(c.write_deadline, Duration::from_secs(60));
+        let e = with_file("idle_timeout = \"5\"\n").unwrap_err().to_string();
+        assert!(e.contains("bad idle_timeout \"5\""), "{e}");
     }
 
     #[test]
@@ -1446,6 +1677,30 @@ mod tests {
         let applied = old.reloaded(new);
         assert_eq!(applied.cores, old.cores);
         assert_eq!(applied.idle_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn a_reload_rereads_the_file_or_the_files_flags_name() {
+        assert!(!Args::default().reload_rereads());
+        let flags = Args {
+            listen: Some("127.0.0.1:0".into()),
+            idle_timeout: Some("5s".into()),
+            ..Args::default()
+        };
+        assert!(!flags.reload_rereads(), "flags alone cannot change");
+        let file = |f: fn(&mut Args)| {
+            let mut a = Args::default();
+            f(&mut a);
+            a.reload_rereads()
+        };
+        assert!(file(
+            |a| a.config = Some("/etc/velium/velium-server.toml".into())
+        ));
+        assert!(file(|a| a.secret_file = Some("/s".into())));
+        assert!(file(|a| a.admin_token_file = Some("/t".into())));
+        assert!(file(|a| a.tls_cert = Some("/c".into())));
+        assert!(file(|a| a.tls_key = Some("/k".into())));
+        assert!(file(|a| a.tls_client_ca = Some("/ca".into())));
     }
 
     #[test]

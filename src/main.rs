@@ -2,7 +2,15 @@
 //!
 //! Signals: SIGTERM or SIGINT stop gracefully (stop accepting, Quit to every shim, wait
 //! for the connections to close up to `shutdown_timeout`, exit 0; a second signal exits at
-//! once). SIGHUP re-reads the config file and applies what can change at run time.
+//! once). SIGHUP re-reads the config file and applies what can change at run time; a hub
+//! started without `--config`, with no flag naming a file, has nothing to re-read, and
+//! says so (a warning, and 409 to `POST /reload`) instead.
+//!
+//! A config error is printed on stderr as [`ConfigError`](velium_server::config::ConfigError)
+//! words it: one line, or a TOML error in the parser's own lines (the line, the column and
+//! a caret under the spot); a reload that fails logs it in one line
+//! ([`ConfigError::one_line`](velium_server::config::ConfigError::one_line)), and answers
+//! `POST /reload` with the lines.
 //!
 //! `velium-server --generate DIR` writes its man page and shell completions (see
 //! `velium_server::manual`) and exits.
@@ -17,8 +25,8 @@ use tracing::{info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, fmt, reload};
-use velium_server::admin;
-use velium_server::config::{Args, Config, LogFormat};
+use velium_server::admin::{self, ReloadRefused};
+use velium_server::config::{Args, Config, LogFormat, NOTHING_TO_RELOAD};
 use velium_server::driver;
 use velium_server::hub::Hub;
 use velium_server::metrics::Latency;
@@ -78,11 +86,23 @@ fn main() -> ExitCode {
     let reload: admin::Reload = {
         let hub = hub.clone();
         Arc::new(move || {
+            if !args.reload_rereads() {
+                // Only the command line and the environment: nothing could have changed.
+                warn!("{NOTHING_TO_RELOAD}");
+                journal(&hub, false, NOTHING_TO_RELOAD);
+                return Err(ReloadRefused::Nothing(NOTHING_TO_RELOAD.into()));
+            }
             let new = Config::load(&args).map_err(|e| {
-                warn!(error = %e, "reload failed; settings unchanged");
-                let text = format!("reload failed, settings unchanged: {e}");
-                journal(&hub, false, &text);
-                text
+                // The log line and the journal take the one-line form; the answer to
+                // POST /reload keeps a TOML error's lines.
+                let brief = e.one_line();
+                warn!(error = %brief, "reload failed; settings unchanged");
+                journal(
+                    &hub,
+                    false,
+                    &format!("reload failed, settings unchanged: {brief}"),
+                );
+                ReloadRefused::Failed(format!("reload failed, settings unchanged: {e}"))
             })?;
             let level = new.log_level.clone();
             let (live, restart) = hub.reload(new);
@@ -163,14 +183,19 @@ A second SIGTERM or SIGINT exits at once with status 1.
 
 SIGHUP re-reads the config file (flags given at start still win) and applies everything but \
 listen, cores, io, admin and admin_connections, which need a restart; a file that fails to \
-load leaves the settings as they were.",
+load leaves the settings as they were. A new idle_timeout, max_frame, outbound_limit, \
+answer_window or udp_plain is sent to every connected shim in a new Terms frame. A hub \
+started without --config, and with no flag naming a secret, token or TLS file, has nothing to \
+re-read: SIGHUP then logs \"nothing to reload\" and changes nothing.",
     ),
     (
         "EXIT STATUS",
         "0 after a graceful stop, or when --check-config found the file valid. 1 when the server \
 could not start (address in use, io = \"uring\" without io_uring) or was stopped by a second \
 signal. 2 for a configuration error (a bad flag, an unknown key or bad value in the file), \
-reported in one line on stderr.",
+reported on stderr: in one line, or, for what the TOML parser refuses, in a line naming the \
+file followed by the parser's lines (the line and column, the line with a caret under the \
+spot, what is wrong there).",
     ),
     (
         "FILES",

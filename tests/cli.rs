@@ -1159,6 +1159,30 @@ async fn client_follows_the_hubs_terms() {
     assert_eq!(who.len(), 1, "{who:?}");
 }
 
+/// A reload that shortens the idle timeout below the client's keep-alive interval (10 s):
+/// the hub sends new Terms, and the client pings at their interval from then on, so it
+/// outlives the new timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_follows_new_terms_after_a_reload() {
+    let cfg = TempFile::new("terms.toml", "idle_timeout = \"30s\"\n");
+    let srv = Server::with_admin("uring", &["--config", cfg.arg()]);
+    let c = Client::connect(srv.addr, "lib.reterms.c").await.unwrap();
+    assert_eq!(c.terms().map(|t| t.ping_ms), Some(10_000));
+    cfg.write("idle_timeout = \"900ms\"\n");
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    c.ping(b"after the reload").await.unwrap();
+    let t = c.terms().expect("Terms");
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (900, 300));
+    // Four Pings at the new interval (and none at the old one, 10 s) span more than the
+    // idle timeout.
+    let pings = r#"velium_frames_total{direction="in",transport="tcp",opcode="Ping"}"#;
+    srv.wait_metric(pings, |v| v >= 5.0);
+    assert!(!c.is_closed());
+    let who = c.who(Some("lib.reterms.*")).await.unwrap();
+    assert_eq!(who.len(), 1, "{who:?}");
+}
+
 #[tokio::test]
 async fn client_notices_the_server_going_away() {
     let srv = Server::start("uring", &[]);

@@ -1020,26 +1020,47 @@ impl Drop for TempConfig {
     }
 }
 
+/// Asserts `args` make the server exit with status 2 and the TOML parser's refusal of
+/// `path` on stderr: a line naming the file, the parser's place, the line itself with a
+/// caret under the spot, then `what`. Returns stderr.
+fn assert_cli_toml_error(args: &[&str], path: &str, what: &str) -> String {
+    let (status, out, err) = run_cli(args);
+    assert_eq!(status.code(), Some(2), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 6, "{err}");
+    assert_eq!(lines[0], format!("velium-server: config file {path}:"));
+    assert!(lines[1].starts_with("TOML parse error at line "), "{err}");
+    assert!(lines[3].contains(" | "), "{err}");
+    assert!(lines[4].trim_end().ends_with('^'), "{err}");
+    assert!(lines[5].starts_with(what), "{what:?} not in {err}");
+    assert!(!out.contains("listening"), "{out:?}");
+    err
+}
+
 fn cli_rejects_unknown_config_keys(io: &str) {
     let f = TempConfig::new(
         "unknown",
         io,
         "idle_timeout = \"5s\"\nlisten_adress = \"x\"\n",
     );
-    let line = assert_cli_error(
+    let err = assert_cli_toml_error(
         &["--listen", "127.0.0.1:0", "--io", io, "--config", f.path()],
-        "listen_adress",
+        f.path(),
+        "unknown field `listen_adress`",
     );
-    assert!(line.contains(f.path()), "names the file: {line}");
+    assert!(err.contains("\n2 | listen_adress = \"x\"\n"), "{err}");
     let g = TempConfig::new("badtype", io, "cores = \"two\"\n");
-    assert_cli_error(
+    let err = assert_cli_toml_error(
         &["--listen", "127.0.0.1:0", "--io", io, "--config", g.path()],
-        "cores",
+        g.path(),
+        "invalid type: string \"two\"",
     );
+    assert!(err.contains("at line 1, column 9\n"), "{err}");
     let h = TempConfig::new("badtoml", io, "max_frame = [1,\n");
-    assert_cli_error(
+    assert_cli_toml_error(
         &["--listen", "127.0.0.1:0", "--io", io, "--config", h.path()],
         h.path(),
+        "unclosed array",
     );
     assert_cli_error(
         &[

@@ -1,7 +1,7 @@
 //! The files in `deploy/`: every shipped config passes `velium-server --check-config`,
-//! broken copies are refused with exit 2 and one line, the documented values are the real
-//! defaults, every setting is documented, and the unit's stop timeout covers every
-//! shipped `shutdown_timeout`.
+//! broken copies are refused with exit 2 (a bad value in one line, what the TOML parser
+//! refuses in its own lines), the documented values are the real defaults, every setting
+//! is documented, and the unit's stop timeout covers every shipped `shutdown_timeout`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -76,8 +76,32 @@ fn shipped_configs_pass_check_config() {
     }
 }
 
+/// Asserts that `path` was refused by the TOML parser: exit 2, nothing on stdout, and on
+/// stderr a line naming the file, then the parser's lines (its place, the line of the file
+/// with a caret under the spot, then `what`).
+fn assert_refused_by_toml(path: &Path, what: &str) {
+    let out = check(path);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(2), "{}: {stderr}", path.display());
+    assert_eq!(stdout, "", "{}", path.display());
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.first().copied(),
+        Some(format!("velium-server: config file {}:", path.display()).as_str()),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("TOML parse error at line "),
+        "{stderr}"
+    );
+    assert!(lines[4].trim_end().ends_with('^'), "{stderr}");
+    assert!(lines[5].contains(what), "{what:?} not in {stderr}");
+    assert_eq!(lines.len(), 6, "{stderr}");
+    assert!(stderr.ends_with('\n'), "{stderr:?}");
+}
+
 #[test]
-fn broken_copies_are_refused_with_one_line() {
+fn broken_copies_are_refused() {
     let dir = scratch("broken");
     for rel in CONFIGS {
         let name = Path::new(rel).file_name().unwrap().to_str().unwrap();
@@ -87,8 +111,19 @@ fn broken_copies_are_refused_with_one_line() {
             format!("{}\nlisten_adress = \"0.0.0.0:1\"\n", read(rel)),
         )
         .unwrap();
-        assert_refused(&unknown, "listen_adress");
+        assert_refused_by_toml(&unknown, "unknown field `listen_adress`");
     }
+    // A duration written as a number: what to write instead.
+    let number = dir.join("number.toml");
+    std::fs::write(
+        &number,
+        format!("{}\nidle_timeout = 30\n", read(CONFIGS[0])),
+    )
+    .unwrap();
+    assert_refused_by_toml(
+        &number,
+        "idle_timeout = 30: a duration is a string with a unit, such as \"30s\"",
+    );
     // allow_networks is commented out in the full file: a bad CIDR there.
     let cidr = dir.join("bad-cidr.toml");
     std::fs::write(

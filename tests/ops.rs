@@ -318,6 +318,132 @@ fn sighup_and_post_reload_apply_live_settings(io: &str) {
     srv.tcp().identify("b");
 }
 
+/// A reload that changes what the Terms say sends every identified shim new ones at once:
+/// a raw connection reads them as its next frame, the client library takes them; a
+/// connection that identifies afterwards gets the new ones with its Session; a reload
+/// that changes nothing they say sends none.
+fn a_reload_sends_new_terms_to_every_shim(io: &str) {
+    let base = format!(
+        "listen = \"127.0.0.1:0\"\ncores = 2\nio = \"{io}\"\nconnect_rate_per_source = 0\n"
+    );
+    let cfg = TempFile::new("terms.toml", &format!("{base}idle_timeout = \"30s\"\n"));
+    let srv = Server::spawn(&["--config", cfg.arg(), "--admin", "127.0.0.1:0"]);
+    let mut a = srv.tcp();
+    a.send(0x01, b"ops.terms.a");
+    assert_eq!(a.expect(0x02).len(), 16);
+    let t = a.expect_terms();
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (30_000, 10_000));
+    let mut later = srv.tcp();
+    later.sync(b"not identified yet");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let c = rt
+        .block_on(Client::connect(srv.addr, "ops.terms.lib"))
+        .unwrap();
+    assert_eq!(c.terms().map(|t| t.ping_ms), Some(10_000));
+
+    cfg.write(&format!("{base}idle_timeout = \"12s\"\n"));
+    srv.signal(libc::SIGHUP);
+    let t = a.expect_terms();
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (12_000, 4_000));
+    assert_eq!(
+        (t.max_frame, t.outbound_limit, t.answer_window),
+        (16_384, 1_048_576, 256)
+    );
+    assert_eq!(t.features, ["state", "filters", "udp"]);
+    srv.wait_log(&["reloaded", "applied=idle_timeout"]);
+    // The Terms were queued before the reload was logged: a Pong asked for now comes
+    // after them, so the client has read them when its ping returns.
+    rt.block_on(c.ping(b"after the reload")).unwrap();
+    let t = c.terms().expect("Terms");
+    assert_eq!((t.idle_timeout_ms, t.ping_ms), (12_000, 4_000));
+    later.send(0x01, b"ops.terms.later");
+    later.expect(0x02);
+    assert_eq!(later.expect_terms().idle_timeout_ms, 12_000);
+
+    // A setting the Terms do not carry: no Terms, the next frame is the Pong.
+    cfg.write(&format!(
+        "{base}idle_timeout = \"12s\"\nmax_connections = 100\n"
+    ));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            200,
+            "reloaded; applied: max_connections; need a restart: none\n"
+        )
+    );
+    a.sync(b"no Terms");
+    later.sync(b"no Terms");
+    // One they carry, by POST /reload: everyone hears of it.
+    cfg.write(&format!(
+        "{base}idle_timeout = \"12s\"\nmax_connections = 100\nmax_frame = 8192\n"
+    ));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 200, "{body}");
+    for s in [&mut a, &mut later] {
+        let t = s.expect_terms();
+        assert_eq!((t.max_frame, t.idle_timeout_ms), (8192, 12_000));
+        s.sync(b"after");
+    }
+    rt.block_on(c.ping(b"again")).unwrap();
+    assert_eq!(c.terms().map(|t| t.max_frame), Some(8192));
+    assert!(!c.is_closed());
+}
+
+/// A hub started without --config, and no flag naming a file, has nothing to re-read:
+/// SIGHUP and POST /reload say so (409), and change nothing.
+#[test]
+fn a_reload_without_a_config_file_says_there_is_nothing_to_reload() {
+    let srv = Server::with_admin("epoll", &["--idle-timeout", "20s"]);
+    let mut a = srv.tcp();
+    a.identify("ops.nothing.a");
+    let (status, body) = srv.post("/reload");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            409,
+            "nothing to reload: the hub was started without --config\n"
+        )
+    );
+    srv.signal(libc::SIGHUP);
+    let line = srv.wait_log(&["nothing to reload: the hub was started without --config"]);
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(srv.count_log(&["reloaded"]), 0);
+    a.sync(b"still served");
+    srv.tcp().identify("ops.nothing.b");
+}
+
+/// A file that fails to load on a reload: POST /reload answers the parser's lines (the
+/// line, the column, a caret under the spot), the log takes them in one line, and the
+/// settings stay.
+fn a_reload_answers_a_toml_error_in_its_lines(io: &str) {
+    let base = format!("listen = \"127.0.0.1:0\"\ncores = 2\nio = \"{io}\"\n");
+    let cfg = TempFile::new("typo.toml", &base);
+    let srv = Server::spawn(&["--config", cfg.arg(), "--admin", "127.0.0.1:0"]);
+    let mut a = srv.tcp();
+    a.identify("ops.typo.a");
+    cfg.write(&format!("{base}idle_timeout = 5\n"));
+    let (status, body) = srv.post("/reload");
+    assert_eq!(status, 500, "{body}");
+    let want = format!(
+        "reload failed, settings unchanged: config file {}:\n\
+         TOML parse error at line 4, column 16\n  |\n4 | idle_timeout = 5\n  |                ^\n\
+         idle_timeout = 5: a duration is a string with a unit, such as \"5s\" or \"500ms\"\n",
+        cfg.arg()
+    );
+    assert_eq!(body, want);
+    let line = srv.wait_log(&["reload failed; settings unchanged"]);
+    assert!(
+        line.contains(&format!(
+            "config file {}: line 4, column 16: idle_timeout = 5: a duration is a string",
+            cfg.arg()
+        )),
+        "{line}"
+    );
+    a.sync(b"kept");
+    assert_eq!(srv.count_log(&["reloaded"]), 0);
+}
+
 fn check_config_validates_only(io: &str) {
     let _ = io;
     let good = TempFile::new(
@@ -333,8 +459,8 @@ fn check_config_validates_only(io: &str) {
         String::from_utf8_lossy(&out.stdout),
         format!("{}: ok\n", good.arg())
     );
+    // A value out of its range: one line.
     for bad in [
-        "max_conections = 10\n",
         "allow_networks = [\"10.0.0.0/40\"]\n",
         "[[command_rule]]\nfrom = \"x\"\nto = [\">\"]\n",
         "shutdown_timeout = \"later\"\n",
@@ -347,6 +473,39 @@ fn check_config_validates_only(io: &str) {
         assert_eq!(out.status.code(), Some(2), "{bad}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // What the TOML parser refuses: a line naming the file, then the parser's lines.
+    for (bad, place, what) in [
+        (
+            "max_conections = 10\n",
+            "line 1, column 1",
+            "unknown field `max_conections`",
+        ),
+        (
+            "admin = \"127.0.0.1:9100\"\nidle_timeout = 30\n",
+            "line 2, column 16",
+            "idle_timeout = 30: a duration is a string with a unit, such as \"30s\" or \"500ms\"",
+        ),
+        ("cores = [1,\n", "line 1, column 12", "unclosed array"),
+    ] {
+        good.write(bad);
+        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--check-config", good.arg()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!("velium-server: config file {}:", good.arg()),
+            "{err}"
+        );
+        assert_eq!(lines[1], format!("TOML parse error at {place}"), "{err}");
+        assert!(lines[3].contains(" | "), "{err}");
+        assert!(lines[4].trim_end().ends_with('^'), "{err}");
+        assert!(lines[5].starts_with(what), "{err}");
+        assert_eq!(lines.len(), 6, "{err}");
     }
 }
 
@@ -410,6 +569,8 @@ drivers!(
     the_secret_is_required_before_identify,
     sigterm_sends_quit_to_every_connection_and_exits_zero,
     sighup_and_post_reload_apply_live_settings,
+    a_reload_sends_new_terms_to_every_shim,
+    a_reload_answers_a_toml_error_in_its_lines,
 );
 
 #[test]

@@ -43,6 +43,13 @@
 //!   most 4 sends running at once, each for at most 60 s; logins at most 5 a second
 //!   from one source (a /64 for IPv6) and 50 a second in all.
 //!
+//! `POST /reload` re-reads the settings as SIGHUP does and answers in plain text: 200 with
+//! `reloaded; applied: KEYS; need a restart: KEYS`; 500 with the reason when the settings
+//! fail to load (nothing changes; a TOML error keeps the parser's lines, with the line,
+//! the column and a caret under the spot); 409 `nothing to reload: the hub was started
+//! without --config` on a hub that has nothing to read again (no config file, and no flag
+//! naming a secret, token or TLS file); 429 past its rate.
+//!
 //! Refusals are counted in `velium_admin_refused_total{reason}` and logged at most once a
 //! minute per reason; connections closed by the listener are counted in
 //! `velium_admin_closed_total{reason}`.
@@ -86,7 +93,17 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, trace, warn};
 
 /// Re-reads the settings; returns what was applied, or why nothing was.
-pub type Reload = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+pub type Reload = Arc<dyn Fn() -> Result<String, ReloadRefused> + Send + Sync>;
+
+/// Why a reload applied nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReloadRefused {
+    /// The settings failed to load; the old ones stay (`POST /reload`: 500).
+    Failed(String),
+    /// There is nothing to read again: the hub was started without a config file, and
+    /// no flag names a file (`POST /reload`: 409).
+    Nothing(String),
+}
 
 /// The largest request head (request line and headers) read; a larger one is answered 431.
 const MAX_HEAD: usize = 8 * 1024;
@@ -718,7 +735,10 @@ impl Admin {
         }
         match (self.reload)() {
             Ok(msg) => text(StatusCode::OK, format!("{msg}\n")),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            Err(ReloadRefused::Failed(e)) => {
+                text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+            }
+            Err(ReloadRefused::Nothing(e)) => text(StatusCode::CONFLICT, format!("{e}\n")),
         }
     }
 

@@ -60,7 +60,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use table::Table;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What Identify did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +109,8 @@ pub struct Hub {
     cluster: Option<cluster::Cluster>,
     /// The last joins, leaves, refusals and reloads (the dashboard's event log).
     pub journal: journal::Journal,
+    /// Held by a reload from its start to its end, and by an Identify that raced one.
+    reloading: Mutex<()>,
 }
 
 impl Hub {
@@ -154,6 +156,7 @@ impl Hub {
             fd_cap,
             shutdown: watch::Sender::new(false),
             journal: journal::Journal::default(),
+            reloading: Mutex::new(()),
         })
     }
 
@@ -165,16 +168,74 @@ impl Hub {
     /// Applies reloaded settings: those that need a restart keep their running values.
     /// Returns the keys that changed and were applied, and those that need a restart.
     /// Connected shims whose user was removed or changed, or may no longer hold its
-    /// identity, are closed with the reason (see [`Hub::recheck_credentials`]).
+    /// identity, are closed with the reason (see [`Hub::recheck_credentials`]); when the
+    /// settings change what [`Hub::terms_for`] gives, every other identified shim is sent
+    /// its new Terms (see [`Hub::resend_terms`]), before any relay state the new users
+    /// make it watch or stop watching. One reload at a time.
     pub fn reload(&self, new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let _one = self.reloading.lock();
         let old = self.config.load_full();
         let (live, restart) = old.diff(&new);
-        self.config.store(Arc::new(old.reloaded(new)));
-        if live.contains(&"users") {
+        let new = Arc::new(old.reloaded(new));
+        let changed = |tls| self.terms_with(&old, tls) != self.terms_with(&new, tls);
+        let (plain, tls) = (changed(false), changed(true));
+        self.config.store(new);
+        let users = live.contains(&"users");
+        if users {
             self.recheck_credentials();
+        }
+        if plain || tls {
+            self.resend_terms(plain, tls);
+        }
+        if users {
             self.state_recheck();
         }
         (live, restart)
+    }
+
+    /// After a reload that changed the Terms of plaintext connections (`plain`) or of TLS
+    /// ones (`tls`): each identified shim of those is sent a Terms frame with the settings
+    /// now in force. Queued as any reply is, under the outbound limit: a shim whose queue
+    /// is full is cut off as a slow consumer, as it would be for any other frame. Outside
+    /// any slice of input, so each outbox is flushed by its core's next relay state tick.
+    fn resend_terms(&self, plain: bool, tls: bool) {
+        let mut shims = Vec::with_capacity(self.table.len());
+        self.table.for_each(|s| {
+            if if s.is_tls() { tls } else { plain } {
+                shims.push(s.clone());
+            }
+        });
+        let now_ms = self.now_ms();
+        let mut out = Effects::default();
+        out.begin(self, now_ms);
+        for s in &shims {
+            self.send_terms(s, &mut out);
+        }
+        for shim in out.flush.drain(..) {
+            self.states.defer_flush(&shim);
+        }
+        self.finish(0, &mut out, self.instant(now_ms));
+        out.release_congested();
+        debug!(shims = shims.len(), "Terms sent again after a reload");
+    }
+
+    /// Queues `shim` a Terms frame of the settings in force.
+    fn send_terms(&self, shim: &Arc<Shim>, out: &mut Effects) {
+        let mut f = Vec::with_capacity(160);
+        reply::terms(&self.terms_for(shim), &mut f);
+        self.send(shim, Route::Reply(Via::Tcp), &Bytes::from(f), out);
+    }
+
+    /// After an Identify whose Session went with Terms made from `sent`, and a reload
+    /// replaced those settings before the shim was found in the session table: the new
+    /// Terms, if they differ. Under the reload lock, so that the reload that is telling
+    /// every shim has done so, and no other begins: the last Terms queued are the newest
+    /// (the shim may get the same ones twice, when that reload found it after all).
+    fn terms_after_reload(&self, shim: &Arc<Shim>, sent: &Config, out: &mut Effects) {
+        let _one = self.reloading.lock();
+        if self.terms_for(shim) != self.terms_with(sent, shim.is_tls()) {
+            self.send_terms(shim, out);
+        }
     }
 
     /// Starts a graceful shutdown: the cores stop accepting and send every connection
@@ -231,10 +292,15 @@ impl Hub {
     /// Ping interval it implies, the frame and queue limits, and what this hub serves the
     /// connection.
     pub fn terms_for(&self, shim: &Shim) -> reply::Terms {
-        let c = self.config();
+        self.terms_with(&self.config(), shim.is_tls())
+    }
+
+    /// The Terms a connection (a TLS one when `tls`) is sent under the settings `c`: they
+    /// depend on nothing else.
+    fn terms_with(&self, c: &Config, tls: bool) -> reply::Terms {
         let idle_timeout_ms = c.idle_timeout.as_millis() as u64;
         let mut features = vec!["state".to_owned(), "filters".to_owned()];
-        if shim.is_tls() {
+        if tls {
             features.push("sealed_udp".to_owned());
         } else if c.udp_plain {
             features.push("udp".to_owned());
@@ -288,6 +354,11 @@ impl Hub {
             0 => self.unix_us(out.now_ms),
             us => us,
         };
+        // The settings the Terms that go with the Session are made from: a reload that
+        // replaces them before the shim is in the table, where a reload finds the shims to
+        // tell, does not tell this one. (A guard, not a clone: no count for every core to
+        // write on every Identify.)
+        let mut terms_under: Option<Guard<Arc<Config>>> = None;
         // On the first Identify the Session goes into the outbox while the router still
         // holds the shim out of sight: a frame routed to it by another core never reaches
         // the client ahead of its Session. The table entry is made there too, so that a
@@ -303,7 +374,9 @@ impl Hub {
                 // The Terms go with it, in the same write.
                 let mut f = Vec::with_capacity(160);
                 reply::session(&shim.token, &mut f);
-                reply::terms(&self.terms_for(shim), &mut f);
+                let c = self.config();
+                reply::terms(&self.terms_with(&c, shim.is_tls()), &mut f);
+                terms_under = Some(c);
                 self.send(shim, Route::Session, &Bytes::from(f), out);
                 shim.mark_identified();
                 self.table.insert(shim);
@@ -311,6 +384,11 @@ impl Hub {
         };
         let (claim, old) =
             (self.router).claim(shim, label.clone(), |h| policy.replaces(self, h), session);
+        if let Some(c) = terms_under
+            && !Arc::ptr_eq(&c, &self.config())
+        {
+            self.terms_after_reload(shim, &c, out);
+        }
         let displaced = match claim {
             Claim::Held(displaced) => displaced,
             Claim::Taken => return Err(Reject::IdentityInUse),

@@ -380,7 +380,8 @@ impl States {
         }
     }
 
-    fn defer_flush(&self, shim: &Arc<Shim>) {
+    /// Lists `shim`'s outbox, queued outside any slice, for its core's next tick to flush.
+    pub(crate) fn defer_flush(&self, shim: &Arc<Shim>) {
         let (q, n) = self.queue(shim.core as usize);
         q.lock().flush.push(shim.clone());
         n.notify_one();

@@ -182,6 +182,8 @@ struct Conn {
     rates: MRates,
     /// Every frame the client read, for the [`Report`].
     received: Vec<Vec<u8>>,
+    /// The last Terms frame queued for it (empty before its Session).
+    terms: Vec<u8>,
     /// The shim's relay state: its keys in the order first set, and its SEQ.
     state: Vec<MKey>,
     state_seq: u64,
@@ -257,9 +259,9 @@ pub struct World {
 #[derive(Debug)]
 pub struct Report {
     /// Per connection, in the order accepted: every frame its client read but the Terms
-    /// after each Session (checked against the model at every step, and left out here so
-    /// that tests pin outcomes by their place among the others), and why the connection
-    /// ended.
+    /// (after each Session, and again after a reload that changed them: checked against
+    /// the model at every step, and left out here so that tests pin outcomes by their
+    /// place among the others), and why the connection ended.
     pub conns: Vec<(Vec<Vec<u8>>, Option<CloseReason>)>,
     /// Every datagram the hub sent, with its destination.
     pub datagrams: Vec<(SocketAddr, Vec<u8>)>,
@@ -756,6 +758,7 @@ impl World {
             flagged: false,
             rates: self.new_rates(now_ms),
             received: Vec::new(),
+            terms: Vec::new(),
             state: Vec::new(),
             state_seq: 0,
             tombs: Vec::new(),

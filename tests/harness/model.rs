@@ -45,6 +45,21 @@ use velium_server::proto::reject::{self, Rate, Reject, Revoked, Shape};
 use velium_server::proto::reply::Terms;
 use velium_server::proto::{CR, NEWLINE, Opcode, QUIT, encoded};
 
+/// The Terms frame a plaintext connection is sent under `s` (§3 "Step 3b").
+pub(super) fn terms_frame(s: &Settings) -> Vec<u8> {
+    let terms = Terms {
+        idle_timeout_ms: s.idle_ms,
+        ping_ms: s.idle_ms / 3,
+        max_frame: s.max_frame as u64,
+        outbound_limit: s.outbound_limit as u64,
+        answer_window: s.answer_window as u64,
+        features: ["state", "filters", "udp"].map(String::from).to_vec(),
+    };
+    let mut t = Vec::new();
+    velium_server::proto::reply::terms(&terms, &mut t);
+    t
+}
+
 /// Frames one `on_bytes` call handles at most (§8: "at most 1024 frames at a time").
 pub(super) const SLICE_FRAMES: usize = 1024;
 
@@ -645,17 +660,8 @@ impl World {
             self.counts.identified += 1;
             // §3 "Step 3": the Session, and the Terms in the same write.
             let f = encoded(Opcode::Session, &conn.shim.token.0);
-            let s = &self.settings;
-            let terms = Terms {
-                idle_timeout_ms: s.idle_ms,
-                ping_ms: s.idle_ms / 3,
-                max_frame: s.max_frame as u64,
-                outbound_limit: s.outbound_limit as u64,
-                answer_window: s.answer_window as u64,
-                features: ["state", "filters", "udp"].map(String::from).to_vec(),
-            };
-            let mut t = Vec::new();
-            velium_server::proto::reply::terms(&terms, &mut t);
+            let t = terms_frame(&self.settings);
+            conn.terms = t.clone();
             self.push(c, usize::MAX, Exp::Frame(f));
             self.push(c, usize::MAX, Exp::Frame(t));
         }
@@ -677,10 +683,14 @@ impl World {
 
     /// A reload to `s`: when the users changed, every shim in the table whose credentials
     /// no longer hold is sent `credentials revoked: REASON` and closed (§3 "Step 1b").
+    /// Then (§3 "Step 3b") every shim in the table whose last Terms differ from those of
+    /// `s` is sent the new ones, outside any slice (flushed by the next tick), before the
+    /// relay state the new users make it watch or stop watching.
     pub(super) fn model_reload(&mut self, s: &Settings) {
         self.settings = s.clone();
         let users = model_users(s);
         if users == self.users {
+            self.resend_terms();
             return;
         }
         self.users = users;
@@ -723,7 +733,27 @@ impl World {
         for &(c, reason) in &revoked {
             self.hub_remove(c, reason);
         }
+        self.resend_terms();
         self.state_recheck();
+    }
+
+    /// The Terms of the settings in force to every shim in the table that was last sent
+    /// others, under the outbound limit (a full queue is cut off as a slow consumer).
+    fn resend_terms(&mut self) {
+        let t = terms_frame(&self.settings);
+        let (now_ms, limit) = (self.clock_ms, self.settings.outbound_limit);
+        for c in 0..self.conns.len() {
+            if !self.conns[c].registered() || self.conns[c].terms == t {
+                continue;
+            }
+            self.conns[c].terms = t.clone();
+            if let Some(first) = self.conns[c].out.push(limit, Exp::Frame(t.clone()), now_ms) {
+                self.counts.tcp_out += t.len() as u64;
+                if first {
+                    self.tick_flush.push(c);
+                }
+            }
+        }
     }
 
     fn model_frame(&mut self, c: usize, op: u8, data: &[u8]) -> Flow {

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
@@ -18,13 +18,24 @@ use velium_server::proto::Token;
 // ---------------------------------------------------------------------------------------
 // Process helpers.
 
+/// What a `velium shim` wrote on stderr so far, and a signal for each line.
+type Stderr = Arc<(Mutex<String>, std::sync::Condvar)>;
+
+/// The text of `stderr` so far.
+fn text_of(stderr: &Stderr) -> String {
+    stderr.0.lock().unwrap().clone()
+}
+
 /// A running `velium shim`, killed on drop.
 struct ShimProc {
     /// Taken by `terminate`.
     child: Option<Child>,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Stderr,
+    /// Reads stderr to its end; joined once the process has exited, so that the text is
+    /// whole.
+    err_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ShimProc {
@@ -55,19 +66,24 @@ impl ShimProc {
                 }
             }
         });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err_pipe = child.stderr.take().unwrap();
+        let stderr: Stderr = Arc::default();
+        let err_pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err_pipe.read_to_string(&mut s);
-            sink.lock().unwrap().push_str(&s);
+        let err_reader = std::thread::spawn(move || {
+            for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+                let (text, cv) = &*sink;
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                cv.notify_all();
+            }
         });
         ShimProc {
             child: Some(child),
             lines,
             seen: Vec::new(),
             stderr,
+            err_reader: Some(err_reader),
         }
     }
 
@@ -85,34 +101,30 @@ impl ShimProc {
                 Err(_) => panic!(
                     "no line with {needle:?}; stdout so far: {:?}; stderr: {:?}",
                     self.seen,
-                    self.stderr.lock().unwrap()
+                    text_of(&self.stderr)
                 ),
             }
         }
     }
 
+    /// Waits for its stderr to hold `needle`.
+    fn wait_stderr(&self, needle: &str) {
+        let (text, cv) = &*self.stderr;
+        let (text, timeout) = cv
+            .wait_timeout_while(text.lock().unwrap(), DEADLINE, |t| !t.contains(needle))
+            .unwrap();
+        assert!(!timeout.timed_out(), "no {needle:?} on stderr: {text:?}");
+    }
+
     /// Sends SIGTERM and returns the exit code.
-    fn terminate(mut self) -> i32 {
-        let mut child = self.child.take().expect("running");
+    fn terminate(self) -> i32 {
+        let child = self.child.as_ref().expect("running");
         let pid = child.id() as i32;
         // SAFETY: kill(2) on a child we spawned and have not reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        match rx.recv_timeout(DEADLINE) {
-            Ok(status) => status.unwrap().code().expect("exit code"),
-            Err(_) => {
-                // SAFETY: as above (the waiting thread has not reaped it).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("velium shim ignored SIGTERM");
-            }
-        }
+        self.wait_exit()
     }
-}
 
-impl ShimProc {
     /// Waits for it to exit on its own; returns the exit code.
     fn wait_exit(mut self) -> i32 {
         let mut child = self.child.take().expect("running");
@@ -121,14 +133,19 @@ impl ShimProc {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        match rx.recv_timeout(DEADLINE) {
+        let code = match rx.recv_timeout(DEADLINE) {
             Ok(status) => status.unwrap().code().expect("exit code"),
             Err(_) => {
                 // SAFETY: kill(2) on a child we spawned and have not reaped.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("velium shim did not exit");
+                panic!("velium shim did not exit (or ignored SIGTERM)");
             }
+        };
+        // The process is gone, so its stderr ends.
+        if let Some(reader) = self.err_reader.take() {
+            reader.join().unwrap();
         }
+        code
     }
 }
 
@@ -1557,7 +1574,7 @@ fn cli_shim_connects_again_when_the_hub_restarts() {
     assert_eq!(run.stdout, "again.bob: /sit\n", "{run:?}");
     let stderr = shim.stderr.clone();
     assert_eq!(shim.terminate(), 0);
-    let stderr = stderr.lock().unwrap().clone();
+    let stderr = text_of(&stderr);
     // Why, once (the hub's closing Error is not printed again), and when it tries again.
     assert!(
         stderr.starts_with(
@@ -1576,7 +1593,7 @@ fn cli_shim_replaced_by_a_newer_one_exits_instead_of_taking_turns() {
     let new = ShimProc::start(srv.addr, "twice.bob", &[]);
     let stderr = old.stderr.clone();
     assert_eq!(old.wait_exit(), 1);
-    let stderr = stderr.lock().unwrap().clone();
+    let stderr = text_of(&stderr);
     assert!(
         stderr.starts_with("velium: the server closed the connection: replaced: "),
         "{stderr}"
@@ -1599,12 +1616,13 @@ fn cli_shim_replaced_by_a_newer_one_exits_instead_of_taking_turns() {
 fn cli_shim_waits_for_a_hub_not_up_yet() {
     let addr = dead_addr();
     let mut shim = ShimProc::spawn(addr, "early.bob", &["--no-udp"]);
-    // Started after the shim: the shim finds it once it listens.
+    // Started once the shim has found nothing there: the shim finds it once it listens.
+    shim.wait_stderr("; connecting again in ");
     let _srv = Server::spawn(&["--listen", &addr.to_string(), "--cores", "1"]);
     assert_eq!(shim.wait_line("connected as"), "connected as early.bob");
     let stderr = shim.stderr.clone();
     assert_eq!(shim.terminate(), 0);
-    let stderr = stderr.lock().unwrap().clone();
+    let stderr = text_of(&stderr);
     assert!(
         stderr.starts_with(&format!("velium: server unreachable at {addr}: ")),
         "{stderr}"

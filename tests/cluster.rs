@@ -712,6 +712,7 @@ fn a_hung_node_is_lost_then_seen_again() {
     w.until("b1 back", |w| {
         w.saw("+peq.z.b1") && w.holds("peq.z.b1", "hp=3")
     });
+    a.wait_log_count(&["node joined", "node=b"], 2);
     assert_eq!(a.count_log(&["node joined", "node=b"]), 2);
     let all = "peq.z.a1@a peq.z.b1@b tool.watch@a";
     wait_who(&mut a1, ">", all);

@@ -397,6 +397,27 @@ impl Server {
         }
     }
 
+    /// Waits until `n` log lines contain every one of `needles` (a log line may be read
+    /// after the event it reports has reached a client).
+    pub fn wait_log_count(&self, needles: &[&str], n: usize) {
+        let (m, cv) = &*self.log;
+        let has = |lines: &Vec<String>| {
+            lines
+                .iter()
+                .filter(|l| needles.iter().all(|k| l.contains(k)))
+                .count()
+                >= n
+        };
+        let (lines, waited) = cv
+            .wait_timeout_while(m.lock().unwrap(), DEADLINE, |lines| !has(lines))
+            .unwrap();
+        assert!(
+            !waited.timed_out(),
+            "fewer than {n} log lines with {needles:?}; log:\n{}",
+            lines.join("\n")
+        );
+    }
+
     /// How many log lines so far contain every one of `needles`.
     pub fn count_log(&self, needles: &[&str]) -> usize {
         self.log

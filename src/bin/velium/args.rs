@@ -577,17 +577,21 @@ pub(crate) fn listing_target(
     })
 }
 
-/// `state` and `watch`: the target (the pattern, or every shim when it is a filter, with
-/// the filter words) and the keys (the other words).
-pub(crate) fn state_target(pattern: &str, words: &[String]) -> (String, Vec<String>) {
+/// `state` and `watch`: the target (the pattern, checked as the hub would, or every shim
+/// when it is a filter, with the filter words) and the keys (the other words).
+pub(crate) fn state_target(
+    pattern: &str,
+    words: &[String],
+) -> Result<(String, Vec<String>), Fatal> {
     let (filters, keys): (Vec<String>, Vec<String>) =
         words.iter().cloned().partition(|w| is_filter(w));
     let target = if is_filter(pattern) {
         with_filters(">", std::iter::once(&pattern.to_string()).chain(&filters))
     } else {
+        check_target("pattern", pattern)?;
         with_filters(pattern, &filters)
     };
-    (target, keys)
+    Ok((target, keys))
 }
 
 pub(crate) fn parse_item(s: &str) -> Result<(String, String), String> {

@@ -179,10 +179,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             pattern,
             keys,
         } => {
-            if !is_filter(&pattern) {
-                check_target("pattern", &pattern)?;
-            }
-            let (target, keys) = state_target(&pattern, &keys);
+            let (target, keys) = state_target(&pattern, &keys)?;
             let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
             state(&hub, &op.identity(), &target, &keys, out.json).await
         }
@@ -192,10 +189,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             pattern,
             keys,
         } => {
-            if !is_filter(&pattern) {
-                check_target("pattern", &pattern)?;
-            }
-            let (target, keys) = state_target(&pattern, &keys);
+            let (target, keys) = state_target(&pattern, &keys)?;
             let hub = Hub::of(op.hub.clone().or(&top), op.timeout).await?;
             watch(&hub, &op.identity(), &target, &keys, interval).await
         }

@@ -459,19 +459,23 @@ fn check_config_validates_only(io: &str) {
         String::from_utf8_lossy(&out.stdout),
         format!("{}: ok\n", good.arg())
     );
+    // `--check-config` on the file holding `text`: status 2, and what it wrote on stderr.
+    let refused = |text: &str| {
+        good.write(text);
+        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
+            .args(["--check-config", good.arg()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     // A value out of its range: one line.
     for bad in [
         "allow_networks = [\"10.0.0.0/40\"]\n",
         "[[command_rule]]\nfrom = \"x\"\nto = [\">\"]\n",
         "shutdown_timeout = \"later\"\n",
     ] {
-        good.write(bad);
-        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
-            .args(["--check-config", good.arg()])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{bad}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(bad);
         assert_eq!(err.lines().count(), 1, "{err}");
     }
     // What the TOML parser refuses: a line naming the file, then the parser's lines.
@@ -488,13 +492,7 @@ fn check_config_validates_only(io: &str) {
         ),
         ("cores = [1,\n", "line 1, column 12", "unclosed array"),
     ] {
-        good.write(bad);
-        let out = Command::new(env!("CARGO_BIN_EXE_velium-server"))
-            .args(["--check-config", good.arg()])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{bad}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(bad);
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(
             lines[0],
